@@ -1,0 +1,1 @@
+"""Everything that crosses the wire between the encode and language services."""
