@@ -1,0 +1,5 @@
+import sys
+
+from splitvl.cli import main
+
+sys.exit(main())
