@@ -1,0 +1,287 @@
+"""Loading a local checkpoint directory into our modules.
+
+Safetensors only (one file, or shards with model.safetensors.index.json): pickle-based .bin/.pt
+files are refused. `part` picks what to build and read:
+  full     - the whole model (VL: Qwen3VLMoeForConditionalGeneration)
+  vision   - only the vision tower; reads only `model.visual.*`
+  language - only the language model (VL: Qwen3MoeForCausalLMWithDeepStack); never reads
+             `model.visual.*`
+Modules are built on the meta device and every tensor is read straight to the target device
+and dtype, so a 60 GB checkpoint never sits in host memory twice.
+
+Expert weights come in three layouts (DESIGN.md §3), told apart by the config's H and I:
+  hub          gate_up_proj [E, H, 2I], down_proj [E, I, H]  (no `.weight` suffix)
+  transformers gate_up_proj [E, 2I, H], down_proj [E, H, I]  (what transformers 5 saves)
+  per-expert   experts.{j}.{gate,up,down}_proj.weight        (text-only Qwen2/3-MoE)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+from models.config import ModelConfig, load_config
+from models.qwen2_moe import Qwen2MoeForCausalLM
+from models.qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeForCausalLMWithDeepStack
+from models.qwen3_vision import Qwen3_VisionTransformer
+from models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
+
+PARTS = ("full", "vision", "language")
+_PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar from 1 GiB of weights
+_EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(?:(\d+)\.(gate|up|down)_proj\.weight|(gate_up_proj|down_proj)(?:\.weight)?)$")
+
+
+class CheckpointError(ValueError):
+    """The checkpoint directory cannot be loaded; the message says which file or tensor and why."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    config: ModelConfig
+    tensors_read: list[str] = field(default_factory=list)  # checkpoint names actually read
+
+
+def load_model(
+    model_dir: str | Path,
+    part: str = "full",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> LoadedModel:
+    model_dir = Path(model_dir)
+    if part not in PARTS:
+        raise CheckpointError(f"part must be one of {PARTS}, got {part!r}")
+    config = load_config(model_dir)
+    dtype = dtype or config.dtype
+    device = torch.device(device)
+    model, prefixes = _build(config, part)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    _retie(model, config)
+
+    files = checkpoint_files(model_dir)
+    wanted = {name: f for name, f in files.items() if any(name.startswith(p) for p in prefixes)}
+    # Tensors of the other part are skipped unread; anything else is not of this model at all.
+    other_part = _KNOWN_PREFIXES[config.is_vl]
+    strangers = [n for n in files if n not in wanted and not any(n.startswith(p) for p in other_part)]
+    if strangers:
+        raise CheckpointError("checkpoint does not match the config: unexpected tensors: " + _listing(sorted(strangers)))
+    reader = _TensorReader(model_dir, device)
+    filler = _ParamFiller(model, config)
+    total = sum(reader.nbytes(wanted))
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=total < _PROGRESS_MIN_BYTES) as bar:
+        for name, filename in sorted(wanted.items(), key=lambda kv: (kv[1], kv[0])):
+            local = _strip_prefix(name, prefixes)
+            tensor = reader.read(filename, name)
+            filler.fill(name, local, tensor)
+            bar.update(tensor.numel() * tensor.element_size())
+    filler.finish()
+    reader.close()
+    model.eval()
+    return LoadedModel(model=model, config=config, tensors_read=reader.names_read)
+
+
+# Every prefix a checkpoint of the kind (VL or text-only) may hold.
+_KNOWN_PREFIXES = {True: ("model.visual.", "model.language_model.", "lm_head."), False: ("model.", "lm_head.")}
+
+
+def _build(config: ModelConfig, part: str) -> tuple[nn.Module, dict[str, str]]:
+    """The module for (arch, part) on the meta device, and checkpoint prefix -> module prefix."""
+    with torch.device("meta"):
+        if config.is_vl:
+            if part == "vision":
+                return Qwen3_VisionTransformer(config.vision), {"model.visual.": ""}
+            text = {"model.language_model.": "model.", "lm_head.": "lm_head."}
+            if part == "language":
+                return Qwen3MoeForCausalLMWithDeepStack(config.text), text
+            return Qwen3VLMoeForConditionalGeneration(config), {"model.visual.": "visual.", **text}
+        if part == "vision":
+            raise CheckpointError(f"a {config.arch} checkpoint has no vision tower (part='vision')")
+        cls = Qwen2MoeForCausalLM if config.arch == "qwen2_moe" else Qwen3MoeForCausalLM
+        return cls(config.text), {"model.": "model.", "lm_head.": "lm_head."}
+
+
+def _retie(model: nn.Module, config: ModelConfig) -> None:
+    # Materialising from meta gives every parameter its own storage; tie lm_head again.
+    if config.text.tie_word_embeddings and hasattr(model, "lm_head"):
+        embed = model.model.embed_tokens
+        model.lm_head.weight = embed.weight
+
+
+def _strip_prefix(name: str, prefixes: dict[str, str]) -> str:
+    for src, dst in prefixes.items():
+        if name.startswith(src):
+            return dst + name[len(src) :]
+    raise AssertionError(name)
+
+
+def checkpoint_files(model_dir: Path) -> dict[str, str]:
+    """Tensor name -> safetensors file, from the index or the single file's header."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from exc
+        missing = sorted({f for f in weight_map.values() if not (model_dir / f).is_file()})
+        if missing:
+            raise CheckpointError(f"{index} names shard files that are missing: {', '.join(missing)}")
+        return dict(weight_map)
+    shards = sorted(model_dir.glob("*.safetensors"))
+    if len(shards) == 1:
+        with safe_open(shards[0], framework="pt") as f:
+            return {name: shards[0].name for name in f.keys()}
+    if len(shards) > 1:
+        raise CheckpointError(f"{model_dir} has {len(shards)} .safetensors files but no model.safetensors.index.json")
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise CheckpointError(
+            f"{model_dir} holds only pickle checkpoints ({', '.join(pickles[:3])}); splitvl loads safetensors "
+            "only, because unpickling runs arbitrary code. Convert once with transformers: "
+            "AutoModel.from_pretrained(dir).save_pretrained(new_dir, safe_serialization=True)"
+        )
+    raise CheckpointError(f"{model_dir} has no .safetensors weights")
+
+
+class _TensorReader:
+    """Opens each shard once and records which tensors were read."""
+
+    def __init__(self, model_dir: Path, device: torch.device) -> None:
+        self.model_dir = model_dir
+        self.device = device
+        self.handles: dict[str, object] = {}
+        self.names_read: list[str] = []
+
+    def _open(self, filename: str):
+        if filename not in self.handles:
+            try:
+                self.handles[filename] = safe_open(self.model_dir / filename, framework="pt", device=str(self.device))
+            except Exception as exc:  # safetensors raises its own error types for corrupt headers
+                raise CheckpointError(f"cannot open {self.model_dir / filename}: {exc}") from exc
+        return self.handles[filename]
+
+    def nbytes(self, wanted: dict[str, str]) -> list[int]:
+        sizes = []
+        for name, filename in wanted.items():
+            sl = self._open(filename).get_slice(name)
+            n = 1
+            for d in sl.get_shape():
+                n *= d
+            sizes.append(n * _DTYPE_BYTES.get(sl.get_dtype(), 4))
+        return sizes
+
+    def read(self, filename: str, name: str) -> torch.Tensor:
+        self.names_read.append(name)
+        return self._open(filename).get_tensor(name)
+
+    def close(self) -> None:
+        self.handles.clear()
+
+
+_DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}
+
+
+class _ParamFiller:
+    """Copies checkpoint tensors into parameters, converting expert layouts, and checks coverage."""
+
+    def __init__(self, model: nn.Module, config: ModelConfig) -> None:
+        self.params = dict(model.named_parameters())  # tied lm_head appears once, as the embedding
+        self.config = config
+        self.filled: set[str] = set()
+        self.unexpected: list[str] = []
+        self.misshaped: list[str] = []
+        self.per_expert_seen: dict[str, set[tuple[int, str]]] = defaultdict(set)
+
+    def fill(self, ckpt_name: str, local: str, tensor: torch.Tensor) -> None:
+        if local == "lm_head.weight" and self.config.text.tie_word_embeddings:
+            return  # some tied checkpoints store the copy too; the embedding is the source
+        expert = _EXPERT_KEY.match(local)
+        if expert:
+            self._fill_expert(ckpt_name, expert, tensor)
+            return
+        param = self.params.get(local)
+        if param is None:
+            self.unexpected.append(ckpt_name)
+            return
+        if tuple(tensor.shape) != tuple(param.shape):
+            self.misshaped.append(f"{ckpt_name}: file {tuple(tensor.shape)}, model {tuple(param.shape)}")
+            return
+        param.data.copy_(tensor)
+        self.filled.add(local)
+
+    def _fill_expert(self, ckpt_name: str, match: re.Match, tensor: torch.Tensor) -> None:
+        base, index, proj, fused = match.groups()
+        gate_up, down = self.params.get(f"{base}.gate_up_proj"), self.params.get(f"{base}.down_proj")
+        if gate_up is None or down is None:
+            self.unexpected.append(ckpt_name)
+            return
+        num_experts, two_i, hidden = gate_up.shape
+        inter = two_i // 2
+        if fused:
+            target = gate_up if fused == "gate_up_proj" else down
+            layout = _fused_layout(ckpt_name, tuple(tensor.shape), fused, num_experts, hidden, inter)
+            if layout is None:
+                self.misshaped.append(f"{ckpt_name}: file {tuple(tensor.shape)}, expected hub or transformers layout "
+                                      f"for E={num_experts}, H={hidden}, I={inter}")
+                return
+            target.data.copy_(tensor.transpose(1, 2) if layout == "hub" else tensor)
+            self.filled.add(f"{base}.{fused}")
+            return
+        j = int(index)
+        want = (hidden, inter) if proj == "down" else (inter, hidden)
+        if j >= num_experts or tuple(tensor.shape) != want:
+            self.misshaped.append(f"{ckpt_name}: file {tuple(tensor.shape)}, expected {want} for expert < {num_experts}")
+            return
+        if proj == "gate":
+            gate_up.data[j, :inter].copy_(tensor)
+        elif proj == "up":
+            gate_up.data[j, inter:].copy_(tensor)
+        else:
+            down.data[j].copy_(tensor)
+        seen = self.per_expert_seen[base]
+        seen.add((j, proj))
+        if len(seen) == 3 * num_experts:
+            self.filled.update({f"{base}.gate_up_proj", f"{base}.down_proj"})
+
+    def finish(self) -> None:
+        missing = sorted(set(self.params) - self.filled)
+        problems = []
+        if self.misshaped:
+            problems.append("mis-shaped tensors: " + _listing(self.misshaped))
+        if self.unexpected:
+            problems.append("unexpected tensors (not part of this model): " + _listing(self.unexpected))
+        if missing:
+            problems.append("missing tensors: " + _listing(missing))
+        if problems:
+            raise CheckpointError("checkpoint does not match the config: " + "; ".join(problems))
+
+
+def _fused_layout(name: str, shape: tuple[int, ...], which: str, e: int, h: int, i: int) -> str | None:
+    """'hub' or 'transformers' for a fused expert tensor, None if it is neither."""
+    if which == "gate_up_proj":
+        hub, hf = (e, h, 2 * i), (e, 2 * i, h)
+    else:
+        hub, hf = (e, i, h), (e, h, i)
+    if hub == hf and shape == hub:
+        raise CheckpointError(
+            f"{name} has shape {shape}, which is both the hub layout and the transformers layout because "
+            f"H={h} and {'2I' if which == 'gate_up_proj' else 'I'}={hf[1]}; splitvl refuses to guess. "
+            "Re-save the checkpoint with per-expert tensors, or with a hidden size that differs."
+        )
+    if shape == hub:
+        return "hub"
+    if shape == hf:
+        return "transformers"
+    return None
+
+
+def _listing(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")

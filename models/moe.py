@@ -1,0 +1,118 @@
+"""The mixture-of-experts block: softmax router, top-k, experts, optional shared expert.
+
+All expert arithmetic goes through one function, `fused_experts`, so a fused GPU kernel can
+replace the torch reference without touching the model (see `set_experts_impl`).
+
+In-memory expert layout (the same as transformers 5.x and vLLM's w13/w2):
+  gate_up_proj [E, 2I, H]  (rows 0..I-1 gate, I..2I-1 up)
+  down_proj    [E, H, I]
+Legend: T tokens, H hidden, E experts, I expert intermediate, K experts per token.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.layers import DenseMLP
+
+ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, E] logits -> (weights [T, K] in the logits' dtype, expert ids [T, K])."""
+    probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(router_logits.dtype), ids
+
+
+def torch_fused_experts(
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Reference experts: x [T, H] -> sum_k w[t,k] * expert_{id[t,k]}(x[t]), [T, H].
+
+    Groups tokens by expert (one sort), so each active expert runs one matmul over its tokens.
+    """
+    num_tokens, top_k = topk_ids.shape
+    flat_ids = topk_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=gate_up_proj.shape[0]).tolist()
+    token_of = order // top_k  # which token each sorted (token, k) pair belongs to
+    out = torch.zeros_like(x)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        pairs = order[start : start + count]
+        tokens = token_of[start : start + count]
+        start += count
+        gate, up = F.linear(x[tokens], gate_up_proj[expert]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, down_proj[expert])
+        y = y * topk_weights.reshape(-1)[pairs, None]
+        out.index_add_(0, tokens, y.to(out.dtype))
+    return out
+
+
+_experts_impl: ExpertsFn = torch_fused_experts
+
+
+def set_experts_impl(fn: ExpertsFn) -> None:
+    """Swap the experts computation (e.g. a Triton fused-MoE kernel on GPU)."""
+    global _experts_impl
+    _experts_impl = fn
+
+
+def fused_experts(
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    return _experts_impl(x, gate_up_proj, down_proj, topk_weights, topk_ids)
+
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        intermediate_size: int,
+        norm_topk_prob: bool,
+        shared_expert_intermediate_size: int = 0,
+    ) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.experts = Experts(num_experts, hidden_size, intermediate_size)
+        # Qwen2-MoE only: an always-on expert scaled by a sigmoid gate.
+        if shared_expert_intermediate_size:
+            self.shared_expert = DenseMLP(hidden_size, shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+        else:
+            self.shared_expert = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = route(self.gate(x), self.top_k, self.norm_topk_prob)
+        out = fused_experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
