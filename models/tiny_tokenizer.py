@@ -56,7 +56,7 @@ PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
-NUM_MERGES = 320
+MAX_MERGES = 320  # the text yields fewer (pairs seen at least twice)
 
 # The merges are learned from this text: plain chat-like English with digits and punctuation,
 # so common words become single tokens and anything else still round-trips through bytes.
@@ -84,7 +84,7 @@ def main(): print("hello world") # a line of code, with brackets [0, 1, 2] and {
 
 @functools.lru_cache(maxsize=1)
 def _tokenizer_json() -> str:
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from tokenizers import processors, trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
@@ -100,14 +100,13 @@ def _tokenizer_json() -> str:
     # The trainer is deterministic: the alphabet is fixed (all 256 bytes) and ties between
     # equally frequent pairs break by pair id, so the same text gives the same merges.
     trainer = trainers.BpeTrainer(
-        vocab_size=256 + NUM_MERGES,
+        vocab_size=256 + MAX_MERGES,
         min_frequency=2,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
     tokenizer.train_from_iterator([_TRAINING_TEXT], trainer=trainer)
-    from tokenizers import AddedToken
 
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in ADDED_TOKENS])
@@ -130,6 +129,7 @@ def tokenizer_size() -> int:
 # list renders its text parts as text and each image part ({"type": "image"}, or any part with an
 # "image"/"image_url" key) as <|vision_start|><|image_pad|><|vision_end|>, videos likewise with
 # <|video_pad|>; tools, tool calls and tool responses as Qwen does; add_vision_id numbers them.
+# As in Qwen's, only a leading system message is rendered.
 CHAT_TEMPLATE = """\
 {%- macro render_content(content) -%}
     {%- if content is string -%}
@@ -168,7 +168,7 @@ CHAT_TEMPLATE = """\
     {{- '<|im_start|>system\\n' + render_content(messages[0].content) + '<|im_end|>\\n' -}}
 {%- endif -%}
 {%- for message in messages -%}
-    {%- if message.role == 'user' or (message.role == 'system' and not loop.first) -%}
+    {%- if message.role == 'user' -%}
         {{- '<|im_start|>' + message.role + '\\n' + render_content(message.content) + '<|im_end|>\\n' -}}
     {%- elif message.role == 'assistant' -%}
         {{- '<|im_start|>assistant\\n' + render_content(message.content) -}}

@@ -1,0 +1,485 @@
+"""Random checkpoints in the Hugging Face Hub layout, written offline: tiny ones for tests and
+full-width ones (the real Qwen3-VL-30B-A3B shapes, few layers) for memory and speed work.
+
+The weights are random but not degenerate, so MoE and deepstack bugs change the outputs
+(HF's default init gives near-uniform routing and logits, which hides them):
+- linear weights ~ N(0, 1/fan_in); the projections that write into a residual stream get a gain
+  of 1.5/sqrt(depth) (expert down_proj x1.5 more, to make up for the gated activation), and the
+  mergers' last linear x1.5 (after the GELU), so activations stay unit-scale throughout;
+- norm weights 1 ± 0.1, biases ~ N(0, 0.1²), embeddings ~ N(0, 1);
+- router weights ~ N(0, 9/H): router logits have std ~3, so top-k picks are clear-cut;
+- lm_head ~ N(0, 36/H): logits have std ~6, so greedy decoding is not a coin flip.
+
+Every tensor comes from its own generator, seeded by (seed, parameter name), so a file is a
+pure function of its arguments (same seed, same bytes), the expert layout only moves numbers
+around, and layer i of a 1-layer file equals layer i of a 48-layer one.
+
+Legend for shape comments: E experts, H hidden, I expert intermediate, V vocab.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from models import tiny_tokenizer
+
+ARCHS = ("qwen3_vl_moe", "qwen3_moe", "qwen2_moe")
+SHAPES = ("tiny", "qwen3-vl-30b-a3b")
+EXPERT_LAYOUTS = ("hub", "transformers", "per_expert")
+CONFIG_SPELLINGS = ("hub", "transformers")
+DEFAULT_SHARD_BYTES = 2_000_000_000
+
+# Text dims per shapes name. The tiny moe_intermediate_size is 48, not 32: with H = 64 an I of
+# 32 makes 2I == H, and then [E, H, 2I] and [E, 2I, H] have the same shape, so neither
+# transformers nor our loader could tell the hub layout from the transformers one.
+_TEXT = {
+    "tiny": dict(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, intermediate_size=128,
+        shared_expert_intermediate_size=48, rope_theta=10000.0, mrope_section=[6, 5, 5],
+        max_position_embeddings=32768, rms_norm_eps=1e-6,
+    ),
+    "qwen3-vl-30b-a3b": dict(
+        hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144,
+        rope_theta=5000000.0, mrope_section=[24, 20, 20], max_position_embeddings=262144, rms_norm_eps=1e-6,
+        vocab_size=151936,
+    ),
+}
+_VISION = {
+    "tiny": dict(
+        depth=5, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=16, temporal_patch_size=2,
+        spatial_merge_size=2, out_hidden_size=64, num_position_embeddings=64, deepstack_visual_indexes=[1, 2, 3],
+    ),
+    "qwen3-vl-30b-a3b": dict(
+        depth=27, hidden_size=1152, num_heads=16, intermediate_size=4304, patch_size=16, temporal_patch_size=2,
+        spatial_merge_size=2, out_hidden_size=2048, num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24],
+    ),
+}
+# Image pixel limits (preprocessor size.shortest_edge / longest_edge): the real ones, and small
+# ones for tiny so test images stay a handful of tokens.
+_PIXELS = {"tiny": (1024, 65536), "qwen3-vl-30b-a3b": (65536, 16777216)}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor as stored in the file; `make` builds it (in the file's dtype) when written."""
+
+    name: str
+    shape: tuple[int, ...]
+    make: Callable[[], torch.Tensor]
+
+
+# --------------------------------------------------------------------------- random init
+
+
+class _Init:
+    """Draws each logical parameter from a generator seeded by (seed, name)."""
+
+    def __init__(self, seed: int, dtype: torch.dtype) -> None:
+        self.seed = seed
+        self.dtype = dtype
+
+    def normal(self, name: str, shape: tuple[int, ...], std: float, mean: float = 0.0) -> torch.Tensor:
+        digest = hashlib.sha256(f"{self.seed}/{name}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        tensor = torch.randn(shape, generator=generator, dtype=torch.float32).mul_(std).add_(mean)
+        return tensor.to(self.dtype)
+
+    def linear(self, name: str, shape: tuple[int, ...], gain: float = 1.0) -> torch.Tensor:
+        return self.normal(name, shape, gain / math.sqrt(math.prod(shape[1:])))
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def _entries(arch: str, text: dict, vision: dict | None, layout: str, tie: bool, init: _Init) -> Iterator[TensorEntry]:
+    """Every stored tensor of the checkpoint, in model order (so shards hold whole layers)."""
+    H, V = text["hidden_size"], text["vocab_size"]
+
+    def param(name: str, shape: tuple[int, ...], draw: Callable[[str, tuple[int, ...]], torch.Tensor]) -> TensorEntry:
+        return TensorEntry(name, shape, lambda: draw(name, shape))
+
+    def linear(gain: float = 1.0):
+        return lambda name, shape: init.linear(name, shape, gain)
+
+    def norm(name, shape):
+        return init.normal(name, shape, 0.1, mean=1.0)
+
+    def bias(name, shape):
+        return init.normal(name, shape, 0.1)
+
+    if vision is not None:
+        yield from _vision_entries(vision, init, param, linear, norm, bias)
+
+    prefix = "model.language_model." if arch == "qwen3_vl_moe" else "model."
+    L, d = text["num_hidden_layers"], text["head_dim"]
+    nq, nkv = text["num_attention_heads"], text["num_key_value_heads"]
+    # Residual writers are scaled by 1/sqrt(depth of the shapes preset), not of --layers, so a
+    # short file's layers equal the long file's.
+    out_gain = 1.5 / math.sqrt(text["reference_layers"])
+    yield param(f"{prefix}embed_tokens.weight", (V, H), lambda n, s: init.normal(n, s, 1.0))
+    for i in range(L):
+        p = f"{prefix}layers.{i}."
+        yield param(p + "input_layernorm.weight", (H,), norm)
+        for proj, rows in (("q_proj", nq * d), ("k_proj", nkv * d), ("v_proj", nkv * d)):
+            yield param(p + f"self_attn.{proj}.weight", (rows, H), linear())
+            if arch == "qwen2_moe":
+                yield param(p + f"self_attn.{proj}.bias", (rows,), bias)
+        yield param(p + "self_attn.o_proj.weight", (H, nq * d), linear(out_gain))
+        if arch != "qwen2_moe":
+            yield param(p + "self_attn.q_norm.weight", (d,), norm)
+            yield param(p + "self_attn.k_norm.weight", (d,), norm)
+        yield param(p + "post_attention_layernorm.weight", (H,), norm)
+        yield param(p + "mlp.gate.weight", (text["num_experts"], H), lambda n, s: init.normal(n, s, 3.0 / math.sqrt(H)))
+        yield from _expert_entries(p + "mlp.experts.", text, layout, init, out_gain)
+        if arch == "qwen2_moe":
+            Is = text["shared_expert_intermediate_size"]
+            yield param(p + "mlp.shared_expert.gate_proj.weight", (Is, H), linear())
+            yield param(p + "mlp.shared_expert.up_proj.weight", (Is, H), linear())
+            yield param(p + "mlp.shared_expert.down_proj.weight", (H, Is), linear(1.5 * out_gain))
+            yield param(p + "mlp.shared_expert_gate.weight", (1, H), linear())
+    yield param(f"{prefix}norm.weight", (H,), norm)
+    if not tie:
+        yield param("lm_head.weight", (V, H), lambda n, s: init.normal(n, s, 6.0 / math.sqrt(H)))
+
+
+def _vision_entries(vision: dict, init: _Init, param, linear, norm, bias) -> Iterator[TensorEntry]:
+    Hv, Iv, out = vision["hidden_size"], vision["intermediate_size"], vision["out_hidden_size"]
+    tp, ps, m2 = vision["temporal_patch_size"], vision["patch_size"], vision["spatial_merge_size"] ** 2
+    gain = 1.0 / math.sqrt(vision["reference_depth"])
+    v = "model.visual."
+    yield param(v + "patch_embed.proj.weight", (Hv, 3, tp, ps, ps), linear())
+    yield param(v + "patch_embed.proj.bias", (Hv,), bias)
+    yield param(v + "pos_embed.weight", (vision["num_position_embeddings"], Hv), lambda n, s: init.normal(n, s, 0.5))
+    for b in range(vision["depth"]):
+        p = f"{v}blocks.{b}."
+        for n in ("norm1", "norm2"):
+            yield param(p + f"{n}.weight", (Hv,), norm)
+            yield param(p + f"{n}.bias", (Hv,), bias)
+        for name, shape, g in (
+            ("attn.qkv", (3 * Hv, Hv), 1.0),
+            ("attn.proj", (Hv, Hv), gain),
+            ("mlp.linear_fc1", (Iv, Hv), 1.0),
+            ("mlp.linear_fc2", (Hv, Iv), gain),
+        ):
+            yield param(p + f"{name}.weight", shape, linear(g))
+            yield param(p + f"{name}.bias", shape[:1], bias)
+    mergers = ["merger"] + [f"deepstack_merger_list.{j}" for j in range(len(vision["deepstack_visual_indexes"]))]
+    for merger in mergers:
+        p = f"{v}{merger}."
+        # The main merger normalises before the 2x2 shuffle (over Hv), deepstack ones after it.
+        norm_width = Hv if merger == "merger" else Hv * m2
+        yield param(p + "norm.weight", (norm_width,), norm)
+        yield param(p + "norm.bias", (norm_width,), bias)
+        yield param(p + "linear_fc1.weight", (Hv * m2, Hv * m2), linear())
+        yield param(p + "linear_fc1.bias", (Hv * m2,), bias)
+        yield param(p + "linear_fc2.weight", (out, Hv * m2), linear(1.5))  # x1.5 after the GELU: unit-scale output
+        yield param(p + "linear_fc2.bias", (out,), bias)
+
+
+def _expert_entries(prefix: str, text: dict, layout: str, init: _Init, out_gain: float) -> Iterator[TensorEntry]:
+    """Experts in one of three layouts. The logical parameters are always the per-expert
+    nn.Linear weights gate/up [I, H] and down [H, I]; fused layouts only rearrange them."""
+    E, H, I = text["num_experts"], text["hidden_size"], text["moe_intermediate_size"]
+
+    def gate(j):
+        return init.linear(f"{prefix}{j}.gate_proj.weight", (I, H))
+
+    def up(j):
+        return init.linear(f"{prefix}{j}.up_proj.weight", (I, H))
+
+    def down(j):
+        # x1.5 more than attention: silu(gate) * up and the router weights shrink this branch.
+        return init.linear(f"{prefix}{j}.down_proj.weight", (H, I), 1.5 * out_gain)
+
+    if layout == "per_expert":
+        for j in range(E):
+            for name, shape, draw in (("gate_proj", (I, H), gate), ("up_proj", (I, H), up), ("down_proj", (H, I), down)):
+                yield TensorEntry(f"{prefix}{j}.{name}.weight", shape, lambda draw=draw, j=j: draw(j))
+        return
+    hub = layout == "hub"
+
+    def gate_up() -> torch.Tensor:  # hub [E, H, 2I], transformers [E, 2I, H]; gate first
+        fused = torch.empty((E, H, 2 * I) if hub else (E, 2 * I, H), dtype=init.dtype)
+        for j in range(E):
+            both = torch.cat([gate(j), up(j)], dim=0)  # [2I, H]
+            fused[j] = both.T if hub else both
+        return fused
+
+    def down_fused() -> torch.Tensor:  # hub [E, I, H], transformers [E, H, I]
+        fused = torch.empty((E, I, H) if hub else (E, H, I), dtype=init.dtype)
+        for j in range(E):
+            fused[j] = down(j).T if hub else down(j)
+        return fused
+
+    yield TensorEntry(prefix + "gate_up_proj", (E, H, 2 * I) if hub else (E, 2 * I, H), gate_up)
+    yield TensorEntry(prefix + "down_proj", (E, I, H) if hub else (E, H, I), down_fused)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _text_config(arch: str, text: dict, ids: dict[str, int], dtype_name: str, tie: bool, spelling: str) -> dict:
+    config = {
+        "attention_dropout": 0.0,
+        "bos_token_id": ids["<|endoftext|>"],
+        "decoder_sparse_step": 1,
+        "eos_token_id": ids["<|im_end|>"],
+        "hidden_act": "silu",
+        "hidden_size": text["hidden_size"],
+        "initializer_range": 0.02,
+        "intermediate_size": text["intermediate_size"],
+        "max_position_embeddings": text["max_position_embeddings"],
+        "mlp_only_layers": [],
+        "moe_intermediate_size": text["moe_intermediate_size"],
+        "norm_topk_prob": arch != "qwen2_moe",
+        "num_attention_heads": text["num_attention_heads"],
+        "num_experts": text["num_experts"],
+        "num_experts_per_tok": text["num_experts_per_tok"],
+        "num_hidden_layers": text["num_hidden_layers"],
+        "num_key_value_heads": text["num_key_value_heads"],
+        "output_router_logits": False,
+        "rms_norm_eps": text["rms_norm_eps"],
+        "rope_theta": text["rope_theta"],
+        "router_aux_loss_coef": 0.001,
+        "tie_word_embeddings": tie,
+        "torch_dtype": dtype_name,
+        "use_cache": True,
+        "vocab_size": text["vocab_size"],
+    }
+    rope = {"rope_type": "default"}
+    if arch == "qwen3_vl_moe":
+        config["model_type"] = "qwen3_vl_moe_text"
+        rope.update(mrope_section=text["mrope_section"], mrope_interleaved=True)
+        config["rope_scaling"] = rope
+        del config["tie_word_embeddings"]  # the real VL config keeps it at the top level only
+    else:
+        config["model_type"] = arch
+        config["architectures"] = ["Qwen3MoeForCausalLM" if arch == "qwen3_moe" else "Qwen2MoeForCausalLM"]
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=text["num_hidden_layers"])
+        config["rope_scaling"] = None
+    if arch == "qwen2_moe":
+        config["shared_expert_intermediate_size"] = text["shared_expert_intermediate_size"]
+    else:
+        config["attention_bias"] = False
+    config["head_dim"] = text["head_dim"]
+    if spelling == "transformers":
+        # What transformers 5 save_pretrained writes: rope_parameters, dtype, and for the Qwen3
+        # families num_local_experts (Qwen2MoeConfig has no such alias and keeps num_experts).
+        scaling = config.pop("rope_scaling") or {"rope_type": "default"}
+        config["rope_parameters"] = {**scaling, "rope_theta": config.pop("rope_theta")}
+        config["dtype"] = config.pop("torch_dtype")
+        if arch != "qwen2_moe":
+            config["num_local_experts"] = config.pop("num_experts")
+        if arch == "qwen3_vl_moe":
+            config["tie_word_embeddings"] = tie
+        if arch == "qwen2_moe":
+            config["qkv_bias"] = True
+    return config
+
+
+def _vl_config(text_config: dict, vision: dict, ids: dict[str, int], dtype_name: str, tie: bool, spelling: str) -> dict:
+    vision_config = {
+        "deepstack_visual_indexes": list(vision["deepstack_visual_indexes"]),
+        "depth": vision["depth"],
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_size": vision["hidden_size"],
+        "in_channels": 3,
+        "initializer_range": 0.02,
+        "intermediate_size": vision["intermediate_size"],
+        # The Hub file says "qwen3_vl_moe" here; transformers rewrites it to "..._vision".
+        "model_type": "qwen3_vl_moe" if spelling == "hub" else "qwen3_vl_moe_vision",
+        "num_heads": vision["num_heads"],
+        "num_position_embeddings": vision["num_position_embeddings"],
+        "out_hidden_size": vision["out_hidden_size"],
+        "patch_size": vision["patch_size"],
+        "spatial_merge_size": vision["spatial_merge_size"],
+        "temporal_patch_size": vision["temporal_patch_size"],
+    }
+    config = {
+        "architectures": ["Qwen3VLMoeForConditionalGeneration"],
+        "image_token_id": ids["<|image_pad|>"],
+        "model_type": "qwen3_vl_moe",
+        "text_config": text_config,
+        "tie_word_embeddings": tie,
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_config": vision_config,
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+    }
+    config["dtype" if spelling == "transformers" else "torch_dtype"] = dtype_name
+    if spelling == "transformers":
+        vision_config["rope_parameters"] = {"rope_theta": 10000.0, "rope_type": "axial"}
+    return config
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+def _write_safetensors(path: Path, entries: list[TensorEntry], dtype: torch.dtype, progress) -> None:
+    """Write one safetensors file tensor by tensor: the header is known up front from the
+    shapes, so only one tensor is ever in memory."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for entry in entries:
+        nbytes = math.prod(entry.shape) * itemsize
+        header[entry.name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(entry.shape), "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for entry in entries:
+            tensor = entry.make()
+            if tuple(tensor.shape) != entry.shape or tensor.dtype != dtype:
+                raise AssertionError(f"{entry.name}: made {tuple(tensor.shape)} {tensor.dtype}, planned {entry.shape}")
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+            progress.update(tensor.numel() * itemsize)
+
+
+def _shard(entries: list[TensorEntry], itemsize: int, max_shard_bytes: int) -> list[list[TensorEntry]]:
+    shards: list[list[TensorEntry]] = [[]]
+    size = 0
+    for entry in entries:
+        nbytes = math.prod(entry.shape) * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    return shards
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _check(value: str, allowed: tuple[str, ...], what: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
+    return value
+
+
+def write_tiny_checkpoint(
+    directory,
+    *,
+    seed: int = 0,
+    arch: str = "qwen3_vl_moe",
+    shapes: str = "tiny",
+    num_layers: int | None = None,
+    deepstack_visual_indexes: list[int] | None = None,
+    expert_layout: str | None = None,
+    tie_word_embeddings: bool = False,
+    config_spelling: str = "hub",
+    dtype: torch.dtype | str | None = None,
+    max_shard_bytes: int | None = None,
+    metadata_only: bool = False,
+    progress: bool | None = None,
+) -> Path:
+    """Write a random checkpoint (weights, config, tokenizer, processor files) into `directory`.
+
+    arch: "qwen3_vl_moe", "qwen3_moe" or "qwen2_moe" (text-only; shared expert, qkv bias).
+    shapes: "tiny" (fp32, one model.safetensors) or "qwen3-vl-30b-a3b" (bf16, ~2 GB shards).
+    expert_layout: "hub" (fused [E, H, 2I] / [E, I, H], the VL default), "transformers" (fused
+    [E, 2I, H] / [E, H, I], what save_pretrained writes) or "per_expert" (text-only default).
+    config_spelling: "hub" (num_experts, rope_theta + rope_scaling, torch_dtype) or
+    "transformers" (rope_parameters, dtype, num_local_experts where transformers writes it).
+    max_shard_bytes: write model-0000k-of-0000n.safetensors + model.safetensors.index.json.
+    metadata_only: write config, tokenizer and index files but no weights (for tests and
+    dry runs of the large shapes).
+    """
+    arch = _check(arch.replace("-", "_"), ARCHS, "arch")
+    shapes = _check(shapes, SHAPES, "shapes")
+    expert_layout = _check(expert_layout or ("hub" if arch == "qwen3_vl_moe" else "per_expert"), EXPERT_LAYOUTS, "expert layout")
+    config_spelling = _check(config_spelling, CONFIG_SPELLINGS, "config spelling")
+    if shapes != "tiny" and arch == "qwen2_moe":
+        raise ValueError("--shapes qwen3-vl-30b-a3b has no qwen2-moe variant; use qwen3-vl-moe or qwen3-moe")
+    if isinstance(dtype, str):
+        dtype = {name: dt for dt, name in _DTYPE_NAMES.items()}.get(dtype)
+        if dtype is None:
+            raise ValueError(f"unknown dtype; choose one of {', '.join(_DTYPE_NAMES.values())}")
+    dtype = dtype or (torch.float32 if shapes == "tiny" else torch.bfloat16)
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"dtype {dtype} is not supported; choose one of {', '.join(_DTYPE_NAMES.values())}")
+
+    ids = tiny_tokenizer.token_ids()
+    text = dict(_TEXT[shapes])
+    text["reference_layers"] = text["num_hidden_layers"]
+    if num_layers is not None:
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+        text["num_hidden_layers"] = num_layers
+    text.setdefault("vocab_size", -(-tiny_tokenizer.tokenizer_size() // 64) * 64)
+    if text["vocab_size"] < tiny_tokenizer.tokenizer_size():
+        raise AssertionError("the vocabulary must cover the tokenizer")
+
+    vision = None
+    if arch == "qwen3_vl_moe":
+        vision = dict(_VISION[shapes], reference_depth=_VISION[shapes]["depth"])
+        if deepstack_visual_indexes is not None:
+            vision["deepstack_visual_indexes"] = list(deepstack_visual_indexes)
+        bad = [i for i in vision["deepstack_visual_indexes"] if not 0 <= i < vision["depth"]]
+        if bad:
+            raise ValueError(f"deepstack_visual_indexes {bad} outside the vision blocks 0..{vision['depth'] - 1}")
+    elif deepstack_visual_indexes is not None:
+        raise ValueError("deepstack_visual_indexes is a vision setting; text-only archs have no vision tower")
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    dtype_name = _DTYPE_NAMES[dtype]
+    config = _text_config(arch, text, ids, dtype_name, tie_word_embeddings, config_spelling)
+    if vision is not None:
+        config = _vl_config(config, vision, ids, dtype_name, tie_word_embeddings, config_spelling)
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tiny_tokenizer.write_tokenizer_files(directory, model_max_length=text["max_position_embeddings"])
+    tiny_tokenizer.write_generation_config(directory, sampling_defaults=shapes != "tiny")
+    if vision is not None:
+        min_pixels, max_pixels = _PIXELS[shapes]
+        tiny_tokenizer.write_preprocessor_config(
+            directory,
+            patch_size=vision["patch_size"],
+            temporal_patch_size=vision["temporal_patch_size"],
+            merge_size=vision["spatial_merge_size"],
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+        )
+
+    entries = list(_entries(arch, text, vision, expert_layout, tie_word_embeddings, _Init(seed, dtype)))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if max_shard_bytes is None and shapes != "tiny":
+        max_shard_bytes = DEFAULT_SHARD_BYTES
+    if max_shard_bytes is None:
+        shards = {"model.safetensors": entries}
+    else:
+        groups = _shard(entries, itemsize, max_shard_bytes)
+        shards = {f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors": g for k, g in enumerate(groups)}
+        total = sum(math.prod(e.shape) for e in entries)
+        index = {
+            "metadata": {"total_parameters": total, "total_size": total * itemsize},
+            "weight_map": {e.name: file for file, group in shards.items() for e in group},
+        }
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    if metadata_only:
+        return directory
+
+    from tqdm import tqdm
+
+    total_bytes = sum(math.prod(e.shape) for e in entries) * itemsize
+    show = progress if progress is not None else shapes != "tiny"
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="writing weights", disable=not show) as bar:
+        for file, group in shards.items():
+            _write_safetensors(directory / file, group, dtype, bar)
+    return directory
