@@ -1,0 +1,55 @@
+"""`splitvl generate`: offline greedy generation on a local checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="offline greedy generation (a smoke test for any checkpoint)",
+        description="Greedy generation without any service: images go before the prompt in one user "
+        "message, the chat template's generation prompt is applied, and generation stops at EOS or "
+        "--max-tokens. With --disaggregated the vision tower and the language model are loaded "
+        "separately and the image rows cross transfer/'s codec as bytes, as between the two services.",
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer)")
+    p.add_argument("--prompt", required=True, help="the user's text")
+    p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file; repeat for several")
+    p.add_argument("--max-tokens", type=int, default=32, help="most new tokens to generate (default 32)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--disaggregated", action="store_true", help="vision tower -> wire codec -> language model")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from models.config import ConfigError, dtype_from_name
+    from models.loader import CheckpointError
+    from splitvl.offline import generate
+
+    if args.max_tokens < 1:
+        print("splitvl generate: --max-tokens must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        result = generate(
+            args.model,
+            args.prompt,
+            image_paths=args.image,
+            max_tokens=args.max_tokens,
+            device=args.device,
+            dtype=dtype_from_name(args.dtype),
+            disaggregated=args.disaggregated,
+        )
+    except (ConfigError, CheckpointError, ValueError, OSError) as exc:
+        print(f"splitvl generate: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"token_ids": result.token_ids, "text": result.text, "prompt_ids": result.prompt_ids}))
+    else:
+        print(result.text)
+    return 0

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny random checkpoints written once per test session (offline, < 1 s each)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    # GPU tests carry @pytest.mark.gpu and skip (visibly, with a reason) on machines without CUDA.
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def _tiny(tmp_path_factory, name: str, **kwargs):
+    from models.tiny_checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp(name), **kwargs)
+
+
+@pytest.fixture(scope="session")
+def vl_ckpt(tmp_path_factory):
+    """Qwen3-VL-MoE, Hub layout, k = 3 DeepStack levels at vision blocks [1, 2, 3]."""
+    return _tiny(tmp_path_factory, "vl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def vl_ckpt_k2(tmp_path_factory):
+    """Qwen3-VL-MoE with k = 2 DeepStack levels at other vision blocks [0, 3]."""
+    return _tiny(tmp_path_factory, "vl_k2", seed=1, deepstack_visual_indexes=[0, 3])
+
+
+@pytest.fixture(scope="session")
+def qwen3_text_ckpt(tmp_path_factory):
+    """Text-only Qwen3-MoE with per-expert tensors, as on the Hub."""
+    return _tiny(tmp_path_factory, "qwen3", seed=2, arch="qwen3_moe")
+
+
+@pytest.fixture(scope="session")
+def qwen2_text_ckpt(tmp_path_factory):
+    """Text-only Qwen2-MoE: shared expert with a sigmoid gate, qkv bias, no q/k norm."""
+    return _tiny(tmp_path_factory, "qwen2", seed=3, arch="qwen2_moe")
