@@ -1,0 +1,154 @@
+"""Messages between the language service's HTTP process and its engine process.
+
+Both processes belong to one service and trust each other, so this is a plain typed msgpack
+protocol (no tensors, no pickle): each message is a dataclass, sent as a msgpack map with a
+"type" key. Requests flow HTTP -> engine over one zmq PUSH/PULL pair; outputs flow back over
+another. Image bytes never pass through here: the engine's encoder client sends each image's
+source to an encode service, whose result goes straight to the engine process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Union
+
+import msgpack
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None  # a per-request generator: the same seed gives the same tokens
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: no logprobs; n >= 0: the chosen token's plus the top n
+
+
+@dataclass
+class ImageRef:
+    """One image of a request, in prompt order."""
+
+    source: str  # "data:image/...;base64,...", "http(s)://..." or a local file path
+    key: str  # content identity (hash of bytes or URL + preprocessing options); prefix-cache key
+    options: dict[str, int] = field(default_factory=dict)  # min_pixels / max_pixels overrides
+
+
+@dataclass
+class GenerateRequest:
+    request_id: str
+    # The prompt after the chat template, with ONE image_token_id placeholder per image; the
+    # engine expands each to the image's N tokens once its encode result arrives.
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    images: list[ImageRef] = field(default_factory=list)
+
+
+@dataclass
+class AbortRequest:
+    request_id: str
+
+
+@dataclass
+class StatsRequest:
+    """Ask the engine for an EngineStats snapshot (answered on the outputs channel)."""
+
+    nonce: int
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+
+
+@dataclass
+class RequestOutput:
+    """New tokens of one request since its last output; the last one has finished=True."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    logprobs: list[TokenLogprob] | None = None
+    prompt_tokens: int = 0  # after image expansion
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error_code: str | None = None  # with finish_reason "error": e.g. "encoder_unavailable", "invalid_image"
+    error_message: str | None = None  # safe to show the client
+    error_status: int | None = None  # HTTP status the API should answer with (400, 413, 503, ...)
+
+
+@dataclass
+class EngineStats:
+    nonce: int
+    running: int = 0
+    waiting: int = 0
+    awaiting_encode: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_free: int = 0
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    preemptions: int = 0
+    chunked_prefills: int = 0  # prefill steps that covered only part of a prompt
+    encoder_bytes_received: int = 0
+    encoders_healthy: int = 0
+    encoders_total: int = 0
+    steps: int = 0
+
+
+@dataclass
+class EngineReady:
+    """Sent once by the engine process when the model is loaded and it accepts requests."""
+
+    num_kv_blocks: int
+    block_size: int
+    result_address: str  # where encode services push results for this engine
+
+
+@dataclass
+class EngineFatal:
+    """Sent by the engine process before it exits on an error it cannot serve through."""
+
+    message: str
+
+
+Message = Union[GenerateRequest, AbortRequest, StatsRequest, RequestOutput, EngineStats, EngineReady, EngineFatal]
+_TYPES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (GenerateRequest, AbortRequest, StatsRequest, RequestOutput, EngineStats, EngineReady, EngineFatal)
+}
+
+
+def pack(msg: Message) -> bytes:
+    body = asdict(msg)
+    body["type"] = type(msg).__name__
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Message:
+    body: dict[str, Any] = msgpack.unpackb(data, raw=False)
+    cls = _TYPES[body.pop("type")]
+    return _build(cls, body)
+
+
+def _build(cls: type, body: dict[str, Any]) -> Any:
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in body:
+            continue
+        value = body[f.name]
+        if cls is GenerateRequest and f.name == "sampling":
+            value = SamplingParams(**value)
+        elif cls is GenerateRequest and f.name == "images":
+            value = [ImageRef(**v) for v in value]
+        elif cls is RequestOutput and f.name == "logprobs" and value is not None:
+            value = [TokenLogprob(v["token_id"], v["logprob"], [tuple(t) for t in v["top"]]) for v in value]
+        kwargs[f.name] = value
+    return cls(**kwargs)

@@ -1,0 +1,61 @@
+"""Settings of the language service (HTTP process and engine process), validated by pydantic.
+
+Read from a YAML file (`--config`), with CLI flags overriding; unknown keys are errors so a
+typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class LanguageSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="checkpoint directory (config.json, safetensors, tokenizer)")
+    served_model_name: str | None = Field(None, description="name in /v1/models; default: the directory name")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = Field(None, description="if set, every /v1 request needs 'Authorization: Bearer <key>'")
+    device: str = "cpu"
+    dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$")
+
+    # Encoders: addresses of encode services' job receivers, and the transport to reach them.
+    encoders: list[str] = Field(default_factory=list)
+    transport: str = "zmq"
+    # Where encode results come back: the engine process binds it. tcp://host:0 picks a port.
+    result_address: str = "tcp://127.0.0.1:0"
+    encode_timeout_s: float = Field(30.0, gt=0, description="per image job; then retry elsewhere or fail")
+    encode_retries: int = Field(1, ge=0, description="extra attempts on other encoders")
+    encoder_health_interval_s: float = Field(2.0, gt=0)
+
+    # Engine.
+    block_size: int = Field(16, ge=1)
+    num_kv_blocks: int | None = Field(None, ge=1, description="KV cache blocks; default: from memory")
+    kv_cache_memory_fraction: float = Field(0.8, gt=0, le=1, description="of free GPU memory, when on GPU")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="token budget of one engine step")
+    max_num_seqs: int = Field(64, ge=1, description="most sequences decoding at once")
+    chunk_size: int = Field(512, ge=1, description="most prompt tokens of one sequence per step")
+    enable_prefix_caching: bool = True
+
+    # Limits.
+    max_model_len: int = Field(8192, ge=16, description="prompt (after image expansion) + completion tokens")
+    max_images_per_request: int = Field(8, ge=0)
+    max_queued_requests: int = Field(256, ge=1, description="beyond this, new requests get 429")
+    max_image_url_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest data URL payload accepted")
+    allowed_local_image_roots: list[str] = Field(default_factory=list, description="local image paths allowed under")
+
+    @classmethod
+    def load(cls, path: str | Path | None, **overrides: object) -> "LanguageSettings":
+        """File values, then every override that is not None."""
+        values: dict[str, object] = {}
+        if path is not None:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{path}: expected a mapping of settings")
+            values.update(loaded)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
