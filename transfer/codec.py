@@ -20,7 +20,7 @@ the way out, parse_header / assemble on the way in.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields as dataclass_fields
+from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
 import msgpack
@@ -95,36 +95,38 @@ class Header:
 # ---------------------------------------------------------------------------- field checks
 
 
-def _need(cond: bool, reason: str) -> None:
-    if not cond:
-        raise ProtocolError(reason)
-
-
 def _check_str(name: str, value: Any, max_len: int, allow_empty: bool = False) -> str:
-    _need(isinstance(value, str), f"field {name!r} must be a string, got {type(value).__name__}")
-    _need(allow_empty or len(value) > 0, f"field {name!r} is empty")
-    _need(len(value) <= max_len, f"field {name!r} is {len(value)} characters (limit {max_len})")
+    if not isinstance(value, str):
+        raise ProtocolError(f"field {name!r} must be a string, got {type(value).__name__}")
+    if not (allow_empty or len(value) > 0):
+        raise ProtocolError(f"field {name!r} is empty")
+    if not len(value) <= max_len:
+        raise ProtocolError(f"field {name!r} is {len(value)} characters (limit {max_len})")
     return value
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int) -> int:
     # bool is an int subclass; a flag where a count belongs is a peer bug, not a count.
-    _need(isinstance(value, int) and not isinstance(value, bool),
-          f"field {name!r} must be an integer, got {type(value).__name__}")
-    _need(lo <= value <= hi, f"field {name!r}={value} is outside [{lo}, {hi}]")
+    if not (isinstance(value, int) and not isinstance(value, bool)):
+        raise ProtocolError(f"field {name!r} must be an integer, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ProtocolError(f"field {name!r}={value} is outside [{lo}, {hi}]")
     return value
 
 
 def _check_float(name: str, value: Any) -> float:
-    _need(isinstance(value, (int, float)) and not isinstance(value, bool),
-          f"field {name!r} must be a number, got {type(value).__name__}")
-    _need(math.isfinite(value), f"field {name!r} is not finite")
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        raise ProtocolError(f"field {name!r} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ProtocolError(f"field {name!r} is not finite")
     return float(value)
 
 
 def _check_options(name: str, value: Any) -> dict[str, Any]:
-    _need(isinstance(value, dict), f"field {name!r} must be a map, got {type(value).__name__}")
-    _need(len(value) <= 32, f"field {name!r} has {len(value)} entries (limit 32)")
+    if not isinstance(value, dict):
+        raise ProtocolError(f"field {name!r} must be a map, got {type(value).__name__}")
+    if not len(value) <= 32:
+        raise ProtocolError(f"field {name!r} has {len(value)} entries (limit 32)")
     out: dict[str, Any] = {}
     for key, item in value.items():
         _check_str(f"{name} key", key, 64)
@@ -158,10 +160,12 @@ def _check_header_field(kind: str, name: str, value: Any) -> Any:
     if kind == "time":
         return _check_float(name, value)
     if kind == "flag":
-        _need(isinstance(value, bool), f"field {name!r} must be a bool, got {type(value).__name__}")
+        if not isinstance(value, bool):
+            raise ProtocolError(f"field {name!r} must be a bool, got {type(value).__name__}")
         return value
     if kind == "grid":
-        _need(isinstance(value, (list, tuple)) and len(value) == 3, f"field {name!r} must be 3 integers")
+        if not (isinstance(value, (list, tuple)) and len(value) == 3):
+            raise ProtocolError(f"field {name!r} must be 3 integers")
         return tuple(_check_int(f"{name}[{i}]", v, 1, 1 << 20) for i, v in enumerate(value))
     if kind == "options":
         return _check_options(name, value)
@@ -170,19 +174,30 @@ def _check_header_field(kind: str, name: str, value: Any) -> Any:
 
 def _check_frame_spec(kind: str, spec: FrameSpec, limits: Limits) -> None:
     if kind == "source":
-        _need(spec.dtype == BYTES, f"field {spec.field!r} must be bytes, got {spec.dtype}")
-        _need(spec.nbytes > 0, f"field {spec.field!r} is empty")
+        if not spec.dtype == BYTES:
+            raise ProtocolError(f"field {spec.field!r} must be bytes, got {spec.dtype}")
+        if not spec.nbytes > 0:
+            raise ProtocolError(f"field {spec.field!r} is empty")
     elif kind == "matrix":
-        _need(spec.dtype in DTYPES, f"field {spec.field!r} has dtype {spec.dtype!r}; allowed: {sorted(DTYPES)}")
-        _need(len(spec.shape) == 2, f"field {spec.field!r} must be 2-D, got shape {list(spec.shape)}")
-    _need(spec.nbytes <= limits.max_frame_bytes,
-          f"field {spec.field!r} is {spec.nbytes} bytes (limit {limits.max_frame_bytes})")
+        if not spec.dtype in DTYPES:
+            raise ProtocolError(f"field {spec.field!r} has dtype {spec.dtype!r}; allowed: {sorted(DTYPES)}")
+        if not len(spec.shape) == 2:
+            raise ProtocolError(f"field {spec.field!r} must be 2-D, got shape {list(spec.shape)}")
+    if not spec.nbytes <= limits.max_frame_bytes:
+        raise ProtocolError(f"field {spec.field!r} is {spec.nbytes} bytes (limit {limits.max_frame_bytes})")
 
 
 def _spec_for(name: str, shape: Sequence[Any], dtype: str, limits: Limits) -> FrameSpec:
-    _need(isinstance(shape, (list, tuple)), f"frame {name!r}: shape must be a list")
-    _need(len(shape) <= limits.max_ndim, f"frame {name!r}: {len(shape)} dims (limit {limits.max_ndim})")
-    dims = tuple(_check_int(f"{name} shape[{i}]", d, 0, limits.max_dim) for i, d in enumerate(shape))
+    if not isinstance(shape, (list, tuple)):
+        raise ProtocolError(f"frame {name!r}: shape must be a list")
+    if not len(shape) <= limits.max_ndim:
+        raise ProtocolError(f"frame {name!r}: {len(shape)} dims (limit {limits.max_ndim})")
+    dims = tuple(shape)
+    for d in dims:
+        if not isinstance(d, int) or isinstance(d, bool):
+            raise ProtocolError(f"frame {name!r}: shape entry {d!r:.40} must be an integer")
+        if not 0 <= d <= limits.max_dim:
+            raise ProtocolError(f"frame {name!r}: dimension {d} is outside [0, {limits.max_dim}]")
     itemsize = 1 if dtype == BYTES else DTYPES[dtype].itemsize
     return FrameSpec(name, dtype, dims, math.prod(dims) * itemsize)
 
@@ -190,7 +205,9 @@ def _spec_for(name: str, shape: Sequence[Any], dtype: str, limits: Limits) -> Fr
 # ----------------------------------------------------------------------------- sending side
 
 
-def split_message(msg: Message, limits: Limits = DEFAULT_LIMITS) -> tuple[dict[str, Any], list[tuple[FrameSpec, Payload]]]:
+def split_message(
+    msg: Message, limits: Limits = DEFAULT_LIMITS
+) -> tuple[dict[str, Any], list[tuple[FrameSpec, Payload]]]:
     """Check `msg` and split it into a msgpack-ready header and its frame payloads.
 
     Tensor payloads are returned as contiguous, detached tensors on their own device; the
@@ -201,27 +218,29 @@ def split_message(msg: Message, limits: Limits = DEFAULT_LIMITS) -> tuple[dict[s
         raise ProtocolError(f"{cls.__name__} is not a wire message type")
     header_fields: dict[str, Any] = {}
     payloads: list[tuple[FrameSpec, Payload]] = []
-    for f in dataclass_fields(msg):
-        kind = cls.WIRE_FIELDS[f.name]
-        value = getattr(msg, f.name)
+    for name, kind in cls.WIRE_FIELDS.items():
+        value = getattr(msg, name)
         if kind == "matrix":
-            _need(isinstance(value, torch.Tensor), f"field {f.name!r} must be a torch.Tensor")
-            _need(value.dtype in DTYPE_NAMES, f"field {f.name!r} has dtype {value.dtype}; allowed: {sorted(DTYPES)}")
+            if not isinstance(value, torch.Tensor):
+                raise ProtocolError(f"field {name!r} must be a torch.Tensor")
+            if value.dtype not in DTYPE_NAMES:
+                raise ProtocolError(f"field {name!r} has dtype {value.dtype}; allowed: {sorted(DTYPES)}")
             tensor = value.detach().contiguous()
-            spec = _spec_for(f.name, list(tensor.shape), DTYPE_NAMES[tensor.dtype], limits)
+            spec = _spec_for(name, list(tensor.shape), DTYPE_NAMES[tensor.dtype], limits)
             _check_frame_spec(kind, spec, limits)
             payloads.append((spec, tensor))
         elif kind == "source" and isinstance(value, (bytes, bytearray, memoryview)):
             data = bytes(value)
-            spec = FrameSpec(f.name, BYTES, (len(data),), len(data))
+            spec = FrameSpec(name, BYTES, (len(data),), len(data))
             _check_frame_spec(kind, spec, limits)
             payloads.append((spec, data))
         else:
-            header_fields[f.name] = _check_header_field(kind, f.name, value)
+            header_fields[name] = _check_header_field(kind, name, value)
             if kind == "grid":
-                header_fields[f.name] = list(header_fields[f.name])
+                header_fields[name] = list(header_fields[name])
     total = sum(spec.nbytes for spec, _ in payloads)
-    _need(total <= limits.max_message_bytes, f"message is {total} bytes (limit {limits.max_message_bytes})")
+    if not total <= limits.max_message_bytes:
+        raise ProtocolError(f"message is {total} bytes (limit {limits.max_message_bytes})")
     header = {
         "v": PROTOCOL_VERSION,
         "type": cls.WIRE_TYPE,
@@ -265,52 +284,63 @@ def _reject_ext(code: int, data: bytes) -> Any:
 def parse_header(raw: Buffer, limits: Limits = DEFAULT_LIMITS) -> Header:
     """Validate frame 0 completely: version, type, every field, every frame description."""
     size = memoryview(raw).nbytes
-    _need(size <= limits.max_header_bytes, f"header is {size} bytes (limit {limits.max_header_bytes})")
+    if not size <= limits.max_header_bytes:
+        raise ProtocolError(f"header is {size} bytes (limit {limits.max_header_bytes})")
     try:
         header = msgpack.unpackb(raw, raw=False, strict_map_key=True, ext_hook=_reject_ext, timestamp=0)
     except ProtocolError:
         raise
     except Exception as exc:  # msgpack raises several types for garbage, truncation, bad utf-8
         raise ProtocolError(f"header is not valid msgpack ({type(exc).__name__}: {exc})") from None
-    _need(isinstance(header, dict), f"header must be a map, got {type(header).__name__}")
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header must be a map, got {type(header).__name__}")
     version = header.get("v")
-    _need(isinstance(version, int) and not isinstance(version, bool),
-          "header has no protocol version")
-    _need(version == PROTOCOL_VERSION,
-          f"unsupported protocol version {version} (this build speaks {PROTOCOL_VERSION})")
-    _need(set(header) == _HEADER_KEYS, f"header keys {sorted(map(str, header))} != {sorted(_HEADER_KEYS)}")
+    if not (isinstance(version, int) and not isinstance(version, bool)):
+        raise ProtocolError("header has no protocol version")
+    if not version == PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {version} (this build speaks {PROTOCOL_VERSION})")
+    if not set(header) == _HEADER_KEYS:
+        raise ProtocolError(f"header keys {sorted(map(str, header))} != {sorted(_HEADER_KEYS)}")
     wire_type = header["type"]
     cls = MESSAGE_TYPES.get(wire_type) if isinstance(wire_type, str) else None
-    _need(cls is not None, f"unknown message type {wire_type!r}")
+    if not cls is not None:
+        raise ProtocolError(f"unknown message type {wire_type!r}")
     kinds: dict[str, str] = cls.WIRE_FIELDS
     raw_fields, raw_frames = header["fields"], header["frames"]
-    _need(isinstance(raw_fields, dict), "header 'fields' must be a map")
-    _need(isinstance(raw_frames, list), "header 'frames' must be a list")
-    _need(len(raw_frames) <= limits.max_frames, f"{len(raw_frames)} frames (limit {limits.max_frames})")
+    if not isinstance(raw_fields, dict):
+        raise ProtocolError("header 'fields' must be a map")
+    if not isinstance(raw_frames, list):
+        raise ProtocolError("header 'frames' must be a list")
+    if not len(raw_frames) <= limits.max_frames:
+        raise ProtocolError(f"{len(raw_frames)} frames (limit {limits.max_frames})")
 
     frames: list[FrameSpec] = []
     for item in raw_frames:
-        _need(isinstance(item, dict) and set(item) == _FRAME_KEYS, f"bad frame description {item!r:.200}")
+        if not (isinstance(item, dict) and set(item) == _FRAME_KEYS):
+            raise ProtocolError(f"bad frame description {item!r:.200}")
         name, dtype = item["field"], item["dtype"]
-        _need(isinstance(name, str) and kinds.get(name) in _FRAME_KINDS,
-              f"{wire_type}: field {name!r:.80} cannot travel as a frame")
-        _need(name not in {s.field for s in frames}, f"{wire_type}: frame for {name!r} given twice")
-        _need(isinstance(dtype, str) and (dtype in DTYPES or dtype == BYTES),
-              f"frame {name!r}: dtype {dtype!r:.40} is not allowed; allowed: {sorted(DTYPES)}")
+        if not (isinstance(name, str) and kinds.get(name) in _FRAME_KINDS):
+            raise ProtocolError(f"{wire_type}: field {name!r:.80} cannot travel as a frame")
+        if not name not in {s.field for s in frames}:
+            raise ProtocolError(f"{wire_type}: frame for {name!r} given twice")
+        if not (isinstance(dtype, str) and (dtype in DTYPES or dtype == BYTES)):
+            raise ProtocolError(f"frame {name!r}: dtype {dtype!r:.40} is not allowed; allowed: {sorted(DTYPES)}")
         spec = _spec_for(name, item["shape"], dtype, limits)
         _check_frame_spec(kinds[name], spec, limits)
         frames.append(spec)
     total = sum(spec.nbytes for spec in frames)
-    _need(total <= limits.max_message_bytes, f"message is {total} bytes (limit {limits.max_message_bytes})")
+    if not total <= limits.max_message_bytes:
+        raise ProtocolError(f"message is {total} bytes (limit {limits.max_message_bytes})")
 
     framed = {spec.field for spec in frames}
     expected = set(kinds) - framed
-    _need(set(raw_fields) == expected,
-          f"{wire_type}: header fields {sorted(map(str, raw_fields))} != expected {sorted(expected)}")
+    if not set(raw_fields) == expected:
+        raise ProtocolError(f"{wire_type}: header fields {sorted(map(str, raw_fields))} != expected {sorted(expected)}")
     checked: dict[str, Any] = {}
     for name in expected:
         kind = kinds[name]
-        _need(kind in _HEADER_KINDS, f"{wire_type}: field {name!r} must travel as a frame")
+        if not kind in _HEADER_KINDS:
+            raise ProtocolError(f"{wire_type}: field {name!r} must travel as a frame")
         checked[name] = _check_header_field(kind, name, raw_fields[name])
     return Header(cls, checked, frames)
 
@@ -335,29 +365,36 @@ def tensor_from_buffer(buf: Buffer, spec: FrameSpec) -> torch.Tensor:
 
 def assemble(header: Header, payloads: Sequence[Payload]) -> Message:
     """Build the message from a validated header and one payload per frame spec, in order."""
-    _need(len(payloads) == len(header.frames), f"expected {len(header.frames)} payloads, got {len(payloads)}")
+    if not len(payloads) == len(header.frames):
+        raise ProtocolError(f"expected {len(header.frames)} payloads, got {len(payloads)}")
     values = dict(header.fields)
     for spec, payload in zip(header.frames, payloads):
         if spec.dtype == BYTES:
-            _need(isinstance(payload, bytes) and len(payload) == spec.nbytes, f"frame {spec.field!r} mismatch")
+            if not (isinstance(payload, bytes) and len(payload) == spec.nbytes):
+                raise ProtocolError(f"frame {spec.field!r} mismatch")
         else:
-            _need(isinstance(payload, torch.Tensor) and payload.dtype == DTYPES[spec.dtype]
-                  and tuple(payload.shape) == spec.shape, f"frame {spec.field!r} mismatch")
+            ok = isinstance(payload, torch.Tensor) and payload.dtype == DTYPES[spec.dtype]
+            if not (ok and tuple(payload.shape) == spec.shape):
+                raise ProtocolError(f"frame {spec.field!r} mismatch")
         values[spec.field] = payload
     return header.cls(**values)
 
 
 def decode_message(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
     """Frames (bytes, memoryviews or zmq.Frame objects) -> a message, or ProtocolError(reason)."""
-    _need(isinstance(frames, (list, tuple)) and len(frames) >= 1, "no frames")
-    _need(len(frames) <= 1 + limits.max_frames, f"{len(frames) - 1} data frames (limit {limits.max_frames})")
+    if not (isinstance(frames, (list, tuple)) and len(frames) >= 1):
+        raise ProtocolError("no frames")
+    if not len(frames) <= 1 + limits.max_frames:
+        raise ProtocolError(f"{len(frames) - 1} data frames (limit {limits.max_frames})")
     header = parse_header(frames[0], limits)
-    _need(len(frames) - 1 == len(header.frames),
-          f"{header.cls.WIRE_TYPE}: header describes {len(header.frames)} data frames, got {len(frames) - 1}")
+    if not len(frames) - 1 == len(header.frames):
+        raise ProtocolError(
+            f"{header.cls.WIRE_TYPE}: header describes {len(header.frames)} data frames, got {len(frames) - 1}")
     payloads: list[Payload] = []
     for spec, frame in zip(header.frames, frames[1:]):
         size = memoryview(frame).nbytes
-        _need(size == spec.nbytes,
-              f"frame {spec.field!r}: {size} bytes, but {spec.dtype}{list(spec.shape)} needs {spec.nbytes}")
+        if not size == spec.nbytes:
+            raise ProtocolError(
+                f"frame {spec.field!r}: {size} bytes, but {spec.dtype}{list(spec.shape)} needs {spec.nbytes}")
         payloads.append(bytes(frame) if spec.dtype == BYTES else tensor_from_buffer(frame, spec))
     return assemble(header, payloads)

@@ -12,7 +12,7 @@ reason) instead of guessing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar, Union
 
 import torch
@@ -128,3 +128,7 @@ Message = Union[EncodeJob, EncodeResult, EncodeError, HealthPing, HealthPong]
 MESSAGE_TYPES: dict[str, type] = {
     cls.WIRE_TYPE: cls for cls in (EncodeJob, EncodeResult, EncodeError, HealthPing, HealthPong)
 }
+
+# The codec walks WIRE_FIELDS, so a field without a wire kind would silently stay home.
+for _cls in MESSAGE_TYPES.values():
+    assert list(_cls.WIRE_FIELDS) == [f.name for f in fields(_cls)], f"{_cls.__name__}.WIRE_FIELDS is incomplete"

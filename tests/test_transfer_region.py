@@ -1,0 +1,309 @@
+"""The receiver-owned region protocol (shared by cuda_ipc, shm and nixl), exercised through the
+shm backend between real processes: exact delivery, span recycling, backpressure, dead and
+restarted peers, hostile control messages."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import time
+
+import msgpack
+import pytest
+import torch
+import zmq
+
+from transfer.base import TransportError, TransportTimeout
+from transfer.codec import encode_message
+from transfer.messages import PROTOCOL_VERSION, EncodeError, EncodeJob, EncodeResult
+from transfer.registry import make_receiver, make_sender
+from transfer.shm import ShmReceiver, ShmSender
+
+SPAWN = mp.get_context("spawn")
+BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+KIB = 1024
+
+
+def free_tcp_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def pattern(i: int, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """Distinct random bits per message, so a recycled span that leaked old data shows up."""
+    g = torch.Generator().manual_seed(i)
+    info = torch.iinfo(BITS[dtype])
+    return torch.randint(info.min, info.max, (rows, cols), generator=g, dtype=BITS[dtype]).view(dtype)
+
+
+def stream(n: int) -> list:
+    """n messages cycling through dtypes and sizes; some larger than the 256 KiB test lease."""
+    sizes = [(0, 16), (1, 1), (63, 65), (128, 512), (100, 1024), (300, 1024)]
+    dtypes = list(BITS)
+    out = []
+    for i in range(n):
+        rows, cols = sizes[i % len(sizes)]
+        out.append(EncodeResult(f"m-{i}", "key", (1, 1, 1), pattern(i, rows, cols, dtypes[i % 3])))
+    out.append(EncodeJob("job", "key", b"\x89PNG" * 1000, "tcp://127.0.0.1:1", {"max_pixels": 1 << 20}))
+    out.append(EncodeError("err", "key", "bad_image", "broken"))
+    return out
+
+
+def same(a, b) -> bool:
+    if isinstance(a, EncodeResult):
+        return (type(b) is EncodeResult and a.request_id == b.request_id and a.embeddings.dtype == b.embeddings.dtype
+                and torch.equal(a.embeddings.view(BITS[a.embeddings.dtype]), b.embeddings.view(BITS[b.embeddings.dtype])))
+    return a == b
+
+
+# ------------------------------------------------------------------------ peer processes
+
+
+def _send_stream(address: str, n: int) -> None:
+    with make_sender("shm", address) as sender:
+        for msg in stream(n):
+            sender.send(msg, timeout=30)
+        time.sleep(0.5)
+
+
+def _send_forever(address: str, tag: str) -> None:
+    sender = ShmSender(address)
+    i = 0
+    while True:
+        sender.send(EncodeResult(f"{tag}-{i}", "key", (1, 1, 1), pattern(i, 64, 512, torch.float32)), timeout=60)
+        i += 1
+
+
+def _receive_forever(address: str, seen) -> None:
+    with ShmReceiver(address, lease_bytes=256 * KIB, max_senders=1) as receiver:
+        while True:
+            msg = receiver.recv()
+            seen.put((msg.request_id, same(msg, EncodeResult(msg.request_id, "key", (1, 1, 1),
+                                                             pattern(int(msg.request_id.split("-")[1]), 64, 512, torch.float32)))))
+
+
+def _start(target, *args):
+    proc = SPAWN.Process(target=target, args=args, daemon=True)
+    proc.start()
+    return proc
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _flood(address: str, report) -> None:
+    with ShmSender(address, max_pending=4) as sender:
+        start, sent = _rss(), 0
+        for i in range(200):
+            try:
+                sender.send(EncodeResult(f"f-{i}", "key", (1, 1, 1), torch.full((256, 1024), float(i))), timeout=0.5)
+            except TransportTimeout:
+                break
+            sent += 1
+        report.put((sent, _rss() - start))
+
+
+# ------------------------------------------------------------------------------- tests
+
+
+def test_stream_is_bit_exact_and_spans_are_recycled() -> None:
+    n = 60  # ~10 MiB through a 256 KiB lease: every span is reused many times
+    with make_receiver("shm", "tcp://127.0.0.1:*", lease_bytes=256 * KIB, max_senders=2) as receiver:
+        proc = _start(_send_stream, receiver.address, n)
+        got = [receiver.recv(timeout=30) for _ in range(n + 2)]
+        proc.join(10)
+        assert receiver.stats.rejected == 0
+    for want, have in zip(stream(n), got):
+        assert have is not None and same(want, have), f"{want.request_id} changed on the way"
+
+
+def test_stalled_receiver_pushes_back_and_sender_memory_stays_bounded() -> None:
+    report = SPAWN.Queue()
+    with ShmReceiver("tcp://127.0.0.1:*", lease_bytes=1024 * KIB, max_senders=1) as receiver:
+        proc = _start(_flood, receiver.address, report)
+        got, deadline = [], time.monotonic() + 10
+        while receiver.leases_held == 0 and time.monotonic() < deadline:
+            msg = receiver.recv(timeout=0.05)  # serve the attach (and maybe a first message) ...
+            got += [msg] if msg else []
+        sent, growth = report.get(timeout=60)  # ... then stall: never read while it floods
+        # A 1 MiB lease holds one 1 MiB message; the sender waits for its span to come back.
+        assert sent - len(got) <= 1, f"sender accepted {sent} messages for a stalled receiver"
+        assert growth < 16 << 20, f"sender grew {growth >> 20} MiB"
+        got += [receiver.recv(timeout=10) for _ in range(sent - len(got))]
+        assert [m.request_id for m in got] == [f"f-{i}" for i in range(sent)]
+        proc.join(10)
+
+
+def test_dead_sender_lease_is_reclaimed_and_region_stays_intact(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="transfer.region")
+    with ShmReceiver("tcp://127.0.0.1:*", lease_bytes=256 * KIB, max_senders=1, lease_timeout=1.0) as receiver:
+        first = _start(_send_forever, receiver.address, "a")
+        for _ in range(3):
+            assert receiver.recv(timeout=30).request_id.startswith("a-")
+        os.kill(first.pid, signal.SIGKILL)
+        first.join(10)
+        second = _start(_send_forever, receiver.address, "b")  # needs the only lease
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                msg = receiver.recv(timeout=max(0.0, deadline - time.monotonic()))
+                assert msg is not None, "the second sender never got the reclaimed lease"
+                if msg.request_id.startswith("b-"):
+                    break
+            for _ in range(5):  # and its data is intact in the recycled region
+                i = int(msg.request_id.split("-")[1])
+                assert same(msg, EncodeResult(msg.request_id, "key", (1, 1, 1), pattern(i, 64, 512, torch.float32)))
+                msg = receiver.recv(timeout=30)
+        finally:
+            second.kill()
+    assert "silent for" in caplog.text  # the dead sender's lease was reclaimed by timeout
+
+
+def test_sender_reattaches_after_receiver_restart() -> None:
+    address = free_tcp_address()
+    seen = SPAWN.Queue()
+    first = _start(_receive_forever, address, seen)
+    with ShmSender(address) as sender:
+        i = 0
+
+        def send_until_seen() -> tuple[str, bool]:
+            nonlocal i
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    sender.send(EncodeResult(f"m-{i}", "key", (1, 1, 1), pattern(i, 64, 512, torch.float32)), timeout=0.2)
+                    i += 1
+                except TransportTimeout:
+                    pass
+                if not seen.empty():
+                    return seen.get()
+            raise AssertionError("nothing got through")
+
+        assert send_until_seen()[1]
+        os.kill(first.pid, signal.SIGKILL)
+        first.join(10)
+        while not seen.empty():
+            seen.get()
+        second = _start(_receive_forever, address, seen)
+        try:
+            request_id, intact = send_until_seen()
+            assert intact, f"{request_id} arrived corrupted after the restart"
+        finally:
+            second.kill()
+
+
+def test_full_receiver_refuses_with_a_clear_error() -> None:
+    msg = EncodeResult("x", "key", (1, 1, 1), torch.ones(4, 4))
+
+    def deliver(sender: ShmSender) -> None:
+        for _ in range(100):
+            if receiver.recv(timeout=0.05) is not None:
+                return
+            try:
+                sender.send(msg, timeout=0.05)
+            except TransportTimeout:
+                pass
+        raise AssertionError("the first sender never got through")
+
+    with ShmReceiver("tcp://127.0.0.1:*", lease_bytes=256 * KIB, max_senders=1) as receiver:
+        with ShmSender(receiver.address) as first:
+            deliver(first)  # holds the only lease
+            with ShmSender(receiver.address) as second:
+                for _ in range(100):
+                    receiver.recv(timeout=0.05)
+                    try:
+                        second.send(msg, timeout=0.05)
+                    except TransportTimeout:
+                        continue
+                    except TransportError as exc:
+                        assert "leases are held" in str(exc)
+                        return
+                raise AssertionError("the second sender was never refused")
+
+
+# ------------------------------------------------------------------ hostile control traffic
+
+
+class RawPeer:
+    """Speaks the region protocol by hand, to send what a correct sender never would."""
+
+    def __init__(self, receiver: ShmReceiver):
+        self.receiver = receiver
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.connect(receiver.address)
+
+    def send(self, *frames: bytes) -> None:
+        self.sock.send_multipart(list(frames))
+        assert self.receiver.recv(timeout=0.1) is None
+
+    def reply(self) -> tuple[bytes, dict]:
+        assert self.sock.poll(2000)
+        kind, body = self.sock.recv_multipart()
+        return kind, msgpack.unpackb(body)
+
+    def attach(self) -> dict:
+        self.send(b"attach", ctrl(sender="raw", backend="shm"))
+        kind, lease = self.reply()
+        assert kind == b"lease"
+        return lease
+
+
+def ctrl(**fields) -> bytes:
+    return msgpack.packb({"v": PROTOCOL_VERSION, **fields})
+
+
+def test_hostile_control_messages_are_rejected_and_service_continues(caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="transfer.region")
+    with ShmReceiver("tcp://127.0.0.1:*", lease_bytes=256 * KIB, max_senders=2) as receiver:
+        peer = RawPeer(receiver)
+        lease = peer.attach()
+        key = {"session": lease["session"], "lease": lease["lease"], "gen": lease["gen"]}
+        frames = encode_message(EncodeResult("r", "k", (1, 1, 1), torch.ones(4, 8)))
+        header = bytes(frames[0])
+        cases = {
+            "garbage control": ([b"data", b"\xc1garbage", header], "not valid msgpack"),
+            "unknown kind": ([b"launch", ctrl()], "unknown control message"),
+            "wrong version": ([b"attach", msgpack.packb({"v": 99, "sender": "x", "backend": "shm"})], "unsupported protocol version"),
+            "span out of bounds": ([b"data", ctrl(**key, seq=1, spans=[[256 * KIB, 128]]), header], "does not fit"),
+            "span misaligned": ([b"data", ctrl(**key, seq=2, spans=[[8, 128]]), header], "does not fit"),
+            "span wrong size": ([b"data", ctrl(**key, seq=3, spans=[[0, 64]]), header], "does not fit"),
+            "negative offset": ([b"data", ctrl(**key, seq=4, spans=[[-256, 128]]), header], "does not fit"),
+            "span count": ([b"data", ctrl(**key, seq=5, spans=[]), header], "0 spans for 1 frames"),
+            "stale generation": ([b"data", ctrl(**{**key, "gen": key["gen"] + 1}, seq=6, spans=[[0, 128]]), header], "lease expired or not yours"),
+            "other session": ([b"data", ctrl(**{**key, "session": key["session"] + 1}, seq=7, spans=[[0, 128]]), header], "receiver restarted"),
+            "lease out of range": ([b"ping", ctrl(**{**key, "lease": 99})], "lease expired or not yours"),
+            "missing inline frame": ([b"data", ctrl(session=0, lease=(1 << 63) - 1, gen=0, seq=0, spans=[None]), header], "0 inline frames"),
+            "bad header": ([b"data", ctrl(**key, seq=8, spans=[[0, 128]]), b"\x00\x01"], "header"),
+        }
+        for name, (msg, _) in cases.items():
+            peer.send(*msg)
+        assert receiver.stats.rejected == len(cases)
+        for name, (_, reason) in cases.items():
+            assert reason in caplog.text, f"no logged reason for {name}"
+        # A message from another process's lease must not be accepted on this identity either.
+        other = RawPeer(receiver)
+        other.send(b"data", ctrl(**key, seq=9, spans=[[0, 128]]), header)
+        assert other.reply()[0] == b"expired"
+        # The receiver still serves a well-behaved sender.
+        with ShmSender(receiver.address) as good:
+            want = EncodeResult("ok", "k", (1, 1, 1), pattern(1, 16, 16, torch.bfloat16))
+            for _ in range(100):
+                msg = receiver.recv(timeout=0.05)
+                if msg is not None:
+                    break
+                try:
+                    good.send(want, timeout=0.01)
+                except TransportTimeout:
+                    pass
+            assert same(want, msg)
+
+
+def test_unknown_transport_name_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="choose one of"):
+        make_sender("carrier_pigeon", "tcp://127.0.0.1:1")
