@@ -237,3 +237,13 @@ def dtype_from_name(name: str) -> torch.dtype:
     if name not in _DTYPES:
         raise ConfigError(f"unknown dtype {name!r}; choose one of {sorted(_DTYPES)}")
     return _DTYPES[name]
+
+
+def load_eos_ids(model_dir: str | Path, config: ModelConfig) -> list[int]:
+    """generation_config.json's eos ids (what transformers' generate stops on), else config.json's."""
+    path = Path(model_dir) / "generation_config.json"
+    if path.is_file():
+        value = json.loads(path.read_text()).get("eos_token_id")
+        if value is not None:
+            return value if isinstance(value, list) else [value]
+    return list(config.eos_token_ids)

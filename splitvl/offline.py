@@ -8,7 +8,6 @@ Qwen3MoeForCausalLMWithDeepStack) generates from the decoded rows.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from encode_server.images import decode_image
 from encode_server.preprocess import PreprocessSettings, preprocess
 from models.attention import AttentionMetadata, PagedKVCache, TorchAttentionBackend
+from models.config import load_eos_ids
 from models.loader import load_model
 from models.mrope import mrope_positions
 from models.multimodal import scatter_vision_rows
@@ -66,7 +66,7 @@ class OfflineGenerator:
         else:
             loaded = load_model(self.model_dir, part="full", device=device, dtype=dtype)
             self.model, self.config, self.vision = loaded.model, loaded.config, None
-        self.eos_ids = set(_eos_ids(self.model_dir, self.config))
+        self.eos_ids = set(load_eos_ids(self.model_dir, self.config))
 
     def expand_image_tokens(self, ids: Sequence[int], grids: Sequence[tuple[int, int, int]]) -> list[int]:
         """Replace each single image placeholder with the N tokens its grid merges to."""
@@ -179,13 +179,3 @@ def generate(
         ids = generator.expand_image_tokens(ids, [im.grid for im in images])
     new = generator.generate_ids(ids, images, max_tokens)
     return Generation(prompt_ids=ids, token_ids=new, text=tokenizer.decode(new, skip_special_tokens=True))
-
-
-def _eos_ids(model_dir: Path, config) -> list[int]:
-    """generation_config.json's eos ids (what transformers' generate stops on), else config.json's."""
-    gen = model_dir / "generation_config.json"
-    if gen.is_file():
-        value = json.loads(gen.read_text()).get("eos_token_id")
-        if value is not None:
-            return value if isinstance(value, list) else [value]
-    return list(config.eos_token_ids)

@@ -1,0 +1,241 @@
+"""The engine: requests in, token outputs out, one model step at a time.
+
+An image request first waits in AWAITING_ENCODE while its jobs are out at encoders; other
+requests keep running meanwhile. When all its images are back, each placeholder is expanded
+to the image's N tokens, the M-RoPE positions are computed from the grids, and it joins the
+scheduler's queue like any text request.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from language_server.engine.block_manager import BlockManager
+from language_server.engine.encoder_client import EncodeOutcome, EncoderClient
+from language_server.engine.model_runner import ModelRunner
+from language_server.engine.request import EngineRequest, ImageState, Status
+from language_server.engine.sampler import make_generator
+from language_server.engine.scheduler import Scheduler
+from language_server.protocol import EngineStats, GenerateRequest, RequestOutput
+from language_server.settings import LanguageSettings
+from models.config import load_eos_ids
+from models.mrope import mrope_positions
+
+log = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, settings: LanguageSettings) -> None:
+        self.settings = settings
+        self.runner = ModelRunner(settings.model, settings.device, settings.dtype, settings.block_size,
+                                  settings.num_kv_blocks, settings.kv_cache_memory_fraction)
+        self.config = self.runner.config
+        self.blocks = BlockManager(self.runner.num_kv_blocks, settings.block_size, settings.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, settings.max_num_batched_tokens, settings.max_num_seqs,
+                                   settings.chunk_size)
+        self.encoders = EncoderClient(settings.encoders, settings.transport, settings.result_address,
+                                      settings.encode_timeout_s, settings.encode_retries,
+                                      settings.encoder_health_interval_s)
+        self.eos_ids = set(load_eos_ids(settings.model, self.config))
+        # The longest sequence the cache can hold bounds max_model_len.
+        self.max_model_len = min(settings.max_model_len, self.runner.num_kv_blocks * settings.block_size)
+        self.requests: dict[str, EngineRequest] = {}
+        self.awaiting: dict[str, EngineRequest] = {}
+        self.steps = 0
+
+    # ----- requests in ---------------------------------------------------------------------
+
+    def add_request(self, request: GenerateRequest) -> list[RequestOutput]:
+        """Queue a request; returns an immediate error output if it can't be served."""
+        rid = request.request_id
+        if rid in self.requests:
+            return [_error(rid, "duplicate_request", f"request id {rid!r} is already running", 400)]
+        problem = self._validate(request)
+        if problem:
+            return [_error(rid, "invalid_request", problem, 400)]
+        req = EngineRequest(request=request, images=[ImageState(key=im.key) for im in request.images])
+        req.generator = make_generator(request.sampling, self.runner.device)
+        self.requests[rid] = req
+        if not request.images:
+            return self._ready(req)
+        req.status = Status.AWAITING_ENCODE
+        self.awaiting[rid] = req
+        failures = []
+        for i, image in enumerate(request.images):
+            outcome = self.encoders.submit(rid, i, image.key, image.source, image.options)
+            if outcome is not None:
+                failures.extend(self._on_encoded(outcome))
+        return failures
+
+    def _validate(self, request: GenerateRequest) -> str | None:
+        vocab = self.config.text.vocab_size
+        if not request.prompt_token_ids:
+            return "the prompt is empty"
+        if any(not 0 <= t < vocab for t in request.prompt_token_ids):
+            return f"prompt token ids must be in [0, {vocab})"
+        if request.sampling.max_tokens < 1:
+            return "max_tokens must be at least 1"
+        if request.images and not self.config.is_vl:
+            return "this model is text-only and cannot take images"
+        if len(request.images) > self.settings.max_images_per_request:
+            return f"at most {self.settings.max_images_per_request} images per request"
+        if self.config.is_vl and request.prompt_token_ids.count(self.config.image_token_id) != len(request.images):
+            return "the prompt's image placeholders do not match the number of images"
+        return self._length_problem(len(request.prompt_token_ids))
+
+    def _length_problem(self, prompt_len: int) -> str | None:
+        if prompt_len >= self.max_model_len:
+            return (f"the prompt is {prompt_len} tokens (images included); this server's maximum context is "
+                    f"{self.max_model_len} tokens including the completion")
+        return None
+
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        req = self.requests.get(request_id)
+        if req is None:
+            return []
+        return [self._finish(req, "abort")]
+
+    # ----- encode results ------------------------------------------------------------------
+
+    def poll_encoders(self) -> list[RequestOutput]:
+        outputs = []
+        for outcome in self.encoders.poll():
+            outputs.extend(self._on_encoded(outcome))
+        return outputs
+
+    def _on_encoded(self, outcome: EncodeOutcome) -> list[RequestOutput]:
+        req = self.awaiting.get(outcome.request_id)
+        if req is None:
+            return []
+        if outcome.result is None:
+            return [self._finish(req, "error", outcome.error_code, outcome.error_message, outcome.error_status)]
+        result = outcome.result
+        image = req.images[outcome.image_index]
+        expected_width = self.config.text.hidden_size * (1 + self.config.vision.num_deepstack_levels)
+        t, h, w = result.grid_thw
+        merge = self.config.vision.spatial_merge_size
+        if result.embeddings.shape != (t * h * w // merge**2, expected_width):
+            return [self._finish(req, "error", "encoder_mismatch",
+                                 "the encode service serves a different model than this language service", 500)]
+        image.grid = tuple(result.grid_thw)
+        image.rows = result.embeddings.to(self.runner.device, self.runner.dtype)
+        if all(im.rows is not None for im in req.images):
+            del self.awaiting[req.request_id]
+            return self._ready(req)
+        return []
+
+    def _ready(self, req: EngineRequest) -> list[RequestOutput]:
+        """Expand image placeholders, compute positions, and queue the request."""
+        cfg = self.config
+        ids: list[int] = []
+        cache_tokens: list = []
+        images = iter(req.images)
+        for tok in req.request.prompt_token_ids:
+            if cfg.is_vl and tok == cfg.image_token_id:
+                image = next(images)
+                n = image.rows.shape[0]
+                ids.extend([tok] * n)
+                cache_tokens.extend((image.key, j) for j in range(n))
+            else:
+                ids.append(tok)
+                cache_tokens.append(tok)
+        problem = self._length_problem(len(ids))
+        if problem:
+            return [self._finish(req, "error", "context_length_exceeded", problem, 400)]
+        req.token_ids, req.cache_tokens, req.num_prompt_tokens = ids, cache_tokens, len(ids)
+        if cfg.is_vl:
+            grids = [im.grid for im in req.images]
+            req.positions, req.rope_delta = mrope_positions(ids, grids, cfg.image_token_id,
+                                                            cfg.vision.spatial_merge_size)
+            if req.images:
+                req.image_rows = torch.cat([im.rows for im in req.images])
+                is_image = torch.tensor(ids) == cfg.image_token_id
+                req.image_row_start = [0] + torch.cumsum(is_image.long(), 0).tolist()
+                for im in req.images:
+                    im.rows = None  # kept once, in image_rows
+        self.scheduler.add(req)
+        return []
+
+    # ----- stepping ------------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        tokens, logprobs = self.runner.run(chunks)
+        self.scheduler.after_step(chunks)
+        self.steps += 1
+        outputs = []
+        for chunk, tok, lp in zip([c for c in chunks if c.samples], tokens, logprobs):
+            req = chunk.request
+            req.append_token(tok)
+            if lp is not None:
+                req.pending_logprobs.append(lp)
+            reason = self._stop_reason(req, tok)
+            outputs.append(self._finish(req, reason) if reason else self._flush(req))
+        return outputs
+
+    def _stop_reason(self, req: EngineRequest, tok: int) -> str | None:
+        params = req.request.sampling
+        if tok in params.stop_token_ids or (tok in self.eos_ids and not params.ignore_eos):
+            return "stop"
+        if len(req.output_ids) >= params.max_tokens or req.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _flush(self, req: EngineRequest, finished: bool = False) -> RequestOutput:
+        out = RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=req.pending_tokens,
+            finished=finished,
+            finish_reason=req.finish_reason,
+            logprobs=req.pending_logprobs if req.request.sampling.logprobs is not None else None,
+            prompt_tokens=req.num_prompt_tokens,
+            cached_tokens=req.num_cached_prompt_tokens,
+        )
+        req.pending_tokens, req.pending_logprobs = [], []
+        return out
+
+    def _finish(self, req: EngineRequest, reason: str, code: str | None = None, message: str | None = None,
+                status: int | None = None) -> RequestOutput:
+        req.finish_reason = reason
+        self.scheduler.finish(req)
+        self.awaiting.pop(req.request_id, None)
+        self.encoders.cancel(req.request_id)
+        self.requests.pop(req.request_id, None)
+        req.image_rows = None
+        out = self._flush(req, finished=True)
+        out.error_code, out.error_message, out.error_status = code, message, status
+        return out
+
+    def stats(self, nonce: int) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            nonce=nonce,
+            running=len(s.running),
+            waiting=len(s.waiting),
+            awaiting_encode=len(self.awaiting),
+            kv_blocks_total=self.blocks.num_blocks,
+            kv_blocks_free=self.blocks.num_free,
+            prefix_cache_queried_tokens=s.prefix_queried_tokens,
+            prefix_cache_hit_tokens=s.prefix_hit_tokens,
+            preemptions=s.preemptions,
+            chunked_prefills=s.chunked_prefills,
+            encoder_bytes_received=self.encoders.bytes_received,
+            encoders_healthy=self.encoders.num_healthy,
+            encoders_total=len(self.encoders.encoders),
+            steps=self.steps,
+        )
+
+    def close(self) -> None:
+        self.encoders.close()
+
+
+def _error(request_id: str, code: str, message: str, status: int) -> RequestOutput:
+    return RequestOutput(request_id=request_id, new_token_ids=[], finished=True, finish_reason="error",
+                         error_code=code, error_message=message, error_status=status)

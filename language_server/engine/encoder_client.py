@@ -1,0 +1,197 @@
+"""The engine process's client of the encode services.
+
+Sends one EncodeJob per image to the least-loaded healthy encoder, with this process's result
+receiver as `reply_to`, so results arrive here and never pass through the HTTP process. A job
+that gets no answer within the timeout is retried on another encoder (the slow one is marked
+unhealthy); health pings every few seconds take silent encoders out and bring them back once
+they answer again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+from transfer.base import Receiver, Sender, TransportError
+from transfer.messages import EncodeError, EncodeJob, EncodeResult, HealthPing, HealthPong
+from transfer.registry import make_receiver, make_sender
+
+log = logging.getLogger(__name__)
+
+_SEND_TIMEOUT_S = 0.5  # an encoder that can't take a job this fast is down or saturated
+_UNHEALTHY_AFTER_MISSED_PINGS = 3
+
+# EncodeError.code -> HTTP status the API answers with.
+ENCODE_ERROR_STATUS = {
+    "invalid_image": 400,
+    "unsupported_format": 400,
+    "unsupported_aspect_ratio": 400,
+    "invalid_request": 400,
+    "forbidden_source": 400,
+    "fetch_failed": 400,
+    "image_too_large": 413,
+    "overloaded": 503,
+}
+
+
+@dataclass
+class EncoderState:
+    address: str
+    sender: Sender
+    healthy: bool = True  # optimistic until pings say otherwise, so the first job need not wait
+    in_flight: int = 0
+    reported_load: int = 0  # queued + running images in its last pong
+    last_pong: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Job:
+    request_id: str
+    image_index: int
+    key: str
+    source: str
+    options: dict[str, int]
+    encoder: EncoderState | None  # None until sent
+    sent_at: float
+    attempts: int
+    tried: set[str] = field(default_factory=set)
+
+
+@dataclass
+class EncodeOutcome:
+    request_id: str
+    image_index: int
+    result: EncodeResult | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    error_status: int = 500
+
+
+class EncoderClient:
+    def __init__(self, addresses: list[str], transport: str, result_address: str, timeout_s: float,
+                 retries: int, health_interval_s: float) -> None:
+        self.receiver: Receiver = make_receiver(transport, result_address)
+        self.encoders = [EncoderState(a, make_sender(transport, a)) for a in addresses]
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.health_interval_s = health_interval_s
+        self.jobs: dict[str, _Job] = {}
+        self.bytes_received = 0
+        self._ids = itertools.count()
+        self._ping_seq = itertools.count()
+        self._next_ping = 0.0
+
+    @property
+    def result_address(self) -> str:
+        return self.receiver.address
+
+    @property
+    def num_healthy(self) -> int:
+        return sum(e.healthy for e in self.encoders)
+
+    def submit(self, request_id: str, image_index: int, key: str, source: str,
+               options: dict[str, int]) -> EncodeOutcome | None:
+        """Send one image job; an immediate failure (no encoder) comes back as an outcome."""
+        return self._dispatch(_Job(request_id, image_index, key, source, options, encoder=None, sent_at=0.0,
+                                   attempts=0))
+
+    def cancel(self, request_id: str) -> None:
+        """Forget a request's jobs (aborted); late results for them are dropped."""
+        for job_id in [j for j, job in self.jobs.items() if job.request_id == request_id]:
+            self.jobs.pop(job_id).encoder.in_flight -= 1
+
+    def poll(self) -> list[EncodeOutcome]:
+        """Results that arrived, jobs that timed out for good; also runs health checks."""
+        outcomes: list[EncodeOutcome] = []
+        while (msg := self.receiver.recv(timeout=0)) is not None:
+            outcomes.extend(self._on_message(msg))
+        now = time.monotonic()
+        for job_id, job in list(self.jobs.items()):
+            if now - job.sent_at > self.timeout_s:
+                del self.jobs[job_id]
+                job.encoder.in_flight -= 1
+                job.encoder.healthy = False
+                log.warning("encoder %s gave no answer for %s in %.1fs", job.encoder.address, job.key, self.timeout_s)
+                outcome = self._dispatch(job)
+                if outcome:
+                    outcomes.append(outcome)
+        if now >= self._next_ping:
+            self._ping(now)
+        return outcomes
+
+    def _dispatch(self, job: _Job) -> EncodeOutcome | None:
+        while True:
+            candidates = [e for e in self.encoders if e.address not in job.tried]
+            if not candidates or job.attempts > self.retries:
+                return self._failure(job)
+            # Least loaded first; healthy encoders before ones that missed pings.
+            encoder = min(candidates, key=lambda e: (not e.healthy, e.in_flight + e.reported_load))
+            job.attempts += 1
+            job.tried.add(encoder.address)
+            job_id = f"{job.request_id}/{job.image_index}/{next(self._ids)}"
+            msg = EncodeJob(request_id=job_id, image_key=job.key, source=job.source,
+                            reply_to=self.receiver.address, options=dict(job.options))
+            try:
+                encoder.sender.send(msg, timeout=_SEND_TIMEOUT_S)
+            except TransportError as exc:
+                encoder.healthy = False
+                log.warning("encoder %s refused a job: %s", encoder.address, exc)
+                continue
+            job.encoder, job.sent_at = encoder, time.monotonic()
+            encoder.in_flight += 1
+            self.jobs[job_id] = job
+            return None
+
+    def _failure(self, job: _Job) -> EncodeOutcome:
+        if not self.encoders:
+            message = "this server has no encode service configured, so it cannot take images"
+        else:
+            message = "no encode service answered in time; try again later"
+        return EncodeOutcome(job.request_id, job.image_index, error_code="encoder_unavailable",
+                             error_message=message, error_status=503)
+
+    def _on_message(self, msg: object) -> list[EncodeOutcome]:
+        if isinstance(msg, HealthPong):
+            self._on_pong(msg)
+            return []
+        if not isinstance(msg, (EncodeResult, EncodeError)):
+            log.warning("ignored an unexpected %s on the result channel", type(msg).__name__)
+            return []
+        job = self.jobs.pop(msg.request_id, None)
+        if job is None:
+            return []  # a late answer to a job that was retried elsewhere or cancelled
+        job.encoder.in_flight -= 1
+        job.encoder.healthy = True
+        job.encoder.last_pong = time.monotonic()
+        if isinstance(msg, EncodeError):
+            return [EncodeOutcome(job.request_id, job.image_index, error_code=msg.code, error_message=msg.message,
+                                  error_status=ENCODE_ERROR_STATUS.get(msg.code, 500))]
+        self.bytes_received += msg.embeddings.numel() * msg.embeddings.element_size()
+        return [EncodeOutcome(job.request_id, job.image_index, result=msg)]
+
+    def _ping(self, now: float) -> None:
+        self._next_ping = now + self.health_interval_s
+        for e in self.encoders:
+            if now - e.last_pong > _UNHEALTHY_AFTER_MISSED_PINGS * self.health_interval_s:
+                e.healthy = False
+            try:
+                # seq identifies the encoder: its index in our list.
+                e.sender.send(HealthPing(reply_to=self.receiver.address, seq=self.encoders.index(e), sent_at=now),
+                              timeout=0)
+            except TransportError:
+                e.healthy = False
+
+    def _on_pong(self, pong: HealthPong) -> None:
+        if not 0 <= pong.seq < len(self.encoders):
+            return
+        e = self.encoders[pong.seq]
+        e.healthy = pong.ready
+        e.reported_load = pong.queued + pong.running
+        e.last_pong = time.monotonic()
+
+    def close(self) -> None:
+        for e in self.encoders:
+            e.sender.close()
+        self.receiver.close()

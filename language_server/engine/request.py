@@ -1,0 +1,72 @@
+"""One request's state inside the engine.
+
+Life: AWAITING_ENCODE (image jobs out at encoders) -> WAITING (ready, not yet admitted) ->
+RUNNING (prefilling in chunks, then decoding) -> FINISHED. Preemption sends a RUNNING
+request back to WAITING with its KV dropped; it is recomputed from its tokens when readmitted.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+
+from language_server.protocol import GenerateRequest, TokenLogprob
+
+
+class Status(enum.Enum):
+    AWAITING_ENCODE = "awaiting_encode"
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class ImageState:
+    key: str
+    grid: tuple[int, int, int] | None = None
+    rows: torch.Tensor | None = None  # [N, H·(1+k)] on the model's device once encoded
+
+
+@dataclass
+class EngineRequest:
+    request: GenerateRequest
+    arrival: float = field(default_factory=time.monotonic)
+    status: Status = Status.WAITING
+    images: list[ImageState] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # expanded prompt, then generated tokens
+    num_prompt_tokens: int = 0
+    # Per-token prefix-cache identity: the token id, or (image key, index in image).
+    cache_tokens: list[Hashable] = field(default_factory=list)
+    positions: torch.Tensor | None = None  # [3, prompt] M-RoPE positions (VL) or None (1-D)
+    rope_delta: int = 0
+    image_rows: torch.Tensor | None = None  # all images' rows in prompt order
+    image_row_start: list[int] = field(default_factory=list)  # per token: rows before it (VL)
+    block_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose keys/values are in the cache
+    num_registered_blocks: int = 0  # full blocks already offered to the prefix cache
+    num_cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache at admission
+    generator: torch.Generator | None = None
+    pending_tokens: list[int] = field(default_factory=list)  # generated, not yet sent out
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        self.cache_tokens.append(token_id)
+        self.pending_tokens.append(token_id)

@@ -1,0 +1,89 @@
+"""Sampling on the model's device: penalties, temperature, top-k / top-p / min-p, seeds, logprobs.
+
+Semantics follow OpenAI and vLLM:
+- repetition_penalty (HF/vLLM): logits of tokens seen in the prompt or output are divided by
+  the penalty when positive, multiplied when negative;
+- presence/frequency penalty (OpenAI): subtract presence·[count > 0] + frequency·count over
+  the generated tokens;
+- temperature 0 is greedy; otherwise softmax(logits / temperature) filtered by top_k, top_p
+  (smallest set whose mass reaches p) and min_p (tokens under min_p·max prob dropped);
+- a request with a seed draws from its own generator, so it repeats exactly whatever else is
+  in the batch;
+- logprobs are those of the model's distribution (log_softmax of the raw logits), as vLLM does.
+Legend: B rows (one per sequence being sampled), V vocab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from language_server.engine.request import EngineRequest
+from language_server.protocol import SamplingParams, TokenLogprob
+
+
+def sample(logits: torch.Tensor, requests: Sequence[EngineRequest]) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits [B, V] (any float dtype) -> one token id and its logprob entry per request."""
+    logits = logits.float()
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.request.sampling.logprobs is not None
+                                                              for r in requests) else None
+    tokens: list[int] = []
+    entries: list[TokenLogprob | None] = []
+    for row, req in enumerate(requests):
+        params = req.request.sampling
+        scores = _apply_penalties(logits[row], req, params)
+        tok = _pick(scores, params, req.generator)
+        tokens.append(tok)
+        entries.append(_logprob_entry(raw_logprobs[row], tok, params.logprobs) if raw_logprobs is not None
+                       and params.logprobs is not None else None)
+    return tokens, entries
+
+
+def _apply_penalties(scores: torch.Tensor, req: EngineRequest, params: SamplingParams) -> torch.Tensor:
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(req.token_ids)), device=scores.device, dtype=torch.long)
+        picked = scores[seen]
+        scores = scores.clone()
+        scores[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and req.output_ids:
+        out = torch.tensor(req.output_ids, device=scores.device, dtype=torch.long)
+        counts = torch.bincount(out, minlength=scores.shape[0]).to(scores.dtype)
+        scores = scores - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(scores.dtype)
+    return scores
+
+
+def _pick(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    if params.temperature == 0.0:
+        return int(scores.argmax())
+    scores = scores / params.temperature
+    if 0 < params.top_k < scores.shape[0]:
+        kth = torch.topk(scores, params.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if params.min_p > 0.0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep a token if the mass before it is still under top_p (so the first always stays).
+        drop = (sorted_probs.cumsum(0) - sorted_probs) >= params.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _logprob_entry(logprobs: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
+    top: list[tuple[int, float]] = []
+    if top_n > 0:
+        values, ids = torch.topk(logprobs, top_n)
+        top = [(int(i), float(v)) for i, v in zip(ids, values)]
+    return TokenLogprob(token_id=token, logprob=float(logprobs[token]), top=top)
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """A per-request generator for seeded requests; unseeded ones use the global RNG."""
+    if params.temperature == 0.0 or params.seed is None:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(params.seed)
+    return gen

@@ -1,0 +1,222 @@
+"""The engine in-process: continuous batching, chunked prefill, paged KV with prefix caching,
+preemption, sampling. Encode results are handed to the engine as its encoder client would
+(vision tower rows of the same checkpoint); the real encode service is covered in the
+service-level tests."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from language_server.engine.core import EngineCore
+from language_server.protocol import GenerateRequest, ImageRef, SamplingParams
+from language_server.settings import LanguageSettings
+from models.loader import load_model
+from splitvl.offline import ImageInput, OfflineGenerator
+from transfer.messages import EncodeJob, EncodeResult
+from transfer.registry import make_receiver, make_sender
+
+
+def make_engine(ckpt, **overrides) -> EngineCore:
+    return EngineCore(LanguageSettings(model=str(ckpt), **overrides))
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
+
+
+def run_all(engine: EngineCore, requests, max_steps: int = 2000) -> dict[str, list]:
+    """Submit everything, step until idle; returns request id -> list of outputs."""
+    outputs: dict[str, list] = {}
+    for r in requests:
+        for o in engine.add_request(r):
+            outputs.setdefault(o.request_id, []).append(o)
+    for _ in range(max_steps):
+        if not engine.has_work():
+            break
+        for o in engine.step():
+            outputs.setdefault(o.request_id, []).append(o)
+    assert not engine.has_work()
+    return outputs
+
+
+def tokens_of(outs) -> list[int]:
+    return [t for o in outs for t in o.new_token_ids]
+
+
+def prompt(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(1, 400) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def text_engine_ref(qwen3_text_ckpt):
+    ref = OfflineGenerator(qwen3_text_ckpt)
+    return qwen3_text_ckpt, ref
+
+
+def test_concurrent_requests_match_running_alone(text_engine_ref):
+    ckpt, ref = text_engine_ref
+    rng = random.Random(0)
+    reqs = [GenerateRequest(f"r{i}", prompt(rng, rng.randrange(3, 60)), greedy(rng.randrange(1, 12)))
+            for i in range(32)]
+    engine = make_engine(ckpt, max_num_batched_tokens=96, chunk_size=32)
+    outs = run_all(engine, reqs)
+    for r in reqs:
+        alone = ref.generate_ids(r.prompt_token_ids, max_tokens=r.sampling.max_tokens)
+        assert tokens_of(outs[r.request_id]) == alone, r.request_id
+        final = outs[r.request_id][-1]
+        assert final.finished and final.finish_reason in ("stop", "length")
+        assert final.prompt_tokens == len(r.prompt_token_ids)
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_long_prompt_is_chunked_while_another_request_decodes(text_engine_ref):
+    ckpt, ref = text_engine_ref
+    rng = random.Random(1)
+    engine = make_engine(ckpt, max_num_batched_tokens=16, chunk_size=8)
+    short = GenerateRequest("short", prompt(rng, 4), greedy(30, ignore_eos=True))
+    engine.add_request(short)
+    engine.step()  # short is now decoding
+    long = GenerateRequest("long", prompt(rng, 100), greedy(3))
+    engine.add_request(long)
+    short_tokens_during_prefill = 0
+    while engine.requests.get("long") and engine.requests["long"].num_computed < 100:
+        outs = engine.step()
+        short_tokens_during_prefill += sum(len(o.new_token_ids) for o in outs if o.request_id == "short")
+    assert engine.scheduler.chunked_prefills >= 100 // 8 - 1
+    assert short_tokens_during_prefill >= 10  # decoding went on while the prompt was prefilled
+    rest = run_all(engine, [])
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_abort_frees_every_block(text_engine_ref):
+    ckpt, _ = text_engine_ref
+    engine = make_engine(ckpt)
+    rng = random.Random(2)
+    for i in range(5):
+        engine.add_request(GenerateRequest(f"a{i}", prompt(rng, 40), greedy(50, ignore_eos=True)))
+    for _ in range(6):
+        engine.step()
+    assert engine.blocks.num_free < engine.blocks.num_blocks
+    for i in range(5):
+        (out,) = engine.abort(f"a{i}")
+        assert out.finished and out.finish_reason == "abort"
+    assert not engine.has_work()
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert engine.abort("a0") == []  # already gone
+
+
+def test_repeated_prompt_hits_the_prefix_cache(text_engine_ref):
+    ckpt, ref = text_engine_ref
+    engine = make_engine(ckpt, block_size=4)
+    ids = prompt(random.Random(3), 37)
+    first = run_all(engine, [GenerateRequest("p1", ids, greedy(5))])
+    assert engine.scheduler.prefix_hit_tokens == 0
+    second = run_all(engine, [GenerateRequest("p2", ids, greedy(5))])
+    assert engine.scheduler.prefix_hit_tokens == 36  # all 9 full blocks
+    assert second["p2"][-1].cached_tokens == 36
+    assert tokens_of(first["p1"]) == tokens_of(second["p2"]) == ref.generate_ids(ids, max_tokens=5)
+
+
+def test_preemption_under_kv_pressure_keeps_outputs_exact(text_engine_ref):
+    ckpt, ref = text_engine_ref
+    rng = random.Random(4)
+    reqs = [GenerateRequest(f"q{i}", prompt(rng, 20), greedy(24, ignore_eos=True)) for i in range(6)]
+    # 12 blocks of 8 tokens: room for about two of these 44-token sequences at once.
+    engine = make_engine(ckpt, block_size=8, num_kv_blocks=12, enable_prefix_caching=False)
+    outs = run_all(engine, reqs)
+    assert engine.scheduler.preemptions > 0
+    eos, ref.eos_ids = ref.eos_ids, set()  # these requests ignore EOS
+    try:
+        for r in reqs:
+            assert tokens_of(outs[r.request_id]) == ref.generate_ids(r.prompt_token_ids, max_tokens=24)
+    finally:
+        ref.eos_ids = eos
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_seeded_sampling_is_reproducible(text_engine_ref):
+    ckpt, _ = text_engine_ref
+    ids = prompt(random.Random(5), 12)
+
+    def sampled(seed: int, rid: str, extra: int = 0) -> list[int]:
+        engine = make_engine(ckpt)
+        filler = [GenerateRequest(f"fill{i}", prompt(random.Random(i), 9), greedy(8)) for i in range(extra)]
+        params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=seed, ignore_eos=True)
+        return tokens_of(run_all(engine, [*filler, GenerateRequest(rid, ids, params)])[rid])
+
+    a = sampled(7, "s1")
+    assert sampled(7, "s2", extra=3) == a  # same seed, other requests in the batch
+    assert sampled(8, "s3") != a
+
+
+def test_invalid_requests_get_clear_errors(text_engine_ref):
+    ckpt, _ = text_engine_ref
+    engine = make_engine(ckpt, max_model_len=64)
+    cases = {
+        "empty": GenerateRequest("e1", [], greedy(4)),
+        "vocab": GenerateRequest("e2", [10**7], greedy(4)),
+        "too_long": GenerateRequest("e3", list(range(1, 80)), greedy(4)),
+        "image_on_text_model": GenerateRequest("e4", [1, 2], greedy(4), images=[ImageRef("data:,", "k")]),
+    }
+    for name, req in cases.items():
+        (out,) = engine.add_request(req)
+        assert out.finished and out.finish_reason == "error" and out.error_status == 400, name
+        assert out.error_message
+    assert not engine.has_work()
+
+
+def test_image_requests_wait_for_encodes_and_match_offline(vl_ckpt):
+    """The test plays the encode service over the real transport with the real vision tower."""
+    ref = OfflineGenerator(vl_ckpt)
+    vision = load_model(vl_ckpt, part="vision").model
+    cfg = ref.config
+    gen = torch.Generator().manual_seed(0)
+    image = ImageInput(torch.randn(4 * 6, 1536, generator=gen), (1, 4, 6))
+    ids = [5, 6, cfg.vision_start_token_id, cfg.image_token_id, cfg.vision_end_token_id, 7, 8]
+    expanded = ref.expand_image_tokens(ids, [image.grid])
+    expected = ref.generate_ids(expanded, [image], max_tokens=8)
+    source = "data:image/png;base64,AA=="
+
+    with make_receiver("zmq", "tcp://127.0.0.1:0") as jobs:
+        engine = make_engine(vl_ckpt, block_size=4, encoders=[jobs.address])
+        outputs: dict[str, list] = {}
+        for rid in ("img", "img-again"):
+            req = GenerateRequest(rid, ids, greedy(8), images=[ImageRef(source, "key-A", {"max_pixels": 4096})])
+            assert engine.add_request(req) == []
+            assert engine.add_request(GenerateRequest(f"text-{rid}", [9, 10, 11], greedy(6))) == []
+            # The text request runs while the image one waits for its encode result.
+            text_outs = [o for _ in range(3) for o in engine.step()]
+            assert any(o.request_id == f"text-{rid}" for o in text_outs)
+            assert rid in engine.awaiting
+            job = next(m for m in iter(lambda: jobs.recv(timeout=5), None) if isinstance(m, EncodeJob))
+            assert (job.source, job.image_key, job.options) == (source, "key-A", {"max_pixels": 4096})
+            with torch.no_grad():
+                rows = vision(image.pixel_values, [image.grid])
+            with make_sender("zmq", job.reply_to) as reply:
+                reply.send(EncodeResult(request_id=job.request_id, image_key=job.image_key, grid_thw=image.grid,
+                                        embeddings=rows), timeout=5)
+            for _ in range(500):
+                for o in engine.poll_encoders() + (engine.step() if engine.has_work() else []):
+                    outputs.setdefault(o.request_id, []).append(o)
+                if outputs.get(rid) and outputs[rid][-1].finished:
+                    break
+            assert tokens_of(outputs[rid]) == expected
+            assert outputs[rid][-1].prompt_tokens == len(expanded)
+        run_all(engine, [])
+        engine.close()
+    # The second identical image prompt reused the first one's blocks, image tokens included.
+    assert outputs["img-again"][-1].cached_tokens == (len(expanded) - 1) // 4 * 4
+    assert engine.encoders.bytes_received == 2 * rows.numel() * 4
+
+
+def test_image_request_without_encoder_fails_cleanly(vl_ckpt):
+    engine = make_engine(vl_ckpt)
+    cfg = engine.config
+    ids = [5, cfg.vision_start_token_id, cfg.image_token_id, cfg.vision_end_token_id]
+    (out,) = engine.add_request(GenerateRequest("img", ids, greedy(4), images=[ImageRef("data:,", "k")]))
+    assert out.finish_reason == "error" and out.error_status == 503 and "no encode service" in out.error_message
+    assert not engine.has_work()
+    engine.close()
