@@ -82,7 +82,7 @@ class _CudaRegion(RegionMemory):
 
 
 class _CudaWriter(RegionWriter):
-    def __init__(self, export: dict[str, Any]):
+    def __init__(self, export: dict[str, Any], lease_offset: int, lease_nbytes: int):
         try:
             index = _device_with_uuid(export["uuid"])
             storage = torch.UntypedStorage._new_shared_cuda(

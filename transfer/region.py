@@ -225,13 +225,14 @@ class _Job:
 class RegionSender(Sender):
     """Sends messages through a receiver's region; see the module docstring for the protocol.
 
-    `open_writer(export)` builds the backend's writer from the receiver's LEASE export.
+    `open_writer(export, offset, nbytes)` builds the backend's writer from the receiver's export
+    and the lease's place in the region.
     Not thread-safe (like a zmq socket): one thread calls send().
     """
 
     backend: str = ""
 
-    def __init__(self, address: str, open_writer: Callable[[dict[str, Any]], RegionWriter], *,
+    def __init__(self, address: str, open_writer: Callable[[dict[str, Any], int, int], RegionWriter], *,
                  max_pending: int = 8, limits: Limits = DEFAULT_LIMITS, context: zmq.Context | None = None):
         _check_address(address)
         self.address = address
@@ -438,7 +439,14 @@ class RegionSender(Sender):
         with self._cond:
             if self._lease is not None:  # a duplicate answer to a retried ATTACH
                 return
-        writer = self._open_writer(ctrl["export"])
+        try:
+            writer = self._open_writer(ctrl["export"], ctrl["offset"], ctrl["nbytes"])
+        except TransportError as exc:  # e.g. the receiver's GPU is not visible here
+            log.error("%s: cannot use the lease: %s", self.address, exc)
+            with self._cond:
+                self._refused = str(exc)
+                self._cond.notify_all()
+            return
         with self._cond:
             self._lease = _Lease(ctrl["session"], ctrl["lease"], ctrl["gen"], ctrl["offset"], ctrl["nbytes"],
                                  writer, Ring(ctrl["nbytes"]))

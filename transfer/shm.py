@@ -46,7 +46,7 @@ class _MemfdRegion(RegionMemory):
 
 
 class _MemfdWriter(RegionWriter):
-    def __init__(self, export: dict[str, Any]):
+    def __init__(self, export: dict[str, Any], lease_offset: int, lease_nbytes: int):
         try:
             pid, fd, nbytes, token = (export[k] for k in ("pid", "fd", "nbytes", "token"))
             path = f"/proc/{int(pid)}/fd/{int(fd)}"
