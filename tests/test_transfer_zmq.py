@@ -20,7 +20,10 @@ from transfer.messages import PROTOCOL_VERSION, EncodeError, EncodeJob, EncodeRe
 from transfer.registry import make_receiver, make_sender
 from transfer.zmq_transport import ZmqReceiver, ZmqSender
 
-SPAWN = mp.get_context("spawn")
+# Peers start from a clean forkserver (nothing inherited from pytest) that has torch imported
+# already, so each one costs ~0.1 s instead of a fresh interpreter's ~1.5 s.
+SPAWN = mp.get_context("forkserver")
+SPAWN.set_forkserver_preload(["torch", "zmq", "msgpack", "transfer.region", "transfer.zmq_transport"])
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
@@ -190,7 +193,9 @@ def test_sender_recovers_when_receiver_restarts() -> None:
         payload = torch.ones(64, 64, dtype=torch.bfloat16)
         i = 0
 
-        def send_until_seen(deadline: float) -> str:
+        def send_until_seen(deadline: float, at_least: int = 0) -> str:
+            """Send numbered messages until the receiver reports one numbered >= at_least
+            (a message queued before a restart may or may not arrive: at most once)."""
             nonlocal i
             while time.monotonic() < deadline:
                 try:
@@ -198,26 +203,25 @@ def test_sender_recovers_when_receiver_restarts() -> None:
                     i += 1
                 except TransportTimeout:
                     pass
-                if not seen.empty():
-                    return seen.get()
+                while not seen.empty():
+                    got = seen.get()
+                    if got.startswith("m-") and int(got[2:]) >= at_least:
+                        return got
             raise AssertionError("no message got through")
 
-        send_until_seen(time.monotonic() + 30)
+        send_until_seen(time.monotonic() + 60)
         os.kill(first.pid, signal.SIGKILL)
         first.join(10)
-        while not seen.empty():
-            seen.get()
         # While nobody listens, send() pushes back within its timeout instead of hanging.
         start = time.monotonic()
         with pytest.raises(TransportTimeout):
             for _ in range(50):
                 sender.send(EncodeResult("void", "k", (1, 1, 1), payload), timeout=0.2)
-        assert time.monotonic() - start < 5
+        assert time.monotonic() - start < 10
         before = i
         second = _start(_receive_forever, address, seen)
         try:
-            got = send_until_seen(time.monotonic() + 30)
-            assert got.startswith("m-") and int(got[2:]) >= before
+            send_until_seen(time.monotonic() + 60, at_least=before)
         finally:
             second.kill()
 

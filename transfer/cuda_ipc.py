@@ -57,11 +57,14 @@ class _CudaRegion(RegionMemory):
         if self.device.type != "cuda" or self.device.index is None:
             raise TransportError(f"cuda_ipc region device must be cuda:N, got {device!r}")
         self._buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        # One export for the region's lifetime: the region is freed only when the receiver
-        # closes, so torch's per-export reference counting has nothing to protect in between.
+
+    def export(self) -> dict[str, Any]:
+        # A fresh export per lease: torch counts each export's importer, and memory an importer
+        # still maps is kept out of the allocator's reuse (its "limbo") until that importer lets
+        # go, so closing the receiver can never hand a live sender's span to other tensors.
         (_, handle, size, offset, ref_counter, ref_counter_offset,
          event_handle, event_sync) = self._buf.untyped_storage()._share_cuda_()
-        self._export = {
+        return {
             "uuid": _uuid(self.device.index), "handle": handle, "size": size, "offset": offset,
             "ref_counter": ref_counter, "ref_counter_offset": ref_counter_offset,
             "event_handle": event_handle, "event_sync": bool(event_sync),
@@ -69,9 +72,6 @@ class _CudaRegion(RegionMemory):
 
     def view(self, offset: int, nbytes: int) -> torch.Tensor:
         return self._buf[offset : offset + nbytes]
-
-    def export(self) -> dict[str, Any]:
-        return self._export
 
     def fence(self) -> Fence:
         return _EventFence(self.device)  # copy-outs run on the region device's current stream

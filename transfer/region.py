@@ -107,7 +107,8 @@ class RegionMemory(abc.ABC):
 
     @abc.abstractmethod
     def export(self) -> dict[str, Any]:
-        """What a sender needs to write into the region (msgpack-able)."""
+        """What one sender needs to write into the region (msgpack-able). Called once per
+        granted lease, so a backend can count its importers (cuda_ipc does)."""
 
     def fence(self) -> Fence:
         """Completes when copies out of the region issued so far are done."""
@@ -168,7 +169,7 @@ _DATA = {"session": int, "lease": int, "gen": int, "seq": int, "spans": list}
 _PING = {"session": int, "lease": int, "gen": int}
 _FREE = {"session": int, "lease": int, "gen": int, "seqs": list}
 _EXPIRED = {"session": int, "reason": str}
-_REFUSE = {"reason": str}
+_REFUSE = {"reason": str, "retry": bool}  # retry: a lease may come free later
 NO_LEASE = (1 << 63) - 1  # DATA with only inline frames names no lease
 
 
@@ -243,7 +244,7 @@ class RegionSender(Sender):
         self._ctx = context or zmq.Context.instance()
         self._cond = threading.Condition()
         self._lease: _Lease | None = None
-        self._refused: str | None = None
+        self._refused: tuple[str, bool] | None = None  # (reason, worth retrying)
         self._outbox: collections.deque[_Job] = collections.deque()
         self._seq = 0
         self._stop = False
@@ -301,16 +302,17 @@ class RegionSender(Sender):
 
     def _wait(self, ready: Callable[[], Any], deadline: float | None, why: str, lease: bool = False) -> Any:
         """Wait on the condition until `ready()` is not None/False; raise at the deadline, or at
-        once when waiting for a lease the receiver refused."""
+        once when waiting for a lease the receiver refused for good."""
         while True:
-            if lease and self._refused:
-                raise TransportError(f"{self.address} refused this sender: {self._refused}")
+            if lease and self._refused and not self._refused[1]:
+                raise TransportError(f"{self.address} refused this sender: {self._refused[0]}")
             value = ready()
             if value is not None and value is not False:
                 return value
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise TransportTimeout(f"{self.address}: {why}")
+                detail = f" ({self._refused[0]})" if lease and self._refused else ""
+                raise TransportTimeout(f"{self.address}: {why}{detail}")
             self._cond.wait(left if left is not None else 1.0)
 
     def _wake(self) -> None:
@@ -352,8 +354,10 @@ class RegionSender(Sender):
                     lease = self._lease
                 now = time.monotonic()
                 if lease is None and now >= next_attach:
-                    # Keep asking after a refusal too: a lease may come free.
-                    next_attach = now + (4 if self._refused else 1) * ATTACH_RETRY_S
+                    # Keep asking after a refusal too (slowly if it was final): leases come free,
+                    # receivers get reconfigured.
+                    final = self._refused is not None and not self._refused[1]
+                    next_attach = now + (8 if final else 1) * ATTACH_RETRY_S
                     self._try_send(sock, [b"attach", _pack_ctrl(sender=self._id, backend=self.backend)])
                 sent, blocked = self._drain_outbox(sock)
                 if sent:
@@ -425,10 +429,11 @@ class RegionSender(Sender):
                         lease.writer.close()
                         self._cond.notify_all()
             elif kind == b"refuse":
-                reason = _unpack_ctrl(frames[1], _REFUSE)["reason"]
-                log.warning("%s: attach refused: %s", self.address, reason)
+                ctrl = _unpack_ctrl(frames[1], _REFUSE)
                 with self._cond:
-                    self._refused = reason
+                    if self._refused != (ctrl["reason"], ctrl["retry"]):
+                        log.warning("%s: attach refused: %s", self.address, ctrl["reason"])
+                    self._refused = (ctrl["reason"], ctrl["retry"])
                     self._cond.notify_all()
             else:
                 raise ProtocolError(f"unknown control message {kind!r:.40}")
@@ -444,7 +449,7 @@ class RegionSender(Sender):
         except TransportError as exc:  # e.g. the receiver's GPU is not visible here
             log.error("%s: cannot use the lease: %s", self.address, exc)
             with self._cond:
-                self._refused = str(exc)
+                self._refused = (str(exc), False)
                 self._cond.notify_all()
             return
         with self._cond:
@@ -483,7 +488,6 @@ class RegionReceiver(Receiver):
         self._lease_timeout = lease_timeout
         self._limits = limits
         self._session = secrets.randbits(62) + 1
-        self._export = memory.export()
         self._pending_free: collections.deque[tuple[Fence, int, int, int]] = collections.deque()
         self._sock = (context or zmq.Context.instance()).socket(zmq.ROUTER)
         _common_options(self._sock)
@@ -556,7 +560,8 @@ class RegionReceiver(Receiver):
 
     def _on_attach(self, identity: bytes, ctrl: dict[str, Any]) -> None:
         if ctrl["backend"] != self.backend:
-            self._reply(identity, b"refuse", reason=f"this receiver speaks {self.backend!r}, not {ctrl['backend']!r}")
+            self._reply(identity, b"refuse", retry=False,
+                        reason=f"this receiver speaks {self.backend!r}, not {ctrl['backend']!r}")
             return
         for index, holder in enumerate(self._leases):  # a sender attaching again drops its old lease
             if holder is not None and (holder.sender == ctrl["sender"] or holder.identity == identity):
@@ -564,14 +569,15 @@ class RegionReceiver(Receiver):
         self._expire_leases()
         free = [i for i, h in enumerate(self._leases) if h is None]
         if not free:
-            self._reply(identity, b"refuse", reason=f"all {len(self._leases)} leases are held; raise max_senders")
+            self._reply(identity, b"refuse", retry=True,
+                        reason=f"all {len(self._leases)} leases are held; raise max_senders")
             return
         index = free[0]
         self._gens[index] += 1
         self._leases[index] = _Holder(identity, ctrl["sender"], self._gens[index], time.monotonic())
         log.info("%s: lease %d (gen %d) -> sender %s", self.address, index, self._gens[index], ctrl["sender"][:8])
         self._reply(identity, b"lease", session=self._session, lease=index, gen=self._gens[index],
-                    offset=index * self._lease_bytes, nbytes=self._lease_bytes, export=self._export)
+                    offset=index * self._lease_bytes, nbytes=self._lease_bytes, export=self._memory.export())
 
     def _holder(self, identity: bytes, ctrl: dict[str, Any]) -> _Holder:
         """The live lease a control message names, or EXPIRED to its sender and ProtocolError."""
@@ -662,5 +668,8 @@ class RegionReceiver(Receiver):
     def close(self) -> None:
         for fence, *_ in self._pending_free:
             fence.wait()
-        self._sock.close(linger=0)
+        for holder in self._leases:  # tell senders now, so they stop writing into the region
+            if holder is not None:
+                self._reply(holder.identity, b"expired", session=self._session, reason="receiver closed")
+        self._sock.close(linger=200)
         self._memory.close()

@@ -1,0 +1,146 @@
+"""cuda_ipc: bit-exact between two processes on two GPUs, dead senders reclaimed; and, on any
+machine, the clear errors for a missing GPU."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from transfer.base import TransportError
+from transfer.messages import EncodeResult
+
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+SPAWN = mp.get_context("spawn")
+
+
+def test_receiver_without_gpu_says_what_to_use_instead() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from transfer.cuda_ipc import CudaIpcReceiver
+
+    with pytest.raises(TransportError, match="zmq or shm"):
+        CudaIpcReceiver("tcp://127.0.0.1:*")
+
+
+def test_invisible_receiver_gpu_is_a_clear_error() -> None:
+    from transfer.cuda_ipc import _device_with_uuid
+
+    with pytest.raises(TransportError, match="CUDA_VISIBLE_DEVICES"):
+        _device_with_uuid("GPU-00000000-0000-0000-0000-000000000000")
+
+
+@pytest.mark.gpu
+@TWO_GPUS
+def test_cuda_ipc_is_bit_exact_between_processes_on_two_gpus() -> None:
+    from transfer.bench import cuda_ipc_exact
+
+    results = cuda_ipc_exact("ipc:///tmp/splitvl-test-cuda-exact.sock")
+    assert len(results) == 15
+    bad = [(name, detail) for name, ok, detail in results if not ok]
+    assert not bad, f"not bit-exact: {bad}"
+
+
+def _send_forever(address: str, tag: str) -> None:
+    from transfer.bench import payload
+    from transfer.cuda_ipc import CudaIpcSender
+
+    torch.cuda.set_device(0)
+    sender = CudaIpcSender(address)
+    i = 0
+    while True:
+        sender.send(EncodeResult(f"{tag}-{i}", "k", (1, 1, 1), payload(256, "cuda:0", torch.bfloat16, i)), timeout=60)
+        i += 1
+
+
+@pytest.mark.gpu
+@TWO_GPUS
+def test_dead_sender_does_not_leak_or_corrupt_the_region() -> None:
+    from transfer.bench import payload
+    from transfer.cuda_ipc import CudaIpcReceiver
+
+    with CudaIpcReceiver("ipc:///tmp/splitvl-test-cuda-dead.sock", device="cuda:1", lease_bytes=16 << 20,
+                         max_senders=1, lease_timeout=2.0) as receiver:
+        first = SPAWN.Process(target=_send_forever, args=(receiver.address, "a"), daemon=True)
+        first.start()
+        for _ in range(5):
+            assert receiver.recv(timeout=120).request_id.startswith("a-")
+        os.kill(first.pid, signal.SIGKILL)  # mid-copy, most likely
+        first.join(30)
+        second = SPAWN.Process(target=_send_forever, args=(receiver.address, "b"), daemon=True)
+        second.start()
+        try:
+            deadline = time.monotonic() + 120
+            checked = 0
+            while checked < 20:
+                msg = receiver.recv(timeout=max(0.0, deadline - time.monotonic()))
+                assert msg is not None, "the second sender never got the reclaimed lease"
+                if not msg.request_id.startswith("b-"):
+                    continue
+                i = int(msg.request_id[2:])
+                want = payload(256, "cpu", torch.bfloat16, i)
+                assert msg.embeddings.device == torch.device("cuda:1")
+                assert torch.equal(msg.embeddings.cpu().view(torch.int16), want.view(torch.int16))
+                checked += 1
+            assert receiver.leases_held == 1
+        finally:
+            second.kill()
+
+
+def _receive_forever(address: str, seen) -> None:
+    from transfer.bench import payload
+    from transfer.cuda_ipc import CudaIpcReceiver
+
+    with CudaIpcReceiver(address, device="cuda:1", lease_bytes=16 << 20, max_senders=1) as receiver:
+        while True:
+            msg = receiver.recv()
+            want = payload(256, "cpu", torch.bfloat16, int(msg.request_id[2:]))
+            seen.put((msg.request_id, torch.equal(msg.embeddings.cpu().view(torch.int16), want.view(torch.int16))))
+
+
+@pytest.mark.gpu
+@TWO_GPUS
+def test_sender_survives_receiver_death_and_reattaches(tmp_path) -> None:
+    """The receiver process dies with the sender's mapping of its region open; the sender must
+    neither crash nor corrupt anything, and must resume with the restarted receiver."""
+    from transfer.base import TransportTimeout
+    from transfer.bench import payload
+    from transfer.cuda_ipc import CudaIpcSender
+
+    address = f"ipc://{tmp_path}/cuda-restart.sock"
+    seen = SPAWN.Queue()
+    torch.cuda.set_device(0)
+    first = SPAWN.Process(target=_receive_forever, args=(address, seen), daemon=True)
+    first.start()
+    with CudaIpcSender(address) as sender:
+        i = 0
+
+        def send_until_seen() -> tuple[str, bool]:
+            nonlocal i
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    sender.send(EncodeResult(f"m-{i}", "k", (1, 1, 1), payload(256, "cuda:0", torch.bfloat16, i)), timeout=0.5)
+                    i += 1
+                except TransportTimeout:
+                    pass
+                if not seen.empty():
+                    return seen.get()
+            raise AssertionError("nothing got through")
+
+        assert send_until_seen()[1]
+        os.kill(first.pid, signal.SIGKILL)
+        first.join(30)
+        while not seen.empty():
+            seen.get()
+        second = SPAWN.Process(target=_receive_forever, args=(address, seen), daemon=True)
+        second.start()
+        try:
+            request_id, intact = send_until_seen()
+            assert intact, f"{request_id} arrived corrupted after the restart"
+        finally:
+            second.kill()
