@@ -1,0 +1,254 @@
+"""Fused MoE experts in Triton: two grouped GEMMs over expert-sorted (token, slot) pairs.
+
+  align    pairs sorted by expert, each expert's run padded to BLOCK_M       (moe_align.py)
+  gate_up  h[p] = SiLU(x[t] @ Wg[e]^T) * (x[t] @ Wu[e]^T)   one kernel, [P, I]; the [P, 2I]
+           gate/up product never reaches memory
+  down     y[p] = w[p] * (h[p] @ Wd[e]^T)                    [P, H], routing weight applied
+  combine  out[t] = sum_k y[t*K + k]                          [T, H] (a torch sum: fixed order,
+           deterministic, unlike atomics)
+
+Each GEMM program owns one BLOCK_M block of pairs (one expert) and one BLOCK_N column tile, so an
+active expert's weight tile is read once per block: in decode that is once in total, which is
+the whole cost (weight-bandwidth-bound); in prefill the blocks of one expert run side by side and
+share its tiles through L2.
+
+`triton_fused_experts` has the signature of models.moe.torch_fused_experts, so
+`models.moe.set_experts_impl(triton_fused_experts)` switches the model over; without CUDA (and
+outside the Triton interpreter) it calls the torch reference.
+
+Legend: T tokens, H hidden, E experts, I expert intermediate, K experts per token, P = T*K pairs,
+M/N/Kb the BLOCK_M/BLOCK_N/BLOCK_K tile sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.kernels.availability import HAS_TRITON, use_triton
+from models.kernels.moe_align import ExpertAlignment, align_pairs_to_experts
+from models.moe import torch_fused_experts
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    block_m: int  # pairs per block; padding waste per active expert is < block_m rows
+    block_n_up: int  # intermediate columns per gate_up program (it reads 2*block_n_up weight rows)
+    block_n_down: int  # hidden columns per down program
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Keyed by the largest T each row serves. Decode (T <= 256) is weight-bandwidth-bound: small M
+# (16 is tl.dot's minimum) wastes no bandwidth, and narrow N tiles give enough programs to keep
+# every SM streaming when only 8..128 experts are active. Prefill (T >= 1k, ~64+ pairs per expert)
+# turns compute-bound, so M and N grow toward tensor-core-sized tiles. Starting points for H100;
+# benchmarks/kernels_gpu.py sweeps alternatives and prints the winner per T.
+MOE_CONFIGS: list[tuple[int, MoeConfig]] = [
+    (8, MoeConfig(16, 16, 64, 128, 4, 4)),
+    (64, MoeConfig(16, 32, 64, 128, 4, 4)),
+    (256, MoeConfig(16, 64, 128, 128, 4, 3)),
+    (512, MoeConfig(32, 64, 128, 128, 4, 3)),
+    (2048, MoeConfig(64, 64, 128, 64, 4, 4)),
+]
+PREFILL_CONFIG = MoeConfig(128, 64, 128, 64, 8, 4)
+
+
+def moe_config(num_tokens: int) -> MoeConfig:
+    for max_tokens, config in MOE_CONFIGS:
+        if num_tokens <= max_tokens:
+            return config
+    return PREFILL_CONFIG
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _gate_up_silu_kernel(
+        x_ptr,  # [T, H]
+        w_ptr,  # [E, 2I, H], gate rows 0..I-1, up rows I..2I-1
+        h_ptr,  # [P, I] out
+        sorted_pair_ptr,  # [R]
+        block_expert_ptr,  # [NB]
+        num_pairs,
+        hidden,
+        inter,
+        num_experts,
+        stride_xt,
+        stride_we,
+        stride_wn,
+        stride_ht,
+        TOP_K: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert >= num_experts:  # block past the last expert's padded run
+            return
+        pair = tl.load(sorted_pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [M]
+        row_ok = pair < num_pairs
+        token = (pair // TOP_K).to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [N] intermediate columns
+        col_ok = cols < inter
+        ks = tl.arange(0, BLOCK_K)
+
+        a_ptrs = x_ptr + token[:, None] * stride_xt + ks[None, :]  # [M, Kb]
+        # Weights loaded as [Kb, N] tiles so tl.dot gives x @ W^T; rows are contiguous in H.
+        g_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None]
+        u_ptrs = g_ptrs + inter * stride_wn
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                g = tl.load(g_ptrs, mask=col_ok[None, :], other=0.0)
+                u = tl.load(u_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                k_ok = ks < hidden - k0
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                g = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                u = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc_g = tl.dot(a, g, acc_g)
+            acc_u = tl.dot(a, u, acc_u)
+            a_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K
+            u_ptrs += BLOCK_K
+        h = acc_g * tl.sigmoid(acc_g) * acc_u  # SiLU(gate) * up, in fp32
+        h_ptrs = h_ptr + pair.to(tl.int64)[:, None] * stride_ht + cols[None, :]
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton.jit
+    def _down_weighted_kernel(
+        h_ptr,  # [P, I]
+        w_ptr,  # [E, H, I]
+        y_ptr,  # [P, H] out
+        sorted_pair_ptr,  # [R]
+        block_expert_ptr,  # [NB]
+        pair_weight_ptr,  # [P] routing weight of each pair
+        num_pairs,
+        hidden,
+        inter,
+        num_experts,
+        stride_ht,
+        stride_we,
+        stride_wn,
+        stride_yt,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert >= num_experts:
+            return
+        pair = tl.load(sorted_pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [M]
+        row_ok = pair < num_pairs
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [N] hidden columns
+        col_ok = cols < hidden
+        ks = tl.arange(0, BLOCK_K)
+
+        a_ptrs = h_ptr + pair[:, None] * stride_ht + ks[None, :]  # [M, Kb]
+        b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None]  # [Kb, N]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, inter, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                k_ok = ks < inter - k0
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        weight = tl.load(pair_weight_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
+        acc = acc * weight[:, None]
+        y_ptrs = y_ptr + pair[:, None] * stride_yt + cols[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _check_shapes(
+    x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> None:
+    num_experts, two_inter, hidden = gate_up_proj.shape
+    if x.dim() != 2 or x.shape[1] != hidden or two_inter % 2:
+        raise ValueError(f"x {tuple(x.shape)} does not match gate_up_proj {tuple(gate_up_proj.shape)} ([E, 2I, H])")
+    if down_proj.shape != (num_experts, hidden, two_inter // 2):
+        raise ValueError(f"down_proj {tuple(down_proj.shape)} should be [E, H, I] = {(num_experts, hidden, two_inter // 2)}")
+    if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} must be [T, K]")
+    if gate_up_proj.stride(-1) != 1 or down_proj.stride(-1) != 1:
+        raise ValueError("expert weights must be contiguous in their last dimension")
+
+
+def _launch_gate_up(
+    x: torch.Tensor, gate_up_proj: torch.Tensor, align: ExpertAlignment, top_k: int, config: MoeConfig
+) -> torch.Tensor:
+    num_experts, two_inter, hidden = gate_up_proj.shape
+    inter = two_inter // 2
+    h = torch.empty(align.num_pairs, inter, dtype=x.dtype, device=x.device)  # [P, I]
+    grid = (align.num_blocks, triton.cdiv(inter, config.block_n_up))
+    _gate_up_silu_kernel[grid](
+        x, gate_up_proj, h, align.sorted_pair_ids, align.block_expert_ids,
+        align.num_pairs, hidden, inter, num_experts,
+        x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), h.stride(0),
+        TOP_K=top_k, BLOCK_M=config.block_m, BLOCK_N=config.block_n_up, BLOCK_K=config.block_k,
+        EVEN_K=hidden % config.block_k == 0,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return h
+
+
+def _launch_down(
+    h: torch.Tensor, down_proj: torch.Tensor, pair_weights: torch.Tensor, align: ExpertAlignment, config: MoeConfig
+) -> torch.Tensor:
+    num_experts, hidden, inter = down_proj.shape
+    y = torch.empty(align.num_pairs, hidden, dtype=h.dtype, device=h.device)  # [P, H]
+    grid = (align.num_blocks, triton.cdiv(hidden, config.block_n_down))
+    _down_weighted_kernel[grid](
+        h, down_proj, y, align.sorted_pair_ids, align.block_expert_ids, pair_weights,
+        align.num_pairs, hidden, inter, num_experts,
+        h.stride(0), down_proj.stride(0), down_proj.stride(1), y.stride(0),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n_down, BLOCK_K=config.block_k,
+        EVEN_K=inter % config.block_k == 0,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return y
+
+
+def triton_fused_experts(
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    config: MoeConfig | None = None,
+) -> torch.Tensor:
+    """x [T, H] -> sum_k w[t,k] * expert_{id[t,k]}(x[t]), [T, H]; same contract as torch_fused_experts.
+
+    `config` overrides the tile table (the benchmark's sweep uses it); leave it None otherwise.
+    """
+    if not use_triton(x):
+        return torch_fused_experts(x, gate_up_proj, down_proj, topk_weights, topk_ids)
+    _check_shapes(x, gate_up_proj, down_proj, topk_weights, topk_ids)
+    num_tokens, top_k = topk_ids.shape
+    if num_tokens == 0:
+        return torch.empty_like(x)
+    config = config or moe_config(num_tokens)
+    x = x.contiguous()
+    align = align_pairs_to_experts(topk_ids, gate_up_proj.shape[0], config.block_m)
+    h = _launch_gate_up(x, gate_up_proj, align, top_k, config)  # [P, I]
+    y = _launch_down(h, down_proj, topk_weights.reshape(-1).contiguous(), align, config)  # [P, H]
+    return y.view(num_tokens, top_k, -1).sum(dim=1)

@@ -1,0 +1,76 @@
+"""Which path the kernel entry points take on a CPU machine, each checked in a fresh process
+(triton fixes interpreter or compiled mode when a function is defined, so it must be chosen
+before triton's first import):
+
+- without TRITON_INTERPRET they are the torch references;
+- with it, the interpreter suites (test_kernels_moe/attention/benchmark.py) run here when
+  something else imported triton before those modules could set the variable (a full pytest run).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.kernels import availability
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = """
+import torch
+from models.attention import AttentionMetadata, PagedKVCache, TorchAttentionBackend
+from models.kernels import TritonAttentionBackend, paged_decode_attention, triton_fused_experts, use_triton
+from models.kernels.paged_attention import _torch_paged_decode
+from models.moe import torch_fused_experts
+
+torch.manual_seed(0)
+x = torch.randn(5, 32)
+assert not use_triton(x)
+gate_up, down = torch.randn(4, 32, 32), torch.randn(4, 32, 16)
+weights, ids = torch.rand(5, 2), torch.tensor([[0, 1], [1, 2], [3, 0], [2, 3], [1, 0]])
+assert torch.equal(triton_fused_experts(x, gate_up, down, weights, ids), torch_fused_experts(x, gate_up, down, weights, ids))
+
+q, k_cache, v_cache = torch.randn(2, 4, 16), torch.randn(6, 4, 2, 16), torch.randn(6, 4, 2, 16)
+tables, lens = torch.tensor([[0, 2], [5, 1]]), torch.tensor([7, 3])
+assert torch.equal(paged_decode_attention(q, k_cache, v_cache, tables, lens), _torch_paged_decode(q, k_cache, v_cache, tables, lens))
+
+outs = []
+for backend_cls in (TorchAttentionBackend, TritonAttentionBackend):
+    torch.manual_seed(1)
+    cache = PagedKVCache(1, 6, 4, 2, 16, torch.float32, "cpu")
+    backend = backend_cls(cache)
+    for meta in (AttentionMetadata([5, 3], [5, 3], torch.arange(8), torch.tensor([[0, 1], [2, 3]])),
+                 AttentionMetadata([1, 1], [6, 4], torch.tensor([5, 11]), torch.tensor([[0, 1], [2, 3]]))):
+        n = meta.num_tokens
+        outs.append(backend.attend(0, torch.randn(n, 4, 16), torch.randn(n, 2, 16), torch.randn(n, 2, 16), meta))
+assert all(torch.equal(a, b) for a, b in zip(outs[:2], outs[2:]))
+print("fallbacks ok")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_cpu_without_interpreter_uses_torch_references():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "fallbacks ok" in result.stdout
+
+
+INTERPRETER_SUITES = ["tests/test_kernels_moe.py", "tests/test_kernels_attention.py", "tests/test_kernels_benchmark.py"]
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available() or not availability.HAS_TRITON or availability.INTERPRET,
+    reason="no CPU triton, or the interpreter suites already run in this process",
+)
+def test_interpreter_suites_in_a_fresh_process():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *INTERPRETER_SUITES]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "needs the Triton interpreter" not in result.stdout, "the fresh process did not run the interpreter"
