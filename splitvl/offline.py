@@ -166,11 +166,11 @@ def generate(
     """One user message (images first, then the prompt) through the chat template, greedy."""
     from transformers import AutoTokenizer  # tokenizer and chat template only; no modeling code
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     generator = OfflineGenerator(model_dir, device=device, dtype=dtype, disaggregated=disaggregated)
-    images = [load_image(model_dir, p) for p in image_paths]
-    if images and not generator.config.is_vl:
+    if image_paths and not generator.config.is_vl:
         raise ValueError(f"{model_dir} is a text-only checkpoint; it cannot take --image")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    images = [load_image(model_dir, p) for p in image_paths]
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
     text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                          tokenize=False)
