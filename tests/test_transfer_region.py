@@ -144,7 +144,7 @@ def test_stalled_receiver_pushes_back_and_sender_memory_stays_bounded() -> None:
 
 
 def test_dead_sender_lease_is_reclaimed_and_region_stays_intact(caplog) -> None:
-    caplog.set_level(logging.INFO, logger="transfer.region")
+    caplog.set_level(logging.INFO, logger="transfer.region_receiver")
     with ShmReceiver("tcp://127.0.0.1:*", lease_bytes=256 * KIB, max_senders=1, lease_timeout=1.0) as receiver:
         first = _start(_send_forever, receiver.address, "a")
         for _ in range(3):
@@ -230,7 +230,7 @@ def test_full_receiver_makes_extra_senders_wait_with_a_clear_reason() -> None:
 
 
 def test_backend_mismatch_is_refused_for_good() -> None:
-    from transfer.region import RegionSender
+    from transfer.region_sender import RegionSender
 
     class OtherSender(RegionSender):
         backend = "cuda_ipc"
@@ -281,7 +281,7 @@ def ctrl(**fields) -> bytes:
 
 
 def test_hostile_control_messages_are_rejected_and_service_continues(caplog) -> None:
-    caplog.set_level(logging.WARNING, logger="transfer.region")
+    caplog.set_level(logging.WARNING, logger="transfer.region_receiver")
     with ShmReceiver("tcp://127.0.0.1:*", lease_bytes=256 * KIB, max_senders=2) as receiver:
         peer = RawPeer(receiver)
         lease = peer.attach()
@@ -303,7 +303,7 @@ def test_hostile_control_messages_are_rejected_and_service_continues(caplog) -> 
             "missing inline frame": ([b"data", ctrl(session=0, lease=(1 << 63) - 1, gen=0, seq=0, spans=[None]), header], "0 inline frames"),
             "bad header": ([b"data", ctrl(**key, seq=8, spans=[[0, 128]]), b"\x00\x01"], "header"),
         }
-        for name, (msg, _) in cases.items():
+        for msg, _ in cases.values():
             peer.send(*msg)
         assert receiver.stats.rejected == len(cases)
         for name, (_, reason) in cases.items():

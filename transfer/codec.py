@@ -368,7 +368,7 @@ def assemble(header: Header, payloads: Sequence[Payload]) -> Message:
     if not len(payloads) == len(header.frames):
         raise ProtocolError(f"expected {len(header.frames)} payloads, got {len(payloads)}")
     values = dict(header.fields)
-    for spec, payload in zip(header.frames, payloads):
+    for spec, payload in zip(header.frames, payloads, strict=True):
         if spec.dtype == BYTES:
             if not (isinstance(payload, bytes) and len(payload) == spec.nbytes):
                 raise ProtocolError(f"frame {spec.field!r} mismatch")
@@ -391,7 +391,7 @@ def decode_message(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Me
         raise ProtocolError(
             f"{header.cls.WIRE_TYPE}: header describes {len(header.frames)} data frames, got {len(frames) - 1}")
     payloads: list[Payload] = []
-    for spec, frame in zip(header.frames, frames[1:]):
+    for spec, frame in zip(header.frames, frames[1:], strict=True):
         size = memoryview(frame).nbytes
         if not size == spec.nbytes:
             raise ProtocolError(

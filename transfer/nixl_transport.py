@@ -25,7 +25,9 @@ from typing import Any
 import torch
 
 from transfer.base import TransportError
-from transfer.region import Fence, RegionMemory, RegionReceiver, RegionSender, RegionWriter
+from transfer.region import Fence, RegionMemory, RegionWriter
+from transfer.region_receiver import RegionReceiver
+from transfer.region_sender import RegionSender
 
 
 def _nixl() -> Any:

@@ -16,7 +16,9 @@ from typing import Any
 import torch
 
 from transfer.base import TransportError
-from transfer.region import Done, Fence, RegionMemory, RegionReceiver, RegionSender, RegionWriter
+from transfer.region import Done, Fence, RegionMemory, RegionWriter
+from transfer.region_receiver import RegionReceiver
+from transfer.region_sender import RegionSender
 
 _TOKEN_BYTES = 32
 _PAGE = 4096  # region data starts after the token page

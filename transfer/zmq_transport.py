@@ -33,7 +33,7 @@ HEARTBEAT_MS = 1000  # ping an idle connection this often ...
 HEARTBEAT_TIMEOUT_MS = 5000  # ... and drop it when the peer has been silent this long
 
 
-def _common_options(sock: zmq.Socket) -> None:
+def common_options(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.LINGER, 0)  # close() never blocks on a dead peer
     sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
@@ -42,34 +42,34 @@ def _common_options(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
 
 
-def _check_address(address: str) -> None:
+def check_address(address: str) -> None:
     if not address.startswith(("tcp://", "ipc://", "inproc://")):
         raise TransportError(f"zmq address {address!r} must start with tcp://, ipc:// or inproc://")
 
 
-def _deadline(timeout: float | None) -> float | None:
+def deadline_after(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
 
 
-def _remaining_ms(deadline: float | None) -> int | None:
+def remaining_ms(deadline: float | None) -> int | None:
     return None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
 
 
 class ZmqSender(Sender):
     def __init__(self, address: str, *, sndhwm: int = 4, context: zmq.Context | None = None):
-        _check_address(address)
+        check_address(address)
         self.address = address
         self._sock = (context or zmq.Context.instance()).socket(zmq.PUSH)
-        _common_options(self._sock)
+        common_options(self._sock)
         self._sock.setsockopt(zmq.SNDHWM, sndhwm)
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
         self._sock.connect(address)
 
     def send(self, msg: Message, timeout: float | None = None) -> None:
         frames = encode_message(msg)  # raises ProtocolError for a message we must not send
-        deadline = _deadline(timeout)
+        deadline = deadline_after(timeout)
         while True:
-            if self._sock.poll(_remaining_ms(deadline), zmq.POLLOUT):
+            if self._sock.poll(remaining_ms(deadline), zmq.POLLOUT):
                 try:
                     # All frames of a multipart message are accepted or none: once the first
                     # goes in, zmq takes the rest regardless of the high-water mark.
@@ -96,10 +96,10 @@ class ZmqReceiver(Receiver):
         limits: Limits = DEFAULT_LIMITS,
         context: zmq.Context | None = None,
     ):
-        _check_address(address)
+        check_address(address)
         self._limits = limits
         self._sock = (context or zmq.Context.instance()).socket(zmq.PULL)
-        _common_options(self._sock)
+        common_options(self._sock)
         self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self._sock.setsockopt(zmq.MAXMSGSIZE, max(limits.max_frame_bytes, limits.max_header_bytes))
         try:
@@ -112,9 +112,9 @@ class ZmqReceiver(Receiver):
         self.stats = ReceiverStats()
 
     def recv(self, timeout: float | None = None) -> Message | None:
-        deadline = _deadline(timeout)
+        deadline = deadline_after(timeout)
         while True:
-            if not self._sock.poll(_remaining_ms(deadline), zmq.POLLIN):
+            if not self._sock.poll(remaining_ms(deadline), zmq.POLLIN):
                 if deadline is None or time.monotonic() >= deadline:
                     return None
                 continue

@@ -1,0 +1,301 @@
+"""The sending half of the region protocol (see transfer/region.py): lease, ring of spans,
+writes through the backend, DATA after the writes landed, heartbeats, re-attach on expiry."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import zmq
+
+from transfer.base import Sender, TransportError, TransportTimeout
+from transfer.codec import DEFAULT_LIMITS, Limits, ProtocolError, host_buffer, pack_header, split_message
+from transfer.messages import Message
+from transfer.region import (
+    ATTACH_RETRY_S,
+    EXPIRED,
+    FREE,
+    HEARTBEAT_S,
+    LEASE,
+    NO_LEASE,
+    REFUSE,
+    Fence,
+    RegionWriter,
+    Ring,
+    align,
+    pack_ctrl,
+    unpack_ctrl,
+)
+from transfer.zmq_transport import check_address, common_options, deadline_after
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Lease:
+    session: int
+    index: int
+    gen: int
+    offset: int  # of the lease in the region
+    nbytes: int
+    writer: RegionWriter
+    ring: Ring
+
+
+@dataclass
+class _Job:
+    frames: list  # [kind, ctrl, header, inline frames...]
+    fence: Fence | None
+    lease: _Lease | None  # None: inline only, needs no lease
+    seq: int = 0
+
+
+class RegionSender(Sender):
+    """Sends messages through a receiver's region; see the module docstring for the protocol.
+
+    `open_writer(export, offset, nbytes)` builds the backend's writer from the receiver's export
+    and the lease's place in the region.
+    Not thread-safe (like a zmq socket): one thread calls send().
+    """
+
+    backend: str = ""
+
+    def __init__(self, address: str, open_writer: Callable[[dict[str, Any], int, int], RegionWriter], *,
+                 max_pending: int = 8, limits: Limits = DEFAULT_LIMITS, context: zmq.Context | None = None):
+        check_address(address)
+        self.address = address
+        self._open_writer = open_writer
+        self._limits = limits
+        self._max_pending = max_pending
+        self._id = uuid.uuid4().hex
+        self._ctx = context or zmq.Context.instance()
+        self._cond = threading.Condition()
+        self._lease: _Lease | None = None
+        self._refused: tuple[str, bool] | None = None  # (reason, worth retrying)
+        self._outbox: collections.deque[_Job] = collections.deque()
+        self._seq = 0
+        self._stop = False
+        self._warned_inline = False
+        wake = f"inproc://region-sender-{self._id}"
+        self._wake_rx = self._ctx.socket(zmq.PAIR)
+        self._wake_rx.bind(wake)
+        self._wake_tx = self._ctx.socket(zmq.PAIR)
+        self._wake_tx.connect(wake)
+        self._thread = threading.Thread(target=self._io_loop, name=f"{self.backend}-sender", daemon=True)
+        self._thread.start()
+
+    # -- caller's thread
+
+    def send(self, msg: Message, timeout: float | None = None) -> None:
+        header, payloads = split_message(msg, self._limits)
+        deadline = deadline_after(timeout)
+        direct = [i for i, (spec, p) in enumerate(payloads) if isinstance(p, torch.Tensor) and spec.nbytes > 0]
+        total = sum(align(payloads[i][0].nbytes) for i in direct)
+        with self._cond:
+            self._wait(lambda: len(self._outbox) < self._max_pending, deadline, "the receiver is not consuming")
+            while True:  # until the message is in a lease that is still ours
+                spans: list[list[int] | None] = [None] * len(payloads)
+                lease, fence, seq = None, None, 0
+                if direct:
+                    lease = self._wait(lambda: self._lease, deadline, "no lease from the receiver", lease=True)
+                if lease is not None and total > lease.nbytes:
+                    if not self._warned_inline:
+                        log.warning("%s: a %d-byte message exceeds the %d-byte lease; sending it inline "
+                                    "through host memory (raise lease_bytes on the receiver)",
+                                    self.address, total, lease.nbytes)
+                        self._warned_inline = True
+                    lease = None
+                if lease is None:
+                    break
+                self._seq += 1
+                seq = self._seq
+                start = self._wait(lambda lease=lease, seq=seq: lease.ring.alloc(seq, total) if lease is self._lease else -1,
+                                   deadline, "the receiver's region is full (it is not freeing spans)")
+                if start is None or start < 0:  # the lease expired while we waited: use the next one
+                    continue
+                at = start
+                for i in direct:
+                    spec, tensor = payloads[i]
+                    lease.writer.write(lease.offset + at, tensor.reshape(-1).view(torch.uint8))
+                    spans[i] = [at, spec.nbytes]
+                    at += align(spec.nbytes)
+                fence = lease.writer.fence()
+                break
+            ctrl = pack_ctrl(session=lease.session if lease else 0, lease=lease.index if lease else NO_LEASE,
+                              gen=lease.gen if lease else 0, seq=seq, spans=spans)
+            inline = [host_buffer(p) for (_, p), span in zip(payloads, spans, strict=True) if span is None]
+            self._outbox.append(_Job([b"data", ctrl, pack_header(header), *inline], fence, lease, seq))
+            self._wake()
+
+    def _wait(self, ready: Callable[[], Any], deadline: float | None, why: str, lease: bool = False) -> Any:
+        """Wait on the condition until `ready()` is not None/False; raise at the deadline, or at
+        once if the receiver refused this sender for good (or its I/O thread failed)."""
+        while True:
+            if self._refused and not self._refused[1]:
+                raise TransportError(f"{self.address} refused this sender: {self._refused[0]}")
+            value = ready()
+            if value is not None and value is not False:
+                return value
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                detail = f" ({self._refused[0]})" if lease and self._refused else ""
+                raise TransportTimeout(f"{self.address}: {why}{detail}")
+            self._cond.wait(left if left is not None else 1.0)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_tx.send(b"", zmq.NOBLOCK)
+        except zmq.Again:  # already woken
+            pass
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._wake()
+        self._thread.join(5)
+        self._wake_tx.close(0)
+
+    # -- I/O thread: owns the DEALER socket
+
+    def _io_loop(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        common_options(sock)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.SNDHWM, 2 * self._max_pending + 8)
+        sock.connect(self.address)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
+        next_attach, last_sent, blocked = 0.0, time.monotonic(), False
+        try:
+            while True:
+                events = dict(poller.poll(5 if blocked else 100))
+                if self._wake_rx in events:
+                    while self._wake_rx.poll(0):
+                        self._wake_rx.recv()
+                while sock.poll(0):
+                    self._on_control(sock.recv_multipart())
+                with self._cond:
+                    if self._stop:
+                        break
+                    lease = self._lease
+                now = time.monotonic()
+                if lease is None and now >= next_attach:
+                    # Keep asking after a refusal too (slowly if it was final): leases come free,
+                    # receivers get reconfigured.
+                    final = self._refused is not None and not self._refused[1]
+                    next_attach = now + (8 if final else 1) * ATTACH_RETRY_S
+                    self._try_send(sock, [b"attach", pack_ctrl(sender=self._id, backend=self.backend)])
+                sent, blocked = self._drain_outbox(sock)
+                if sent:
+                    last_sent = now
+                elif lease is not None and now - last_sent >= HEARTBEAT_S:
+                    if self._try_send(sock, [b"ping", pack_ctrl(session=lease.session, lease=lease.index, gen=lease.gen)]):
+                        last_sent = now
+        except Exception as exc:  # a bug or a broken backend: make send() fail loudly, not hang
+            log.exception("%s: sender I/O thread failed", self.address)
+            with self._cond:
+                self._refused = (f"the sender's I/O thread failed: {exc!r}", False)
+                self._cond.notify_all()
+        finally:
+            with self._cond:
+                lease, self._lease = self._lease, None
+            if lease is not None:
+                self._try_send(sock, [b"detach", pack_ctrl(session=lease.session, lease=lease.index, gen=lease.gen)])
+                lease.writer.close()
+            sock.close(linger=100)
+            self._wake_rx.close(0)
+
+    @staticmethod
+    def _try_send(sock: zmq.Socket, frames: list) -> bool:
+        try:
+            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            return False
+
+    def _drain_outbox(self, sock: zmq.Socket) -> tuple[int, bool]:
+        """Send queued DATA in order, each once its writes have landed.
+        Returns (messages sent, whether zmq pushed back)."""
+        sent = 0
+        while True:
+            with self._cond:
+                if not self._outbox:
+                    return sent, False
+                job = self._outbox[0]
+                stale = job.lease is not None and job.lease is not self._lease
+            if stale:
+                log.warning("%s: dropped a message whose lease expired before it was sent", self.address)
+            else:
+                try:
+                    if job.fence is not None:
+                        job.fence.wait()  # releases the GIL while the copy finishes
+                except TransportError as exc:  # the write failed: the span holds garbage
+                    log.error("%s: dropped a message whose write failed: %s", self.address, exc)
+                    job.frames = None
+                if job.frames is not None and not self._try_send(sock, job.frames):
+                    return sent, True
+                sent += job.frames is not None
+            with self._cond:
+                self._outbox.popleft()
+                self._cond.notify_all()
+
+    def _on_control(self, frames: list[bytes]) -> None:
+        kind = frames[0] if frames else b""
+        try:
+            if len(frames) != 2:
+                raise ProtocolError(f"control message with {len(frames)} frames")
+            if kind == b"lease":
+                self._on_lease(unpack_ctrl(frames[1], LEASE))
+            elif kind == b"free":
+                ctrl = unpack_ctrl(frames[1], FREE)
+                with self._cond:
+                    lease = self._lease
+                    if lease and (ctrl["session"], ctrl["lease"], ctrl["gen"]) == (lease.session, lease.index, lease.gen):
+                        for seq in ctrl["seqs"]:
+                            lease.ring.free(seq)
+                        self._cond.notify_all()
+            elif kind == b"expired":
+                ctrl = unpack_ctrl(frames[1], EXPIRED)
+                with self._cond:
+                    lease = self._lease
+                    if lease is not None:
+                        log.warning("%s: lease expired (%s); attaching again", self.address, ctrl["reason"])
+                        self._lease = None
+                        lease.writer.close()
+                        self._cond.notify_all()
+            elif kind == b"refuse":
+                ctrl = unpack_ctrl(frames[1], REFUSE)
+                with self._cond:
+                    if self._refused != (ctrl["reason"], ctrl["retry"]):
+                        log.warning("%s: attach refused: %s", self.address, ctrl["reason"])
+                    self._refused = (ctrl["reason"], ctrl["retry"])
+                    self._cond.notify_all()
+            else:
+                raise ProtocolError(f"unknown control message {kind!r:.40}")
+        except ProtocolError as exc:
+            log.warning("%s: ignored a control message: %s", self.address, exc.reason)
+
+    def _on_lease(self, ctrl: dict[str, Any]) -> None:
+        with self._cond:
+            if self._lease is not None:  # a duplicate answer to a retried ATTACH
+                return
+        try:
+            writer = self._open_writer(ctrl["export"], ctrl["offset"], ctrl["nbytes"])
+        except TransportError as exc:  # e.g. the receiver's GPU is not visible here
+            log.error("%s: cannot use the lease: %s", self.address, exc)
+            with self._cond:
+                self._refused = (str(exc), False)
+                self._cond.notify_all()
+            return
+        with self._cond:
+            self._lease = _Lease(ctrl["session"], ctrl["lease"], ctrl["gen"], ctrl["offset"], ctrl["nbytes"],
+                                 writer, Ring(ctrl["nbytes"]))
+            self._refused = None
+            self._cond.notify_all()
