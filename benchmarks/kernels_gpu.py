@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.kernels.fused_moe import MoeConfig, moe_config, triton_fused_experts  # noqa: E402
+from models.kernels.moe_align import align_pairs_to_experts  # noqa: E402
 from models.kernels.paged_attention import _torch_paged_decode, paged_decode_attention  # noqa: E402
 from models.kernels.prefill_attention import (  # noqa: E402
     context_slots,
@@ -40,7 +41,7 @@ from models.kernels.prefill_attention import (  # noqa: E402
 )
 from models.moe import torch_fused_experts  # noqa: E402
 
-E, K, H, I = 128, 8, 2048, 768  # Qwen3-VL-30B-A3B experts
+E, K, H, I = 128, 8, 2048, 768  # noqa: E741  (Qwen3-VL-30B-A3B experts)
 HQ, HKV, D, S = 32, 4, 128, 16  # its attention, and the cache block size
 DT = torch.bfloat16
 DEVICE = "cuda"  # tests/test_kernels_benchmark.py runs this file small on CPU (interpreter, fp32)
@@ -48,9 +49,19 @@ BF16_TOL = 1e-2  # bf16 operands land between 1e-3 and 1e-2 relative error (METH
 
 # Alternatives the sweep tries per T besides the table's pick (block_m, n_up, n_down, k, warps, stages).
 SWEEP = {
-    "decode": [MoeConfig(16, 16, 64, 128, 4, 4), MoeConfig(16, 32, 64, 128, 4, 4), MoeConfig(16, 32, 128, 256, 4, 3), MoeConfig(16, 64, 128, 128, 4, 3)],
+    "decode": [
+        MoeConfig(16, 16, 64, 128, 4, 4),
+        MoeConfig(16, 32, 64, 128, 4, 4),
+        MoeConfig(16, 32, 128, 256, 4, 3),
+        MoeConfig(16, 64, 128, 128, 4, 3),
+    ],
     "mid": [MoeConfig(16, 64, 128, 128, 4, 3), MoeConfig(32, 64, 128, 128, 4, 3), MoeConfig(32, 128, 128, 64, 8, 3)],
-    "prefill": [MoeConfig(64, 64, 128, 64, 4, 4), MoeConfig(128, 64, 128, 64, 8, 4), MoeConfig(128, 128, 256, 64, 8, 3), MoeConfig(128, 64, 128, 64, 4, 3)],
+    "prefill": [
+        MoeConfig(64, 64, 128, 64, 4, 4),
+        MoeConfig(128, 64, 128, 64, 8, 4),
+        MoeConfig(128, 128, 256, 64, 8, 3),
+        MoeConfig(128, 64, 128, 64, 4, 3),
+    ],
 }
 
 
@@ -114,7 +125,6 @@ def ceilings() -> tuple[float, float]:
     dst = torch.empty_like(src)
     copy_ms = time_ms([lambda: dst.copy_(src)])
     bandwidth = 2 * src.numel() * src.element_size() / copy_ms / 1e6
-    del src, dst
     n = 8192
     a, b = torch.randn(n, n, device=DEVICE, dtype=DT), torch.randn(n, n, device=DEVICE, dtype=DT)
     mm_ms = time_ms([lambda: a @ b])
@@ -129,7 +139,9 @@ def hf_grouped_mm(gate_up: torch.Tensor, down: torch.Tensor) -> Callable | None:
         from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
         from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
 
-        config = Qwen3VLMoeTextConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K, hidden_act="silu")
+        config = Qwen3VLMoeTextConfig(
+            hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K, hidden_act="silu"
+        )
         with torch.device("meta"):
             experts = Qwen3VLMoeTextExperts(config)
         experts.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)
@@ -142,7 +154,7 @@ def hf_grouped_mm(gate_up: torch.Tensor, down: torch.Tensor) -> Callable | None:
 
 
 def bench_moe(token_counts: list[int], sweep: bool, bandwidth: float, peak: float) -> list[dict]:
-    print(f"\n== fused MoE  E={E} K={K} H={H} I={I} bf16")
+    print(f"\n== fused MoE  E={E} K={K} H={H} I={I} {DT}")
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     gate_up = (torch.randn(E, 2 * I, H, device=DEVICE, generator=gen) / H**0.5).to(DT)
     down = (torch.randn(E, H, I, device=DEVICE, generator=gen) / I**0.5).to(DT)
@@ -165,10 +177,21 @@ def bench_moe(token_counts: list[int], sweep: bool, bandwidth: float, peak: floa
         flops = 2 * tokens * K * 3 * H * I
         floor_ms = max(bytes_moved / bandwidth / 1e6, flops / peak / 1e9)
         calls = lambda fn: [lambda s=s: fn(*s) for s in sets]  # noqa: E731
-        row = {"T": tokens, "active_experts": active, "floor_ms": floor_ms, "bound": "bytes" if bytes_moved / bandwidth / 1e6 >= flops / peak / 1e9 else "flops"}
+        row = {
+            "T": tokens,
+            "active_experts": active,
+            "floor_ms": floor_ms,
+            "bound": "bytes" if bytes_moved / bandwidth / 1e6 >= flops / peak / 1e9 else "flops",
+        }
         row["triton_ms"] = time_ms(calls(lambda x, w, ids: triton_fused_experts(x, gate_up, down, w, ids)))
         row["triton_again_ms"] = time_ms(calls(lambda x, w, ids: triton_fused_experts(x, gate_up, down, w, ids)))
-        row["triton_graph_ms"] = try_time(calls(lambda x, w, ids: triton_fused_experts(x, gate_up, down, w, ids)), graph=True)
+        row["triton_graph_ms"] = try_time(
+            calls(lambda x, w, ids: triton_fused_experts(x, gate_up, down, w, ids)), graph=True
+        )
+        block_m = moe_config(tokens).block_m
+        row["align_graph_ms"] = try_time(
+            [lambda s=s: align_pairs_to_experts(s[2], E, block_m) for s in sets], graph=True
+        )
         row["torch_ms"] = time_ms(calls(lambda x, w, ids: torch_fused_experts(x, gate_up, down, w, ids)))
         row["hf_grouped_mm_ms"] = try_time(calls(hf)) if hf_ok else None
         row["config"] = dataclasses.asdict(moe_config(tokens))
@@ -178,16 +201,24 @@ def bench_moe(token_counts: list[int], sweep: bool, bandwidth: float, peak: floa
             for config in SWEEP[regime]:
                 if config == moe_config(tokens):
                     continue
-                if not check(f"sweep {config}", rel_err(triton_fused_experts(x, gate_up, down, w, ids, config=config), ref), fatal=False):
+                if not check(
+                    f"sweep {config}",
+                    rel_err(triton_fused_experts(x, gate_up, down, w, ids, config=config), ref),
+                    fatal=False,
+                ):
                     continue
-                ms = time_ms(calls(lambda x, w, ids, c=config: triton_fused_experts(x, gate_up, down, w, ids, config=c)))
+                ms = time_ms(
+                    calls(lambda x, w, ids, c=config: triton_fused_experts(x, gate_up, down, w, ids, config=c))
+                )
                 print(f"  sweep T={tokens} {config}: {ms * 1e3:.1f} us")
                 best = min(best, (ms, config), key=lambda b: b[0])
             row["best_ms"], row["best_config"] = best[0], dataclasses.asdict(best[1])
         del ref
         rows.append(row)
-        print(f"  T={tokens}: triton {row['triton_ms'] * 1e3:.1f} us (again {row['triton_again_ms'] * 1e3:.1f}), torch {row['torch_ms'] * 1e3:.1f} us, floor {floor_ms * 1e3:.1f} us ({row['bound']})")
-    del gate_up, down
+        print(
+            f"  T={tokens}: triton {fmt(row['triton_ms'])} us (again {fmt(row['triton_again_ms'])}),"
+            f" torch {fmt(row['torch_ms'])} us, floor {fmt(floor_ms)} us ({row['bound']})"
+        )
     return rows
 
 
@@ -211,7 +242,7 @@ def torch_batched_decode(q, k_cache, v_cache, tables, ctx):
 
 
 def bench_decode(batches: list[int], contexts: list[int], bandwidth: float) -> list[dict]:
-    print(f"\n== paged decode attention  Hq={HQ} Hkv={HKV} D={D} S={S} bf16")
+    print(f"\n== paged decode attention  Hq={HQ} Hkv={HKV} D={D} S={S} {DT}")
     gen = torch.Generator(device=DEVICE).manual_seed(1)
     rows = []
     for ctx in contexts:
@@ -221,22 +252,38 @@ def bench_decode(batches: list[int], contexts: list[int], bandwidth: float) -> l
             pool, tables, lens, queries = decode_inputs(batch, ctx, sets, gen)
             k_cache, v_cache = pool[0], pool[1]
             ref = _torch_paged_decode(queries[0].float(), k_cache.float(), v_cache.float(), tables[0], lens)
-            check(f"decode B={batch} ctx={ctx}", rel_err(paged_decode_attention(queries[0], k_cache, v_cache, tables[0], lens, max_context=ctx), ref))
+            check(
+                f"decode B={batch} ctx={ctx}",
+                rel_err(paged_decode_attention(queries[0], k_cache, v_cache, tables[0], lens, max_context=ctx), ref),
+            )
             del ref
-            kernel = [lambda i=i: paged_decode_attention(queries[i], k_cache, v_cache, tables[i], lens, max_context=ctx) for i in range(sets)]
+            kernel = [
+                lambda i=i: paged_decode_attention(queries[i], k_cache, v_cache, tables[i], lens, max_context=ctx)
+                for i in range(sets)
+            ]
             row = {"B": batch, "ctx": ctx, "floor_ms": kv_bytes / bandwidth / 1e6}
             row["triton_ms"] = time_ms(kernel)
             row["triton_graph_ms"] = try_time(kernel, graph=True)
-            row["torch_batched_ms"] = try_time([lambda i=i: torch_batched_decode(queries[i], k_cache, v_cache, tables[i], ctx) for i in range(min(sets, 4))])
+            row["torch_batched_ms"] = try_time(
+                [
+                    lambda i=i: torch_batched_decode(queries[i], k_cache, v_cache, tables[i], ctx)
+                    for i in range(min(sets, 4))
+                ]
+            )
             if batch <= 16:  # the repo's reference loops over sequences: seconds at B=256
-                row["torch_loop_ms"] = time_ms([lambda: _torch_paged_decode(queries[0], k_cache, v_cache, tables[0], lens)], budget_s=0.1)
+                row["torch_loop_ms"] = time_ms(
+                    [lambda: _torch_paged_decode(queries[0], k_cache, v_cache, tables[0], lens)], budget_s=0.1
+                )
             rows.append(row)
-            print(f"  B={batch} ctx={ctx}: triton {row['triton_ms'] * 1e3:.1f} us, floor {row['floor_ms'] * 1e3:.1f} us")
-            del pool, tables, queries, k_cache, v_cache
+            print(
+                f"  B={batch} ctx={ctx}: triton {row['triton_ms'] * 1e3:.1f} us, floor {row['floor_ms'] * 1e3:.1f} us"
+            )
     return rows
 
 
-def reference_rows(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, prefix: int) -> torch.Tensor:
+def reference_rows(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, prefix: int
+) -> torch.Tensor:
     """fp32 causal attention of the query rows `rows` only (a full fp32 reference of an 8k x 32k
     problem would not fit): [r, Hq, D]."""
     group = q.shape[1] // keys.shape[1]
@@ -252,7 +299,7 @@ def bench_prefill(token_counts: list[int], peak: float) -> list[dict]:
     """Decision data for a Triton prefill kernel: torch's flash varlen (one call, GQA native) on
     whole prompts and on a chunk behind a paged prefix, against the matmul-rate floor."""
     available = flash_varlen_available(torch.empty(1, device=DEVICE, dtype=DT))
-    print(f"\n== varlen causal prefill  Hq={HQ} Hkv={HKV} D={D} bf16  (torch flash varlen available: {available})")
+    print(f"\n== varlen causal prefill  Hq={HQ} Hkv={HKV} D={D} {DT}  (torch flash varlen available: {available})")
     from models.attention import causal_attention
 
     gen = torch.Generator(device=DEVICE).manual_seed(2)
@@ -267,12 +314,22 @@ def bench_prefill(token_counts: list[int], peak: float) -> list[dict]:
             flat = pool.view(2, -1, HKV, D)
             slots = context_slots(tables, [ctx], S)
             keys, values = flat[0, slots], flat[1, slots]
-            sample = torch.cat([torch.arange(min(tokens, 256)), torch.randint(0, tokens, (256,), generator=torch.Generator().manual_seed(tokens))]).to(DEVICE)
+            sample = torch.cat(
+                [
+                    torch.arange(min(tokens, 256)),
+                    torch.randint(0, tokens, (256,), generator=torch.Generator().manual_seed(tokens)),
+                ]
+            ).to(DEVICE)
             out = varlen_causal_attention(q, keys, values, [tokens], [ctx])
-            check(f"prefill T={tokens} prefix={prefix}", rel_err(out[sample], reference_rows(q, keys, values, sample, prefix)))
+            check(
+                f"prefill T={tokens} prefix={prefix}",
+                rel_err(out[sample], reference_rows(q, keys, values, sample, prefix)),
+            )
             flops = 4 * HQ * D * (tokens * prefix + tokens * (tokens + 1) / 2)
             row = {"T": tokens, "prefix": prefix, "floor_ms": flops / peak / 1e9}
-            row["gather_ms"] = time_ms([lambda: (flat[0, context_slots(tables, [ctx], S)], flat[1, context_slots(tables, [ctx], S)])])
+            row["gather_ms"] = time_ms(
+                [lambda: (flat[0, context_slots(tables, [ctx], S)], flat[1, context_slots(tables, [ctx], S)])]
+            )
             row["flash_varlen_ms"] = time_ms([lambda: varlen_causal_attention(q, keys, values, [tokens], [ctx])])
             # The reference backend's call; with a prefix it takes an explicit mask, and SDPA's
             # math fallback for 8k x 32k would need tens of GB, so that case is not run.
@@ -280,9 +337,10 @@ def bench_prefill(token_counts: list[int], peak: float) -> list[dict]:
             row["torch_sdpa_ms"] = try_time([lambda: causal_attention(q, keys, values)]) if small else None
             row["tflops"] = flops / row["flash_varlen_ms"] / 1e9
             rows.append(row)
-            print(f"  T={tokens} prefix={prefix}: gather {row['gather_ms'] * 1e3:.1f} us + flash varlen {row['flash_varlen_ms'] * 1e3:.1f} us ({row['tflops']:.0f} TFLOP/s)")
-            del pool, keys, values, q, out
-            torch.cuda.empty_cache()
+            print(
+                f"  T={tokens} prefix={prefix}: gather {fmt(row['gather_ms'])} us"
+                f" + flash varlen {fmt(row['flash_varlen_ms'])} us ({row['tflops']:.0f} TFLOP/s)"
+            )
     return rows
 
 
@@ -294,28 +352,53 @@ def pct(floor_ms: float, ms: float | None) -> str:
     return "n/a" if ms is None else f"{100 * floor_ms / ms:.0f}%"
 
 
-def print_tables(device: str, bandwidth: float, peak: float, moe: list[dict], decode: list[dict], prefill: list[dict]) -> None:
+def table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    """A right-aligned text table: each column as wide as its widest cell."""
+    widths = [max(len(c) for c in col) for col in zip(header, *rows)]
+    print(f"\n{title}")
+    for cells in [header, *rows]:
+        print("  " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)))
+
+
+def print_tables(
+    device: str, bandwidth: float, peak: float, moe: list[dict], decode: list[dict], prefill: list[dict]
+) -> None:
     print(f"\n#### {device} | torch {torch.__version__} | triton {__import__('triton').__version__}")
     print(f"copy {bandwidth:.0f} GB/s (read+write) | bf16 matmul {peak:.0f} TFLOP/s | times in us")
-    print("\nfused MoE  T | act.exp | floor(bound) | triton eager | triton graph | % floor (graph) | torch ref | hf grouped_mm | best sweep")
-    for r in moe:
-        best = f"{fmt(r.get('best_ms'))} {tuple(r['best_config'].values())}" if "best_ms" in r else "-"
-        print(
-            f"  {r['T']:>5} | {r['active_experts']:7.1f} | {fmt(r['floor_ms']):>7} ({r['bound']}) | {fmt(r['triton_ms']):>7} /{fmt(r['triton_again_ms'])}"
-            f" | {fmt(r['triton_graph_ms']):>7} | {pct(r['floor_ms'], r['triton_graph_ms'] or r['triton_ms']):>5} | {fmt(r['torch_ms']):>8} | {fmt(r['hf_grouped_mm_ms']):>7} | {best}"
-        )
-    print("\npaged decode  B ctx | floor | triton eager | triton graph | % floor (graph) | torch gather+SDPA | torch loop (repo ref)")
-    for r in decode:
-        print(
-            f"  {r['B']:>4} {r['ctx']:>5} | {fmt(r['floor_ms']):>7} | {fmt(r['triton_ms']):>7} | {fmt(r['triton_graph_ms']):>7}"
-            f" | {pct(r['floor_ms'], r['triton_graph_ms'] or r['triton_ms']):>5} | {fmt(r['torch_batched_ms']):>8} | {fmt(r.get('torch_loop_ms'))}"
-        )
-    print("\nprefill  T prefix | floor (matmul rate) | gather | flash varlen | TFLOP/s | % floor | torch SDPA (repo ref)")
-    for r in prefill:
-        print(
-            f"  {r['T']:>5} {r['prefix']:>6} | {fmt(r['floor_ms']):>7} | {fmt(r['gather_ms']):>6} | {fmt(r['flash_varlen_ms']):>7}"
-            f" | {r['tflops']:5.0f} | {pct(r['floor_ms'], r['flash_varlen_ms']):>4} | {fmt(r['torch_sdpa_ms'])}"
-        )
+
+    def best(r: dict) -> str:
+        return f"{fmt(r['best_ms'])} {tuple(r['best_config'].values())}" if "best_ms" in r else "-"
+
+    table(
+        "fused MoE (% floor from the graph time; hf = transformers grouped_mm; align = its graph time alone)",
+        ["T", "experts", "floor", "bound", "eager", "again", "graph", "% floor", "align", "torch", "hf", "best"],
+        [
+            [str(r["T"]), f"{r['active_experts']:.1f}", fmt(r["floor_ms"]), r["bound"], fmt(r["triton_ms"]),
+             fmt(r["triton_again_ms"]), fmt(r["triton_graph_ms"]),
+             pct(r["floor_ms"], r["triton_graph_ms"] or r["triton_ms"]), fmt(r["align_graph_ms"]), fmt(r["torch_ms"]),
+             fmt(r["hf_grouped_mm_ms"]), best(r)]
+            for r in moe
+        ],
+    )  # fmt: skip
+    table(
+        "paged decode (torch loop = the repo's reference backend)",
+        ["B", "ctx", "floor", "eager", "graph", "% floor", "torch gather+SDPA", "torch loop"],
+        [
+            [str(r["B"]), str(r["ctx"]), fmt(r["floor_ms"]), fmt(r["triton_ms"]), fmt(r["triton_graph_ms"]),
+             pct(r["floor_ms"], r["triton_graph_ms"] or r["triton_ms"]), fmt(r["torch_batched_ms"]),
+             fmt(r.get("torch_loop_ms"))]
+            for r in decode
+        ],
+    )  # fmt: skip
+    table(
+        "prefill (floor at the matmul rate; torch SDPA = the repo's reference backend)",
+        ["T", "prefix", "floor", "gather", "flash varlen", "TFLOP/s", "% floor", "torch SDPA"],
+        [
+            [str(r["T"]), str(r["prefix"]), fmt(r["floor_ms"]), fmt(r["gather_ms"]), fmt(r["flash_varlen_ms"]),
+             f"{r['tflops']:.0f}", pct(r["floor_ms"], r["flash_varlen_ms"]), fmt(r["torch_sdpa_ms"])]
+            for r in prefill
+        ],
+    )  # fmt: skip
 
 
 def main() -> None:
@@ -342,7 +425,19 @@ def main() -> None:
     print_tables(device, bandwidth, peak, moe, decode, prefill)
     if args.out:
         path = Path(args.out) / "kernels_gpu.json"
-        path.write_text(json.dumps({"device": device, "copy_GBps": bandwidth, "bf16_TFLOPs": peak, "moe": moe, "decode": decode, "prefill": prefill}, indent=1))
+        path.write_text(
+            json.dumps(
+                {
+                    "device": device,
+                    "copy_GBps": bandwidth,
+                    "bf16_TFLOPs": peak,
+                    "moe": moe,
+                    "decode": decode,
+                    "prefill": prefill,
+                },
+                indent=1,
+            )
+        )
         print(f"\nwrote {path}")
 
 

@@ -104,7 +104,11 @@ def run_schedule(backend_cls, steps, q_heads, kv_heads, head_dim, block_size, dt
     outputs = []
     for step in steps:
         seqs = [seq for seq, _, _ in step]
-        slots = [int(tables[s, p // block_size]) * block_size + p % block_size for s, first, n in step for p in range(first, first + n)]
+        slots = [
+            int(tables[s, p // block_size]) * block_size + p % block_size
+            for s, first, n in step
+            for p in range(first, first + n)
+        ]
         meta = AttentionMetadata(
             query_lens=[n for _, _, n in step],
             context_lens=[first + n for _, first, n in step],

@@ -33,11 +33,13 @@ x = torch.randn(5, 32)
 assert not use_triton(x)
 gate_up, down = torch.randn(4, 32, 32), torch.randn(4, 32, 16)
 weights, ids = torch.rand(5, 2), torch.tensor([[0, 1], [1, 2], [3, 0], [2, 3], [1, 0]])
-assert torch.equal(triton_fused_experts(x, gate_up, down, weights, ids), torch_fused_experts(x, gate_up, down, weights, ids))
+experts_args = (x, gate_up, down, weights, ids)
+assert torch.equal(triton_fused_experts(*experts_args), torch_fused_experts(*experts_args))
 
 q, k_cache, v_cache = torch.randn(2, 4, 16), torch.randn(6, 4, 2, 16), torch.randn(6, 4, 2, 16)
 tables, lens = torch.tensor([[0, 2], [5, 1]]), torch.tensor([7, 3])
-assert torch.equal(paged_decode_attention(q, k_cache, v_cache, tables, lens), _torch_paged_decode(q, k_cache, v_cache, tables, lens))
+decode_args = (q, k_cache, v_cache, tables, lens)
+assert torch.equal(paged_decode_attention(*decode_args), _torch_paged_decode(*decode_args))
 
 outs = []
 for backend_cls in (TorchAttentionBackend, TritonAttentionBackend):
@@ -56,7 +58,9 @@ print("fallbacks ok")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
 def test_cpu_without_interpreter_uses_torch_references():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "fallbacks ok" in result.stdout
 

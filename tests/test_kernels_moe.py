@@ -22,7 +22,7 @@ import pytest
 
 from models.kernels import availability
 from models.kernels.fused_moe import MOE_CONFIGS, PREFILL_CONFIG, MoeConfig, moe_config, triton_fused_experts
-from models.kernels.moe_align import align_pairs_to_experts, max_padded_rows
+from models.kernels.moe_align import _align_one_program, _align_torch, align_pairs_to_experts, max_padded_rows
 from models.moe import SparseMoeBlock, set_experts_impl, torch_fused_experts
 
 interpreted = pytest.mark.skipif(
@@ -95,6 +95,20 @@ def test_alignment_groups_pairs_by_expert(block_m):
     counts = torch.bincount(flat, minlength=experts)
     for expert in set(active):
         assert active.count(expert) == -(-int(counts[expert]) // block_m)
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "tokens,experts,top_k,block_m", [(1, 128, 8, 16), (37, 12, 3, 16), (70, 8, 2, 32), (5, 6, 4, 64)]
+)
+def test_one_program_alignment_equals_torch(tokens, experts, top_k, block_m):
+    """The Triton align kernel (decode sizes) must give exactly the torch version's layout."""
+    gen = torch.Generator().manual_seed(tokens)
+    used = torch.randperm(experts, generator=gen)[: max(top_k, experts // 2)]  # others get no pairs
+    ids = torch.stack([used[torch.randperm(len(used), generator=gen)[:top_k]] for _ in range(tokens)])
+    got, want = _align_one_program(ids, experts, block_m), _align_torch(ids, experts, block_m)
+    assert torch.equal(got.sorted_pair_ids, want.sorted_pair_ids)
+    assert torch.equal(got.block_expert_ids, want.block_expert_ids)
 
 
 @interpreted

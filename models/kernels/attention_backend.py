@@ -45,11 +45,15 @@ class TritonAttentionBackend:
         self.kv_cache.write(layer_idx, k, v, meta.slot_mapping)
         if all(n == 1 for n in meta.query_lens):
             k_cache, v_cache = self.kv_cache.data[layer_idx]  # each [N, S, Hkv, D]
-            context_lens = self._per_forward(meta, "context_lens", lambda: torch.tensor(meta.context_lens, dtype=torch.int32, device=q.device))
+            context_lens = self._per_forward(
+                meta, "context_lens", lambda: torch.tensor(meta.context_lens, dtype=torch.int32, device=q.device)
+            )
             return paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, context_lens, max_context=max(meta.context_lens)
             )
-        slots = self._per_forward(meta, "slots", lambda: context_slots(meta.block_tables, meta.context_lens, self.kv_cache.block_size))
+        slots = self._per_forward(
+            meta, "slots", lambda: context_slots(meta.block_tables, meta.context_lens, self.kv_cache.block_size)
+        )
         keys, values = gather_context(self.kv_cache, layer_idx, slots)  # [C, Hkv, D]
         return varlen_causal_attention(q, keys, values, meta.query_lens, meta.context_lens)
 

@@ -180,15 +180,23 @@ if HAS_TRITON:
 
 
 def _check_shapes(
-    x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
 ) -> None:
     num_experts, two_inter, hidden = gate_up_proj.shape
     if x.dim() != 2 or x.shape[1] != hidden or two_inter % 2:
         raise ValueError(f"x {tuple(x.shape)} does not match gate_up_proj {tuple(gate_up_proj.shape)} ([E, 2I, H])")
     if down_proj.shape != (num_experts, hidden, two_inter // 2):
-        raise ValueError(f"down_proj {tuple(down_proj.shape)} should be [E, H, I] = {(num_experts, hidden, two_inter // 2)}")
+        raise ValueError(
+            f"down_proj {tuple(down_proj.shape)} should be [E, H, I] = {(num_experts, hidden, two_inter // 2)}"
+        )
     if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != x.shape[0]:
-        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} must be [T, K]")
+        raise ValueError(
+            f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} must be [T, K]"
+        )
     if gate_up_proj.stride(-1) != 1 or down_proj.stride(-1) != 1:
         raise ValueError("expert weights must be contiguous in their last dimension")
 

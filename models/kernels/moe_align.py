@@ -6,7 +6,10 @@ GEMM program can load one expert's weights for the whole block. Padding rows hol
 pair id P (= T*K) and are masked in the kernels.
 
 Everything stays on the device with sizes known from shapes alone (no .item(), no bincount),
-so the whole MoE can be captured in a CUDA graph for decode.
+so the whole MoE can be captured in a CUDA graph for decode. The torch version is ~25 tiny
+kernels, tens of microseconds even replayed from a graph, against a ~25 us weight-read floor for
+one decode token; for up to SMALL_PAIRS pairs one Triton program does all of it instead, with
+the same output (pairs keep their order inside each expert's run).
 
 Legend: T tokens, K experts per token, P = T*K pairs, E experts, M = BLOCK_M,
 R rows of the padded sorted list (an upper bound, a multiple of M), NB = R / M blocks.
@@ -17,6 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from models.kernels.availability import HAS_TRITON, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+SMALL_PAIRS = 4096  # one program loops over the pairs twice; above ~4k pairs (T=512) torch should win
 
 
 @dataclass
@@ -38,6 +49,12 @@ def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 def align_pairs_to_experts(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertAlignment:
     """topk_ids [T, K] -> pairs sorted by expert, each expert's run padded to a multiple of M."""
+    if topk_ids.numel() <= SMALL_PAIRS and use_triton(topk_ids):
+        return _align_one_program(topk_ids, num_experts, block_m)
+    return _align_torch(topk_ids, num_experts, block_m)
+
+
+def _align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertAlignment:
     device = topk_ids.device
     flat = topk_ids.reshape(-1).to(torch.int64)  # [P]
     num_pairs = flat.numel()
@@ -60,4 +77,60 @@ def align_pairs_to_experts(topk_ids: torch.Tensor, num_experts: int, block_m: in
     # The block starting at row r belongs to the first expert whose padded run ends after r;
     # blocks past the last run get E, which the kernels skip.
     block_expert_ids = torch.searchsorted(padded_end, block_starts, right=True).to(torch.int32)
+    return ExpertAlignment(sorted_pair_ids, block_expert_ids, num_pairs)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _align_kernel(
+        ids_ptr,  # [P] expert of each pair
+        sorted_pair_ptr,  # [R] out
+        block_expert_ptr,  # [NB] out
+        num_pairs,
+        num_experts,
+        num_rows,
+        BLOCK_M: tl.constexpr,
+        E_PAD: tl.constexpr,
+        CHUNK: tl.constexpr,
+    ):
+        experts = tl.arange(0, E_PAD)
+        lanes = tl.arange(0, CHUNK)
+        # Pass 1: pairs per expert, via a [CHUNK, E] one-hot (no atomics: deterministic).
+        counts = tl.zeros((E_PAD,), dtype=tl.int32)
+        for c0 in range(0, num_pairs, CHUNK):
+            ids = tl.load(ids_ptr + c0 + lanes, mask=c0 + lanes < num_pairs, other=E_PAD)
+            counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        padded_end = tl.cumsum(padded, axis=0)  # [E]
+        padded_start = padded_end - padded
+        # Expert of each block: the first whose padded run ends after the block's first row.
+        for b0 in range(0, num_rows // BLOCK_M, CHUNK):
+            starts = (b0 + lanes) * BLOCK_M
+            ended = tl.sum((padded_end[None, :] <= starts[:, None]).to(tl.int32), axis=1)
+            tl.store(block_expert_ptr + b0 + lanes, tl.minimum(ended, num_experts), mask=starts < num_rows)
+        for r0 in range(0, num_rows, CHUNK):
+            tl.store(sorted_pair_ptr + r0 + lanes, num_pairs, mask=r0 + lanes < num_rows)
+        tl.debug_barrier()  # the sentinel fill lands before the scatter overwrites real rows
+        # Pass 2: each pair's row = its expert's padded start + pairs of that expert before it.
+        seen = tl.zeros((E_PAD,), dtype=tl.int32)
+        for c0 in range(0, num_pairs, CHUNK):
+            ok = c0 + lanes < num_pairs
+            ids = tl.load(ids_ptr + c0 + lanes, mask=ok, other=E_PAD)
+            onehot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, E]
+            before_in_chunk = tl.sum((tl.cumsum(onehot, axis=0) - onehot) * onehot, axis=1)
+            base = tl.sum(onehot * (padded_start + seen)[None, :], axis=1)
+            tl.store(sorted_pair_ptr + base + before_in_chunk, c0 + lanes, mask=ok)
+            seen += tl.sum(onehot, axis=0)
+
+
+def _align_one_program(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertAlignment:
+    num_pairs = topk_ids.numel()
+    rows = max_padded_rows(num_pairs, num_experts, block_m)
+    sorted_pair_ids = torch.empty(rows, dtype=torch.int32, device=topk_ids.device)
+    block_expert_ids = torch.empty(rows // block_m, dtype=torch.int32, device=topk_ids.device)
+    _align_kernel[(1,)](
+        topk_ids.reshape(-1), sorted_pair_ids, block_expert_ids, num_pairs, num_experts, rows,
+        BLOCK_M=block_m, E_PAD=triton.next_power_of_2(num_experts), CHUNK=64, num_warps=4,
+    )  # fmt: skip
     return ExpertAlignment(sorted_pair_ids, block_expert_ids, num_pairs)

@@ -75,10 +75,12 @@ if HAS_TRITON:
         head_ok = g < GROUP
         q_head = kv_head * GROUP + g  # [G]
         d = tl.arange(0, HEAD_DIM)
-        q = tl.load(q_ptr + seq * stride_qb + q_head[:, None] * stride_qh + d[None, :], mask=head_ok[:, None], other=0.0)
+        q = tl.load(
+            q_ptr + seq * stride_qb + q_head[:, None] * stride_qh + d[None, :], mask=head_ok[:, None], other=0.0
+        )
 
         m = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
-        l = tl.zeros((GROUP_PAD,), dtype=tl.float32)
+        denom = tl.zeros((GROUP_PAD,), dtype=tl.float32)
         acc = tl.zeros((GROUP_PAD, HEAD_DIM), dtype=tl.float32)
         for n0 in range(start, end, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)  # [BN]
@@ -92,7 +94,7 @@ if HAS_TRITON:
             m_new = tl.maximum(m, tl.max(s, axis=1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m - m_new)
-            l = l * alpha + tl.sum(p, axis=1)
+            denom = denom * alpha + tl.sum(p, axis=1)
             v_rows = block * stride_vn + slot_in_block * stride_vs + kv_head * stride_vh
             v = tl.load(v_cache_ptr + v_rows[:, None] + d[None, :], mask=pos_ok[:, None], other=0.0)  # [BN, D]
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -100,16 +102,16 @@ if HAS_TRITON:
 
         if SPLIT:
             # A split past the end of a short sequence saw no keys: weight 0 in the merge.
-            has_keys = l > 0
-            out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l, 1.0)[:, None], 0.0)
-            lse = tl.where(has_keys, m + tl.log2(tl.where(has_keys, l, 1.0)), float("-inf"))
+            has_keys = denom > 0
+            out = tl.where(has_keys[:, None], acc / tl.where(has_keys, denom, 1.0)[:, None], 0.0)
+            lse = tl.where(has_keys, m + tl.log2(tl.where(has_keys, denom, 1.0)), float("-inf"))
             row = seq * stride_ob + q_head * stride_oh + split * stride_os  # [G]
             tl.store(out_ptr + row[:, None] + d[None, :], out, mask=head_ok[:, None])
             # lse is a contiguous [B, Hq, NS] with Hq = Hkv * GROUP.
             lse_idx = (seq * tl.num_programs(1) * GROUP + q_head) * tl.num_programs(2) + split
             tl.store(lse_ptr + lse_idx, lse, mask=head_ok)
         else:
-            out = acc / l[:, None]
+            out = acc / denom[:, None]
             row = seq * stride_ob + q_head * stride_oh
             tl.store(out_ptr + row[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
 
@@ -132,7 +134,9 @@ if HAS_TRITON:
         lse = tl.load(lse_ptr + row * num_splits + s, mask=s_ok, other=float("-inf"))  # [NS]
         w = tl.exp2(lse - tl.max(lse, axis=0))  # splits without keys have lse -inf: weight 0
         d = tl.arange(0, HEAD_DIM)
-        part = tl.load(partial_ptr + (row * num_splits + s)[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None], other=0.0)
+        part = tl.load(
+            partial_ptr + (row * num_splits + s)[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None], other=0.0
+        )
         out = tl.sum(part * w[:, None], axis=0) / tl.sum(w, axis=0)
         tl.store(out_ptr + seq * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
@@ -158,8 +162,8 @@ def paged_decode_attention(
     """q [B, Hq, D] (the last position of each sequence) over k/v_cache [N, S, Hkv, D] -> [B, Hq, D].
 
     block_tables [B, max_blocks] and context_lens [B] (keys per sequence, >= 1, the new token's
-    included) are integer tensors on q's device. `max_context` (a host int) saves a device sync when given; `split_len`
-    overrides the split choice (tests use it to force flash-decoding on small inputs).
+    included) are integer tensors on q's device. `max_context` (a host int) saves a device sync
+    when given; `split_len` overrides the split choice (tests use it to force flash-decoding).
     """
     if not use_triton(q):
         return _torch_paged_decode(q, k_cache, v_cache, block_tables, context_lens)
@@ -176,7 +180,15 @@ def paged_decode_attention(
     if split_len is None:
         split_len = choose_split_len(batch, kv_heads, max_context, num_sms(q.device))
     num_splits = -(-max_context // split_len)
-    common = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PAGE=page, BLOCK_N=BLOCK_N, num_warps=4, num_stages=2)
+    common = dict(
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        PAGE=page,
+        BLOCK_N=BLOCK_N,
+        num_warps=4,
+        num_stages=2,
+    )
     scale_log2 = math.log2(math.e) / math.sqrt(head_dim)
     cache_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3])
     if num_splits == 1:
@@ -201,7 +213,11 @@ def paged_decode_attention(
 
 
 def _torch_paged_decode(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
 ) -> torch.Tensor:
     """Reference: gather each sequence's keys/values from its blocks, then SDPA (one at a time)."""
     page = k_cache.shape[1]
