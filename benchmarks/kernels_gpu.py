@@ -24,8 +24,9 @@ import math
 import os
 import statistics
 import sys
+import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -153,13 +154,12 @@ def hf_grouped_mm(gate_up: torch.Tensor, down: torch.Tensor) -> Callable | None:
         return None
 
 
-def bench_moe(token_counts: list[int], sweep: bool, bandwidth: float, peak: float) -> list[dict]:
+def bench_moe(token_counts: list[int], sweep: bool, bandwidth: float, peak: float) -> Iterator[dict]:
     print(f"\n== fused MoE  E={E} K={K} H={H} I={I} {DT}")
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     gate_up = (torch.randn(E, 2 * I, H, device=DEVICE, generator=gen) / H**0.5).to(DT)
     down = (torch.randn(E, H, I, device=DEVICE, generator=gen) / I**0.5).to(DT)
     hf = hf_grouped_mm(gate_up, down)
-    rows = []
     for tokens in token_counts:
         sets = []  # rotating inputs: each set routes to other experts
         for _ in range(8 if tokens <= 256 else 2):
@@ -214,12 +214,11 @@ def bench_moe(token_counts: list[int], sweep: bool, bandwidth: float, peak: floa
                 best = min(best, (ms, config), key=lambda b: b[0])
             row["best_ms"], row["best_config"] = best[0], dataclasses.asdict(best[1])
         del ref
-        rows.append(row)
+        yield row
         print(
             f"  T={tokens}: triton {fmt(row['triton_ms'])} us (again {fmt(row['triton_again_ms'])}),"
             f" torch {fmt(row['torch_ms'])} us, floor {fmt(floor_ms)} us ({row['bound']})"
         )
-    return rows
 
 
 def decode_inputs(batch: int, ctx: int, sets: int, gen: torch.Generator):
@@ -241,10 +240,9 @@ def torch_batched_decode(q, k_cache, v_cache, tables, ctx):
     return out.squeeze(2)
 
 
-def bench_decode(batches: list[int], contexts: list[int], bandwidth: float) -> list[dict]:
+def bench_decode(batches: list[int], contexts: list[int], bandwidth: float) -> Iterator[dict]:
     print(f"\n== paged decode attention  Hq={HQ} Hkv={HKV} D={D} S={S} {DT}")
     gen = torch.Generator(device=DEVICE).manual_seed(1)
-    rows = []
     for ctx in contexts:
         for batch in batches:
             kv_bytes = batch * ctx * HKV * D * 2 * DT.itemsize
@@ -274,11 +272,10 @@ def bench_decode(batches: list[int], contexts: list[int], bandwidth: float) -> l
                 row["torch_loop_ms"] = time_ms(
                     [lambda: _torch_paged_decode(queries[0], k_cache, v_cache, tables[0], lens)], budget_s=0.1
                 )
-            rows.append(row)
+            yield row
             print(
                 f"  B={batch} ctx={ctx}: triton {row['triton_ms'] * 1e3:.1f} us, floor {row['floor_ms'] * 1e3:.1f} us"
             )
-    return rows
 
 
 def reference_rows(
@@ -295,7 +292,7 @@ def reference_rows(
     return torch.einsum("hrc,chd->rhd", probs, v)
 
 
-def bench_prefill(token_counts: list[int], peak: float) -> list[dict]:
+def bench_prefill(token_counts: list[int], peak: float) -> Iterator[dict]:
     """Decision data for a Triton prefill kernel: torch's flash varlen (one call, GQA native) on
     whole prompts and on a chunk behind a paged prefix, against the matmul-rate floor."""
     available = flash_varlen_available(torch.empty(1, device=DEVICE, dtype=DT))
@@ -303,7 +300,6 @@ def bench_prefill(token_counts: list[int], peak: float) -> list[dict]:
     from models.attention import causal_attention
 
     gen = torch.Generator(device=DEVICE).manual_seed(2)
-    rows = []
     for tokens in token_counts:
         for prefix in (0, 3 * tokens):  # whole prompt; a chunk of `tokens` behind 3x as many cached
             ctx = prefix + tokens
@@ -336,12 +332,11 @@ def bench_prefill(token_counts: list[int], peak: float) -> list[dict]:
             small = prefix == 0 or tokens * ctx <= 2**26
             row["torch_sdpa_ms"] = try_time([lambda: causal_attention(q, keys, values)]) if small else None
             row["tflops"] = flops / row["flash_varlen_ms"] / 1e9
-            rows.append(row)
+            yield row
             print(
                 f"  T={tokens} prefix={prefix}: gather {fmt(row['gather_ms'])} us"
                 f" + flash varlen {fmt(row['flash_varlen_ms'])} us ({row['tflops']:.0f} TFLOP/s)"
             )
-    return rows
 
 
 def fmt(ms: float | None) -> str:
@@ -413,15 +408,29 @@ def main() -> None:
     print(f"{device}: {torch.cuda.get_device_properties(0).multi_processor_count} SMs")
     bandwidth, peak = ceilings()
     print(f"ceilings: copy {bandwidth:.0f} GB/s, bf16 matmul {peak:.0f} TFLOP/s")
+    moe: list[dict] = []
+    decode: list[dict] = []
+    prefill: list[dict] = []
+    if args.quick:
+        plan = [
+            (bench_moe([1, 64, 1024], sweep=False, bandwidth=bandwidth, peak=peak), moe),
+            (bench_decode([1, 64], [4096], bandwidth), decode),
+            (bench_prefill([1024], peak), prefill),
+        ]
+    else:
+        plan = [
+            (bench_moe([1, 16, 64, 256, 1024, 8192], sweep=True, bandwidth=bandwidth, peak=peak), moe),
+            (bench_decode([1, 16, 64, 256], [512, 4096], bandwidth), decode),
+            (bench_prefill([1024, 8192], peak), prefill),
+        ]
+    failed = False
     with torch.inference_mode():
-        if args.quick:
-            moe = bench_moe([1, 64, 1024], sweep=False, bandwidth=bandwidth, peak=peak)
-            decode = bench_decode([1, 64], [4096], bandwidth)
-            prefill = bench_prefill([1024], peak)
-        else:
-            moe = bench_moe([1, 16, 64, 256, 1024, 8192], sweep=True, bandwidth=bandwidth, peak=peak)
-            decode = bench_decode([1, 16, 64, 256], [512, 4096], bandwidth)
-            prefill = bench_prefill([1024, 8192], peak)
+        for rows, into in plan:  # a failing section keeps the rows it finished and the others run
+            try:
+                into.extend(rows)
+            except (Exception, SystemExit):
+                failed = True
+                traceback.print_exc()
     print_tables(device, bandwidth, peak, moe, decode, prefill)
     if args.out:
         path = Path(args.out) / "kernels_gpu.json"
@@ -439,6 +448,8 @@ def main() -> None:
             )
         )
         print(f"\nwrote {path}")
+    if failed:
+        raise SystemExit("a section failed: see the traceback above")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Module names under splitvl.commands, in the order `--help` lists them.
-COMMAND_MODULES = ("make_tiny", "generate", "bench")
+COMMAND_MODULES = ("make_tiny", "generate", "bench", "language")
 
 
 def build_parser() -> argparse.ArgumentParser:

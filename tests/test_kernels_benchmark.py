@@ -34,9 +34,9 @@ def test_benchmark_script_runs_small(monkeypatch, capsys):
     monkeypatch.setattr(bench, "time_ms", lambda calls, graph=False, budget_s=0.0: [c() for c in calls] and 1.0)
     monkeypatch.setattr(bench, "SWEEP", {k: v[:1] for k, v in bench.SWEEP.items()})
     with torch.inference_mode():
-        moe = bench.bench_moe([1, 300], sweep=True, bandwidth=1e3, peak=1e2)
-        decode = bench.bench_decode([1, 3], [9], bandwidth=1e3)
-        prefill = bench.bench_prefill([5], peak=1e2)
+        moe = list(bench.bench_moe([1, 300], sweep=True, bandwidth=1e3, peak=1e2))
+        decode = list(bench.bench_decode([1, 3], [9], bandwidth=1e3))
+        prefill = list(bench.bench_prefill([5], peak=1e2))
     bench.print_tables("cpu", 1e3, 1e2, moe, decode, prefill)
     out = capsys.readouterr().out
     assert "FAIL" not in out and "fused MoE" in out and "paged decode" in out and "prefill" in out

@@ -1,0 +1,79 @@
+"""An `image_url` content part -> the ImageRef the engine dispatches to an encode service.
+
+The HTTP process never decodes pixels (the encode service does), but it checks what it cheaply
+can so bad input fails fast with a 400/413 instead of a trip through the engine and an encoder:
+data URL syntax, base64, size, and that local paths lie under an allowed root.
+
+The key is the image's identity for the encoder's cache and the engine's prefix cache: the same
+bytes (or URL) with the same preprocessing options give the same key, so a repeated image is
+encoded once and its prompt tokens are shared.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from pathlib import Path
+
+from language_server.api.errors import bad_request, too_large
+from language_server.api.schemas import ImageURL
+from language_server.protocol import ImageRef
+from language_server.settings import LanguageSettings
+
+
+def image_ref(image_url: ImageURL, settings: LanguageSettings, param: str) -> ImageRef:
+    url = image_url.url
+    options = {k: v for k, v in (("min_pixels", image_url.min_pixels), ("max_pixels", image_url.max_pixels))
+               if v is not None}
+    if len(options) == 2 and options["min_pixels"] > options["max_pixels"]:
+        raise bad_request(f"{param}.min_pixels must not exceed max_pixels.", param=param)
+    if url.startswith("data:"):
+        identity = _data_url_bytes(url, settings.max_image_url_bytes, param)
+        source = url  # the encoder decodes data URLs itself
+    elif url.startswith(("http://", "https://")):
+        identity = url.encode("utf-8")
+        source = url
+    else:
+        path = _allowed_local_path(url, settings.allowed_local_image_roots, param)
+        if path.stat().st_size > settings.max_image_url_bytes:
+            raise too_large(f"The image at {param} is larger than {settings.max_image_url_bytes} bytes.", param=param)
+        identity = path.read_bytes()
+        source = str(path)
+    digest = hashlib.sha256(identity)
+    digest.update(json.dumps(options, sort_keys=True).encode())
+    return ImageRef(source=source, key=digest.hexdigest(), options=options)
+
+
+def _data_url_bytes(url: str, limit: int, param: str) -> bytes:
+    header, comma, payload = url.partition(",")
+    if not comma or not header.startswith("data:image/") or not header.endswith(";base64"):
+        raise bad_request(f"{param} must be a base64 data URL: 'data:image/<format>;base64,<data>'.",
+                          param=param, code="invalid_image_url")
+    # Refuse an oversized payload before decoding it (base64 carries 3 bytes per 4 characters).
+    if len(payload) // 4 * 3 > limit + 3:
+        raise too_large(f"The image at {param} is larger than {limit} bytes.", param=param)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(f"{param} is not valid base64.", param=param, code="invalid_image_url") from None
+    if not data:
+        raise bad_request(f"{param} holds no image data.", param=param, code="invalid_image_url")
+    if len(data) > limit:
+        raise too_large(f"The image at {param} is larger than {limit} bytes.", param=param)
+    return data
+
+
+def _allowed_local_path(url: str, roots: list[str], param: str) -> Path:
+    raw = url.removeprefix("file://")
+    if not Path(raw).is_absolute():
+        raise bad_request(f"{param} must be a data URL, an http(s) URL, or an absolute local path.",
+                          param=param, code="invalid_image_url")
+    path = Path(raw).resolve()  # resolves '..' and symlinks before the root check
+    if not any(path.is_relative_to(Path(root).resolve()) for root in roots):
+        raise bad_request(f"{param}: local image paths are not allowed here; the service accepts them only "
+                          "under its allowed_local_image_roots setting.", param=param, code="invalid_image_url")
+    if not path.is_file():
+        raise bad_request(f"{param}: no image file at {url}.", param=param, code="invalid_image_url")
+    return path

@@ -1,0 +1,54 @@
+"""What the HTTP process knows about the served checkpoint: its name, tokenizer and a few ids.
+
+It never loads weights; the engine process does that.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from language_server.settings import LanguageSettings
+from models.config import load_config
+
+
+@dataclass
+class ServedModel:
+    name: str
+    tokenizer: PreTrainedTokenizerBase
+    vocab_size: int  # the model's (may exceed the tokenizer's: padded embedding rows)
+    is_vl: bool
+    image_token_id: int | None
+    image_token: str | None  # its text, e.g. "<|image_pad|>"
+    # generation_config.json's sampling values: the defaults for parameters a request leaves out,
+    # as in transformers' generate and vLLM (Qwen ships e.g. temperature 0.7, top_p 0.8, top_k 20).
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, settings: LanguageSettings) -> "ServedModel":
+        config = load_config(settings.model)
+        tokenizer = AutoTokenizer.from_pretrained(settings.model)
+        image_token = tokenizer.convert_ids_to_tokens(config.image_token_id) if config.is_vl else None
+        return cls(
+            name=settings.served_model_name or Path(settings.model).resolve().name,
+            tokenizer=tokenizer,
+            vocab_size=config.text.vocab_size,
+            is_vl=config.is_vl,
+            image_token_id=config.image_token_id if config.is_vl else None,
+            image_token=image_token,
+            sampling_defaults=_sampling_defaults(Path(settings.model)),
+        )
+
+
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def _sampling_defaults(model_dir: Path) -> dict[str, float]:
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return {}
+    config = json.loads(path.read_text())
+    return {k: config[k] for k in _SAMPLING_KEYS if isinstance(config.get(k), (int, float))}

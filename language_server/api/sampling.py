@@ -1,0 +1,74 @@
+"""A validated request -> the engine's SamplingParams, with the checks that need the prompt."""
+
+from __future__ import annotations
+
+from language_server.api.errors import bad_request
+from language_server.api.model_info import ServedModel
+from language_server.api.schemas import SamplingFields
+from language_server.protocol import SamplingParams
+
+_INT64 = 2**63
+
+
+def refuse_unsupported(req: SamplingFields) -> None:
+    """Fields OpenAI has that we don't serve: an error beats an answer that ignored them."""
+    if req.tools or req.functions:
+        raise bad_request("Tool and function calling are not supported by this service.", param="tools")
+    if req.response_format is not None and req.response_format.get("type", "text") != "text":
+        raise bad_request("Only response_format type 'text' is supported.", param="response_format")
+
+
+def stop_strings(req: SamplingFields) -> list[str]:
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if any(not s for s in stops):
+        raise bad_request("Stop strings must not be empty.", param="stop")
+    return stops
+
+
+def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None, prompt_len: int,
+                    model: ServedModel, max_model_len: int, prompt_param: str) -> SamplingParams:
+    """Parameters for the first choice; `for_choice` derives the others. prompt_len counts one token
+    per image: the engine checks the length again once images are expanded."""
+    limit = max_model_len
+    if prompt_len >= limit:
+        raise bad_request(f"The prompt is {prompt_len} tokens; this model's maximum context length is {limit}. "
+                          "Shorten it.", param=prompt_param, code="context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = limit - prompt_len
+    elif prompt_len + max_tokens > limit:
+        raise bad_request(f"The prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds this model's "
+                          f"maximum context length of {limit}. Lower max_tokens or shorten the prompt.",
+                          param="max_tokens", code="context_length_exceeded")
+    for token_id in req.stop_token_ids or []:
+        if not 0 <= token_id < model.vocab_size:
+            raise bad_request(f"stop_token_ids holds {token_id}, outside the vocabulary [0, {model.vocab_size}).",
+                              param="stop_token_ids")
+    defaults = model.sampling_defaults
+
+    def pick(name: str, fallback: float) -> float:
+        value = getattr(req, name)
+        return value if value is not None else defaults.get(name, fallback)
+
+    top_k = int(pick("top_k", 0))
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=float(pick("temperature", 1.0)),
+        top_p=float(pick("top_p", 1.0)),
+        top_k=max(top_k, 0),  # -1 and 0 both mean "off"
+        min_p=float(pick("min_p", 0.0)),
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=float(pick("repetition_penalty", 1.0)),
+        seed=req.seed,
+        stop_token_ids=list(req.stop_token_ids or []),
+        ignore_eos=bool(req.ignore_eos),
+        logprobs=logprobs,
+    )
+
+
+def for_choice(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice i of n gets seed + i: reproducible, yet the n choices differ from each other."""
+    if params.seed is None or index == 0:
+        return params
+    seed = (params.seed + index + _INT64) % (2 * _INT64) - _INT64
+    return SamplingParams(**{**params.__dict__, "seed": seed})

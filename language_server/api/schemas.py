@@ -1,0 +1,131 @@
+"""Request bodies of the OpenAI endpoints we serve, validated by pydantic in strict mode.
+
+Strict, because OpenAI rejects `"temperature": "0.5"` and so do we: a wrong type is a 400 that
+names the parameter, never a silent coercion. Fields OpenAI has and we don't implement are either
+ignored (harmless hints such as `user`) or rejected by the handlers (tools, response formats), so
+a client never gets an answer that quietly ignored what it asked for. Responses are plain dicts
+built by the handlers in OpenAI's documented shape.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from language_server.api.errors import bad_request
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool | None = None
+
+
+class ImageURL(_Body):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+    # Qwen's preprocessing bounds for this image (override the encoder's defaults).
+    min_pixels: int | None = Field(None, ge=1)
+    max_pixels: int | None = Field(None, ge=1)
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Body):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class SamplingFields(_Body):
+    """What chat and text completions share. None means "not given": the handler picks defaults."""
+
+    model: str
+    n: int | None = Field(None, ge=1, le=128)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: off (vLLM's convention)
+    min_p: float | None = Field(None, ge=0, le=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # Accepted so the handlers can refuse them by name rather than ignore them.
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+
+def parse_body(body: bytes, cls: type[_Body]) -> Any:
+    """Validate a JSON body; the most specific problem becomes a 400 naming its parameter."""
+    try:
+        return cls.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors()
+        if errors[0]["type"] == "json_invalid":
+            raise bad_request("The request body is not valid JSON.", code="invalid_json") from None
+        # A union reports one error per member; the deepest location is the one the client meant.
+        first = max(errors, key=lambda e: len(e["loc"]))
+        param = _param_name(first["loc"])
+        if not param:
+            raise bad_request("The request body must be a JSON object.", code="invalid_json") from None
+        if first["type"] == "missing":
+            message = f"Missing required parameter: '{param}'."
+        else:
+            message = f"Invalid value for '{param}': {first['msg']}."
+        wrong_type = first["type"].endswith(("_type", "_parsing"))
+        raise bad_request(message, param=param, code="invalid_type" if wrong_type else "invalid_value") from None
+
+
+def _param_name(loc: tuple[Any, ...]) -> str:
+    """('messages', 0, 'content', 'list[...]', 0, 'image_url', 'image_url', 'url') ->
+    'messages[0].content[0].image_url.url': drops union member names and the discriminator tag
+    (which repeats the field name after it)."""
+    out, previous = "", None
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "[" in part or part in ("str", "int", "float", "bool") or part == previous:
+            pass
+        else:
+            out += f".{part}" if out else part
+        previous = part
+    return out
+

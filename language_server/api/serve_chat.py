@@ -1,0 +1,99 @@
+"""POST /v1/chat/completions: messages -> n generations -> OpenAI's chat response or chunks."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from language_server.api.chat import chat_prompt
+from language_server.api.detokenizer import TokenBytes
+from language_server.api.errors import bad_request
+from language_server.api.generation import Generation, Piece
+from language_server.api.logprobs import chat_logprobs
+from language_server.api.sampling import for_choice, refuse_unsupported, sampling_params, stop_strings
+from language_server.api.schemas import ChatCompletionRequest
+from language_server.api.serving import respond
+from language_server.api.state import AppState
+from language_server.protocol import GenerateRequest
+
+
+async def create_chat_completion(req: ChatCompletionRequest, request: Request, state: AppState,
+                                 release: Callable[[], None]) -> Response:
+    state.check_model(req.model)
+    refuse_unsupported(req)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs requires logprobs to be true.", param="top_logprobs")
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options is only allowed when stream is true.", param="stream_options")
+    stops = stop_strings(req)
+    prompt = chat_prompt(req.messages, state.model, state.settings)
+    top_n = req.top_logprobs or 0
+    params = sampling_params(req, req.max_completion_tokens or req.max_tokens, top_n if req.logprobs else None,
+                             len(prompt.token_ids), state.model, state.max_model_len, prompt_param="messages")
+    n = req.n or 1
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    arrival = time.monotonic()
+    generations = [
+        Generation(state.client, GenerateRequest(f"{request_id}-{i}", prompt.token_ids, for_choice(params, i),
+                                                 prompt.images),
+                   state.token_bytes, stops, req.skip_special_tokens is not False, state.metrics, arrival)
+        for i in range(n)
+    ]
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    fmt = _ChatFormat(request_id, state.model.name, n, state.token_bytes if req.logprobs else None, top_n,
+                      include_usage)
+    return await respond(request, generations, n, fmt, bool(req.stream), include_usage, release)
+
+
+class _ChatFormat:
+    def __init__(self, request_id: str, model: str, n: int, token_bytes: TokenBytes | None, top_n: int,
+                 include_usage: bool) -> None:
+        self._head = {"id": request_id, "created": int(time.time()), "model": model}
+        self._n = n
+        self._token_bytes = token_bytes  # None: logprobs not requested
+        self._top_n = top_n
+        self._include_usage = include_usage
+
+    def _logprobs(self, piece: Piece) -> dict | None:
+        if self._token_bytes is None:
+            return None
+        return {"content": chat_logprobs(piece.logprobs, self._token_bytes, self._top_n), "refusal": None}
+
+    def _chunk(self, choices: list[dict]) -> dict:
+        chunk = {**self._head, "object": "chat.completion.chunk", "choices": choices}
+        if self._include_usage:
+            chunk["usage"] = None  # as OpenAI: every chunk but the last carries a null usage
+        return chunk
+
+    def start_chunks(self) -> list[dict]:
+        return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}]) for i in range(self._n)]
+
+    def chunk(self, index: int, piece: Piece) -> dict | None:
+        if not piece.text and not piece.logprobs and piece.finish_reason is None:
+            return None
+        delta = {"content": piece.text} if piece.text else {}
+        return self._chunk([{"index": index, "delta": delta, "logprobs": self._logprobs(piece),
+                             "finish_reason": piece.finish_reason}])
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return {**self._head, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+
+    def response(self, pieces: list[list[Piece]], usage: dict) -> dict:
+        choices = []
+        for index, parts in enumerate(pieces):
+            logprobs = None
+            if self._token_bytes is not None:
+                entries = [e for p in parts for e in p.logprobs]
+                logprobs = {"content": chat_logprobs(entries, self._token_bytes, self._top_n), "refusal": None}
+            choices.append({
+                "index": index,
+                "message": {"role": "assistant", "content": "".join(p.text for p in parts)},
+                "logprobs": logprobs,
+                "finish_reason": parts[-1].finish_reason,
+            })
+        return {**self._head, "object": "chat.completion", "choices": choices, "usage": usage}

@@ -1,0 +1,179 @@
+"""Starts the language service: the engine process, then the HTTP server in this process.
+
+Order matters: the HTTP process binds the engine's output channel first (so EngineReady and
+EngineFatal cannot be lost), starts the engine, loads the tokenizer while the engine loads the
+model, and serves HTTP only once the engine is ready. On SIGINT/SIGTERM, or when the engine
+dies, it stops uvicorn and the engine; the engine also exits by itself if this process dies
+without a chance to clean up (killed), so no orphan keeps a GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+import uvicorn
+
+from language_server.api.app import create_app
+from language_server.api.detokenizer import TokenBytes
+from language_server.api.engine_client import EngineClient, EngineUnavailable
+from language_server.api.metrics import Metrics
+from language_server.api.model_info import ServedModel
+from language_server.api.state import AppState
+from language_server.protocol import EngineReady
+from language_server.settings import LanguageSettings
+
+logger = logging.getLogger("splitvl.language")
+
+_ENGINE_STOP_TIMEOUT_S = 10.0
+_PARENT_POLL_S = 0.5
+
+
+class ServiceError(Exception):
+    """The service could not start; the message says why and what to do."""
+
+
+def serve(settings: LanguageSettings) -> int:
+    """Run until a signal (exit 0) or an engine failure (exit 1). Raises ServiceError at startup."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(_Service(settings).run())
+
+
+class _Service:
+    def __init__(self, settings: LanguageSettings) -> None:
+        self.settings = settings
+        self.stopping = False
+        self.exit_code = 0
+
+    def _on_signal(self, signum: int, _: FrameType | None) -> None:
+        # Startup polls this flag; while serving, uvicorn installs its own handlers and calls
+        # this one again once it has shut down (harmless).
+        self.stopping = True
+
+    async def run(self) -> int:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        ipc_dir = tempfile.mkdtemp(prefix="splitvl-language-")
+        request_address, output_address = f"ipc://{ipc_dir}/requests", f"ipc://{ipc_dir}/outputs"
+        client = EngineClient(request_address, output_address)
+        process = multiprocessing.get_context("spawn").Process(
+            target=_engine_main, name="splitvl-engine", daemon=True,
+            args=(self.settings.model_dump(), request_address, output_address, os.getpid()),
+        )
+        process.start()
+        try:
+            model = await asyncio.to_thread(ServedModel.load, self.settings)
+            ready = await self._wait_ready(client, process)
+            if ready is None:
+                return 0
+            max_model_len = min(self.settings.max_model_len, ready.num_kv_blocks * ready.block_size)
+            state = AppState(self.settings, model, TokenBytes(model.tokenizer), client, Metrics(), max_model_len)
+            config = uvicorn.Config(create_app(state), host=self.settings.host, port=self.settings.port,
+                                    lifespan="off", log_level="info", timeout_graceful_shutdown=5)
+            server = uvicorn.Server(config)
+            watchdog = asyncio.create_task(self._watch_engine(process, client, server))
+            await server.serve()
+            watchdog.cancel()
+            if server.started is False and not self.stopping:
+                raise ServiceError(f"the HTTP server could not start on {self.settings.host}:{self.settings.port} "
+                                   "(see the log above; is the port in use?)")
+            return self.exit_code
+        finally:
+            await client.close()
+            _stop_engine(process)
+            shutil.rmtree(ipc_dir, ignore_errors=True)
+
+    async def _wait_ready(self, client: EngineClient, process: BaseProcess) -> EngineReady | None:
+        """EngineReady, or None if a signal asked us to stop first."""
+        ready = asyncio.ensure_future(client.wait_ready())
+        try:
+            while not ready.done():
+                if self.stopping:
+                    return None
+                if not process.is_alive():
+                    # An EngineFatal sent just before the exit may still be in flight.
+                    await asyncio.wait({ready}, timeout=1.0)
+                    if not ready.done():
+                        raise ServiceError(f"the engine process exited with code {process.exitcode} before it "
+                                           "was ready; see its log above")
+                await asyncio.wait({ready}, timeout=0.1)
+            try:
+                info = ready.result()
+            except EngineUnavailable as exc:
+                raise ServiceError(f"the engine failed to start: {exc}") from None
+            logger.info("engine ready: %d KV blocks of %d tokens; encode results arrive at %s",
+                        info.num_kv_blocks, info.block_size, info.result_address)
+            return info
+        finally:
+            ready.cancel()
+
+    async def _watch_engine(self, process: BaseProcess, client: EngineClient, server: uvicorn.Server) -> None:
+        """An HTTP front without its engine is useless: fail what is in flight and exit non-zero,
+        so a supervisor restarts the service."""
+        while process.is_alive():
+            await asyncio.sleep(0.5)
+        if server.should_exit:
+            return  # shutting down anyway
+        reason = client.dead_reason or f"the engine process exited with code {process.exitcode}"
+        logger.error("%s; shutting down", reason)
+        client.mark_dead(reason)
+        self.exit_code = 1
+        server.should_exit = True
+
+
+def _stop_engine(process: BaseProcess) -> None:
+    if process.is_alive():
+        process.terminate()
+        process.join(_ENGINE_STOP_TIMEOUT_S)
+    if process.is_alive():
+        logger.warning("the engine did not stop within %.0f s; killing it", _ENGINE_STOP_TIMEOUT_S)
+        process.kill()
+    process.join()
+
+
+def _engine_main(settings: dict, request_address: str, output_address: str, parent_pid: int) -> None:
+    """Entry of the engine process (spawned: a fresh interpreter, safe with CUDA)."""
+    # Out of the terminal's process group: Ctrl+C goes to the launcher alone, which then stops the
+    # engine after uvicorn (no race between the two shutting down).
+    os.setpgrp()
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
+    try:
+        from language_server.engine.process import run_engine_process
+
+        run_engine_process(settings, request_address, output_address)
+    except Exception as exc:
+        # Failures before the engine's own error handling (an import error, say) still reach the
+        # launcher as a message, not only as an exit code.
+        traceback.print_exc()
+        _send_fatal(output_address, f"{type(exc).__name__}: {exc}")
+        sys.exit(1)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(_PARENT_POLL_S)
+    os._exit(1)
+
+
+def _send_fatal(output_address: str, message: str) -> None:
+    import zmq
+
+    from language_server.protocol import EngineFatal, pack
+
+    context = zmq.Context()
+    socket = context.socket(zmq.PUSH)
+    socket.connect(output_address)
+    socket.send(pack(EngineFatal(message)))
+    socket.close(linger=1000)
+    context.term()

@@ -1,0 +1,192 @@
+"""Image chat through the whole split: openai client -> `splitvl language` -> its engine ->
+`splitvl encode` (a real encode service subprocess) -> engine -> client, on loopback. Greedy
+tokens must equal transformers' `generate` fed by transformers' own image processor."""
+
+from __future__ import annotations
+
+import base64
+import io
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoTokenizer
+
+from language_server.api.detokenizer import TokenBytes
+from splitvl.cli import COMMAND_MODULES
+from tests.reference import hf_model
+from tests.test_api_server import LanguageService, free_port
+
+# The encode service is built beside this one; until its command lands these tests cannot run.
+pytestmark = pytest.mark.skipif("encode" not in COMMAND_MODULES, reason="`splitvl encode` is not in this checkout")
+
+MAX_TOKENS = 12
+
+
+def _png(width: int, height: int, seed: int) -> bytes:
+    """Seeded noise over a gradient, so different sizes and contents give different features."""
+    rng = np.random.default_rng(seed)
+    grad = np.linspace(0, 255, width)[None, :, None] * np.ones((height, 1, 3))
+    pixels = np.clip(grad * 0.5 + rng.integers(0, 128, (height, width, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+# Small PNGs: their data URLs stay under the 8192-character job `source` limit (see the xfail below).
+IMAGE_A = _png(40, 28, seed=0)
+IMAGE_B = _png(24, 56, seed=1)
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def image_part(png: bytes) -> dict:
+    return {"type": "image_url", "image_url": {"url": data_url(png)}}
+
+
+@pytest.fixture(scope="module")
+def encode_service(vl_ckpt, tmp_path_factory):
+    listen, http_port = f"tcp://127.0.0.1:{free_port()}", free_port()
+    log = tmp_path_factory.mktemp("encode") / "encode.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "splitvl", "encode", "--model", str(vl_ckpt), "--listen", listen,
+                                 "--http-port", str(http_port)], stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"the encode service exited:\n{log.read_text()}"
+            try:
+                if httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=2).json().get("status") == "ready":
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"the encode service did not become ready:\n{log.read_text()}"
+            time.sleep(0.2)
+        yield listen
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def image_service(vl_ckpt, encode_service, tmp_path_factory):
+    service = LanguageService(tmp_path_factory.mktemp("api_images"), vl_ckpt, "--encoder", encode_service,
+                              "--served-model-name", "tiny-vl")
+    try:
+        service.wait_healthy()
+        deadline = time.monotonic() + 30
+        while service.health()["encoders_healthy"] != 1:
+            assert time.monotonic() < deadline, "the encoder never became healthy"
+            time.sleep(0.2)
+        yield service
+    finally:
+        service.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(vl_ckpt):
+    """transformers' greedy tokens for a conversation, images through AutoImageProcessor (PIL)."""
+    tokenizer = AutoTokenizer.from_pretrained(vl_ckpt)
+    processor = AutoImageProcessor.from_pretrained(vl_ckpt)
+    model = hf_model(vl_ckpt)
+
+    def generate(messages: list[dict]) -> tuple[list[int], int]:
+        rendered, images = [], []
+        for m in messages:
+            if isinstance(m["content"], str):
+                rendered.append(m)
+                continue
+            parts = []
+            for p in m["content"]:
+                if p["type"] == "text":
+                    parts.append(p)
+                else:
+                    images.append(Image.open(io.BytesIO(base64.b64decode(p["image_url"]["url"].split(",")[1]))))
+                    parts.append({"type": "image"})
+            rendered.append({"role": m["role"], "content": parts})
+        text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False)
+        out = processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        pieces = text.split("<|image_pad|>")
+        grids = out["image_grid_thw"]
+        text = pieces[0] + "".join("<|image_pad|>" * int(g.prod() // 4) + rest
+                                   for g, rest in zip(grids, pieces[1:], strict=True))
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            generated = model.generate(input_ids=ids, pixel_values=out["pixel_values"], image_grid_thw=grids,
+                                       mm_token_type_ids=(ids == model.config.image_token_id).int(),
+                                       max_new_tokens=MAX_TOKENS, do_sample=False)
+        return generated[0, ids.shape[1]:].tolist(), ids.shape[1]
+
+    return generate, TokenBytes(tokenizer)
+
+
+def _chat(service: LanguageService, messages: list[dict], **kwargs):
+    return service.client().chat.completions.create(model="tiny-vl", messages=messages, max_tokens=MAX_TOKENS,
+                                                    temperature=0, logprobs=True, **kwargs)
+
+
+ONE_IMAGE = [{"role": "user", "content": [image_part(IMAGE_A), {"type": "text", "text": "What is shown here?"}]}]
+MULTI_TURN = [
+    {"role": "system", "content": "Describe images."},
+    {"role": "user", "content": [image_part(IMAGE_A), {"type": "text", "text": "And this one?"}]},
+    {"role": "assistant", "content": "A gradient."},
+    {"role": "user", "content": [{"type": "text", "text": "Compare with:"}, image_part(IMAGE_B)]},
+]
+
+
+@pytest.mark.parametrize("messages", [ONE_IMAGE, MULTI_TURN], ids=["one_image", "multi_turn_two_images"])
+def test_image_chat_greedy_equals_transformers(image_service, reference, messages):
+    generate, token_bytes = reference
+    want, prompt_len = generate(messages)
+    response = _chat(image_service, messages)
+    assert [c.bytes for c in response.choices[0].logprobs.content] == [list(token_bytes(t)) for t in want]
+    assert response.usage.prompt_tokens == prompt_len  # after image expansion
+    streamed = image_service.client().chat.completions.create(model="tiny-vl", messages=messages,
+                                                              max_tokens=MAX_TOKENS, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == response.choices[0].message.content
+
+
+def test_repeated_image_is_served_from_the_prefix_cache(image_service):
+    # The first 16-token block holds image tokens, so a hit there needs the same image key.
+    messages = [{"role": "user", "content": [image_part(_png(40, 28, seed=3)), {"type": "text", "text": "Again."}]}]
+    first = _chat(image_service, messages)
+    again = _chat(image_service, messages)
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens >= 16
+    metrics = httpx.get(f"{image_service.url}/metrics").text
+    received = next(line for line in metrics.splitlines() if line.startswith("splitvl_encoder_bytes_received_total"))
+    assert float(received.split()[-1]) > 0
+
+
+def test_undecodable_image_is_a_client_error(image_service):
+    not_an_image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}
+    messages = [{"role": "user", "content": [not_an_image, {"type": "text", "text": "?"}]}]
+    response = httpx.post(f"{image_service.url}/v1/chat/completions", timeout=60,
+                          json={"model": "tiny-vl", "messages": messages, "max_tokens": 2})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"]
+    assert image_service.health()["status"] == "ok"
+
+
+@pytest.mark.xfail(strict=True, reason="the engine sends a data URL as the job's string `source`, which the "
+                   "transfer codec caps at 8192 characters; larger images need the bytes sent as a frame")
+def test_image_larger_than_8k_data_url(image_service):
+    """Last in the module: while the bug stands, this request takes the engine down."""
+    big = _png(96, 64, seed=2)
+    assert len(data_url(big)) > 8192
+    messages = [{"role": "user", "content": [image_part(big), {"type": "text", "text": "What is shown here?"}]}]
+    assert _chat(image_service, messages).choices[0].message.content is not None
