@@ -1,0 +1,110 @@
+"""Answers to their reply addresses: one sender and one thread per address.
+
+A thread per address keeps a stalled language service from delaying answers to the others
+(each send may block up to send_timeout_s under backpressure), and gives every transport
+socket a single owning thread. Senders are cached; one idle for a while is closed when a new
+address shows up, so language services that restart on fresh addresses do not leak sockets.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+from encode_server.metrics import EncodeMetrics
+from transfer.base import Sender, TransportError
+from transfer.messages import EncodeResult, Message
+from transfer.registry import make_sender
+
+log = logging.getLogger(__name__)
+
+# The transfer interface has no flush: a sender's close() drops what the transport still
+# buffers. Before closing, an outbox that sent recently waits this long for it to leave.
+_FLUSH_S = 0.5
+_IDLE_CLOSE_S = 300.0
+_STOP = object()
+
+
+class _Outbox:
+    def __init__(self, transport: str, address: str, send_timeout_s: float, metrics: EncodeMetrics) -> None:
+        self.transport, self.address = transport, address
+        self.send_timeout_s = send_timeout_s
+        self.metrics = metrics
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.last_used = time.monotonic()
+        self.thread = threading.Thread(target=self._run, name=f"outbox {address}", daemon=True)
+        self.thread.start()
+
+    def post(self, msg: Message) -> None:
+        self.last_used = time.monotonic()
+        self.queue.put(msg)
+
+    def stop(self) -> None:
+        self.queue.put(_STOP)
+
+    def _run(self) -> None:
+        try:
+            sender: Sender | None = make_sender(self.transport, self.address)
+        except Exception as exc:  # noqa: BLE001 - backends raise their own types for a bad address
+            log.error("cannot open a sender to reply address %s: %s; its answers are dropped", self.address, exc)
+            sender = None
+        last_sent = 0.0
+        while (msg := self.queue.get()) is not _STOP:
+            if sender is None:
+                self.metrics.send_failures.inc()
+                continue
+            try:
+                sender.send(msg, timeout=self.send_timeout_s)
+            except TransportError as exc:  # TransportTimeout included: the peer is stalled or gone
+                log.warning("dropped %s for %s: %s", type(msg).__name__, self.address, exc)
+                self.metrics.send_failures.inc()
+                continue
+            last_sent = time.monotonic()
+            if isinstance(msg, EncodeResult):
+                self.metrics.bytes_sent.inc(msg.embeddings.numel() * msg.embeddings.element_size())
+        if sender is not None:
+            time.sleep(max(0.0, last_sent + _FLUSH_S - time.monotonic()))
+            sender.close()
+
+
+class Outboxes:
+    def __init__(self, transport: str, send_timeout_s: float, metrics: EncodeMetrics) -> None:
+        self.transport = transport
+        self.send_timeout_s = send_timeout_s
+        self.metrics = metrics
+        self._boxes: dict[str, _Outbox] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def post(self, address: str, msg: Message) -> None:
+        with self._lock:
+            if self._closed:  # only when shutdown ran past its deadline with work left
+                log.warning("dropped %s for %s: the service is shutting down", type(msg).__name__, address)
+                self.metrics.send_failures.inc()
+                return
+            box = self._boxes.get(address)
+            if box is None:
+                self._close_idle()
+                box = self._boxes[address] = _Outbox(self.transport, address, self.send_timeout_s, self.metrics)
+            box.post(msg)
+
+    def close(self, timeout: float) -> None:
+        """Send everything posted so far (each send still bounded by send_timeout_s), then close."""
+        with self._lock:
+            self._closed = True
+            boxes = list(self._boxes.values())
+            self._boxes.clear()
+        for box in boxes:
+            box.stop()
+        deadline = time.monotonic() + timeout
+        for box in boxes:
+            box.thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _close_idle(self) -> None:
+        now = time.monotonic()
+        for address, box in list(self._boxes.items()):
+            if now - box.last_used > _IDLE_CLOSE_S and box.queue.empty():
+                box.stop()
+                del self._boxes[address]

@@ -1,0 +1,117 @@
+"""The encode service's settings: one pydantic model, loadable from YAML, CLI flags on top.
+
+Unknown keys are errors (a misspelt limit must not silently fall back to its default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+)
+
+MiB = 1 << 20
+
+
+class SettingsError(ValueError):
+    """The settings file or flags are invalid; the message names each bad key."""
+
+
+class EncodeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # --- where and what
+    model: Path = Field(description="checkpoint directory; only model.visual.* is read")
+    listen: str = Field(description="transport address jobs arrive at, e.g. tcp://0.0.0.0:5600")
+    transport: str = Field("zmq", description="transfer backend name for jobs and results")
+    service_id: str | None = Field(None, description="name in health pongs; default host:pid")
+    http_host: str = Field("127.0.0.1", description="address of the /health and /metrics port")
+    http_port: int = Field(8601, ge=0, le=65535, description="0 picks a free port")
+    device: str = Field("auto", description="auto (cuda if present), cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="vision weights and output dtype; auto = the checkpoint's"
+    )
+
+    # --- batching and concurrency
+    batch_token_budget: PositiveInt = Field(
+        16384, description="most patches (vision tokens before the 2x2 merge) in one forward; "
+        "a larger single image still runs, alone"
+    )
+    max_wait_ms: NonNegativeFloat = Field(
+        5.0, description="longest an image waits for others to share its forward"
+    )
+    workers: PositiveInt = Field(8, description="threads that fetch, decode and preprocess")
+    max_pending_jobs: PositiveInt = Field(
+        1024, description="jobs accepted and not yet answered; more are refused as overloaded"
+    )
+    send_timeout_s: PositiveFloat = Field(
+        30.0, description="how long a result may wait for a slow language service"
+    )
+    shutdown_timeout_s: PositiveFloat = Field(
+        30.0, description="graceful shutdown finishes in-flight jobs for at most this long"
+    )
+
+    # --- cache
+    cache_bytes: NonNegativeInt = Field(2048 * MiB, description="LRU budget for results; 0 = off")
+
+    # --- limits on what clients send
+    max_image_bytes: PositiveInt = Field(32 * MiB, description="largest encoded image accepted")
+    max_decoded_pixels: PositiveInt = Field(
+        64 * MiB, description="largest width*height decoded (checked from the header first)"
+    )
+    max_pixels_limit: PositiveInt | None = Field(
+        None, description="highest min_pixels/max_pixels a job may ask for; "
+        "default: the checkpoint's max_pixels"
+    )
+
+    # --- sources
+    url_allow_list: list[IPvAnyNetwork] = Field(
+        default_factory=list, description="networks URLs may reach although private, loopback, "
+        "link-local or reserved (public addresses are always allowed)"
+    )
+    allowed_local_roots: list[Path] = Field(
+        default_factory=list, description="directories local paths may be read from; empty = none"
+    )
+    fetch_connect_timeout_s: PositiveFloat = 5.0
+    fetch_read_timeout_s: PositiveFloat = 10.0
+    fetch_total_timeout_s: PositiveFloat = Field(
+        30.0, description="a whole download, redirects included (stops slow-drip servers)"
+    )
+    fetch_max_redirects: NonNegativeInt = 3
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+def load_settings(config_file: str | Path | None, overrides: Mapping[str, Any]) -> EncodeSettings:
+    """The YAML file's values, then every override that is not None (CLI flags left unset)."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise SettingsError(f"cannot read encode settings {path}: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise SettingsError(f"{path} must hold a mapping of setting: value, not {type(loaded).__name__}")
+        values.update(loaded or {})
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    try:
+        return EncodeSettings(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in exc.errors()
+        )
+        where = f" (from {config_file} and flags)" if config_file else ""
+        raise SettingsError(f"invalid encode settings{where}: {problems}") from None
