@@ -192,7 +192,8 @@ def test_image_requests_wait_for_encodes_and_match_offline(vl_ckpt):
             assert any(o.request_id == f"text-{rid}" for o in text_outs)
             assert rid in engine.awaiting
             job = next(m for m in iter(lambda: jobs.recv(timeout=5), None) if isinstance(m, EncodeJob))
-            assert (job.source, job.image_key, job.options) == (source, "key-A", {"max_pixels": 4096})
+            # A data URL crosses the wire as its decoded bytes.
+            assert (job.source, job.image_key, job.options) == (b"\x00", "key-A", {"max_pixels": 4096})
             with torch.no_grad():
                 rows = vision(image.pixel_values, [image.grid])
             with make_sender("zmq", job.reply_to) as reply:

@@ -9,6 +9,7 @@ they answer again.
 
 from __future__ import annotations
 
+import base64
 import itertools
 import logging
 import time
@@ -67,6 +68,16 @@ class EncodeOutcome:
     error_code: str | None = None
     error_message: str | None = None
     error_status: int = 500
+
+
+def _wire_source(source: str) -> bytes | str:
+    """Data URLs travel as their decoded bytes (a raw frame): the wire caps string sources at a
+    few KB, and the encoder then skips a second base64 pass. URLs and paths stay strings."""
+    if source.startswith("data:"):
+        header, _, payload = source.partition(",")
+        if header.endswith(";base64"):
+            return base64.b64decode(payload, validate=False)
+    return source
 
 
 class EncoderClient:
@@ -131,7 +142,7 @@ class EncoderClient:
             job.attempts += 1
             job.tried.add(encoder.address)
             job_id = f"{job.request_id}/{job.image_index}/{next(self._ids)}"
-            msg = EncodeJob(request_id=job_id, image_key=job.key, source=job.source,
+            msg = EncodeJob(request_id=job_id, image_key=job.key, source=_wire_source(job.source),
                             reply_to=self.receiver.address, options=dict(job.options))
             try:
                 encoder.sender.send(msg, timeout=_SEND_TIMEOUT_S)
