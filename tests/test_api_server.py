@@ -314,6 +314,7 @@ BAD_CHAT = [
     (_chat_body(messages=_image_message("data:text/plain;base64,aGk=")), 400, "messages[0].content[0].image_url"),
     (_chat_body(messages=_image_message("/etc/hostname")), 400, "messages[0].content[0].image_url"),
     (_chat_body(messages=_image_message("relative.png")), 400, "messages[0].content[0].image_url"),
+    (_chat_body(messages=_image_message("https://example.com/" + "a" * 9000)), 400, "messages[0].content[0].image_url"),
     (_chat_body(messages=_image_message(PNG_1PX, PNG_1PX, PNG_1PX)), 400, "messages"),
     (_chat_body(messages=_image_message(PNG_1PX, role="assistant")), 400, "messages[0].content[0].image_url"),
     (_chat_body(messages=_image_message("data:image/png;base64," + "A" * 8000)), 413,
@@ -383,3 +384,48 @@ def test_client_disconnect_aborts_the_engine_request(vl_service):
     _wait_idle(vl_service)
     text = httpx.get(f"{vl_service.url}/metrics").text
     assert "splitvl_http_requests_in_flight 0.0" in text
+
+
+def test_sampling_parameters_reach_the_engine(vl_service):
+    free = {"ignore_eos": True}
+    greedy = chat(vl_service, max_tokens=24, extra_body=free).choices[0].message.content
+    hot = {"temperature": 1.5, "seed": 7, "max_tokens": 24}
+    assert chat(vl_service, **hot, extra_body=free).choices[0].message.content != greedy
+    # Filters that leave only the most likely token make hot sampling greedy again.
+    assert chat(vl_service, **hot, top_p=1e-6, extra_body=free).choices[0].message.content == greedy
+    for narrow in ({"top_k": 1}, {"min_p": 1.0}):
+        assert chat(vl_service, **hot, extra_body={**free, **narrow}).choices[0].message.content == greedy, narrow
+    # Penalties on repeated tokens change a greedy continuation that repeats itself.
+    long_greedy = chat(vl_service, max_tokens=48, extra_body=free).choices[0].message.content
+    penalties = [{"frequency_penalty": 2.0}, {"presence_penalty": 2.0},
+                 {"extra_body": {**free, "repetition_penalty": 3.0}}]
+    for penalty in penalties:
+        kwargs = {"extra_body": free, **penalty}
+        assert chat(vl_service, max_tokens=48, **kwargs).choices[0].message.content != long_greedy, penalty
+
+
+def test_completions_several_prompts_times_n(vl_service, tokenizer):
+    client = vl_service.client()
+    single = client.completions.create(model="tiny-vl", prompt="The quick", max_tokens=4, temperature=0)
+    multi = client.completions.create(model="tiny-vl", prompt=["The quick", "brown fox"], n=2, max_tokens=4,
+                                      temperature=0)
+    assert [c.index for c in multi.choices] == [0, 1, 2, 3]
+    texts = [c.text for c in multi.choices]
+    assert texts[0] == texts[1] == single.choices[0].text and texts[2] == texts[3]
+    # Each prompt counts once, however many choices it has.
+    assert multi.usage.prompt_tokens == len(tokenizer("The quick")["input_ids"] + tokenizer("brown fox")["input_ids"])
+
+
+def test_engine_death_fails_requests_and_stops_the_service(vl_service):
+    """Last in this module: it takes the shared service down."""
+    engine = next(pid for pid in vl_service.children
+                  if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes() and _alive(pid))
+    stream = chat(vl_service, stream=True, max_tokens=6000, extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    next(chunks)
+    os.kill(engine, signal.SIGKILL)
+    with pytest.raises(openai.APIError, match="engine"):
+        for _ in chunks:
+            pass
+    assert vl_service.proc.wait(30) == 1, "a service without its engine must exit non-zero"
+    assert "the engine process exited with code -9; shutting down" in vl_service.log.read_text()

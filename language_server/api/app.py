@@ -77,8 +77,10 @@ def create_app(state: AppState) -> FastAPI:
             stats = await state.client.stats(_STATS_TIMEOUT_S)
         except EngineUnavailable as exc:
             return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
+        # Text requests need no encoder, so a service whose encoders are all down still answers 200.
+        degraded = stats.encoders_total > 0 and stats.encoders_healthy == 0
         return JSONResponse({
-            "status": "ok",
+            "status": "degraded" if degraded else "ok",
             "encoders_healthy": stats.encoders_healthy,
             "encoders_total": stats.encoders_total,
             "running": stats.running,

@@ -22,6 +22,9 @@ from language_server.api.schemas import ImageURL
 from language_server.protocol import ImageRef
 from language_server.settings import LanguageSettings
 
+# URLs and paths cross to the encoder as strings, which the wire caps at this length.
+MAX_SOURCE_CHARS = 8192
+
 
 def image_ref(image_url: ImageURL, settings: LanguageSettings, param: str) -> ImageRef:
     url = image_url.url
@@ -32,6 +35,9 @@ def image_ref(image_url: ImageURL, settings: LanguageSettings, param: str) -> Im
     if url.startswith("data:"):
         identity = _data_url_bytes(url, settings.max_image_url_bytes, param)
         source = url  # the encoder decodes data URLs itself
+    elif len(url) > MAX_SOURCE_CHARS:
+        raise bad_request(f"{param} is longer than {MAX_SOURCE_CHARS} characters; only data URLs may be longer.",
+                          param=param, code="invalid_image_url")
     elif url.startswith(("http://", "https://")):
         identity = url.encode("utf-8")
         source = url

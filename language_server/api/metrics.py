@@ -65,6 +65,8 @@ class Metrics:
         self.ttft = Histogram("splitvl_time_to_first_token_seconds",
                               "request arrival to its first generated token (image requests include encoding)",
                               ["images"], buckets=_LATENCY_BUCKETS, registry=r)
+        for images in ("yes", "no"):  # both series exist from the start, so dashboards see zeros
+            self.ttft.labels(images=images)
         self.inter_token = Histogram("splitvl_inter_token_latency_seconds", "time between generated tokens",
                                      buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("splitvl_e2e_request_latency_seconds", "request arrival to its last token",
