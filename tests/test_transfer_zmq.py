@@ -118,6 +118,14 @@ def _flood(address: str, report, go) -> None:
         time.sleep(0.5)
 
 
+def _send_numbered(address: str, n: int) -> None:
+    with ZmqSender(address) as sender:
+        payload = torch.zeros(1024, 4096)
+        for i in range(n):
+            sender.send(EncodeResult(f"n-{i}", "k", (1, 1, 1), payload), timeout=60)
+        time.sleep(1.0)
+
+
 def _start(target, *args):
     proc = SPAWN.Process(target=target, args=args, daemon=True)
     proc.start()
@@ -260,3 +268,15 @@ def test_stalled_receiver_bounds_sender_memory() -> None:
         go.set()
         assert receiver.recv(timeout=30).request_id == "after"
         proc.join(10)
+
+
+def test_long_stall_loses_no_message() -> None:
+    """A receiver that stops reading for 8 s is slow, not dead: the blocked sender's messages
+    must all arrive afterwards (zmq heartbeats with a short timeout used to drop them)."""
+    with ZmqReceiver("tcp://127.0.0.1:*") as receiver:
+        proc = _start(_send_numbered, receiver.address, 30)
+        first = receiver.recv(timeout=30)
+        time.sleep(8)
+        got = [first] + [receiver.recv(timeout=10) for _ in range(29)]
+        proc.join(10)
+    assert [m.request_id if m else None for m in got] == [f"n-{i}" for i in range(30)]

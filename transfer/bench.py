@@ -98,7 +98,9 @@ def _socket_sender(port: int, nbytes: int, n: int, trials: int, go) -> None:
                 sock.sendall(buf)
 
 
-def raw_socket(nbytes: int, n: int, trials: int) -> float:
+def raw_socket(nbytes: int, n: int, trials: int, fresh: bool = False) -> float:
+    """A plain TCP socket into one reused buffer, or (`fresh`) into a new buffer per message as
+    a real receiver needs: the difference is the cost of fresh pages."""
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)
@@ -112,12 +114,15 @@ def raw_socket(nbytes: int, n: int, trials: int) -> float:
             for _ in range(trials):
                 go.put(1)
                 start = time.perf_counter()
-                left = nbytes * n
-                while left:
-                    got = conn.recv_into(buf, min(left, nbytes))
-                    if not got:
-                        raise RuntimeError("the socket sender died")
-                    left -= got
+                for _ in range(n):
+                    if fresh:
+                        buf = memoryview(torch.empty(nbytes, dtype=torch.uint8).numpy())
+                    left = nbytes
+                    while left:
+                        got = conn.recv_into(buf[nbytes - left:], left)
+                        if not got:
+                            raise RuntimeError("the socket sender died")
+                        left -= got
                 best = max(best, _gbps(nbytes * n, time.perf_counter() - start))
         proc.join(10)
     return best
@@ -248,7 +253,10 @@ def run(sizes: list[int], trials: int = 3, quick: bool = False, cpu_only: bool =
         memcpy = max(host_memcpy(nbytes, n_host) for _ in range(trials))
         table.append(Row("host memcpy", mib, memcpy, "-", 0.0, None))
         zmq_bw = transport_bandwidth("zmq", rows, n_net, trials, address="tcp://127.0.0.1:*")
-        table.append(Row("zmq tcp loopback", mib, zmq_bw, "raw TCP socket", raw_socket(nbytes, n_net, trials), 0.5))
+        sock_bw = raw_socket(nbytes, n_net, trials)
+        table.append(Row("zmq tcp loopback", mib, zmq_bw, "raw TCP socket", sock_bw, 0.5))
+        table.append(Row("  (raw TCP, fresh", mib, raw_socket(nbytes, n_net, trials, fresh=True),
+                         "buffer per message)", sock_bw, None))
         shm_bw = transport_bandwidth("shm", rows, n_host, trials, address="ipc:///tmp/splitvl-bench-shm.sock",
                                      receiver_options={"lease_bytes": 4 * nbytes, "max_senders": 1})
         table.append(Row("shm", mib, shm_bw, "host memcpy", memcpy, None))

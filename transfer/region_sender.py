@@ -54,6 +54,7 @@ class _Job:
     fence: Fence | None
     lease: _Lease | None  # None: inline only, needs no lease
     seq: int = 0
+    keep: tuple = ()  # the source tensors, alive until their copies are known to be done
 
 
 class RegionSender(Sender):
@@ -130,7 +131,8 @@ class RegionSender(Sender):
             ctrl = pack_ctrl(session=lease.session if lease else 0, lease=lease.index if lease else NO_LEASE,
                               gen=lease.gen if lease else 0, seq=seq, spans=spans)
             inline = [host_buffer(p) for (_, p), span in zip(payloads, spans, strict=True) if span is None]
-            self._outbox.append(_Job([b"data", ctrl, pack_header(header), *inline], fence, lease, seq))
+            keep = tuple(payloads[i][1] for i in direct) if lease is not None else ()
+            self._outbox.append(_Job([b"data", ctrl, pack_header(header), *inline], fence, lease, seq, keep))
             self._wake()
 
     def _wait(self, ready: Callable[[], Any], deadline: float | None, why: str, lease: bool = False) -> Any:
