@@ -85,6 +85,7 @@ class _CudaRegion(RegionMemory):
 
 class _CudaWriter(RegionWriter):
     def __init__(self, export: dict[str, Any], lease_offset: int, lease_nbytes: int):
+        torch.cuda.init()  # as torch.multiprocessing does before rebuilding a shared CUDA storage
         try:
             index = _device_with_uuid(export["uuid"])
             storage = torch.UntypedStorage._new_shared_cuda(

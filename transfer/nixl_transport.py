@@ -32,19 +32,23 @@ from transfer.region_sender import RegionSender
 
 def _nixl() -> Any:
     try:
-        from nixl._api import nixl_agent, nixl_agent_config
+        from nixl import _api
     except ImportError as exc:
         raise TransportError(
             "the nixl transport needs the optional NIXL package, which is not installed "
             f"({exc}); install it with `pip install nixl` (it brings UCX), or choose the zmq "
             "transport in the config") from exc
-    return nixl_agent, nixl_agent_config
+    return _api
 
 
 def _agent(role: str) -> Any:
-    nixl_agent, nixl_agent_config = _nixl()
-    # No listener thread: metadata travels in our own zmq LEASE message.
-    return nixl_agent(f"splitvl-{role}-{uuid.uuid4().hex[:12]}", nixl_agent_config(backends=["UCX"]))
+    api = _nixl()
+    # No listener thread: metadata travels in our own zmq LEASE message. STRICT thread sync:
+    # the sender's caller thread starts writes while its I/O thread polls and releases them.
+    options: dict[str, Any] = {"backends": ["UCX"]}
+    if hasattr(api, "nixl_thread_sync_t"):
+        options["sync_mode"] = api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
+    return api.nixl_agent(f"splitvl-{role}-{uuid.uuid4().hex[:12]}", api.nixl_agent_config(**options))
 
 
 def _place(tensor: torch.Tensor) -> tuple[str, int]:
