@@ -60,7 +60,7 @@ class EncodeService:
         self._running = 0  # images in the forward right now
         self._lock = threading.Lock()
         self.metrics = EncodeMetrics(lambda: self.batcher.depth, lambda: self._in_flight, lambda: self.cache.bytes)
-        self.outboxes = Outboxes(settings.transport, settings.send_timeout_s, self.metrics)
+        self.outboxes = Outboxes(settings.result_transport, settings.send_timeout_s, self.metrics)
         self.sources = SourceReader(
             max_bytes=settings.max_image_bytes,
             allow_networks=settings.url_allow_list,
@@ -85,7 +85,8 @@ class EncodeService:
                               else "cuda" if torch.cuda.is_available() else "cpu")
         dtype = None if self.settings.dtype == "auto" else dtype_from_name(self.settings.dtype)
         loaded = load_model(self.settings.model, part="vision", device=device, dtype=dtype)
-        self.runner = VisionRunner(loaded.model, device)
+        # cuda_ipc copies results device to device, so they stay on the GPU (cache included).
+        self.runner = VisionRunner(loaded.model, device, keep_on_device=self.settings.result_transport == "cuda_ipc")
         self.preprocess_settings = PreprocessSettings.from_pretrained(self.settings.model)
         self._probe()
         self.receiver = make_receiver(self.settings.transport, self.settings.listen)

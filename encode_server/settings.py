@@ -35,7 +35,11 @@ class EncodeSettings(BaseModel):
     # --- where and what
     model: Path = Field(description="checkpoint directory; only model.visual.* is read")
     listen: str = Field(description="transport address jobs arrive at, e.g. tcp://0.0.0.0:5600")
-    transport: str = Field("zmq", description="transfer backend name for jobs and results")
+    transport: str = Field("zmq", description="transfer backend jobs arrive by")
+    result_transport: str = Field(
+        "zmq", description="transfer backend results leave by: zmq, or cuda_ipc when the language model runs on "
+        "another GPU of this node (results then stay on the GPU and are copied device to device)"
+    )
     service_id: str | None = Field(None, description="name in health pongs; default host:pid")
     http_host: str = Field("127.0.0.1", description="address of the /health and /metrics port")
     http_port: int = Field(8601, ge=0, le=65535, description="0 picks a free port")

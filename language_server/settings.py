@@ -25,7 +25,9 @@ class LanguageSettings(BaseModel):
 
     # Encoders: addresses of encode services' job receivers, and the transport to reach them.
     encoders: list[str] = Field(default_factory=list)
-    transport: str = "zmq"
+    transport: str = Field("zmq", description="transfer backend jobs go to encoders by")
+    result_transport: str = Field("zmq", description="backend results come back by: zmq, or cuda_ipc when the "
+                                  "encoder runs on another GPU of this node")
     # Where encode results come back: the engine process binds it. tcp://host:0 picks a port.
     result_address: str = "tcp://127.0.0.1:0"
     encode_timeout_s: float = Field(30.0, gt=0, description="per image job; then retry elsewhere or fail")

@@ -37,7 +37,8 @@ class EngineCore:
                                    settings.chunk_size)
         self.encoders = EncoderClient(settings.encoders, settings.transport, settings.result_address,
                                       settings.encode_timeout_s, settings.encode_retries,
-                                      settings.encoder_health_interval_s)
+                                      settings.encoder_health_interval_s, settings.result_transport,
+                                      settings.device)
         self.eos_ids = set(load_eos_ids(settings.model, self.config))
         # The longest sequence the cache can hold bounds max_model_len.
         self.max_model_len = min(settings.max_model_len, self.runner.num_kv_blocks * settings.block_size)

@@ -82,8 +82,11 @@ def _wire_source(source: str) -> bytes | str:
 
 class EncoderClient:
     def __init__(self, addresses: list[str], transport: str, result_address: str, timeout_s: float,
-                 retries: int, health_interval_s: float) -> None:
-        self.receiver: Receiver = make_receiver(transport, result_address)
+                 retries: int, health_interval_s: float, result_transport: str = "zmq",
+                 device: str = "cpu") -> None:
+        # cuda_ipc: the receiver owns a region on the model's GPU that encoders copy into.
+        options = {"device": device} if result_transport == "cuda_ipc" else {}
+        self.receiver: Receiver = make_receiver(result_transport, result_address, **options)
         self.encoders = [EncoderState(a, make_sender(transport, a)) for a in addresses]
         self.timeout_s = timeout_s
         self.retries = retries

@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML settings file")
     p.add_argument("--model", metavar="DIR", help="checkpoint directory")
     p.add_argument("--listen", metavar="ADDR", help="address jobs arrive at, e.g. tcp://0.0.0.0:5600")
-    p.add_argument("--transport", help="transfer backend (default zmq)")
+    p.add_argument("--transport", help="transfer backend jobs arrive by (default zmq)")
+    p.add_argument("--result-transport", help="transfer backend results leave by: zmq (default) or cuda_ipc")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and output dtype (default auto: the checkpoint's)")
