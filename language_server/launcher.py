@@ -74,11 +74,12 @@ class _Service:
         process.start()
         try:
             model = await asyncio.to_thread(ServedModel.load, self.settings)
+            token_bytes = TokenBytes(model.tokenizer)  # refuses a tokenizer we cannot detokenize, early
             ready = await self._wait_ready(client, process)
             if ready is None:
                 return 0
             max_model_len = min(self.settings.max_model_len, ready.num_kv_blocks * ready.block_size)
-            state = AppState(self.settings, model, TokenBytes(model.tokenizer), client, Metrics(), max_model_len)
+            state = AppState(self.settings, model, token_bytes, client, Metrics(), max_model_len)
             config = uvicorn.Config(create_app(state), host=self.settings.host, port=self.settings.port,
                                     lifespan="off", log_level="info", timeout_graceful_shutdown=5)
             server = uvicorn.Server(config)
