@@ -78,7 +78,7 @@ class _Service:
             ready = await self._wait_ready(client, process)
             if ready is None:
                 return 0
-            max_model_len = min(self.settings.max_model_len, ready.num_kv_blocks * ready.block_size)
+            max_model_len = ready.max_model_len  # the engine caps the setting by its KV cache
             state = AppState(self.settings, model, token_bytes, client, Metrics(), max_model_len)
             config = uvicorn.Config(create_app(state), host=self.settings.host, port=self.settings.port,
                                     lifespan="off", log_level="info", timeout_graceful_shutdown=5)

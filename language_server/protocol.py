@@ -80,6 +80,7 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     prompt_tokens: int = 0  # after image expansion
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    encode_wait_s: float | None = None  # image requests, first output: arrival to last encode result
     error_code: str | None = None  # with finish_reason "error": e.g. "encoder_unavailable", "invalid_image"
     error_message: str | None = None  # safe to show the client
     error_status: int | None = None  # HTTP status the API should answer with (400, 413, 503, ...)
@@ -98,6 +99,8 @@ class EngineStats:
     preemptions: int = 0
     chunked_prefills: int = 0  # prefill steps that covered only part of a prompt
     encoder_bytes_received: int = 0
+    encode_wait_s_total: float = 0.0  # summed over image requests that got all their results
+    encode_waits: int = 0
     encoders_healthy: int = 0
     encoders_total: int = 0
     steps: int = 0
@@ -110,6 +113,7 @@ class EngineReady:
     num_kv_blocks: int
     block_size: int
     result_address: str  # where encode services push results for this engine
+    max_model_len: int  # the longest sequence served: settings' limit, capped by the KV cache
 
 
 @dataclass

@@ -169,6 +169,8 @@ def test_repeated_image_is_served_from_the_prefix_cache(image_service):
     metrics = httpx.get(f"{image_service.url}/metrics").text
     received = next(line for line in metrics.splitlines() if line.startswith("splitvl_encoder_bytes_received_total"))
     assert float(received.split()[-1]) > 0
+    waits = next(line for line in metrics.splitlines() if line.startswith("splitvl_encode_wait_seconds_count"))
+    assert float(waits.split()[-1]) >= 2  # both requests waited for (cached) encode results
 
 
 def test_undecodable_image_is_a_client_error(image_service):

@@ -164,6 +164,13 @@ def test_chat_greedy_equals_transformers(vl_service, tokenizer, token_bytes, hf_
     assert response.usage.total_tokens == prompt_len + len(hf_greedy)
 
 
+def test_return_token_ids_lists_the_generated_ids(vl_service, hf_greedy):
+    """vLLM's extension: the ids themselves, e.g. for ids a tokenizer cannot spell."""
+    choice = chat(vl_service, extra_body={"return_token_ids": True}).choices[0]
+    assert choice.model_extra["token_ids"] == hf_greedy
+    assert "token_ids" not in chat(vl_service).choices[0].model_extra
+
+
 def test_logprobs_format(vl_service, hf_greedy):
     content = chat(vl_service, logprobs=True, top_logprobs=3).choices[0].logprobs.content
     assert len(content) == len(hf_greedy)

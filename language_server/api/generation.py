@@ -93,6 +93,8 @@ class Generation:
     def _observe(self, output: RequestOutput) -> None:
         self.prompt_tokens = max(self.prompt_tokens, output.prompt_tokens)
         self.cached_tokens = max(self.cached_tokens, output.cached_tokens)
+        if output.encode_wait_s is not None:
+            self._metrics.encode_wait.observe(output.encode_wait_s)
         if not output.new_token_ids:
             return
         now = time.monotonic()

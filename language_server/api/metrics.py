@@ -77,6 +77,9 @@ class Metrics:
                               ["status"], registry=r)
         self.prompt_tokens = Counter("splitvl_prompt_tokens", "prompt tokens processed", registry=r)
         self.generation_tokens = Counter("splitvl_generation_tokens", "tokens generated", registry=r)
+        self.encode_wait = Histogram("splitvl_encode_wait_seconds",
+                                     "image requests: engine arrival to the last of their encode results",
+                                     buckets=_LATENCY_BUCKETS, registry=r)
         self.bytes_received = Counter("splitvl_http_request_bytes_received", "HTTP request body bytes", registry=r)
         self.in_flight = Gauge("splitvl_http_requests_in_flight", "generation requests being served", registry=r)
         self._engine = _EngineCollector()

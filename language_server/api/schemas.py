@@ -83,6 +83,8 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # vLLM's extension: each choice also lists its generated token ids (non-streaming responses).
+    return_token_ids: bool | None = None
 
 
 class CompletionRequest(SamplingFields):

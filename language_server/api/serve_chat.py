@@ -45,13 +45,14 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
     ]
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     fmt = _ChatFormat(request_id, state.model.name, n, state.token_bytes if req.logprobs else None, top_n,
-                      include_usage)
+                      include_usage, bool(req.return_token_ids))
     return await respond(request, generations, n, fmt, bool(req.stream), include_usage, release)
 
 
 class _ChatFormat:
     def __init__(self, request_id: str, model: str, n: int, token_bytes: TokenBytes | None, top_n: int,
-                 include_usage: bool) -> None:
+                 include_usage: bool, return_token_ids: bool = False) -> None:
+        self._return_token_ids = return_token_ids
         self._head = {"id": request_id, "created": int(time.time()), "model": model}
         self._n = n
         self._token_bytes = token_bytes  # None: logprobs not requested
@@ -90,10 +91,13 @@ class _ChatFormat:
             if self._token_bytes is not None:
                 entries = [e for p in parts for e in p.logprobs]
                 logprobs = {"content": chat_logprobs(entries, self._token_bytes, self._top_n), "refusal": None}
-            choices.append({
+            choice = {
                 "index": index,
                 "message": {"role": "assistant", "content": "".join(p.text for p in parts)},
                 "logprobs": logprobs,
                 "finish_reason": parts[-1].finish_reason,
-            })
+            }
+            if self._return_token_ids:
+                choice["token_ids"] = [t for p in parts for t in p.token_ids]
+            choices.append(choice)
         return {**self._head, "object": "chat.completion", "choices": choices, "usage": usage}

@@ -9,6 +9,7 @@ scheduler's queue like any text request.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -45,6 +46,8 @@ class EngineCore:
         self.requests: dict[str, EngineRequest] = {}
         self.awaiting: dict[str, EngineRequest] = {}
         self.steps = 0
+        self.encode_wait_total = 0.0
+        self.encode_waits = 0
 
     # ----- requests in ---------------------------------------------------------------------
 
@@ -124,6 +127,9 @@ class EngineCore:
         image.rows = result.embeddings.to(self.runner.device, self.runner.dtype)
         if all(im.rows is not None for im in req.images):
             del self.awaiting[req.request_id]
+            req.encode_wait_s = time.monotonic() - req.arrival
+            self.encode_wait_total += req.encode_wait_s
+            self.encode_waits += 1
             return self._ready(req)
         return []
 
@@ -198,7 +204,9 @@ class EngineCore:
             logprobs=req.pending_logprobs if req.request.sampling.logprobs is not None else None,
             prompt_tokens=req.num_prompt_tokens,
             cached_tokens=req.num_cached_prompt_tokens,
+            encode_wait_s=req.encode_wait_s,
         )
+        req.encode_wait_s = None  # reported with the first output only
         req.pending_tokens, req.pending_logprobs = [], []
         return out
 
@@ -228,6 +236,8 @@ class EngineCore:
             preemptions=s.preemptions,
             chunked_prefills=s.chunked_prefills,
             encoder_bytes_received=self.encoders.bytes_received,
+            encode_wait_s_total=self.encode_wait_total,
+            encode_waits=self.encode_waits,
             encoders_healthy=self.encoders.num_healthy,
             encoders_total=len(self.encoders.encoders),
             steps=self.steps,

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from transfer.base import Receiver, Sender, TransportError
+from transfer.codec import ProtocolError
 from transfer.messages import EncodeError, EncodeJob, EncodeResult, HealthPing, HealthPong
 from transfer.registry import make_receiver, make_sender
 
@@ -153,6 +154,10 @@ class EncoderClient:
                 encoder.healthy = False
                 log.warning("encoder %s refused a job: %s", encoder.address, exc)
                 continue
+            except ProtocolError as exc:  # this job can't be put on the wire (e.g. a source too long)
+                return EncodeOutcome(job.request_id, job.image_index, error_code="invalid_request",
+                                     error_message=f"the image cannot be sent to the encoder: {exc.reason}",
+                                     error_status=400)
             job.encoder, job.sent_at = encoder, time.monotonic()
             encoder.in_flight += 1
             self.jobs[job_id] = job

@@ -61,7 +61,7 @@ def run_engine_process(settings: dict, request_address: str, output_address: str
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     out.send(pack(EngineReady(num_kv_blocks=core.blocks.num_blocks, block_size=core.blocks.block_size,
-                              result_address=core.encoders.result_address)))
+                              result_address=core.encoders.result_address, max_model_len=core.max_model_len)))
     log.info("engine ready: %d KV blocks of %d tokens, encode results at %s",
              core.blocks.num_blocks, core.blocks.block_size, core.encoders.result_address)
     try:

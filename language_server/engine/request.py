@@ -53,6 +53,7 @@ class EngineRequest:
     pending_tokens: list[int] = field(default_factory=list)  # generated, not yet sent out
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    encode_wait_s: float | None = None  # set when the last image result arrives; reported once
 
     @property
     def request_id(self) -> str:
