@@ -126,21 +126,23 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         # SDPA's is_causal aligns top-left; queries here are the last tq of tk positions.
         rows = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
         mask, causal = rows >= torch.arange(tk, device=q.device)[None, :], False
+    # 4-D [1, heads, T, D]: SDPA picks its flash / memory-efficient kernels only for 4-D inputs
+    # (3-D falls back to the math kernel, which materialises T×T scores).
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1),
-        k.transpose(0, 1),
-        v.transpose(0, 1),
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
         attn_mask=mask,
         is_causal=causal,
         enable_gqa=q.shape[1] != k.shape[1],
     )
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 def varlen_full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
     """Bidirectional attention within each segment (one image frame each): [T, H, D] -> [T, H, D]."""
     out = torch.empty_like(q)
     for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-        seg = [t[start:end].transpose(0, 1) for t in (q, k, v)]
-        out[start:end] = F.scaled_dot_product_attention(*seg).transpose(0, 1)
+        seg = [t[start:end].transpose(0, 1)[None] for t in (q, k, v)]  # 4-D, see causal_attention
+        out[start:end] = F.scaled_dot_product_attention(*seg)[0].transpose(0, 1)
     return out
