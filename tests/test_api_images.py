@@ -19,12 +19,9 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from language_server.api.detokenizer import TokenBytes
-from splitvl.cli import COMMAND_MODULES
 from tests.reference import hf_model
 from tests.test_api_server import LanguageService, free_port
 
-# The encode service is built beside this one; until its command lands these tests cannot run.
-pytestmark = pytest.mark.skipif("encode" not in COMMAND_MODULES, reason="`splitvl encode` is not in this checkout")
 
 MAX_TOKENS = 12
 

@@ -221,3 +221,15 @@ def test_image_request_without_encoder_fails_cleanly(vl_ckpt):
     assert out.finish_reason == "error" and out.error_status == 503 and "no encode service" in out.error_message
     assert not engine.has_work()
     engine.close()
+
+
+def test_vl_prompt_prefilled_in_chunks_matches_offline(vl_ckpt):
+    """M-RoPE positions of a chunk that ends inside the prompt (a regression: the generated-token
+    tail of such a chunk is empty)."""
+    ref = OfflineGenerator(vl_ckpt)
+    engine = make_engine(vl_ckpt, chunk_size=8, max_num_batched_tokens=8)
+    ids = prompt(random.Random(9), 30)
+    outs = run_all(engine, [GenerateRequest("vl-chunks", ids, greedy(6))])
+    assert tokens_of(outs["vl-chunks"]) == ref.generate_ids(ids, max_tokens=6)
+    assert engine.scheduler.chunked_prefills >= 3
+    engine.close()

@@ -94,8 +94,8 @@ class ModelRunner:
             return torch.arange(a, a + n)
         # Prompt tokens have precomputed M-RoPE positions; generated ones are index + delta.
         prompt = req.positions[:, a : min(a + n, req.num_prompt_tokens)]
-        tail_start = max(a, req.num_prompt_tokens)
-        tail = torch.arange(tail_start, a + n).expand(3, -1) + req.rope_delta
+        tail_start = max(a, req.num_prompt_tokens)  # a chunk inside the prompt has no tail
+        tail = torch.arange(tail_start, max(tail_start, a + n)).expand(3, -1) + req.rope_delta
         return torch.cat([prompt, tail], dim=1)
 
     def _metadata(self, chunks: Sequence[ScheduledChunk]) -> AttentionMetadata:
