@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import base64
 import io
-import signal
-import subprocess
-import sys
 import time
 
 import httpx
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -20,28 +16,11 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 from language_server.api.detokenizer import TokenBytes
 from tests.reference import hf_model
-from tests.test_api_server import LanguageService, free_port
-
+from tests.services import EncodeService, LanguageService, data_url, png
 
 MAX_TOKENS = 12
-
-
-def _png(width: int, height: int, seed: int) -> bytes:
-    """Seeded noise over a gradient, so different sizes and contents give different features."""
-    rng = np.random.default_rng(seed)
-    grad = np.linspace(0, 255, width)[None, :, None] * np.ones((height, 1, 3))
-    pixels = np.clip(grad * 0.5 + rng.integers(0, 128, (height, width, 3)), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "PNG")
-    return buf.getvalue()
-
-
-IMAGE_A = _png(96, 64, seed=0)  # its data URL is ~24 KB: it crosses to the encoder as bytes
-IMAGE_B = _png(24, 56, seed=1)
-
-
-def data_url(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
+IMAGE_A = png(96, 64, seed=0)  # its data URL is ~24 KB: it crosses to the encoder as bytes
+IMAGE_B = png(24, 56, seed=1)
 
 
 def image_part(png: bytes) -> dict:
@@ -50,31 +29,9 @@ def image_part(png: bytes) -> dict:
 
 @pytest.fixture(scope="module")
 def encode_service(vl_ckpt, tmp_path_factory):
-    listen, http_port = f"tcp://127.0.0.1:{free_port()}", free_port()
-    log = tmp_path_factory.mktemp("encode") / "encode.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "splitvl", "encode", "--model", str(vl_ckpt), "--listen", listen,
-                                 "--http-port", str(http_port)], stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"the encode service exited:\n{log.read_text()}"
-            try:
-                if httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=2).json().get("status") == "ready":
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"the encode service did not become ready:\n{log.read_text()}"
-            time.sleep(0.2)
-        yield listen
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    service = EncodeService(vl_ckpt, tmp_path_factory.mktemp("encode")).wait_ready()
+    yield service.listen
+    service.stop()
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +114,7 @@ def test_image_chat_greedy_equals_transformers(image_service, reference, message
 
 def test_repeated_image_is_served_from_the_prefix_cache(image_service):
     # The first 16-token block holds image tokens, so a hit there needs the same image key.
-    messages = [{"role": "user", "content": [image_part(_png(40, 28, seed=3)), {"type": "text", "text": "Again."}]}]
+    messages = [{"role": "user", "content": [image_part(png(40, 28, seed=3)), {"type": "text", "text": "Again."}]}]
     first = _chat(image_service, messages)
     again = _chat(image_service, messages)
     assert again.choices[0].message.content == first.choices[0].message.content

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,91 +16,18 @@ import httpx
 import openai
 import pytest
 import torch
-import yaml
 from transformers import AutoTokenizer
 
 from language_server.api.detokenizer import TokenBytes
 from tests.reference import hf_model
+from tests.services import LanguageService, free_port  # noqa: F401 (shared by the other test_api_* files)
+from tests.services import alive as _alive
+from tests.services import children as _children  # noqa: F401
 
 MAX_TOKENS = 16
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colors."}]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-class LanguageService:
-    """`python -m splitvl language ...` with a log file; stop() checks it exits cleanly with its engine."""
-
-    def __init__(self, tmp: Path, model: Path, *extra: str, config: dict | None = None, api_key: str | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.api_key = api_key
-        self.log = tmp / f"language-{self.port}.log"
-        args = [sys.executable, "-m", "splitvl", "language", "--model", str(model), "--port", str(self.port), *extra]
-        if config:
-            path = tmp / f"language-{self.port}.yaml"
-            path.write_text(yaml.safe_dump(config))
-            args += ["--config", str(path)]
-        if api_key:
-            args += ["--api-key", api_key]
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.children: list[int] = []
-
-    def wait_healthy(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the language service exited ({self.proc.returncode}):\n{self.log.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    self.children = _children(self.proc.pid)
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"the language service did not become healthy:\n{self.log.read_text()}")
-
-    def client(self, **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.api_key or "unused", max_retries=0, **kwargs)
-
-    def health(self) -> dict:
-        return httpx.get(f"{self.url}/health", timeout=10).json()
-
-    def stop(self) -> int | None:
-        """SIGTERM; returns the exit code (None if it had to be killed)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-                return None
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="session")

@@ -3,60 +3,23 @@ official openai client: one language service configured with two encode services
 
 from __future__ import annotations
 
-import base64
-import io
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import numpy as np
 import openai
 import pytest
-from PIL import Image
 
-from tests.test_api_server import LanguageService, free_port
+from tests.services import EncodeService, LanguageService, data_url
+from tests.services import png as png_bytes
 
 ENCODE_TIMEOUT_S = 3.0
 MAX_TOKENS = 8
 
 
 def png(width: int, height: int, seed: int) -> str:
-    rng = np.random.default_rng(seed)
-    grad = np.linspace(0, 255, width)[None, :, None] * np.ones((height, 1, 3))
-    pixels = np.clip(grad * 0.5 + rng.integers(0, 128, (height, width, 3)), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-class EncodeService:
-    def __init__(self, model, tmp, listen: str | None = None):
-        self.listen = listen or f"tcp://127.0.0.1:{free_port()}"
-        self.http_port = free_port()
-        self.log = tmp / f"encode-{self.http_port}.log"
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "splitvl", "encode", "--model", str(model), "--listen", self.listen,
-                 "--http-port", str(self.http_port)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self, timeout: float = 120) -> "EncodeService":
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.proc.poll() is None, f"the encode service exited:\n{self.log.read_text()}"
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.http_port}/health", timeout=2).json().get("status") == "ready":
-                    return self
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, self.log.read_text()
-            time.sleep(0.2)
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
+    return data_url(png_bytes(width, height, seed))
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +40,7 @@ def services(vl_ckpt, tmp_path_factory):
             e.kill()
 
 
-def ask(service: LanguageService, content, stream: bool = False, max_tokens: int = MAX_TOKENS) -> list[int]:
+def ask(service: LanguageService, content, stream: bool = False, max_tokens: int = MAX_TOKENS) -> list[int] | str:
     client = service.client(timeout=60)
     messages = [{"role": "user", "content": content}]
     if not stream:
