@@ -28,16 +28,32 @@ def sample(logits: torch.Tensor, requests: Sequence[EngineRequest]) -> tuple[lis
     logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.request.sampling.logprobs is not None
                                                               for r in requests) else None
+    # Plain greedy rows (no penalties) take one batched argmax and one device sync between them,
+    # instead of one sync per row: at a decode batch of 256 that is milliseconds a step.
+    plain = [row for row, req in enumerate(requests) if _is_plain_greedy(req.request.sampling)]
+    if len(plain) == len(requests):
+        greedy = logits.argmax(dim=-1).tolist()
+    elif plain:
+        greedy = logits[torch.tensor(plain, device=logits.device)].argmax(dim=-1).tolist()
+    else:
+        greedy = []
+    greedy_of = dict(zip(plain, greedy))
     tokens: list[int] = []
     entries: list[TokenLogprob | None] = []
     for row, req in enumerate(requests):
         params = req.request.sampling
-        scores = _apply_penalties(logits[row], req, params)
-        tok = _pick(scores, params, req.generator)
+        tok = greedy_of.get(row)
+        if tok is None:
+            tok = _pick(_apply_penalties(logits[row], req, params), params, req.generator)
         tokens.append(tok)
         entries.append(_logprob_entry(raw_logprobs[row], tok, params.logprobs) if raw_logprobs is not None
                        and params.logprobs is not None else None)
     return tokens, entries
+
+
+def _is_plain_greedy(params: SamplingParams) -> bool:
+    return (params.temperature == 0.0 and params.repetition_penalty == 1.0 and not params.presence_penalty
+            and not params.frequency_penalty)
 
 
 def _apply_penalties(scores: torch.Tensor, req: EngineRequest, params: SamplingParams) -> torch.Tensor:

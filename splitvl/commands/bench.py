@@ -25,12 +25,46 @@ def run_transfer(args: argparse.Namespace) -> int:
                cpu_only=args.cpu_only)
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layers", type=int, default=None,
+                        help="decoder layers to build (default: all 48; fewer fit smaller cards)")
+    parser.add_argument("--quick", action="store_true", help="fewer generated tokens (~2-3 minutes on an H200)")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="tiny shapes on the CPU through the torch paths: checks the script end to end")
+    parser.add_argument("--out", default=None, help="JSON results path (default: $OUT/model_gpu.json)")
+    parser.add_argument("--time-budget-s", type=float, default=510.0,
+                        help="sections that would start after this many seconds are skipped (default: 510)")
+
+
+def run_model(args: argparse.Namespace) -> int:
+    # The measuring script lives in the checkout's benchmarks/ folder (not in the installed package).
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "model_gpu.py"
+    if not path.is_file():
+        print(f"{path} not found: run `splitvl bench model` from a source checkout (pip install -e .)")
+        return 2
+    spec = importlib.util.spec_from_file_location("splitvl_model_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.run(args)
+
+
 BENCHMARKS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "transfer": (
         "wire bandwidth of zmq, shm and cuda_ipc beside the raw link (socket, memcpy, GPU copy); "
         "checks cuda_ipc bit-exactness on 2 GPUs",
         add_transfer_arguments,
         run_transfer,
+    ),
+    "model": (
+        "the whole language model through the engine (CUDA graphs on and off) beside transformers on the same "
+        "random weights: decode tok/s, prefill latency, share of the bandwidth floor",
+        add_model_arguments,
+        run_model,
     ),
 }
 

@@ -1,0 +1,578 @@
+"""The whole language model on one GPU, through the engine, beside transformers on the same weights.
+
+    python benchmarks/model_gpu.py               # = splitvl bench model: all 48 layers (H200: ~4 min)
+    python benchmarks/model_gpu.py --quick       # fewer generated tokens (~2-3 min)
+    python benchmarks/model_gpu.py --layers 8    # fewer layers (an H100 with room to spare)
+    python benchmarks/model_gpu.py --cpu-smoke   # tiny shapes on the CPU, torch paths: checks this script
+
+Nothing is downloaded or written but a config and a tokenizer: the Qwen3-VL-30B-A3B language
+model is built on the GPU with random bf16 weights of the right scale (ModelRunner's
+load_format "dummy"), and transformers' Qwen3VLMoeForConditionalGeneration is built on the same
+parameter tensors (shared, not copied).
+
+Sections, each of which prints its error and lets the others run:
+  1. ceilings: device-to-device copy bandwidth (read + write) and the bf16 matmul rate
+  2. engine decode: tok/s at each batch (random prompts, greedy, ignore_eos) over the steps where
+     the whole batch decodes; CUDA graphs on, then off, same prompts (their tokens are compared)
+  3. engine prefill: time to first token of one 1k and one 8k prompt
+  4. transformers generate on the same weights: decode tok/s at batch 1 and 16 (from the time of
+     N new tokens minus the time of 1), prefill (generate of 1 token) at 1k
+  5. table: ours, transformers, ratio, and the share of the floor, where the floor is
+     max(bytes / copy bandwidth, flops / matmul rate); decode bytes = every weight a step reads
+     (attention, router, lm_head, the experts that random top-k routing activates:
+     E * (1 - (1 - K/E)^B) per layer) + the KV cache at the mean context.
+Full numbers go to $OUT/model_gpu.json (or --out) after every section.
+
+Legend: B batch, T prompt tokens, L layers, E experts, K experts per token, H hidden, I expert
+intermediate, V vocab.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import itertools
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+from unittest import mock
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from language_server.engine.core import EngineCore  # noqa: E402
+from language_server.protocol import GenerateRequest, SamplingParams  # noqa: E402
+from language_server.settings import LanguageSettings  # noqa: E402
+from models import tiny_tokenizer  # noqa: E402
+from models.config import ModelConfig, load_config  # noqa: E402
+from models.tiny_checkpoint import write_tiny_checkpoint  # noqa: E402
+
+BLOCK = 16
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str
+    dtype: str
+    shapes: str  # models.tiny_checkpoint shapes preset
+    layers: int | None  # None: the preset's
+    batches: tuple[int, ...]
+    input_len: int
+    output_len: int
+    prefill_lens: tuple[int, ...]
+    hf_batches: tuple[int, ...]
+    hf_new_tokens: int
+    copy_mib: int
+    matmul_n: int
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    if args.cpu_smoke:
+        # Batch 3 pads to the graph bucket 4 (the graph path runs uncaptured on the CPU).
+        return Plan("cpu", "float32", "tiny", args.layers, (1, 3, 4), 12, 8, (32, 64), (1, 2), 8, 16, 256)
+    return Plan("cuda", "bfloat16", "qwen3-vl-30b-a3b", args.layers, (1, 16, 64, 256), 512,
+                64 if args.quick else 256, (1024, 8192), (1, 16), 16 if args.quick else 64, 1024, 8192)
+
+
+# ----- timing ---------------------------------------------------------------------------------
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn: Callable[[], object], device: str, reps: int) -> float:
+    fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_ceilings(plan: Plan) -> dict:
+    """Copy bandwidth (bytes read + written per second) and the matmul rate, both on random data."""
+    dt = getattr(torch, plan.dtype)
+    src = torch.randn(plan.copy_mib * 2**20 // dt.itemsize, device=plan.device, dtype=dt)
+    dst = torch.empty_like(src)
+    copy_s = median_seconds(lambda: dst.copy_(src), plan.device, 20)
+    n = plan.matmul_n
+    a, b = torch.randn(n, n, device=plan.device, dtype=dt), torch.randn(n, n, device=plan.device, dtype=dt)
+    mm_s = median_seconds(lambda: a @ b, plan.device, 10)
+    return {"copy_bytes_per_s": 2 * src.numel() * dt.itemsize / copy_s, "matmul_flops_per_s": 2 * n**3 / mm_s}
+
+
+# ----- floors ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Byte and parameter counts of the language model, from its config (built on meta)."""
+
+    total_params: int
+    dense_params: int  # everything but the experts and the embedding table: read by every step
+    expert_params: int  # one expert's gate, up and down
+    layers: int
+    experts: int
+    top_k: int
+    hidden: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    itemsize: int
+
+    @classmethod
+    def of(cls, config: ModelConfig, dtype: torch.dtype) -> "ModelSizes":
+        from models.qwen3_moe import Qwen3MoeForCausalLMWithDeepStack
+
+        text = config.text
+        with torch.device("meta"):
+            model = Qwen3MoeForCausalLMWithDeepStack(text)
+        total = sum(p.numel() for p in model.parameters())
+        experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+        embed = model.model.embed_tokens.weight.numel()
+        return cls(total, total - experts - embed, 3 * text.hidden_size * text.moe_intermediate_size,
+                   text.num_hidden_layers, text.num_experts, text.num_experts_per_tok, text.hidden_size,
+                   text.num_attention_heads, text.num_key_value_heads, text.head_dim, dtype.itemsize)
+
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.itemsize
+
+    def active_experts(self, tokens: int) -> float:
+        """Expected distinct experts per layer for `tokens` independent random top-k picks."""
+        return self.experts * (1 - (1 - self.top_k / self.experts) ** tokens)
+
+    def decode_step_bytes(self, batch: int, mean_context: float) -> float:
+        weights = self.dense_params + self.layers * self.active_experts(batch) * self.expert_params
+        return weights * self.itemsize + batch * (mean_context * self.kv_bytes_per_token() + self.hidden * self.itemsize)
+
+    def prefill_floor_s(self, tokens: int, ceilings: dict) -> float:
+        active = self.dense_params + self.layers * self.top_k * self.expert_params  # per token (lm_head: 1 row)
+        flops = 2 * tokens * active + 2 * self.layers * tokens**2 * self.q_heads * self.head_dim  # causal QK, PV
+        weight_bytes = (self.dense_params + self.layers * self.active_experts(tokens) * self.expert_params) * self.itemsize
+        return max(flops / ceilings["matmul_flops_per_s"], weight_bytes / ceilings["copy_bytes_per_s"])
+
+
+# ----- the engine -----------------------------------------------------------------------------
+
+
+def kv_blocks(plan: Plan, sizes: ModelSizes) -> int:
+    """Blocks for the largest decode batch at full length plus one longest prefill, capped by memory."""
+    need = max(plan.batches) * -(-(plan.input_len + plan.output_len) // BLOCK) + -(-(max(plan.prefill_lens) + 1) // BLOCK)
+    if plan.device != "cuda":
+        return need
+    torch.cuda.empty_cache()  # the ceilings' buffers
+    free, _ = torch.cuda.mem_get_info()
+    headroom = 4 << 30  # graph pools, prefill activations, the sampler's fp32 logits
+    per_block = BLOCK * sizes.kv_bytes_per_token()
+    fits = int((free - sizes.total_params * sizes.itemsize - headroom) // per_block)
+    if fits < need:
+        print(f"  KV cache capped at {fits} blocks (wanted {need}): the largest batch may be preempted")
+    return max(1, min(need, fits))
+
+
+def build_engine(ckpt: Path, plan: Plan, num_kv_blocks: int) -> EngineCore:
+    longest = max(max(plan.prefill_lens), plan.input_len + plan.output_len)
+    settings = LanguageSettings(
+        model=str(ckpt), device=plan.device, dtype=plan.dtype, block_size=BLOCK, num_kv_blocks=num_kv_blocks,
+        max_num_seqs=max(plan.batches), max_num_batched_tokens=max(plan.prefill_lens),
+        chunk_size=max(plan.prefill_lens), max_model_len=longest + 64, enable_prefix_caching=False,
+    )
+    # EngineCore takes no runner options yet: the runner reads these switches from the environment.
+    # On the CPU the graph path runs uncaptured, so the smoke run still goes through its buffers.
+    switches = {"SPLITVL_LOAD_FORMAT": "dummy", "SPLITVL_CUDA_GRAPHS": "on" if plan.device == "cuda" else "nocapture"}
+    with mock.patch.dict(os.environ, switches):
+        return EngineCore(settings)
+
+
+SPECIAL_IDS = frozenset(tiny_tokenizer.token_ids().values())  # image placeholders and the like
+
+
+def random_prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
+    """Random ordinary tokens (a stray image placeholder would make the engine expect an image)."""
+    ids: list[int] = []
+    while len(ids) < length:
+        tok = rng.randrange(1, vocab)
+        if tok not in SPECIAL_IDS:
+            ids.append(tok)
+    return ids
+
+
+def submit(engine: EngineCore, requests: list[GenerateRequest]) -> None:
+    for req in requests:
+        errors = engine.add_request(req)
+        if errors:
+            raise RuntimeError(f"{req.request_id} refused: {errors[0].error_message}")
+
+
+def decode_run(engine: EngineCore, batch: int, plan: Plan, graphs: bool) -> dict:
+    """Tok/s over the steps where all `batch` sequences decode (prefill and the tail excluded)."""
+    engine.runner.use_decode_graphs = graphs and engine.runner.decode_graphs is not None
+    rng = random.Random(batch)  # the same prompts with graphs on and off
+    vocab = engine.config.text.vocab_size
+    params = SamplingParams(max_tokens=plan.output_len, temperature=0.0, ignore_eos=True)
+    reqs = [GenerateRequest(f"b{batch}-{'g' if graphs else 'e'}-{i}", random_prompt(rng, plan.input_len, vocab), params)
+            for i in range(batch)]
+    preempted = engine.scheduler.preemptions
+    tokens: dict[str, list[int]] = {r.request_id: [] for r in reqs}
+    step_s: list[float] = []
+    sched = engine.scheduler
+    try:
+        submit(engine, reqs)
+        while engine.has_work():
+            full = not sched.waiting and len(sched.running) == batch and all(
+                r.num_tokens - r.num_computed == 1 for r in sched.running)
+            t0 = time.perf_counter()
+            outs = engine.step()  # ends in the sampler's device sync
+            elapsed = time.perf_counter() - t0
+            for out in outs:
+                tokens[out.request_id].extend(out.new_token_ids)
+            if full:
+                step_s.append(elapsed)
+    finally:  # a failed run leaves nothing behind for the next one
+        for r in reqs:
+            engine.abort(r.request_id)
+    steady = step_s[3:] or step_s  # the first replays still warm caches up
+    last = [t[-1] for t in tokens.values() if t]
+    return {
+        "batch": batch, "graphs": engine.runner.use_decode_graphs, "decode_steps": len(steady),
+        "step_ms_median": 1e3 * statistics.median(steady), "tok_s": batch * len(steady) / sum(steady),
+        "preemptions": engine.scheduler.preemptions - preempted, "distinct_last_tokens": len(set(last)),
+        "generated": [tokens[r.request_id] for r in reqs], "prompt0": reqs[0].prompt_token_ids,
+    }
+
+
+def prefill_run(engine: EngineCore, length: int, reps: int) -> dict:
+    """Time to first token of one prompt of `length` tokens (median of `reps`, after a warm-up)."""
+    rng = random.Random(length)
+    vocab = engine.config.text.vocab_size
+    times = []
+    for rep in range(reps + 1):
+        req = GenerateRequest(f"p{length}-{rep}", random_prompt(rng, length, vocab),
+                              SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+        t0 = time.perf_counter()
+        submit(engine, [req])
+        while engine.has_work():
+            engine.step()
+        if rep:
+            times.append(time.perf_counter() - t0)
+    return {"tokens": length, "ms": 1e3 * statistics.median(times), "reps": reps}
+
+
+# ----- transformers on the same weights ---------------------------------------------------------
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get meta parameters (no memory, no init) but real buffers (rotary
+    tables): their weights come from our model afterwards."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=False)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def transformers_model(ours: nn.Module, ckpt: Path, device: str, dtype: torch.dtype) -> nn.Module:
+    """Qwen3VLMoeForConditionalGeneration whose language weights ARE ours (shared tensors); its
+    unused vision tower is zeros."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(ckpt)
+    with parameters_on_meta():
+        hf = transformers.Qwen3VLMoeForConditionalGeneration(config)
+    mine = dict(ours.named_parameters())
+    for name, param in list(hf.named_parameters()):
+        owner, leaf = name.rsplit(".", 1)
+        if name.startswith("model.language_model."):
+            src = mine["model." + name[len("model.language_model."):]]
+        elif name == "lm_head.weight":
+            src = mine[name]
+        else:
+            src = nn.Parameter(torch.zeros(param.shape, dtype=dtype, device=device), requires_grad=False)
+        if src.shape != param.shape:
+            raise ValueError(f"{name}: transformers has {tuple(param.shape)}, we have {tuple(src.shape)}")
+        setattr(hf.get_submodule(owner), leaf, src)
+    return hf.to(device).eval()  # moves the buffers; the parameters are already there
+
+
+def hf_generate(hf: nn.Module, ids: torch.Tensor, new_tokens: int, device: str) -> tuple[torch.Tensor, float]:
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    if "mm_token_type_ids" in inspect.signature(hf.forward).parameters:
+        kwargs["mm_token_type_ids"] = torch.zeros_like(ids)  # all text
+    sync(device)
+    t0 = time.perf_counter()
+    out = hf.generate(**kwargs)
+    sync(device)
+    return out[:, ids.shape[1]:], time.perf_counter() - t0
+
+
+def transformers_runs(hf: nn.Module, plan: Plan, vocab: int, prompt0: list[int] | None, result: dict) -> None:
+    """Fills result["prefill"] and result["decode"] as it goes (a failure keeps what was measured)."""
+    dev = plan.device
+    rng = random.Random(7)
+    prefill_len = min(plan.prefill_lens)
+    ids = torch.tensor([random_prompt(rng, prefill_len, vocab)], device=dev)
+    hf_generate(hf, ids, 1, dev)  # warm-up
+    ms = 1e3 * statistics.median(hf_generate(hf, ids, 1, dev)[1] for _ in range(3))
+    result["prefill"].append({"tokens": prefill_len, "ms": ms})
+    print(f"  transformers prefill T={prefill_len}: {ms:.1f} ms")
+    n = plan.hf_new_tokens
+    for batch in plan.hf_batches:
+        rows = [random_prompt(rng, plan.input_len, vocab) for _ in range(batch)]
+        if batch == 1 and prompt0 is not None:
+            rows = [prompt0]  # our batch-1 prompt: the greedy tokens can be compared
+        ids = torch.tensor(rows, device=dev)
+        hf_generate(hf, ids, 2, dev)  # warm-up
+        one = statistics.median(hf_generate(hf, ids, 1, dev)[1] for _ in range(2))
+        new, many = hf_generate(hf, ids, n, dev)
+        step = (many - one) / (n - 1)
+        result["decode"].append({"batch": batch, "step_ms": 1e3 * step, "tok_s": batch / step,
+                                 "tokens0": new[0].tolist()})
+        print(f"  transformers decode B={batch}: {1e3 * step:.1f} ms/step, {batch / step:.1f} tok/s")
+
+
+# ----- the run ----------------------------------------------------------------------------------
+
+
+class Report:
+    """Sections that fail print their traceback and leave the others running; JSON after each."""
+
+    def __init__(self, path: Path, budget_s: float) -> None:
+        self.path = path
+        self.deadline = time.monotonic() + budget_s
+        self.data: dict = {"errors": {}, "skipped": []}
+
+    @contextmanager
+    def section(self, name: str, reserve_s: float = 0.0) -> Iterator[bool]:
+        """Runs the body unless the time budget, less `reserve_s` kept for later sections, is spent."""
+        if time.monotonic() > self.deadline - reserve_s:
+            print(f"\n== {name}: skipped (time budget spent)")
+            self.data["skipped"].append(name)
+            yield False
+            return
+        print(f"\n== {name}", flush=True)
+        t0 = time.monotonic()
+        try:
+            yield True
+        except Exception as exc:  # one broken section must not cost the others
+            traceback.print_exc()
+            self.data["errors"][name] = f"{type(exc).__name__}: {exc}"
+        print(f"   ({time.monotonic() - t0:.1f} s)", flush=True)
+        self.write()
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(_without_bulk(self.data), indent=1, default=str))
+
+
+BULKY = ("generated", "prompt0")  # every generated token: compared in memory, not worth the JSON
+
+
+def _without_bulk(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _without_bulk(v) for k, v in value.items() if k not in BULKY}
+    if isinstance(value, list):
+        return [_without_bulk(v) for v in value]
+    return value
+
+
+def decode_sections(report: Report, engine: EngineCore | None, plan: Plan, graphs: bool, reserve_s: float = 0.0) -> None:
+    for batch in plan.batches:
+        with report.section(f"engine decode B={batch} graphs={'on' if graphs else 'off'}", reserve_s) as go:
+            if go and engine is not None:
+                row = decode_run(engine, batch, plan, graphs)
+                report.data["decode"].append(row)
+                print(f"  {row['step_ms_median']:.2f} ms/step, {row['tok_s']:.1f} tok/s over {row['decode_steps']} "
+                      f"steps; {row['distinct_last_tokens']} distinct last tokens; {row['preemptions']} preemptions")
+
+
+def prefix_agreement(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy generations share."""
+    return sum(1 for _ in itertools.takewhile(lambda pair: pair[0] == pair[1], zip(a, b)))
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = make_plan(args)
+    if plan.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: use --cpu-smoke to check the script on a CPU")
+        return 2
+    out_dir = Path(os.environ.get("OUT", "."))
+    report = Report(Path(args.out) if args.out else out_dir / "model_gpu.json", args.time_budget_s)
+    data = report.data
+    dtype = getattr(torch, plan.dtype)
+    card = torch.cuda.get_device_name() if plan.device == "cuda" else "cpu"
+    data.update(card=card, plan=asdict(plan), torch=torch.__version__)
+    try:
+        import transformers
+        import triton
+
+        data.update(transformers_version=transformers.__version__, triton=triton.__version__)
+    except ImportError as exc:
+        data["imports"] = str(exc)
+
+    ckpt = Path(tempfile.mkdtemp(prefix="splitvl-bench-"))
+    write_tiny_checkpoint(ckpt, shapes=plan.shapes, num_layers=plan.layers, metadata_only=True)
+    config = load_config(ckpt)
+    sizes = ModelSizes.of(config, dtype)
+    data["model"] = {"layers": sizes.layers, "params": sizes.total_params, "weight_bytes": sizes.total_params * sizes.itemsize}
+    print(f"{card} | torch {torch.__version__} | transformers {data.get('transformers_version')} | "
+          f"triton {data.get('triton')}")
+    print(f"model: {sizes.layers} layers, {sizes.total_params / 1e9:.2f} B params, {plan.dtype}, random weights "
+          f"(what ran: batches {plan.batches}, input {plan.input_len}, output {plan.output_len}, "
+          f"prefill {plan.prefill_lens})")
+
+    ceilings = None
+    with report.section("ceilings") as go:
+        if go:
+            ceilings = measure_ceilings(plan)
+            data["ceilings"] = ceilings
+            print(f"  copy {ceilings['copy_bytes_per_s'] / 1e9:.4g} GB/s (read + write), "
+                  f"matmul {ceilings['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s")
+
+    engine = None
+    with report.section("engine build (random weights on the device, KV cache, CUDA graph capture)") as go:
+        if go:
+            t0 = time.perf_counter()
+            engine = build_engine(ckpt, plan, kv_blocks(plan, sizes))
+            data["engine_build_s"] = time.perf_counter() - t0
+            mem = torch.cuda.memory_allocated() / 2**30 if plan.device == "cuda" else 0.0
+            data["graph_buckets"] = engine.runner.decode_graphs.sizes if engine.runner.decode_graphs else []
+            print(f"  {data['engine_build_s']:.1f} s, {engine.runner.num_kv_blocks} KV blocks, "
+                  f"graph buckets {data['graph_buckets']}, {mem:.1f} GiB allocated")
+
+    data["decode"], data["prefill"] = [], []
+    decode_sections(report, engine, plan, graphs=True)
+    with report.section("engine prefill") as go:
+        if go and engine is not None:
+            for length in plan.prefill_lens:
+                row = prefill_run(engine, length, reps=3)
+                data["prefill"].append(row)
+                print(f"  T={length}: {row['ms']:.1f} ms to the first token")
+    # The eager runs matter least: they leave time for transformers.
+    decode_sections(report, engine, plan, graphs=False, reserve_s=60.0 if args.quick else 120.0)
+
+    ours = None
+    if engine is not None:
+        ours = engine.runner.model
+        engine.close()
+        engine = None  # frees the KV cache and the graphs' memory for transformers
+        gc.collect()
+        if plan.device == "cuda":
+            torch.cuda.empty_cache()
+
+    with report.section("transformers on the same weights") as go:
+        if go and ours is not None:
+            hf = transformers_model(ours, ckpt, plan.device, dtype)
+            b1 = next((r for r in data["decode"] if r["batch"] == 1 and r["graphs"]), None)
+            data["hf"] = {"decode": [], "prefill": []}
+            transformers_runs(hf, plan, config.text.vocab_size, b1["prompt0"] if b1 else None, data["hf"])
+            del hf
+
+    shutil.rmtree(ckpt, ignore_errors=True)
+    try:
+        summarize(data, sizes, plan)
+    except Exception as exc:  # the sections' numbers are in the JSON already; say why the table is not
+        traceback.print_exc()
+        data["errors"]["summary"] = f"{type(exc).__name__}: {exc}"
+    report.write()
+    print(f"\nwrote {report.path}")
+    return 1 if data["errors"] else 0
+
+
+def summarize(data: dict, sizes: ModelSizes, plan: Plan) -> None:
+    """Add floors and ratios to `data`, and print the table."""
+    ceilings = data.get("ceilings")
+    hf = data.get("hf", {})
+    hf_decode = {r["batch"]: r for r in hf.get("decode", [])}
+    runs = {(r["batch"], r["graphs"]): r for r in data["decode"]}
+    fmt = lambda v, spec=".1f": "-" if v is None else format(v, spec)  # noqa: E731
+    print(f"\n#### {data['card']} | torch {data['torch']} | triton {data.get('triton')} | transformers "
+          f"{data.get('transformers_version')} | {sizes.layers} layers, {plan.dtype}, random weights")
+    if ceilings:
+        print(f"copy {ceilings['copy_bytes_per_s'] / 1e9:.4g} GB/s (read+write) | matmul "
+              f"{ceilings['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s | engine build {fmt(data.get('engine_build_s'))} s")
+    print(f"\ndecode tok/s (input {plan.input_len}, output {plan.output_len}, greedy; steps where the whole batch decodes)")
+    print("    B | ours graphs | ours eager | graph/eager | transformers | ours/hf | floor tok/s | % floor | ms/step | graph=eager tokens")
+    summary = []
+    for batch in plan.batches:
+        g, e, h = runs.get((batch, True)), runs.get((batch, False)), hf_decode.get(batch)
+        floor = None
+        if ceilings:
+            step_bytes = sizes.decode_step_bytes(batch, plan.input_len + plan.output_len / 2)
+            floor = batch / (step_bytes / ceilings["copy_bytes_per_s"])
+        best = g or e
+        agree = None
+        if g and e:
+            agree = sum(prefix_agreement(a, b) for a, b in zip(g["generated"], e["generated"])) / sum(
+                len(a) for a in g["generated"])
+        row = {
+            "batch": batch, "graphs_tok_s": g and g["tok_s"], "eager_tok_s": e and e["tok_s"],
+            "hf_tok_s": h and h["tok_s"], "floor_tok_s": floor,
+            "graph_over_eager": g and e and g["tok_s"] / e["tok_s"],
+            "ours_over_hf": best and h and best["tok_s"] / h["tok_s"],
+            "pct_floor": best and floor and 100 * best["tok_s"] / floor,
+            "graph_eager_token_agreement": agree,
+        }
+        summary.append(row)
+        print(f"{batch:5d} | {fmt(row['graphs_tok_s']):>11} | {fmt(row['eager_tok_s']):>10} | "
+              f"{fmt(row['graph_over_eager'], '.2f'):>11} | {fmt(row['hf_tok_s']):>12} | {fmt(row['ours_over_hf'], '.2f'):>7} | "
+              f"{fmt(floor):>11} | {fmt(row['pct_floor'], '.0f'):>7} | {fmt(best and best['step_ms_median'], '.2f'):>7} | "
+              f"{fmt(agree, '.0%'):>6}")
+    data["decode_summary"] = summary
+    print("\nprefill: time to the first token of one prompt")
+    print("     T | ours ms | transformers ms | hf/ours | floor ms | % floor")
+    hf_prefill = {r["tokens"]: r for r in hf.get("prefill", [])}
+    prefill_summary = []
+    for row in data["prefill"]:
+        t = row["tokens"]
+        h = hf_prefill.get(t)
+        floor = 1e3 * sizes.prefill_floor_s(t, ceilings) if ceilings else None
+        entry = {"tokens": t, "ms": row["ms"], "hf_ms": h and h["ms"], "floor_ms": floor,
+                 "hf_over_ours": h and h["ms"] / row["ms"], "pct_floor": floor and 100 * floor / row["ms"]}
+        prefill_summary.append(entry)
+        print(f"{t:6d} | {row['ms']:7.1f} | {fmt(entry['hf_ms']):>15} | {fmt(entry['hf_over_ours'], '.2f'):>7} | "
+              f"{fmt(floor):>8} | {fmt(entry['pct_floor'], '.0f'):>7}")
+    data["prefill_summary"] = prefill_summary
+    b1, h1 = runs.get((1, True)), hf_decode.get(1)
+    if b1 and h1:
+        agree = prefix_agreement(b1["generated"][0], h1["tokens0"])
+        data["hf_greedy_agreement_b1"] = agree
+        print(f"\ngreedy tokens at B=1, ours (graphs) vs transformers: first {agree} of {len(h1['tokens0'])} agree")
+    if data["errors"]:
+        print("\nsections that failed: " + "; ".join(f"{k}: {v}" for k, v in data["errors"].items()))
+    if data["skipped"]:
+        print("sections skipped for time: " + ", ".join(data["skipped"]))
+
+
+if __name__ == "__main__":
+    from splitvl.commands.bench import add_model_arguments
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    sys.exit(run(parser.parse_args()))

@@ -1,0 +1,38 @@
+"""`splitvl bench model --cpu-smoke`: the GPU model benchmark end to end at tiny shapes on the CPU
+(engine with the uncaptured graph path and the eager path, prefill, transformers on the shared
+weights, floors and the table), so the one GPU run does not die on a typo. In a fresh process:
+the benchmark sets runner switches and imports triton, neither of which should leak into other
+tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cpu_smoke_runs_every_section(tmp_path):
+    out = tmp_path / "model.json"
+    done = subprocess.run([sys.executable, "-m", "splitvl", "bench", "model", "--cpu-smoke", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["errors"] == {} and data["skipped"] == []
+    assert [(r["batch"], r["graphs"]) for r in data["decode"]] == [(b, g) for g in (True, False) for b in (1, 3, 4)]
+    assert all(r["tok_s"] > 0 and r["decode_steps"] > 0 for r in data["decode"])
+    assert data["graph_buckets"][:3] == [1, 2, 4]
+    # The graph path and the eager path produce the same greedy tokens; so does transformers.
+    assert all(r["graph_eager_token_agreement"] == 1.0 for r in data["decode_summary"])
+    assert data["hf_greedy_agreement_b1"] == len(data["hf"]["decode"][0]["tokens0"])
+    assert [r["tokens"] for r in data["prefill_summary"]] == [32, 64]
+    assert all(r["floor_ms"] > 0 for r in data["prefill_summary"])
+    assert "decode tok/s" in done.stdout and "prefill" in done.stdout
+
+
+def test_transfer_benchmark_still_registered():
+    done = subprocess.run([sys.executable, "-m", "splitvl", "bench", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and "transfer" in done.stdout and "model" in done.stdout
