@@ -15,7 +15,7 @@ import torch
 
 from language_server.engine.block_manager import BlockManager
 from language_server.engine.encoder_client import EncodeOutcome, EncoderClient
-from language_server.engine.model_runner import ModelRunner
+from language_server.engine.model_runner import ModelRunner, RunnerOptions
 from language_server.engine.request import EngineRequest, ImageState, Status
 from language_server.engine.sampler import make_generator
 from language_server.engine.scheduler import Scheduler
@@ -30,8 +30,10 @@ log = logging.getLogger(__name__)
 class EngineCore:
     def __init__(self, settings: LanguageSettings) -> None:
         self.settings = settings
+        # Graphs are captured up to the largest decode batch and sized for the longest sequence.
+        options = RunnerOptions.from_env(max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len)
         self.runner = ModelRunner(settings.model, settings.device, settings.dtype, settings.block_size,
-                                  settings.num_kv_blocks, settings.kv_cache_memory_fraction)
+                                  settings.num_kv_blocks, settings.kv_cache_memory_fraction, options)
         self.config = self.runner.config
         self.blocks = BlockManager(self.runner.num_kv_blocks, settings.block_size, settings.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, settings.max_num_batched_tokens, settings.max_num_seqs,
