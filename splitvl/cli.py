@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Module names under splitvl.commands, in the order `--help` lists them.
-COMMAND_MODULES = ("make_tiny", "generate", "bench", "encode", "language")
+COMMAND_MODULES = ("up", "make_tiny", "generate", "bench", "encode", "language")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,188 @@
+"""Runs the planned services as children of this process: start, wait until healthy, print where
+to send requests, stop both on Ctrl-C (SIGINT) or SIGTERM.
+
+Each child runs `splitvl encode|language --config FILE` (through splitvl/deploy/child.py) in its
+own process group, so a Ctrl-C at the terminal reaches the launcher alone and the launcher stops
+the children in order: the language service first (it answers or fails what it is serving), then
+the encoder. Their output is copied to ours, each line prefixed with the service's name. Should
+the launcher die without cleaning up (SIGKILL), the kernel sends each child SIGTERM, so no
+orphan keeps a GPU or a port.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+import httpx
+import yaml
+
+from splitvl.deploy.plan import Plan
+
+_POLL_S = 0.25
+_LANGUAGE_STOP_S = 30.0  # uvicorn's 5 s graceful shutdown, then the engine's 10 s, with room
+
+
+class StartupError(RuntimeError):
+    """A service failed to come up; the message says which and why."""
+
+
+class _Stopped(Exception):
+    """A signal asked us to stop while waiting."""
+
+
+class Service:
+    """One child process and the thread that copies its output to ours."""
+
+    def __init__(self, name: str, argv: list[str], stop_timeout_s: float, out: IO[str], lock: threading.Lock):
+        self.name, self.argv, self.stop_timeout_s = name, argv, stop_timeout_s
+        self.out, self.lock = out, lock
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._copier: threading.Thread | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # lines reach the terminal as they are logged
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self._copier = threading.Thread(target=self._copy_output, name=f"{self.name}-output", daemon=True)
+        self._copier.start()
+
+    def _copy_output(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        prefix = f"{self.name:<8} | "
+        for raw in self.proc.stdout:
+            with self.lock:
+                self.out.write(prefix + raw.decode(errors="replace"))
+                self.out.flush()
+
+    @property
+    def exit_code(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def stop(self) -> None:
+        """SIGTERM (both services drain on it); SIGKILL to its process group after the timeout."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                _say(self.out, self.lock, f"the {self.name} service did not stop within {self.stop_timeout_s:.0f} s; "
+                     "killing it")
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if self._copier is not None:
+            self._copier.join(5)
+
+
+def _say(out: IO[str], lock: threading.Lock, message: str) -> None:
+    with lock:
+        out.write(f"splitvl up: {message}\n")
+        out.flush()
+
+
+class Launcher:
+    def __init__(self, plan: Plan, startup_timeout_s: float, out: IO[str] = sys.stdout):
+        self.plan, self.startup_timeout_s, self.out = plan, startup_timeout_s, out
+        self.lock = threading.Lock()
+        self.stop_requested = threading.Event()
+
+    def run(self, banner: str) -> int:
+        """0 after a requested stop, 1 if a service failed to start or exited on its own."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stop_requested.set())
+        with tempfile.TemporaryDirectory(prefix="splitvl-up-") as run_dir:
+            services = self._services(Path(run_dir))
+            try:
+                self._start(services)
+                with self.lock:
+                    self.out.write(banner)
+                    self.out.flush()
+                return self._supervise(services)
+            except _Stopped:
+                return 0
+            except StartupError as exc:
+                _say(self.out, self.lock, str(exc))
+                return 1
+            finally:
+                if self.stop_requested.is_set():
+                    _say(self.out, self.lock, "stopping")
+                for service in reversed(services):  # language first, then the encoder it uses
+                    service.stop()
+
+    def _services(self, run_dir: Path) -> list[Service]:
+        """The children's commands; each reads its settings from a file written here."""
+        services = []
+        for name, settings in (("encode", self.plan.encode), ("language", self.plan.language)):
+            if settings is None:
+                continue
+            path = run_dir / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+            # The encoder finishes jobs in flight for up to its shutdown_timeout_s.
+            stop_s = self.plan.encode.shutdown_timeout_s + 15 if name == "encode" else _LANGUAGE_STOP_S
+            argv = [sys.executable, "-m", "splitvl.deploy.child", str(os.getpid()), name, "--config", str(path)]
+            services.append(Service(name, argv, stop_s, self.out, self.lock))
+        return services
+
+    def _start(self, services: list[Service]) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        ready = {"encode": self._encode_ready, "language": self._language_ready}
+        # Both at once, unless they share a GPU (see make_plan): then the encoder first.
+        batches = [[service] for service in services] if self.plan.sequential else [services]
+        started: list[Service] = []
+        for batch in batches:
+            for service in batch:
+                service.start()
+                started.append(service)
+            for service in batch:
+                self._wait(service, ready[service.name], started, deadline)
+
+    def _wait(self, service: Service, ready: Callable[[], bool], started: list[Service], deadline: float) -> None:
+        while not ready():
+            if self.stop_requested.is_set():
+                raise _Stopped
+            for other in started:
+                if other.exit_code is not None:
+                    raise StartupError(f"the {other.name} service exited with code {other.exit_code} while "
+                                       "starting; its log is above")
+            if time.monotonic() > deadline:
+                raise StartupError(f"the {service.name} service was not healthy after {self.startup_timeout_s:.0f} s "
+                                   "(startup_timeout_s); its log is above")
+            time.sleep(_POLL_S)
+
+    def _encode_ready(self) -> bool:
+        return _get(self.plan.encode_health_url) is not None
+
+    def _language_ready(self) -> bool:
+        """Healthy, and linked to the encoder started beside it, so the first image request
+        already succeeds. (With --only language, encoders elsewhere may come up later.)"""
+        health = _get(self.plan.language_url + "/health")
+        linked = self.plan.encode is None or (health or {}).get("encoders_healthy", 0) >= 1
+        return health is not None and linked
+
+    def _supervise(self, services: list[Service]) -> int:
+        while not self.stop_requested.wait(_POLL_S):
+            for service in services:
+                if service.exit_code is not None:
+                    _say(self.out, self.lock, f"the {service.name} service exited with code {service.exit_code}; "
+                         "stopping the rest")
+                    return 1
+        return 0
+
+
+def _get(url: str) -> dict | None:
+    """The JSON body of a 200 answer, or None (not up yet, or not healthy)."""
+    try:
+        response = httpx.get(url, timeout=2.0)
+        return response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):  # ValueError: not JSON, so not our service
+        return None

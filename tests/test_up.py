@@ -1,0 +1,160 @@
+"""`splitvl up` as a user runs it: the console script, no model (the tiny checkpoint is built
+into a temporary cache), an image chat through the official openai client, then Ctrl-C (SIGINT
+to the process group) and not one process of the tree left behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from splitvl.cli import main
+from tests.services import alive, children, data_url, free_port, png
+
+SPLITVL = str(Path(sys.executable).with_name("splitvl"))
+
+
+def _tree(pid: int) -> set[int]:
+    """pid's descendants now (the language engine is a grandchild)."""
+    found, todo = set(), [pid]
+    while todo:
+        for child in children(todo.pop()):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+class Up:
+    """`splitvl up ...` in its own process group, with its output in a file."""
+
+    def __init__(self, tmp: Path, *args: str):
+        self.port = free_port()
+        self.log = tmp / "up.log"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen([SPLITVL, "up", "--port", str(self.port), "--cache-dir", str(tmp / "cache"),
+                                          *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_serving(self, timeout: float = 120.0) -> None:
+        """Until the launcher prints that both services are ready (it checks their health first)."""
+        deadline = time.monotonic() + timeout
+        while "Ctrl-C stops both services." not in self.log.read_text():
+            assert self.proc.poll() is None, f"splitvl up exited ({self.proc.returncode}):\n{self.log.read_text()}"
+            assert time.monotonic() < deadline, f"splitvl up did not become ready:\n{self.log.read_text()}"
+            time.sleep(0.2)
+
+    def ctrl_c(self, timeout: float = 60.0) -> int:
+        os.killpg(self.proc.pid, signal.SIGINT)  # what the terminal sends the foreground group
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def _wait_gone(pids: set[int], timeout: float = 10.0) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while (left := {p for p in pids if alive(p)}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def test_up_serves_an_image_chat_and_ctrl_c_leaves_nothing(tmp_path):
+    up = Up(tmp_path)
+    try:
+        up.wait_serving()
+        tree = _tree(up.proc.pid)
+        assert len(tree) >= 3, f"expected encode, language and its engine under the launcher, got {tree}"
+        assert httpx.get(f"{up.url}/health", timeout=5).json()["encoders_healthy"] == 1
+        client = openai.OpenAI(base_url=f"{up.url}/v1", api_key="unused", max_retries=0)
+        [model] = client.models.list().data
+        reply = client.chat.completions.create(
+            model=model.id, max_tokens=8, temperature=0,
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png(96, 64, seed=0))}},
+                                                   {"type": "text", "text": "What is in this image?"}]}],
+        )
+        assert model.id == "splitvl-tiny"
+        assert reply.usage.completion_tokens == 8 or reply.choices[0].finish_reason == "stop"
+        log = up.log.read_text()
+        assert f"{up.url}/v1" in log and "curl -s" in log and "image_url" in log, log
+        # The image went through the encode service (its health URL is in the banner).
+        encode_url = re.search(r"health at (http://\S+)/health", log).group(1)
+        assert 'splitvl_encode_jobs_total{outcome="ok"} 1.0' in httpx.get(f"{encode_url}/metrics").text
+        assert up.ctrl_c() == 0, up.log.read_text()
+        assert not _wait_gone(tree), f"left behind after Ctrl-C:\n{up.log.read_text()}"
+        assert "stopping" in up.log.read_text()
+    finally:
+        up.kill()
+    # The demo checkpoint is cached for the next run.
+    assert len(list((tmp_path / "cache").glob("tiny-qwen3-vl-moe-*/config.json"))) == 1
+
+
+def test_a_service_that_fails_to_start_stops_the_other(tmp_path):
+    """The encoder cannot bind its job address: the launcher says which service failed, stops
+    the language service (still starting) and exits 1 with nothing left."""
+    config = tmp_path / "bad-listen.yaml"
+    config.write_text(yaml.safe_dump({"encode": {"listen": "tcp://256.0.0.1:1"}}))
+    up = Up(tmp_path, "--config", str(config))
+    try:
+        deadline = time.monotonic() + 60
+        tree: set[int] = set()
+        while up.proc.poll() is None and time.monotonic() < deadline:
+            tree |= _tree(up.proc.pid)
+            time.sleep(0.1)
+        assert up.proc.wait(60) == 1
+        log = up.log.read_text()
+        assert "the encode service exited with code 1 while starting" in log, log
+        assert tree and not _wait_gone(tree), log
+    finally:
+        up.kill()
+
+
+def test_services_die_with_a_killed_launcher(tmp_path):
+    """SIGKILL leaves the launcher no chance to clean up; the kernel stops its children."""
+    up, tree = Up(tmp_path), set()
+    try:
+        up.wait_serving()
+        tree |= _tree(up.proc.pid)
+        os.kill(up.proc.pid, signal.SIGKILL)  # the launcher alone, not its group
+        up.proc.wait(10)
+        assert not _wait_gone(tree, timeout=30), up.log.read_text()
+    finally:
+        up.kill()
+        for pid in tree:  # in their own sessions: the group kill above misses them
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "{tmp}"], "has no config.json"),
+    (["--config", "{tmp}/bad.yaml"], "encode.workerz: unknown key"),
+    (["--only", "language"], "--only language needs language.encoders"),
+])
+def test_bad_arguments_exit_2_with_a_reason(tmp_path, capsys, args, message):
+    """In this process (no service starts): the launcher refuses before it starts anything."""
+    (tmp_path / "bad.yaml").write_text("encode:\n  workerz: 2\n")
+    assert main(["up", "--cache-dir", str(tmp_path / "cache"), *(a.format(tmp=tmp_path) for a in args)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_dry_run_prints_each_services_settings_with_flags_over_the_file(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")  # a checkpoint directory, as far as planning looks
+    config = Path(__file__).resolve().parents[1] / "configs" / "qwen3-vl-30b-a3b-2gpu.yaml"
+    assert main(["up", "--dry-run", "--config", str(config), "--model", str(tmp_path), "--port", "9001",
+                 "--dtype", "float32", "--cache-dir", str(tmp_path / "cache")]) == 0
+    services = yaml.safe_load(capsys.readouterr().out)
+    encode, language = services["encode"], services["language"]
+    assert (encode["device"], language["device"]) == ("cuda:0", "cuda:1")
+    assert encode["dtype"] == language["dtype"] == "float32" and language["port"] == 9001
+    assert encode["model"] == language["model"] == str(tmp_path)
+    assert language["encoders"] == [encode["listen"]] and encode["result_transport"] == "cuda_ipc"
