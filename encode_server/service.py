@@ -83,6 +83,8 @@ class EncodeService:
         """Load the vision tower, check it on a probe image, bind the listen address, serve."""
         device = torch.device(self.settings.device if self.settings.device != "auto"
                               else "cuda" if torch.cuda.is_available() else "cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # streams and copies of this process go to its GPU
         dtype = None if self.settings.dtype == "auto" else dtype_from_name(self.settings.dtype)
         loaded = load_model(self.settings.model, part="vision", device=device, dtype=dtype)
         # cuda_ipc copies results device to device, so they stay on the GPU (cache included).

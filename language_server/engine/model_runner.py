@@ -87,6 +87,10 @@ class ModelRunner:
                  num_kv_blocks: int | None, kv_memory_fraction: float, options: RunnerOptions | None = None) -> None:
         self.options = options or RunnerOptions.from_env()
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            # The engine process works on one GPU: make it current, or kernels, streams and graph
+            # capture land on cuda:0 while the weights live on, say, cuda:1.
+            torch.cuda.set_device(self.device)
         self.dtype = dtype_from_name(dtype)
         if self.options.load_format == "dummy":
             loaded = random_language_model(model_dir, self.device, self.dtype)
