@@ -12,9 +12,19 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from splitvl.commands.bench import add_transfer_arguments, run_transfer  # noqa: E402
+from splitvl.commands.bench import add_transfer_arguments  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_transfer_arguments(parser)
-    sys.exit(run_transfer(parser.parse_args()))
+    parser.add_argument("--host-quick", action="store_true", help="a quarter of the host-side messages per trial")
+    parser.add_argument("--lean-host", action="store_true", help="skip the fresh-buffer socket and THP shm rows")
+    parser.add_argument("--no-host", action="store_true", help="skip every host-side row (sockets, zmq, shm)")
+    parser.add_argument("--lease-depths", default="4,16",
+                        help="cuda_ipc lease sizes to measure, in messages of the payload size (default: 4,16)")
+    args = parser.parse_args()
+    from transfer.bench import run
+
+    sys.exit(run(sizes=[int(s) for s in args.sizes.split(",")], trials=args.trials, quick=args.quick,
+                 cpu_only=args.cpu_only, host_quick=args.host_quick, lean_host=args.lean_host,
+                 no_host=args.no_host, lease_depths=tuple(int(d) for d in args.lease_depths.split(","))))

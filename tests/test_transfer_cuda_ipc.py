@@ -144,3 +144,39 @@ def test_sender_survives_receiver_death_and_reattaches(tmp_path) -> None:
             assert intact, f"{request_id} arrived corrupted after the restart"
         finally:
             second.kill()
+
+
+# Travel inline, not through the region: empty tensors, and one larger than the 1 MiB test lease.
+INLINE_CASES = [(torch.bfloat16, 0, 8192), (torch.float32, 0, 8192), (torch.float16, 1024, 1024), (torch.bfloat16, 16, 8192)]
+
+
+def _send_inline_cases(address: str, go) -> None:
+    from transfer.bench import payload
+    from transfer.cuda_ipc import CudaIpcSender
+
+    torch.cuda.set_device(0)
+    with CudaIpcSender(address) as sender:
+        for i, (dtype, rows, cols) in enumerate(INLINE_CASES):
+            sender.send(EncodeResult(f"m-{i}", "k", (1, 1, 1), payload(rows, "cuda:0", dtype, i, cols)), timeout=60)
+        go.get()
+
+
+@pytest.mark.gpu
+@TWO_GPUS
+def test_empty_and_oversized_tensors_arrive_on_the_receivers_gpu() -> None:
+    from transfer.bench import BITS, payload
+    from transfer.cuda_ipc import CudaIpcReceiver
+
+    with CudaIpcReceiver("ipc:///tmp/splitvl-test-cuda-inline.sock", device="cuda:1", lease_bytes=1 << 20,
+                         max_senders=1) as receiver:
+        go = SPAWN.Queue()
+        proc = SPAWN.Process(target=_send_inline_cases, args=(receiver.address, go), daemon=True)
+        proc.start()
+        for i, (dtype, rows, cols) in enumerate(INLINE_CASES):
+            msg = receiver.recv(timeout=120)
+            assert msg is not None and msg.request_id == f"m-{i}"
+            got, want = msg.embeddings, payload(rows, "cpu", dtype, i, cols)
+            assert (got.device, got.dtype, got.shape) == (torch.device("cuda:1"), dtype, want.shape)
+            assert torch.equal(got.cpu().view(BITS[dtype]), want.view(BITS[dtype]))
+        go.put(1)
+        proc.join(30)

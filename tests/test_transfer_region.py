@@ -89,6 +89,38 @@ def _receive_forever(address: str, seen) -> None:
                                                              pattern(int(msg.request_id.split("-")[1]), 64, 512, torch.float32)))))
 
 
+def _send_n(address: str, n: int) -> None:
+    with ShmSender(address) as sender:
+        for i in range(n):
+            sender.send(EncodeResult(f"m-{i}", "key", (1, 1, 1), pattern(i, 64, 512, torch.float32)), timeout=10)
+        time.sleep(0.5)
+
+
+# Tensors that travel inline: empty ones, and one too large for the 256 KiB test lease.
+INLINE_CASES = [(torch.bfloat16, 0, 16), (torch.float32, 0, 8192), (torch.float16, 300, 1024)]
+
+
+def _send_inline_cases(address: str) -> None:
+    with ShmSender(address) as sender:
+        for i, (dtype, rows, cols) in enumerate(INLINE_CASES):
+            sender.send(EncodeResult(f"m-{i}", "key", (1, 1, 1), pattern(i, rows, cols, dtype)), timeout=30)
+        time.sleep(0.5)
+
+
+class _FenceDoneOnlyWhenWaited:
+    """A copy-out still running that nobody waits for never reports done (a GPU copy-out
+    queued behind other work does so for a long while)."""
+
+    def __init__(self) -> None:
+        self.waited = False
+
+    def done(self) -> bool:
+        return self.waited
+
+    def wait(self) -> None:
+        self.waited = True
+
+
 def _start(target, *args):
     proc = SPAWN.Process(target=target, args=args, daemon=True)
     proc.start()
@@ -125,6 +157,41 @@ def test_stream_is_bit_exact_and_spans_are_recycled() -> None:
         assert receiver.stats.rejected == 0
     for want, have in zip(stream(n), got):
         assert have is not None and same(want, have), f"{want.request_id} changed on the way"
+
+
+def test_empty_and_oversized_tensors_arrive_on_the_receivers_device() -> None:
+    """Inline tensors (empty, or too large for a lease) come out where region payloads do: on
+    the region's device. A stand-in device shows it on CPU; test_transfer_cuda_ipc checks cuda."""
+    with ShmReceiver("tcp://127.0.0.1:*", lease_bytes=256 * KIB, max_senders=1) as receiver:
+        receiver._memory.device = torch.device("meta")
+        proc = _start(_send_inline_cases, receiver.address)
+        for i, (dtype, rows, cols) in enumerate(INLINE_CASES):
+            got = receiver.recv(timeout=30)
+            assert got is not None and got.request_id == f"m-{i}"
+            emb = got.embeddings
+            assert (emb.device.type, emb.dtype, tuple(emb.shape)) == ("meta", dtype, (rows, cols))
+        proc.join(10)
+    with ShmReceiver("tcp://127.0.0.1:*", lease_bytes=256 * KIB, max_senders=1) as receiver:  # and intact on CPU
+        proc = _start(_send_inline_cases, receiver.address)
+        for i, (dtype, rows, cols) in enumerate(INLINE_CASES):
+            want = EncodeResult(f"m-{i}", "key", (1, 1, 1), pattern(i, rows, cols, dtype))
+            got = receiver.recv(timeout=30)
+            assert got is not None and same(want, got) and got.embeddings.device.type == "cpu"
+        proc.join(10)
+
+
+def test_idle_receiver_waits_for_copy_outs_and_frees_their_spans() -> None:
+    """Two messages fill the lease; each later one needs a FREE, which the receiver can only
+    send once it waited for the copy-out. It must do so whenever it has nothing to read."""
+    with ShmReceiver("tcp://127.0.0.1:*", lease_bytes=256 * KIB, max_senders=1) as receiver:
+        receiver._memory.fence = _FenceDoneOnlyWhenWaited
+        proc = _start(_send_n, receiver.address, 12)
+        got = [receiver.recv(timeout=10) for _ in range(12)]
+        assert [m.request_id if m else None for m in got] == [f"m-{i}" for i in range(12)]
+        assert receiver.recv(timeout=0) is None
+        assert not receiver._pending_free, "copy-outs still pending after an idle recv()"
+        assert not any(h.done for h in receiver._leases if h), "FREEs held back after an idle recv()"
+        proc.join(10)
 
 
 def test_stalled_receiver_pushes_back_and_sender_memory_stays_bounded() -> None:

@@ -6,20 +6,33 @@
     shm       host shared memory   host memcpy (torch copy_ of a CPU tensor)
 
 Payloads are EncodeResults of [rows, 8192] bf16 (16 MiB = 1024 rows, 256 MiB = 16384 rows), the
-shape the real model's vision tower produces. Each number is the best of a few trials of a
-stream of messages, timed at the receiver from the sender's start signal until the last message
-is received (and, on GPU, its copy-out is complete). Senders run in their own processes.
+shape the real model's vision tower produces. Senders run in their own processes.
+
+Two numbers per transport where they differ:
+- stream (the bandwidth column): the sender sends a stream as fast as send() returns, as an
+  encoder with many finished images does, so several messages are in flight. Timed at the
+  receiver from the first to the last message of a trial (copy-out of the last one complete),
+  so the number is steady-state throughput, with no start-up handshake in it. One warm-up
+  trial is dropped; the median of the timed trials is reported.
+- alone (cuda_ipc only): one message at a time with the link idle in between, timed from the
+  sender's send() call to the receiver holding the tensor on its GPU (the processes share
+  CLOCK_MONOTONIC); median over messages. Its baseline is one torch copy plus a synchronize.
 
 Also checks, on GPUs, that cuda_ipc is bit-exact between two processes on two GPUs for bf16,
-fp16 and fp32 at several sizes. Run `splitvl bench transfer --help` or `python benchmarks/transfer_gpu.py`.
+fp16 and fp32 at several sizes, empty tensors included. Run `splitvl bench transfer --help` or
+`python benchmarks/transfer_gpu.py`.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import queue
 import socket
+import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +42,17 @@ from transfer.messages import EncodeResult
 MIB = 1 << 20
 WIDTH = 8192  # H*(1+k) of the real model: 2048 * (1 + 3)
 BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
-SPAWN = mp.get_context("spawn")
+# Peers start from a forkserver that has torch imported (never CUDA initialised): ~0.2 s each
+# instead of a fresh interpreter's seconds. Processes that need a fresh exec (in_child_with_env)
+# are spawned.
+SPAWN = mp.get_context("forkserver")
+SPAWN.set_forkserver_preload(["torch", "zmq", "msgpack", "transfer.bench", "transfer.registry", "transfer.region_sender",
+                              "transfer.region_receiver", "transfer.zmq_transport"])
+FRESH = mp.get_context("spawn")
+# glibc hands each allocation over 32 MiB fresh pages from mmap, and a receiver allocates one
+# per message (zmq's receive buffer, shm's copy-out). With this tunable glibc asks for
+# transparent huge pages for them: 512x fewer page faults. See docs/transfer.md.
+THP_MALLOC = "glibc.malloc.hugetlb=1"
 
 
 @dataclass
@@ -40,12 +63,15 @@ class Row:
     baseline_name: str
     baseline_gbps: float
     target: float | None  # required fraction of the baseline, where the issue sets one
+    note: str = ""
 
     def line(self) -> str:
-        ratio = self.gbps / self.baseline_gbps if self.baseline_gbps else float("nan")
+        if not self.baseline_gbps:
+            return f"{self.name:<26} {self.mib:>5} MiB {self.gbps:>9.2f} GB/s{self.note}"
+        ratio = self.gbps / self.baseline_gbps
         verdict = "" if self.target is None else ("  ok" if ratio >= self.target else f"  BELOW {self.target:.0%}")
-        return (f"{self.name:<18} {self.mib:>5} MiB {self.gbps:>9.2f} GB/s   {self.baseline_name:<22}"
-                f" {self.baseline_gbps:>9.2f} GB/s   {ratio:>6.1%}{verdict}")
+        return (f"{self.name:<26} {self.mib:>5} MiB {self.gbps:>9.2f} GB/s   {self.baseline_name:<24}"
+                f" {self.baseline_gbps:>9.2f} GB/s   {ratio:>6.1%}{verdict}{self.note}")
 
 
 def payload(rows: int, device: str = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
@@ -61,38 +87,60 @@ def _gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9
 
 
+def _median_after_warmup(measure, trials: int) -> float:
+    """Run one warm-up trial and `trials` timed ones; the median of the timed ones."""
+    measure()
+    return statistics.median(measure() for _ in range(trials))
+
+
 # ------------------------------------------------------------------------------ raw links
 
 
-def host_memcpy(nbytes: int, n: int) -> float:
+def host_memcpy(nbytes: int, n: int, trials: int) -> float:
     src = torch.ones(nbytes, dtype=torch.uint8)
     dst = torch.empty_like(src)
-    dst.copy_(src)  # fault the pages in before timing
-    start = time.perf_counter()
-    for _ in range(n):
-        dst.copy_(src)
-    return _gbps(nbytes * n, time.perf_counter() - start)
+
+    def trial() -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            dst.copy_(src)
+        return _gbps(nbytes * n, time.perf_counter() - start)
+
+    return _median_after_warmup(trial, trials)
 
 
-def gpu_copy(nbytes: int, n: int, src_dev: int, dst_dev: int) -> float:
+def gpu_copy(nbytes: int, n: int, src_dev: int, dst_dev: int, trials: int) -> tuple[float, float]:
+    """(stream GB/s of n back-to-back copies, median seconds of one copy + synchronize)."""
     src = torch.ones(nbytes, dtype=torch.uint8, device=f"cuda:{src_dev}")
     dst = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{dst_dev}")
-    for _ in range(3):
+
+    def sync() -> None:
+        torch.cuda.synchronize(src_dev)
+        torch.cuda.synchronize(dst_dev)
+
+    def trial() -> float:
+        sync()
+        start = time.perf_counter()
+        for _ in range(n):
+            dst.copy_(src)
+        sync()
+        return _gbps(nbytes * n, time.perf_counter() - start)
+
+    stream = _median_after_warmup(trial, trials)
+    alone = []
+    for _ in range(max(10, trials * 4)):
+        sync()
+        start = time.perf_counter()
         dst.copy_(src)
-    torch.cuda.synchronize(src_dev)
-    torch.cuda.synchronize(dst_dev)
-    start = time.perf_counter()
-    for _ in range(n):
-        dst.copy_(src)
-    torch.cuda.synchronize(src_dev)
-    torch.cuda.synchronize(dst_dev)
-    return _gbps(nbytes * n, time.perf_counter() - start)
+        sync()
+        alone.append(time.perf_counter() - start)
+    return stream, statistics.median(alone)
 
 
 def _socket_sender(port: int, nbytes: int, n: int, trials: int, go) -> None:
     buf = memoryview(bytearray(b"\x01" * nbytes))
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        for _ in range(trials):
+        for _ in range(trials + 1):
             go.get()
             for _ in range(n):
                 sock.sendall(buf)
@@ -109,9 +157,9 @@ def raw_socket(nbytes: int, n: int, trials: int, fresh: bool = False) -> float:
         proc.start()
         conn, _ = server.accept()
         buf = memoryview(bytearray(nbytes))
-        best = 0.0
         with conn:
-            for _ in range(trials):
+            def trial() -> float:
+                nonlocal buf
                 go.put(1)
                 start = time.perf_counter()
                 for _ in range(n):
@@ -123,15 +171,18 @@ def raw_socket(nbytes: int, n: int, trials: int, fresh: bool = False) -> float:
                         if not got:
                             raise RuntimeError("the socket sender died")
                         left -= got
-                best = max(best, _gbps(nbytes * n, time.perf_counter() - start))
+                return _gbps(nbytes * n, time.perf_counter() - start)
+
+            result = _median_after_warmup(trial, trials)
         proc.join(10)
-    return best
+    return result
 
 
 # ---------------------------------------------------------------------------- transports
 
 
-def _transport_sender(transport: str, address: str, device: str, rows: int, n: int, trials: int, go, options: dict) -> None:
+def _transport_sender(transport: str, address: str, device: str, rows: int, n: int, trials: int, go, options: dict,
+                      alone: int, probe) -> None:
     from transfer.registry import make_sender
 
     if device.startswith("cuda"):
@@ -140,39 +191,132 @@ def _transport_sender(transport: str, address: str, device: str, rows: int, n: i
     with make_sender(transport, address, **options) as sender:
         for i in range(3):  # attach, map, warm the path
             sender.send(EncodeResult(f"warm-{i}", "k", (1, 1, 1), tensor), timeout=120)
-        for _ in range(trials):
+        if probe is not None:
+            probe.put(_probe_writes(sender, tensor, n))
+        for _ in range(trials + 1):
             go.get()
             for i in range(n):
                 sender.send(EncodeResult(f"m-{i}", "k", (1, 1, 1), tensor), timeout=120)
-        time.sleep(1.0)  # let the last control messages leave before closing
+        for i in range(alone):
+            go.get()  # the receiver is idle: the last message is in and copied out
+            sender.send(EncodeResult(f"t-{time.perf_counter():.9f}", "k", (1, 1, 1), tensor), timeout=120)
+        go.get()  # close only once the receiver has everything: send() returns before zmq delivered
+
+
+def _probe_writes(sender, tensor: torch.Tensor, n: int) -> float:
+    """Diagnostics: GB/s of the backend's writes alone into the sender's lease (no protocol):
+    n back-to-back writes of the payload into its first span, then the fence."""
+    deadline = time.monotonic() + 30
+    while True:  # wait until the receiver freed every warm-up span, so the span is ours
+        with sender._cond:
+            lease = sender._lease
+            if lease is not None and not lease.ring.live:
+                break
+        if time.monotonic() > deadline:
+            return float("nan")
+        time.sleep(0.01)
+    src = tensor.reshape(-1).view(torch.uint8)
+    lease.writer.write(lease.offset, src)
+    lease.writer.fence().wait()
+    start = time.perf_counter()
+    for _ in range(n):
+        lease.writer.write(lease.offset, src)
+    lease.writer.fence().wait()
+    return _gbps(src.numel() * n, time.perf_counter() - start)
+
+
+@dataclass
+class Measured:
+    stream_gbps: float
+    alone_s: float | None = None  # median latency of one message alone
+    probe_gbps: float | None = None  # the backend's writes alone
 
 
 def transport_bandwidth(transport: str, rows: int, n: int, trials: int, *, address: str, sender_device: str = "cpu",
-                        receiver_options: dict | None = None, sender_options: dict | None = None) -> float:
+                        receiver_options: dict | None = None, sender_options: dict | None = None,
+                        alone: int = 0, probe: bool = False) -> Measured:
     from transfer.registry import make_receiver
 
     nbytes = rows * WIDTH * 2
     with make_receiver(transport, address, **(receiver_options or {})) as receiver:
         go = SPAWN.Queue()
+        probe_q = SPAWN.Queue() if probe else None
         proc = SPAWN.Process(target=_transport_sender, daemon=True, args=(
-            transport, receiver.address, sender_device, rows, n, trials, go, sender_options or {}))
+            transport, receiver.address, sender_device, rows, n, trials, go, sender_options or {}, alone, probe_q))
         proc.start()
+
+        def take() -> EncodeResult:
+            msg = receiver.recv(timeout=120)
+            if msg is None:
+                raise RuntimeError(f"{transport}: a message never arrived")
+            if msg.embeddings.is_cuda:  # the tensor is usable once its copy-out is done
+                torch.cuda.current_stream(msg.embeddings.device).synchronize()
+            return msg
+
         for _ in range(3):
-            if receiver.recv(timeout=120) is None:
-                raise RuntimeError(f"{transport}: the sender never got through")
-        best = 0.0
-        for _ in range(trials):
+            take()
+        measured = Measured(0.0)
+        deadline = time.monotonic() + 120
+        while probe_q is not None and measured.probe_gbps is None and time.monotonic() < deadline:
+            receiver.recv(timeout=0.005)  # runs the protocol: the sender waits for its warm-up spans back
+            try:
+                measured.probe_gbps = probe_q.get_nowait()
+            except queue.Empty:
+                pass
+
+        def trial() -> float:
             go.put(1)
-            start = time.perf_counter()
-            for _ in range(n):
+            take()
+            start = time.perf_counter()  # from the first message in: steady state, no handshake
+            for _ in range(n - 1):
                 msg = receiver.recv(timeout=120)
                 if msg is None:
                     raise RuntimeError(f"{transport}: a message never arrived")
             if msg.embeddings.is_cuda:
-                torch.cuda.synchronize(msg.embeddings.device)
-            best = max(best, _gbps(nbytes * n, time.perf_counter() - start))
+                torch.cuda.current_stream(msg.embeddings.device).synchronize()
+            return _gbps(nbytes * (n - 1), time.perf_counter() - start)
+
+        measured.stream_gbps = _median_after_warmup(trial, trials)
+        latencies = []
+        for _ in range(alone):
+            time.sleep(0.002)  # let the sender's control traffic settle
+            go.put(1)
+            msg = take()
+            latencies.append(time.perf_counter() - float(msg.request_id[2:]))
+        if latencies:
+            measured.alone_s = statistics.median(latencies)
+        go.put(1)
         proc.join(30)
-    return best
+    return measured
+
+
+def _child_entry(result, fn, args, kwargs) -> None:
+    try:
+        result.put(fn(*args, **kwargs))
+    except BaseException as exc:  # noqa: BLE001 - report, don't hang the parent
+        result.put(exc)
+
+
+def in_child_with_env(env: dict[str, str], fn, *args, **kwargs):
+    """Run fn(*args, **kwargs) in a fresh process started with `env` added (e.g. GLIBC_TUNABLES,
+    which glibc reads only at start), and return its result."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        result = FRESH.Queue()
+        proc = FRESH.Process(target=_child_entry, args=(result, fn, args, kwargs))  # not a daemon: it starts a sender
+        proc.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    value = result.get(timeout=600)
+    proc.join(30)
+    if isinstance(value, BaseException):
+        raise value
+    return value
 
 
 # ----------------------------------------------------------------------- cuda_ipc exactness
@@ -214,7 +358,7 @@ def cuda_ipc_exact(address: str) -> list[tuple[str, bool, str]]:
             got = msg.embeddings
             ok = (msg.request_id == name and got.device == torch.device("cuda:1") and got.dtype == dtype
                   and got.shape == want.shape and torch.equal(got.cpu().view(BITS[dtype]), want.view(BITS[dtype])))
-            results.append((name, ok, f"{tuple(got.shape)} on {got.device}"))
+            results.append((name, ok, f"{tuple(got.shape)} {str(got.dtype)[6:]} on {got.device}"))
         go.put(1)
         proc.join(30)
     return results
@@ -223,13 +367,22 @@ def cuda_ipc_exact(address: str) -> list[tuple[str, bool, str]]:
 # ------------------------------------------------------------------------------------ main
 
 
-def run(sizes: list[int], trials: int = 3, quick: bool = False, cpu_only: bool = False) -> int:
-    """Print the exactness checks and the bandwidth table; 1 if cuda_ipc was not bit-exact."""
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:.0f} us"
+
+
+def run(sizes: list[int], trials: int = 3, quick: bool = False, cpu_only: bool = False, host_quick: bool = False,
+        lean_host: bool = False, no_host: bool = False, lease_depths: tuple[int, ...] = (4, 16)) -> int:
+    """Print the exactness checks and the bandwidth table; 1 if cuda_ipc was not bit-exact or a
+    measurement failed. `host_quick`: a quarter of the host messages; `lean_host`: skip the
+    fresh-buffer socket and THP shm rows; `no_host`: no host rows at all;
+    `lease_depths`: cuda_ipc lease sizes to measure, in messages (how many can be in flight)."""
     for mib in sizes:
         if (mib * MIB) % (WIDTH * 2):
             raise ValueError(f"size {mib} MiB is not a whole number of {WIDTH}-wide bf16 rows")
     gpus = 0 if cpu_only else torch.cuda.device_count()
-    print(f"torch {torch.__version__}, python {sys.version.split()[0]}, {torch.get_num_threads()} CPU threads")
+    print(f"torch {torch.__version__}, python {sys.version.split()[0]}, {torch.get_num_threads()} CPU threads, "
+          f"{os.cpu_count()} CPUs; {trials} timed trials per number after a warm-up trial, median")
     for i in range(gpus):
         print(f"cuda:{i}: {torch.cuda.get_device_name(i)}")
     if gpus >= 2:
@@ -245,32 +398,79 @@ def run(sizes: list[int], trials: int = 3, quick: bool = False, cpu_only: bool =
             print(f"  {name:<20} {'ok' if ok else 'MISMATCH'}  {detail}", flush=True)
 
     scale = 0.1 if quick else 1.0
+    host_scale = 0.25 * scale if host_quick else scale
     table: list[Row] = []
+    notes: list[str] = []
+
+    def guarded(what: str, fn, *args, **kwargs):
+        """A failed measurement is reported and the run goes on (the table shows nan)."""
+        nonlocal failures
+        try:
+            return fn(*args, **kwargs)
+        except Exception:  # noqa: BLE001
+            failures += 1
+            print(f"FAILED: {what}\n{traceback.format_exc()}", flush=True)
+            return None
+
+    def add(row: Row) -> None:
+        table.append(row)
+        print(row.line(), flush=True)  # as measured, in case the run is cut short
+
+    def host_rows(mib: int, rows: int, nbytes: int, n_host: int, n_net: int) -> None:
+        nan = float("nan")
+        memcpy = host_memcpy(nbytes, n_host, trials)
+        add(Row("host memcpy", mib, memcpy, "-", 0.0, None))
+        sock_bw = guarded("raw socket", raw_socket, nbytes, n_net, trials) or nan
+        zmq_bw = guarded("zmq", transport_bandwidth, "zmq", rows, n_net, trials, address="tcp://127.0.0.1:*")
+        add(Row("zmq tcp loopback", mib, zmq_bw.stream_gbps if zmq_bw else nan, "raw TCP socket", sock_bw, 0.5))
+        zmq_thp = guarded("zmq, THP malloc", in_child_with_env, {"GLIBC_TUNABLES": THP_MALLOC}, transport_bandwidth,
+                          "zmq", rows, n_net, trials, address="tcp://127.0.0.1:*")
+        add(Row("zmq tcp, THP malloc", mib, zmq_thp.stream_gbps if zmq_thp else nan, "raw TCP socket", sock_bw, 0.5))
+        if not lean_host:
+            add(Row("  raw TCP, fresh buffer", mib, guarded("raw socket", raw_socket, nbytes, n_net, trials, fresh=True)
+                             or nan, "raw TCP socket", sock_bw, None, "  (per message, as zmq)"))
+        shm_options = {"lease_bytes": 4 * nbytes, "max_senders": 1}
+        shm = guarded("shm", transport_bandwidth, "shm", rows, n_host, trials, address="ipc:///tmp/splitvl-bench-shm.sock",
+                      receiver_options=shm_options)
+        add(Row("shm", mib, shm.stream_gbps if shm else nan, "host memcpy", memcpy, None))
+        if not lean_host:
+            shm_thp = guarded("shm, THP malloc", in_child_with_env, {"GLIBC_TUNABLES": THP_MALLOC}, transport_bandwidth,
+                              "shm", rows, n_host, trials, address="ipc:///tmp/splitvl-bench-shm.sock",
+                              receiver_options=shm_options)
+            add(Row("shm, THP malloc", mib, shm_thp.stream_gbps if shm_thp else nan, "host memcpy", memcpy, None))
+
     for mib in sizes:
         rows, nbytes = mib * MIB // (WIDTH * 2), mib * MIB
-        n_host = max(2, int(2048 // mib * scale))  # ~2 GiB per trial at full scale
-        n_net = max(2, int(1024 // mib * scale))
-        memcpy = max(host_memcpy(nbytes, n_host) for _ in range(trials))
-        table.append(Row("host memcpy", mib, memcpy, "-", 0.0, None))
-        zmq_bw = transport_bandwidth("zmq", rows, n_net, trials, address="tcp://127.0.0.1:*")
-        sock_bw = raw_socket(nbytes, n_net, trials)
-        table.append(Row("zmq tcp loopback", mib, zmq_bw, "raw TCP socket", sock_bw, 0.5))
-        table.append(Row("  (raw TCP, fresh", mib, raw_socket(nbytes, n_net, trials, fresh=True),
-                         "buffer per message)", sock_bw, None))
-        shm_bw = transport_bandwidth("shm", rows, n_host, trials, address="ipc:///tmp/splitvl-bench-shm.sock",
-                                     receiver_options={"lease_bytes": 4 * nbytes, "max_senders": 1})
-        table.append(Row("shm", mib, shm_bw, "host memcpy", memcpy, None))
+        n_host = max(4, int(2048 // mib * host_scale))  # ~2 GiB per trial at full scale
+        n_net = max(4, int(1024 // mib * host_scale))
+        nan = float("nan")
+        if not no_host:
+            host_rows(mib, rows, nbytes, n_host, n_net)
         if gpus >= 2:
-            n_gpu = max(4, int(16384 // mib * scale))  # ~16 GiB per trial at full scale
-            raw = max(gpu_copy(nbytes, n_gpu, 0, 1) for _ in range(trials))
-            ipc = transport_bandwidth("cuda_ipc", rows, n_gpu, trials, address="ipc:///tmp/splitvl-bench-cuda.sock",
-                                      sender_device="cuda:0",
-                                      receiver_options={"device": "cuda:1", "lease_bytes": 4 * nbytes, "max_senders": 1})
-            table.append(Row("cuda_ipc 0->1", mib, ipc, "torch copy cuda:0->1", raw, 0.8 if mib == 16 else None))
+            n_gpu = max(8, int(4096 // mib * scale))  # ~4 GiB per trial at full scale
+            raw, raw_alone = gpu_copy(nbytes, n_gpu, 0, 1, trials)
+            variants = [(f"cuda_ipc 0->1, lease {d}x", "sender", d) for d in lease_depths]
+            variants.append(("cuda_ipc, mapped on owner", "owner", 4))  # as before the fix
+            for label, map_on, depth in variants:
+                target = 0.8 if mib == 16 and map_on == "sender" else None
+                m = guarded(f"{label} {mib} MiB", transport_bandwidth,
+                            "cuda_ipc", rows, n_gpu, trials, address="ipc:///tmp/splitvl-bench-cuda.sock",
+                            sender_device="cuda:0", sender_options={"map_on": map_on, "max_pending": 2 * depth},
+                            receiver_options={"device": "cuda:1", "lease_bytes": depth * nbytes, "max_senders": 1},
+                            alone=20, probe=True) or Measured(nan, nan, nan)
+                add(Row(label, mib, m.stream_gbps, "torch copy cuda:0->1", raw, target, "  (stream)"))
+                add(Row(f"  {label}, alone", mib, _gbps(nbytes, m.alone_s), "one copy + sync",
+                                 _gbps(nbytes, raw_alone), None, f"  ({_us(m.alone_s)} vs {_us(raw_alone)} per message)"))
+                notes.append(f"{label:<26} {mib:>5} MiB: the backend's writes alone into the mapped region "
+                             f"(no protocol): {m.probe_gbps:.2f} GB/s")
+                print(notes[-1], flush=True)
         print(f"  {mib} MiB done", flush=True)
 
-    print(f"\n{'transport':<18} {'size':>9} {'bandwidth':>14}   {'baseline (same run)':<22} {'bandwidth':>14}   ratio")
+    for note in notes:
+        print(note)
+    print(f"\n{'transport':<26} {'size':>9} {'bandwidth':>14}   {'baseline (same run)':<24} {'bandwidth':>14}   ratio")
     for row in table:
-        print(row.line() if row.baseline_gbps else f"{row.name:<18} {row.mib:>5} MiB {row.gbps:>9.2f} GB/s")
-    print("\ntargets (issue 3): cuda_ipc >= 80% of the GPU copy at 16 MiB; zmq tcp >= 50% of the raw socket")
+        print(row.line())
+    print("\ntargets (issue 3): cuda_ipc >= 80% of the GPU copy at 16 MiB; zmq tcp >= 50% of the raw socket."
+          f"\n'THP malloc': the receiving process started with GLIBC_TUNABLES={THP_MALLOC}")
     return 1 if failures else 0

@@ -1,9 +1,10 @@
 """`cuda_ipc`: encode and language services on different GPUs of one node.
 
 The receiver (language side) owns a region of its GPU's memory and exports a CUDA IPC handle
-for it. The sender (encode side) opens the handle and copies its results device to device
-into its lease (NVLink / PCIe peer copy, no host staging); only a small control message goes
-over zmq. See transfer/region.py for the lease protocol and its safety rules.
+for it. The sender (encode side) opens the handle on its own GPU and copies its results device
+to device into its lease (NVLink / PCIe peer copy, no host staging); only a small control
+message goes over zmq. The receiver copies each payload out on a side stream of its GPU. See
+transfer/region.py for the lease protocol and its safety rules.
 
 No pickle and no torch.multiprocessing: the IPC handle comes from the storage's own
 `_share_cuda_()` and is rebuilt with `UntypedStorage._new_shared_cuda(...)` (the two calls
@@ -15,26 +16,18 @@ by UUID, because device indexes differ between processes that see different GPU 
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any
 
 import torch
 
 from transfer.base import TransportError
-from transfer.region import Fence, RegionMemory, RegionWriter
+from transfer.region import CudaEventFence, Fence, RegionMemory, RegionWriter
 from transfer.region_receiver import RegionReceiver
 from transfer.region_sender import RegionSender
 
-
-class _EventFence(Fence):
-    def __init__(self, device: torch.device):
-        self._event = torch.cuda.Event()
-        self._event.record(torch.cuda.current_stream(device))
-
-    def done(self) -> bool:
-        return self._event.query()
-
-    def wait(self) -> None:
-        self._event.synchronize()
+log = logging.getLogger(__name__)
 
 
 def _uuid(index: int) -> str:
@@ -75,44 +68,77 @@ class _CudaRegion(RegionMemory):
     def view(self, offset: int, nbytes: int) -> torch.Tensor:
         return self._buf[offset : offset + nbytes]
 
-    def fence(self) -> Fence:
-        return _EventFence(self.device)  # copy-outs run on the region device's current stream
-
     def close(self) -> None:
         torch.cuda.synchronize(self.device)
         self._buf = None
 
 
 class _CudaWriter(RegionWriter):
-    def __init__(self, export: dict[str, Any], lease_offset: int, lease_nbytes: int):
+    """Maps the receiver's region into this process and copies payloads into it.
+
+    The region is mapped on the GPU the payloads live on (that of the first write; the I/O
+    thread that builds the writer need not have the sender's current device), with peer
+    access, not on the GPU that owns it. Writes are then plain device-to-device copies that the
+    sender's copy engine pushes over NVLink / PCIe peer-to-peer. Mapped on the owning GPU (what
+    torch.multiprocessing does), the same copy becomes a copy between devices into memory the
+    source GPU has no peer mapping of, which the driver stages through host memory: ~10x slower
+    on two NVLinked H200s (docs/transfer.md). `map_on="owner"` keeps that path, for comparison.
+    """
+
+    def __init__(self, export: dict[str, Any], lease_offset: int, lease_nbytes: int, map_on: str = "sender"):
         torch.cuda.init()  # as torch.multiprocessing does before rebuilding a shared CUDA storage
         try:
-            index = _device_with_uuid(export["uuid"])
-            storage = torch.UntypedStorage._new_shared_cuda(
-                index, export["handle"], export["size"], export["offset"], export["ref_counter"],
-                export["ref_counter_offset"], export["event_handle"], export["event_sync"])
-        except (KeyError, TypeError, RuntimeError) as exc:
-            raise TransportError(f"cannot open the receiver's CUDA IPC region: {exc}") from exc
-        self._device = torch.device("cuda", index)
-        self._region = torch.empty(0, dtype=torch.uint8, device=self._device).set_(storage)
+            self._owner = _device_with_uuid(export["uuid"])
+            self._args = (export["handle"], export["size"], export["offset"], export["ref_counter"],
+                          export["ref_counter_offset"], export["event_handle"], export["event_sync"])
+        except (KeyError, TypeError) as exc:
+            raise TransportError(f"bad CUDA IPC export from the receiver: {exc!r}") from exc
+        self._map_on = map_on
+        self._region: torch.Tensor | None = None
+        self.device: torch.device | None = None
+
+    def _map(self, near: int) -> None:
+        places = [self._owner]
+        if self._map_on == "sender" and near != self._owner and torch.cuda.can_device_access_peer(near, self._owner):
+            places.insert(0, near)
+        for index in places:
+            try:
+                storage = torch.UntypedStorage._new_shared_cuda(index, *self._args)
+            except (TypeError, RuntimeError) as exc:
+                if index == places[-1]:
+                    raise TransportError(f"cannot open the receiver's CUDA IPC region: {exc}") from exc
+                log.warning("cannot map the receiver's region (on GPU %d) on GPU %d (%s); mapping it on its own "
+                            "GPU, which makes copies from GPU %d go through host memory", self._owner, index, exc, index)
+                continue
+            self.device = torch.device("cuda", index)
+            self._region = torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage)
+            return
 
     def write(self, offset: int, src: torch.Tensor) -> None:
-        # A peer copy when src is on another GPU: torch issues it on src's current stream and
-        # makes the region device's current stream wait for it, which the fence records.
+        if self._region is None:  # once per lease
+            self._map(src.device.index if src.is_cuda else torch.cuda.current_device())
+        # Issued on src's current stream; the fence records the mapping device's current stream
+        # (the same stream when src lives on the GPU the region is mapped on).
         self._region[offset : offset + src.numel()].copy_(src, non_blocking=True)
 
     def fence(self) -> Fence:
-        return _EventFence(self._device)
+        return CudaEventFence(torch.cuda.current_stream(self.device))
 
     def close(self) -> None:
         self._region = None  # torch syncs, drops its reference count and closes the handle
 
 
 class CudaIpcSender(RegionSender):
+    """The receiver's region is mapped on the GPU of the first tensor sent through each lease:
+    send from one GPU. `map_on="owner"` maps it on the receiver's GPU instead (the slow,
+    host-staged path; for comparison in benchmarks)."""
+
     backend = "cuda_ipc"
 
-    def __init__(self, address: str, **options: Any):
-        super().__init__(address, _CudaWriter, **options)
+    def __init__(self, address: str, *, map_on: str = "sender", **options: Any):
+        if map_on not in ("sender", "owner"):
+            raise ValueError(f"map_on must be 'sender' or 'owner', got {map_on!r}")
+        super().__init__(address, functools.partial(_CudaWriter, map_on=map_on), **options)
 
 
 class CudaIpcReceiver(RegionReceiver):

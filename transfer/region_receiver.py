@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import zmq
 
 from transfer.base import Receiver, ReceiverStats, TransportError
@@ -38,6 +39,8 @@ class _Holder:
     gen: int
     last_seen: float
     live: set[int] = field(default_factory=set)  # DATA seqs copied out but not yet freed
+    done: list[int] = field(default_factory=list)  # seqs whose copy-out completed, FREE not sent yet
+    done_bytes: int = 0
 
 
 class RegionReceiver(Receiver):
@@ -58,7 +61,7 @@ class RegionReceiver(Receiver):
         self._last_active = time.monotonic()  # when recv() last looked at the socket
         self._limits = limits
         self._session = secrets.randbits(62) + 1
-        self._pending_free: collections.deque[tuple[Fence, int, int, int]] = collections.deque()
+        self._pending_free: collections.deque[tuple[Fence, int, int, int, int]] = collections.deque()  # fence, lease, gen, seq, bytes
         self._sock = (context or zmq.Context.instance()).socket(zmq.ROUTER)
         common_options(self._sock)
         self._sock.setsockopt(zmq.SNDHWM, 100_000)  # FREE and LEASE must not be dropped
@@ -78,17 +81,24 @@ class RegionReceiver(Receiver):
 
     def recv(self, timeout: float | None = None) -> Message | None:
         """As Receiver.recv. Spans are freed as their copy-out completes, checked on every call:
-        a consumer that stops calling recv() makes its senders wait (backpressure)."""
+        a consumer that stops calling recv() makes its senders wait (backpressure).
+
+        Whenever nothing is waiting in the socket, the copy-outs still in flight are waited for
+        (microseconds: they run on their own stream) and their spans freed before this call
+        sleeps or returns, so a sender whose lease is full never waits on an idle receiver."""
         deadline = deadline_after(timeout)
         self._forgive_own_absence()
         try:
             while True:
                 self._flush_frees()
                 self._expire_leases()
-                wait = remaining_ms(deadline)
-                # Wake up soon to free spans being copied out, and now and then to expire leases.
-                cap = 1 if self._pending_free else 250
-                ready = self._sock.poll(cap if wait is None else min(wait, cap), zmq.POLLIN)
+                ready = self._sock.poll(0, zmq.POLLIN)
+                if not ready:
+                    for fence, *_ in self._pending_free:
+                        fence.wait()
+                    self._flush_frees(force=True)
+                    wait = remaining_ms(deadline)  # wake now and then to expire leases
+                    ready = wait != 0 and self._sock.poll(250 if wait is None else min(wait, 250), zmq.POLLIN)
                 self._last_active = time.monotonic()
                 if ready:
                     msg = self._on_frames(self._sock.recv_multipart(copy=False))
@@ -191,7 +201,8 @@ class RegionReceiver(Receiver):
             return None
         finally:
             if holder is not None:  # free the span even when the message was refused
-                self._pending_free.append((self._memory.fence(), ctrl["lease"], holder.gen, ctrl["seq"]))
+                nbytes = sum(s[1] for s in ctrl["spans"] if isinstance(s, list) and len(s) == 2 and isinstance(s[1], int))
+                self._pending_free.append((self._memory.fence(), ctrl["lease"], holder.gen, ctrl["seq"], nbytes))
 
     def _payloads(self, specs: list[FrameSpec], ctrl: dict[str, Any], inline: list, holder: _Holder | None) -> list:
         spans = ctrl["spans"]
@@ -209,7 +220,12 @@ class RegionReceiver(Receiver):
                 size = memoryview(frame).nbytes
                 if size != spec.nbytes:
                     raise ProtocolError(f"frame {spec.field!r}: {size} bytes, but {spec.dtype}{list(spec.shape)} needs {spec.nbytes}")
-                payloads.append(bytes(frame) if spec.dtype == BYTES else tensor_from_buffer(frame, spec))
+                if spec.dtype == BYTES:
+                    payloads.append(bytes(frame))
+                elif spec.nbytes == 0:  # empty tensors travel inline, but belong on our device too
+                    payloads.append(torch.empty(spec.shape, dtype=DTYPES[spec.dtype], device=self._memory.device))
+                else:  # too large for the lease: came through host memory
+                    payloads.append(tensor_from_buffer(frame, spec).to(self._memory.device))
                 continue
             if holder is None or spec.dtype == BYTES:
                 raise ProtocolError(f"frame {spec.field!r} names a region span it may not use")
@@ -218,20 +234,25 @@ class RegionReceiver(Receiver):
             offset, nbytes = span
             if nbytes != spec.nbytes or offset % ALIGN or not 0 <= offset <= self._lease_bytes - nbytes:
                 raise ProtocolError(f"span {span} does not fit lease of {self._lease_bytes} bytes for {spec.nbytes}-byte {spec.field!r}")
-            region = self._memory.view(base + offset, nbytes)
-            payloads.append(region.view(DTYPES[spec.dtype]).reshape(spec.shape).clone())  # copy out: the span is recycled
+            payloads.append(self._memory.copy_out(base + offset, DTYPES[spec.dtype], spec.shape))  # the span is recycled
         return payloads
 
-    def _flush_frees(self) -> None:
-        by_sender: dict[tuple[int, int], list[int]] = {}
+    def _flush_frees(self, force: bool = False) -> None:
+        """FREE the spans whose copy-out completed. A FREE costs about as much as a DATA to
+        handle (a ROUTER send here, a wake-up and a receive at the sender), so while messages
+        keep coming they are batched, up to half a lease; `force` (nothing left to read: the
+        sender may be waiting for space) sends whatever is done."""
         while self._pending_free and self._pending_free[0][0].done():
-            _, index, gen, seq = self._pending_free.popleft()
+            _, index, gen, seq, nbytes = self._pending_free.popleft()
             holder = self._leases[index]
             if holder is not None and holder.gen == gen:
                 holder.live.discard(seq)
-                by_sender.setdefault((index, gen), []).append(seq)
-        for (index, gen), seqs in by_sender.items():
-            self._reply(self._leases[index].identity, b"free", session=self._session, lease=index, gen=gen, seqs=seqs)
+                holder.done.append(seq)
+                holder.done_bytes += nbytes
+        for index, holder in enumerate(self._leases):
+            if holder is not None and holder.done and (force or 2 * holder.done_bytes >= self._lease_bytes):
+                self._reply(holder.identity, b"free", session=self._session, lease=index, gen=holder.gen, seqs=holder.done)
+                holder.done, holder.done_bytes = [], 0
 
     def _release(self, index: int, why: str) -> None:
         holder = self._leases[index]

@@ -46,6 +46,8 @@ class _Lease:
     nbytes: int
     writer: RegionWriter
     ring: Ring
+    writing: int = 0  # send() calls writing into it right now (outside the lock)
+    retired: bool = False  # no longer ours: close the writer once `writing` drops to 0
 
 
 @dataclass
@@ -83,6 +85,7 @@ class RegionSender(Sender):
         self._seq = 0
         self._stop = False
         self._warned_inline = False
+        self._io_sleeping = False  # the I/O thread is (about to be) blocked in poll: wake it for new jobs
         wake = f"inproc://region-sender-{self._id}"
         self._wake_rx = self._ctx.socket(zmq.PAIR)
         self._wake_rx.bind(wake)
@@ -98,28 +101,33 @@ class RegionSender(Sender):
         deadline = deadline_after(timeout)
         direct = [i for i, (spec, p) in enumerate(payloads) if isinstance(p, torch.Tensor) and spec.nbytes > 0]
         total = sum(align(payloads[i][0].nbytes) for i in direct)
+        spans: list[list[int] | None] = [None] * len(payloads)
+        lease, fence, seq, start = None, None, 0, 0
         with self._cond:
             self._wait(lambda: len(self._outbox) < self._max_pending, deadline, "the receiver is not consuming")
-            while True:  # until the message is in a lease that is still ours
-                spans: list[list[int] | None] = [None] * len(payloads)
-                lease, fence, seq = None, None, 0
-                if direct:
-                    lease = self._wait(lambda: self._lease, deadline, "no lease from the receiver", lease=True)
-                if lease is not None and total > lease.nbytes:
+            while direct:  # until the message has a span in a lease that is still ours
+                lease = self._wait(lambda: self._lease, deadline, "no lease from the receiver", lease=True)
+                if total > lease.nbytes:
                     if not self._warned_inline:
                         log.warning("%s: a %d-byte message exceeds the %d-byte lease; sending it inline "
                                     "through host memory (raise lease_bytes on the receiver)",
                                     self.address, total, lease.nbytes)
                         self._warned_inline = True
                     lease = None
-                if lease is None:
                     break
                 self._seq += 1
                 seq = self._seq
                 start = self._wait(lambda lease=lease, seq=seq: lease.ring.alloc(seq, total) if lease is self._lease else -1,
                                    deadline, "the receiver's region is full (it is not freeing spans)")
-                if start is None or start < 0:  # the lease expired while we waited: use the next one
-                    continue
+                if start is not None and start >= 0:
+                    lease.writing += 1
+                    break
+                lease = None  # the lease expired while we waited: use the next one
+        if lease is not None:
+            # The copies are issued outside the lock: a synchronous one (shm) may take a while,
+            # and the I/O thread must keep sending earlier messages and taking FREEs meanwhile.
+            # `writing` keeps the writer open even if the lease expires under us.
+            try:
                 at = start
                 for i in direct:
                     spec, tensor = payloads[i]
@@ -127,13 +135,36 @@ class RegionSender(Sender):
                     spans[i] = [at, spec.nbytes]
                     at += align(spec.nbytes)
                 fence = lease.writer.fence()
-                break
-            ctrl = pack_ctrl(session=lease.session if lease else 0, lease=lease.index if lease else NO_LEASE,
-                              gen=lease.gen if lease else 0, seq=seq, spans=spans)
-            inline = [host_buffer(p) for (_, p), span in zip(payloads, spans, strict=True) if span is None]
-            keep = tuple(payloads[i][1] for i in direct) if lease is not None else ()
-            self._outbox.append(_Job([b"data", ctrl, pack_header(header), *inline], fence, lease, seq, keep))
-            self._wake()
+            except BaseException:
+                with self._cond:
+                    lease.ring.free(seq)  # nothing will be sent for this span
+                    self._release_writer(lease)
+                raise
+        ctrl = pack_ctrl(session=lease.session if lease else 0, lease=lease.index if lease else NO_LEASE,
+                         gen=lease.gen if lease else 0, seq=seq, spans=spans)
+        inline = [host_buffer(p) for (_, p), span in zip(payloads, spans, strict=True) if span is None]
+        keep = tuple(payloads[i][1] for i in direct) if lease is not None else ()
+        job = _Job([b"data", ctrl, pack_header(header), *inline], fence, lease, seq, keep)
+        with self._cond:
+            if lease is not None:
+                self._release_writer(lease)
+            self._outbox.append(job)
+            if self._io_sleeping:  # the I/O thread drains the whole outbox once it is awake
+                self._io_sleeping = False
+                self._wake()
+
+    def _release_writer(self, lease: _Lease) -> None:
+        """Under the lock: one write into `lease` ended; close its writer if it was retired."""
+        lease.writing -= 1
+        if lease.retired and lease.writing == 0:
+            lease.writer.close()
+
+    def _retire(self, lease: _Lease) -> None:
+        """Under the lock: `lease` is no longer ours; close its writer now or after the last write."""
+        if not lease.retired:
+            lease.retired = True
+            if lease.writing == 0:
+                lease.writer.close()
 
     def _wait(self, ready: Callable[[], Any], deadline: float | None, why: str, lease: bool = False) -> Any:
         """Wait on the condition until `ready()` is not None/False; raise at the deadline, or at
@@ -177,10 +208,20 @@ class RegionSender(Sender):
         next_attach, last_sent, blocked = 0.0, time.monotonic(), False
         try:
             while True:
-                events = dict(poller.poll(5 if blocked else 100))
+                with self._cond:
+                    # Sleep in poll only with nothing to drain (or zmq pushing back); send() wakes
+                    # a sleeping thread, and only then, so a busy stream costs no wake-ups.
+                    self._io_sleeping = blocked or not self._outbox
+                    timeout = (5 if blocked else 100) if self._io_sleeping else 0
+                events = dict(poller.poll(timeout))
+                with self._cond:
+                    self._io_sleeping = False
                 if self._wake_rx in events:
-                    while self._wake_rx.poll(0):
-                        self._wake_rx.recv()
+                    try:
+                        while True:
+                            self._wake_rx.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass
                 while sock.poll(0):
                     self._on_control(sock.recv_multipart())
                 with self._cond:
@@ -208,9 +249,11 @@ class RegionSender(Sender):
         finally:
             with self._cond:
                 lease, self._lease = self._lease, None
+                if lease is not None:
+                    self._retire(lease)
+                self._cond.notify_all()
             if lease is not None:
                 self._try_send(sock, [b"detach", pack_ctrl(session=lease.session, lease=lease.index, gen=lease.gen)])
-                lease.writer.close()
             sock.close(linger=100)
             self._wake_rx.close(0)
 
@@ -270,7 +313,7 @@ class RegionSender(Sender):
                     if lease is not None:
                         log.warning("%s: lease expired (%s); attaching again", self.address, ctrl["reason"])
                         self._lease = None
-                        lease.writer.close()
+                        self._retire(lease)
                         self._cond.notify_all()
             elif kind == b"refuse":
                 ctrl = unpack_ctrl(frames[1], REFUSE)

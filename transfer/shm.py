@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from transfer.base import TransportError
-from transfer.region import Done, Fence, RegionMemory, RegionWriter
+from transfer.region import Done, Fence, RegionMemory, RegionWriter, host_copy
 from transfer.region_receiver import RegionReceiver
 from transfer.region_sender import RegionSender
 
@@ -69,7 +69,11 @@ class _MemfdWriter(RegionWriter):
         self._data = torch.frombuffer(self._map, dtype=torch.uint8)[_PAGE:]
 
     def write(self, offset: int, src: torch.Tensor) -> None:
-        self._data[offset : offset + src.numel()].copy_(src)  # synchronous; device tensors come to host
+        dst = self._data[offset : offset + src.numel()]
+        if src.device.type == "cpu":
+            host_copy(dst, src)
+        else:
+            dst.copy_(src)  # synchronous; device tensors come to host
 
     def fence(self) -> Fence:
         return Done()
