@@ -14,7 +14,7 @@ from typing import Callable
 def add_transfer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-only", action="store_true", help="skip the GPU parts (cuda_ipc) even where GPUs exist")
     parser.add_argument("--sizes", default="16,256", help="payload sizes in MiB, comma separated (default: 16,256)")
-    parser.add_argument("--trials", type=int, default=3, help="timed trials per number; the best is kept (default: 3)")
+    parser.add_argument("--trials", type=int, default=3, help="timed trials per number, after a warm-up; the median is reported (default: 3)")
     parser.add_argument("--quick", action="store_true", help="a tenth of the messages per trial, for slow machines")
 
 

@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-local-root", action="append", dest="allowed_local_roots", metavar="DIR",
                    help="let jobs name files under this directory; repeatable")
     p.add_argument("--service-id", help="name reported in health pongs (default host:pid)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="logging verbosity (default info)")
     p.set_defaults(func=run)
 
 

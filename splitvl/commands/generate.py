@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file; repeat for several")
     p.add_argument("--max-tokens", type=int, default=32, help="most new tokens to generate (default 32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations dtype (default float32, the reference precision)")
     p.add_argument("--disaggregated", action="store_true", help="vision tower -> wire codec -> language model")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=run)
