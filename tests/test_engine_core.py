@@ -233,3 +233,16 @@ def test_vl_prompt_prefilled_in_chunks_matches_offline(vl_ckpt):
     assert tokens_of(outs["vl-chunks"]) == ref.generate_ids(ids, max_tokens=6)
     assert engine.scheduler.chunked_prefills >= 3
     engine.close()
+
+
+def test_generated_tokens_are_prefix_cached_for_the_next_turn(text_engine_ref):
+    """Blocks filled during decode join the cache too: a follow-up prompt that repeats the first
+    turn and its answer (as a chat's next turn does) hits every block computed so far."""
+    ckpt, _ = text_engine_ref
+    engine = make_engine(ckpt, block_size=4)
+    ids = prompt(random.Random(10), 37)
+    first = tokens_of(run_all(engine, [GenerateRequest("turn1", ids, greedy(12, ignore_eos=True))])["turn1"])
+    follow_up = ids + first + [7, 8, 9]
+    out = run_all(engine, [GenerateRequest("turn2", follow_up, greedy(2))])["turn2"]
+    # 37 prompt + 11 fed-back outputs had their KV computed: 48 tokens = 12 full blocks.
+    assert out[-1].cached_tokens == 48

@@ -43,10 +43,11 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int, have: int) -> int:
         return max(0, -(-num_tokens // self.block_size) - have)
 
-    def block_keys(self, tokens: Sequence[Hashable], start_key: Hashable = None) -> list[BlockKey]:
-        """Keys of the full blocks of `tokens`, each chained to the one before."""
+    def block_keys(self, tokens: Sequence[Hashable], parent_hash: int | None = None) -> list[BlockKey]:
+        """Keys of the full blocks of `tokens`, each chained to the one before; `parent_hash` is the
+        hash of the key of the block before `tokens[0]` (None at a sequence's start)."""
         keys: list[BlockKey] = []
-        parent = start_key
+        parent = parent_hash
         for start in range(0, len(tokens) - self.block_size + 1, self.block_size):
             key = (parent, tuple(tokens[start : start + self.block_size]))
             keys.append(key)

@@ -48,6 +48,7 @@ class EngineRequest:
     block_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose keys/values are in the cache
     num_registered_blocks: int = 0  # full blocks already offered to the prefix cache
+    last_block_hash: int | None = None  # hash of the last registered block's key (the chain's parent)
     num_cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     generator: torch.Generator | None = None
     pending_tokens: list[int] = field(default_factory=list)  # generated, not yet sent out

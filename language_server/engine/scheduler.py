@@ -78,6 +78,7 @@ class Scheduler:
         req.block_ids = taken
         req.num_computed = cached
         req.num_registered_blocks = len(hits)
+        req.last_block_hash = hash(keys[len(hits) - 1]) if hits else None
         req.status = Status.RUNNING
         if req.num_cached_prompt_tokens == 0 and req.num_tokens == req.num_prompt_tokens:
             # First admission (not a readmission after preemption): count it for the hit rate.
@@ -106,6 +107,7 @@ class Scheduler:
         req.block_ids = []
         req.num_computed = 0
         req.num_registered_blocks = 0
+        req.last_block_hash = None
         req.status = Status.WAITING
         self.waiting.appendleft(req)
         self.preemptions += 1
@@ -117,10 +119,14 @@ class Scheduler:
             req = c.request
             req.num_computed = c.start + c.count
             full = req.num_computed // bm.block_size
-            if full > req.num_registered_blocks:
-                keys = bm.block_keys(req.cache_tokens[: full * bm.block_size])
-                for i in range(req.num_registered_blocks, full):
-                    bm.register(req.block_ids[i], keys[i])
+            if full > req.num_registered_blocks and bm.enable_prefix_caching:
+                # Only the newly filled blocks, chained to the last registered one: a long
+                # sequence never rehashes its whole prefix.
+                start = req.num_registered_blocks * bm.block_size
+                keys = bm.block_keys(req.cache_tokens[start : full * bm.block_size], req.last_block_hash)
+                for i, key in enumerate(keys):
+                    bm.register(req.block_ids[req.num_registered_blocks + i], key)
+                req.last_block_hash = hash(keys[-1])
                 req.num_registered_blocks = full
 
     def finish(self, req: EngineRequest) -> None:
