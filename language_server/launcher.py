@@ -10,6 +10,7 @@ without a chance to clean up (killed), so no orphan keeps a GPU.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -71,7 +72,8 @@ class _Service:
             target=_engine_main, name="splitvl-engine", daemon=True,
             args=(self.settings.model_dump(), request_address, output_address, os.getpid()),
         )
-        process.start()
+        with _engine_malloc_env():
+            process.start()
         try:
             model = await asyncio.to_thread(ServedModel.load, self.settings)
             token_bytes = TokenBytes(model.tokenizer)  # refuses a tokenizer we cannot detokenize, early
@@ -138,6 +140,23 @@ def _stop_engine(process: BaseProcess) -> None:
         logger.warning("the engine did not stop within %.0f s; killing it", _ENGINE_STOP_TIMEOUT_S)
         process.kill()
     process.join()
+
+
+@contextlib.contextmanager
+def _engine_malloc_env():
+    """Start the engine with transparent huge pages for large mallocs: zmq receives each encode
+    result into a fresh buffer, and faulting it in 4 KiB at a time halved the rate of 256 MiB
+    results (zmq at 43% of a raw socket on an H200 host; 63% with this). glibc reads the
+    variable at process start, so it is set around the spawn only; other libcs ignore it."""
+    before = os.environ.get("GLIBC_TUNABLES")
+    os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [before, "glibc.malloc.hugetlb=1"]))
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["GLIBC_TUNABLES"]
+        else:
+            os.environ["GLIBC_TUNABLES"] = before
 
 
 def _engine_main(settings: dict, request_address: str, output_address: str, parent_pid: int) -> None:

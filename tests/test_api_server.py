@@ -194,6 +194,12 @@ def test_prefix_cache_reports_cached_tokens(vl_service):
     assert usage.prompt_tokens_details.cached_tokens >= 192  # whole 16-token blocks of the shared prompt
 
 
+def test_engine_process_starts_with_huge_page_malloc(vl_service):
+    """The engine receives encode results into fresh buffers; THP malloc keeps that fast."""
+    environs = [Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for pid in vl_service.children]
+    assert any(b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in env for env in environs)
+
+
 def test_models_health_metrics(vl_service):
     models = vl_service.client().models.list()
     assert [m.id for m in models.data] == ["tiny-vl"]
