@@ -58,6 +58,7 @@ def mrope_positions(
     return positions.long(), delta
 
 
-def decode_positions(seq_index: int, delta: int) -> torch.Tensor:
-    """[3, 1] positions of the token at `seq_index` (0-based) of a sequence past its prompt."""
-    return torch.full((3, 1), seq_index + delta, dtype=torch.long)
+def generated_positions(start: int, end: int, delta: int) -> torch.Tensor:
+    """[3, end - start] positions of the sequence's tokens start..end-1, all past its prompt:
+    index + delta on every axis (empty when end <= start)."""
+    return torch.arange(start, max(start, end)).expand(3, -1) + delta

@@ -19,7 +19,7 @@ from encode_server.preprocess import PreprocessSettings, preprocess
 from models.attention import AttentionMetadata, PagedKVCache, TorchAttentionBackend
 from models.config import load_eos_ids
 from models.loader import load_model
-from models.mrope import mrope_positions
+from models.mrope import generated_positions, mrope_positions
 from models.multimodal import scatter_vision_rows
 from transfer.codec import decode_message, encode_message
 from transfer.messages import EncodeResult
@@ -117,7 +117,7 @@ class OfflineGenerator:
             if tok in self.eos_ids or len(out) == max_tokens:
                 return out
             index = len(ids) + len(out) - 1  # this token's place in the sequence
-            pos = torch.full((3, 1), index + delta) if self.config.is_vl else torch.tensor([index])
+            pos = generated_positions(index, index + 1, delta) if self.config.is_vl else torch.tensor([index])
             hidden = self.model(pos.to(self.device), attn, meta_for(index, 1),
                                 input_ids=torch.tensor([tok], device=self.device))
 

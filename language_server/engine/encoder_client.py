@@ -95,7 +95,6 @@ class EncoderClient:
         self.jobs: dict[str, _Job] = {}
         self.bytes_received = 0
         self._ids = itertools.count()
-        self._ping_seq = itertools.count()
         self._next_ping = 0.0
 
     @property

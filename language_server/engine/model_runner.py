@@ -31,6 +31,7 @@ from language_server.protocol import TokenLogprob
 from models.attention import AttentionBackend, AttentionMetadata, PagedKVCache, TorchAttentionBackend
 from models.config import ModelConfig, dtype_from_name, load_config
 from models.loader import LoadedModel, load_model
+from models.mrope import generated_positions
 from models.multimodal import scatter_vision_rows
 from models.qwen2_moe import Qwen2MoeForCausalLM
 from models.qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeForCausalLMWithDeepStack
@@ -236,8 +237,7 @@ class ModelRunner:
             return torch.arange(a, a + n)
         # Prompt tokens have precomputed M-RoPE positions; generated ones are index + delta.
         prompt = req.positions[:, a : min(a + n, req.num_prompt_tokens)]
-        tail_start = max(a, req.num_prompt_tokens)  # a chunk inside the prompt has no tail
-        tail = torch.arange(tail_start, max(tail_start, a + n)).expand(3, -1) + req.rope_delta
+        tail = generated_positions(max(a, req.num_prompt_tokens), a + n, req.rope_delta)  # empty inside the prompt
         return torch.cat([prompt, tail], dim=1)
 
     def _metadata(self, chunks: Sequence[ScheduledChunk]) -> AttentionMetadata:
