@@ -37,6 +37,7 @@ from encode_server.runner import VisionRunner
 from encode_server.settings import EncodeSettings
 from encode_server.sources import SourceReader
 from models.config import dtype_from_name
+from models.device import resolve_device
 from models.loader import load_model
 from transfer.base import Receiver
 from transfer.messages import EncodeError, EncodeJob, EncodeResult, HealthPing, HealthPong, Message
@@ -81,10 +82,7 @@ class EncodeService:
 
     def start(self) -> None:
         """Load the vision tower, check it on a probe image, bind the listen address, serve."""
-        device = torch.device(self.settings.device if self.settings.device != "auto"
-                              else "cuda" if torch.cuda.is_available() else "cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # streams and copies of this process go to its GPU
+        device = resolve_device(self.settings.device)  # a GPU is made current for streams and copies
         dtype = None if self.settings.dtype == "auto" else dtype_from_name(self.settings.dtype)
         loaded = load_model(self.settings.model, part="vision", device=device, dtype=dtype)
         # cuda_ipc copies results device to device, so they stay on the GPU (cache included).

@@ -30,6 +30,7 @@ from language_server.engine.sampler import sample
 from language_server.protocol import TokenLogprob
 from models.attention import AttentionBackend, AttentionMetadata, PagedKVCache, TorchAttentionBackend
 from models.config import ModelConfig, dtype_from_name, load_config
+from models.device import resolve_device
 from models.loader import LoadedModel, load_model
 from models.mrope import generated_positions
 from models.multimodal import scatter_vision_rows
@@ -87,11 +88,7 @@ class ModelRunner:
     def __init__(self, model_dir: str, device: str, dtype: str, block_size: int,
                  num_kv_blocks: int | None, kv_memory_fraction: float, options: RunnerOptions | None = None) -> None:
         self.options = options or RunnerOptions.from_env()
-        self.device = torch.device(device)
-        if self.device.type == "cuda":
-            # The engine process works on one GPU: make it current, or kernels, streams and graph
-            # capture land on cuda:0 while the weights live on, say, cuda:1.
-            torch.cuda.set_device(self.device)
+        self.device = resolve_device(device)  # a GPU is made current: the engine process works on one
         self.dtype = dtype_from_name(dtype)
         if self.options.load_format == "dummy":
             loaded = random_language_model(model_dir, self.device, self.dtype)

@@ -1,0 +1,127 @@
+"""Where a decode step and a prefill go, kernel by kernel: the profile behind docs/kernels.md.
+
+    python benchmarks/profile_gpu.py --layers 8      # ~1 min on one H100/H200
+
+Builds the engine exactly as benchmarks/model_gpu.py does (random bf16 weights at the real
+Qwen3-VL-30B-A3B shapes, fewer layers: every layer costs the same), then profiles with
+torch.profiler:
+  1. decode at batch 1 replayed from CUDA graphs: step time and the kernels inside the graph
+  2. decode at batch 1 eager: the same kernels launched one by one (what a layer is made of)
+  3. prefill of one 1k prompt
+Each prints the kernels by GPU time with their count per layer, and the step's total kernel
+time beside its wall time. Tables go to $OUT/profile_*.txt as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model_gpu import BLOCK, Plan, build_engine, random_prompt, submit  # noqa: E402
+
+from language_server.protocol import GenerateRequest, SamplingParams  # noqa: E402
+from models.config import load_config  # noqa: E402
+from models.tiny_checkpoint import write_tiny_checkpoint  # noqa: E402
+
+
+def kernel_table(prof, layers: int, steps: int, title: str) -> str:
+    rows = []
+    total = 0.0
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+        if evt.device_type.name != "CUDA" or t <= 0:
+            continue
+        rows.append((t, evt.count, evt.key))
+        total += t
+    rows.sort(reverse=True)
+    lines = [f"== {title}: kernel time {total / steps:.1f} us per step ({total / steps / layers:.1f} us per layer)"]
+    lines.append(f"{'us/step':>9} {'us/layer':>9} {'n/layer':>8}  kernel")
+    for t, n, key in rows[:40]:
+        lines.append(f"{t / steps:>9.1f} {t / steps / layers:>9.2f} {n / steps / layers:>8.2f}  {key[:110]}")
+    return "\n".join(lines)
+
+
+def decode_profile(engine, graphs: bool, layers: int, steps: int) -> str:
+    engine.runner.use_decode_graphs = graphs and engine.runner.decode_graphs is not None
+    vocab = engine.config.text.vocab_size
+    req = GenerateRequest(f"prof-{graphs}", random_prompt(random.Random(0), 512, vocab),
+                          SamplingParams(max_tokens=10 + 2 * steps, temperature=0.0, ignore_eos=True))
+    submit(engine, [req])
+    for _ in range(6):  # prefill + warm replays
+        engine.step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    wall = (time.perf_counter() - t0) / steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    engine.abort(req.request_id)
+    while engine.has_work():
+        engine.step()
+    name = "graphs" if graphs else "eager"
+    return f"decode B=1 {name}: wall {wall * 1e3:.3f} ms/step\n" + kernel_table(prof, layers, steps, f"decode B=1 {name}")
+
+
+def prefill_profile(engine, length: int, layers: int) -> str:
+    vocab = engine.config.text.vocab_size
+    def one(tag: str) -> None:
+        req = GenerateRequest(f"pf-{tag}", random_prompt(random.Random(tag), length, vocab),
+                              SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+        submit(engine, [req])
+        while engine.has_work():
+            engine.step()
+    one("warm")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    one("timed")
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        one("prof")
+        torch.cuda.synchronize()
+    return f"prefill T={length}: wall {wall * 1e3:.2f} ms\n" + kernel_table(prof, layers, 1, f"prefill {length}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--prefill", type=int, default=1024)
+    args = parser.parse_args()
+    out = Path(os.environ.get("OUT", "."))
+    plan = Plan("cuda", "bfloat16", "qwen3-vl-30b-a3b", args.layers, (1,), 512, 64, (args.prefill,), (), 0, 0, 0)
+    ckpt = Path(tempfile.mkdtemp(prefix="splitvl-prof-"))
+    write_tiny_checkpoint(ckpt, shapes=plan.shapes, num_layers=plan.layers, metadata_only=True)
+    layers = load_config(ckpt).text.num_hidden_layers
+    blocks = 2 * (-(-(args.prefill + 600) // BLOCK))
+    engine = build_engine(ckpt, plan, blocks)
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, f"{layers} layers")
+    for name, fn in (("decode_graphs", lambda: decode_profile(engine, True, layers, args.steps)),
+                     ("decode_eager", lambda: decode_profile(engine, False, layers, 3)),
+                     ("prefill", lambda: prefill_profile(engine, args.prefill, layers))):
+        try:
+            text = fn()
+        except Exception as exc:  # noqa: BLE001 - one section failing should not hide the others
+            text = f"{name} failed: {type(exc).__name__}: {exc}"
+        print(text, "\n")
+        (out / f"profile_{name}.txt").write_text(text + "\n")
+    engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
