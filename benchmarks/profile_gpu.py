@@ -28,11 +28,11 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model_gpu import BLOCK, Plan, build_engine, random_prompt, submit  # noqa: E402
+from model_gpu import BLOCK, Plan, build_engine, random_prompt, submit
 
-from language_server.protocol import GenerateRequest, SamplingParams  # noqa: E402
-from models.config import load_config  # noqa: E402
-from models.tiny_checkpoint import write_tiny_checkpoint  # noqa: E402
+from language_server.protocol import GenerateRequest, SamplingParams
+from models.config import load_config
+from models.tiny_checkpoint import write_tiny_checkpoint
 
 
 def kernel_table(prof, layers: int, steps: int, title: str) -> str:
@@ -49,6 +49,50 @@ def kernel_table(prof, layers: int, steps: int, title: str) -> str:
     lines.append(f"{'us/step':>9} {'us/layer':>9} {'n/layer':>8}  kernel")
     for t, n, key in rows[:40]:
         lines.append(f"{t / steps:>9.1f} {t / steps / layers:>9.2f} {n / steps / layers:>8.2f}  {key[:110]}")
+    return "\n".join(lines)
+
+
+def cpu_table(prof, steps: int, title: str) -> str:
+    """Host time by op (self time: where the host is actually busy), per step."""
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in rows)
+    lines = [f"== {title}: host self time {total / steps:.0f} us per step",
+             f"{'us/step':>9} {'calls/step':>10}  op"]
+    for evt in rows[:25]:
+        lines.append(f"{evt.self_cpu_time_total / steps:>9.1f} {evt.count / steps:>10.1f}  {evt.key[:100]}")
+    return "\n".join(lines)
+
+
+def launch_overheads() -> str:
+    """Host microseconds per call of one small op, issued back to back without syncs."""
+    from models.kernels import fused_ops, triton_fused_experts
+
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    w = torch.ones(2048, device="cuda", dtype=torch.bfloat16)
+    gu = torch.randn(128, 1536, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
+    dn = torch.randn(128, 2048, 768, device="cuda", dtype=torch.bfloat16) * 0.02
+    logits = torch.randn(1, 128, device="cuda", dtype=torch.bfloat16)
+    tw, tid = fused_ops.route(logits, 8, True)
+    cases = {
+        "torch add [1,2048]": lambda: x + x,
+        "torch F.linear [1,2048]x[2048,2048]": lambda: torch.nn.functional.linear(x, gu[0, :2048]),
+        "triton rms_norm": lambda: fused_ops.rms_norm(x, w, 1e-6),
+        "triton add_rms_norm": lambda: fused_ops.add_rms_norm(x, x, w, 1e-6),
+        "triton route": lambda: fused_ops.route(logits, 8, True),
+        "triton fused experts T=1 (2 launches + sum)": lambda: triton_fused_experts(x, gu, dn, tw, tid),
+    }
+    lines = ["== host cost per call (no sync between calls)"]
+    for name, fn in cases.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        n = 200
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        host = (time.perf_counter() - t0) / n
+        torch.cuda.synchronize()
+        lines.append(f"{host * 1e6:9.1f} us  {name}")
     return "\n".join(lines)
 
 
@@ -73,7 +117,8 @@ def decode_profile(engine, graphs: bool, layers: int, steps: int) -> str:
     while engine.has_work():
         engine.step()
     name = "graphs" if graphs else "eager"
-    return f"decode B=1 {name}: wall {wall * 1e3:.3f} ms/step\n" + kernel_table(prof, layers, steps, f"decode B=1 {name}")
+    return (f"decode B=1 {name}: wall {wall * 1e3:.3f} ms/step\n" + kernel_table(prof, layers, steps, f"decode B=1 {name}")
+            + "\n" + cpu_table(prof, steps, f"decode B=1 {name}"))
 
 
 def prefill_profile(engine, length: int, layers: int) -> str:
@@ -93,7 +138,8 @@ def prefill_profile(engine, length: int, layers: int) -> str:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         one("prof")
         torch.cuda.synchronize()
-    return f"prefill T={length}: wall {wall * 1e3:.2f} ms\n" + kernel_table(prof, layers, 1, f"prefill {length}")
+    return (f"prefill T={length}: wall {wall * 1e3:.2f} ms\n" + kernel_table(prof, layers, 1, f"prefill {length}")
+            + "\n" + cpu_table(prof, 1, f"prefill {length}"))
 
 
 def main() -> int:
@@ -110,12 +156,12 @@ def main() -> int:
     blocks = 2 * (-(-(args.prefill + 600) // BLOCK))
     engine = build_engine(ckpt, plan, blocks)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, f"{layers} layers")
-    for name, fn in (("decode_graphs", lambda: decode_profile(engine, True, layers, args.steps)),
+    for name, fn in (("launch", launch_overheads), ("decode_graphs", lambda: decode_profile(engine, True, layers, args.steps)),
                      ("decode_eager", lambda: decode_profile(engine, False, layers, 3)),
                      ("prefill", lambda: prefill_profile(engine, args.prefill, layers))):
         try:
             text = fn()
-        except Exception as exc:  # noqa: BLE001 - one section failing should not hide the others
+        except Exception as exc:
             text = f"{name} failed: {type(exc).__name__}: {exc}"
         print(text, "\n")
         (out / f"profile_{name}.txt").write_text(text + "\n")

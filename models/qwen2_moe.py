@@ -10,11 +10,13 @@ Legend: T tokens, H hidden, Hq/Hkv query/kv heads, D head dim, V vocab.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from models import ops
 from models.attention import AttentionBackend, AttentionMetadata
 from models.config import TextConfig
-from models.layers import DenseMLP, RMSNorm, RotaryEmbedding, apply_rotary
+from models.layers import DenseMLP, RMSNorm, RotaryEmbedding
 from models.moe import SparseMoeBlock
 
 
@@ -36,6 +38,26 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
+        self.eps = config.rms_norm_eps
+        self.qkv_weight: torch.Tensor | None = None  # set by fuse_qkv()
+        self.qkv_bias: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """Put the q, k and v weights in one [(Hq + 2Hkv)·D, H] tensor and make the three
+        projections views of it: one GEMM instead of three per layer (at one decode token each is
+        launch-bound), with no extra memory. Checkpoint names and state_dict are unchanged."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_weight = torch.cat([p.weight for p in projs])
+        self.qkv_bias = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None
+        start = 0
+        for p in projs:
+            rows = p.weight.shape[0]
+            p.weight = nn.Parameter(self.qkv_weight[start : start + rows], requires_grad=False)
+            if self.qkv_bias is not None:
+                p.bias = nn.Parameter(self.qkv_bias[start : start + rows], requires_grad=False)
+            start += rows
+
     def forward(
         self,
         x: torch.Tensor,
@@ -43,14 +65,16 @@ class Attention(nn.Module):
         attn: AttentionBackend,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        t, d = x.shape[0], self.head_dim
+        if self.qkv_weight is not None:
+            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(
+                [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d), v.view(t, self.num_kv_heads, d)
+        q_weight = self.q_norm.weight if self.q_norm is not None else None
+        k_weight = self.k_norm.weight if self.k_norm is not None else None
+        q, k = ops.qk_norm_rope(q, k, q_weight, k_weight, self.eps, *rope)
         out = attn.attend(self.layer_idx, q, k, v, meta)  # [T, Hq, D]
         return self.o_proj(out.reshape(t, -1))
 
@@ -77,12 +101,20 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         h: torch.Tensor,
+        residual: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor],
         attn: AttentionBackend,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope, attn, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream is carried as (h, residual), its value being h + residual (h alone
+        when residual is None): each residual add happens inside the next norm, one fused kernel
+        on GPU. Same numbers as `h = h + attn(norm(h)); h = h + mlp(norm(h))`."""
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm.add_forward(h, residual)
+        x, residual = self.post_attention_layernorm.add_forward(self.self_attn(x, rope, attn, meta), residual)
+        return self.mlp(x), residual
 
 
 class Qwen2MoeModel(nn.Module):
@@ -111,9 +143,10 @@ class Qwen2MoeModel(nn.Module):
     ) -> torch.Tensor:
         h = self.embed(input_ids, inputs_embeds)
         rope = self.rotary(positions, h.dtype)
+        residual = None
         for layer in self.layers:
-            h = layer(h, rope, attn, meta)
-        return self.norm(h)
+            h, residual = layer(h, residual, rope, attn, meta)
+        return self.norm.add_forward(h, residual)[0]
 
 
 class Qwen2MoeForCausalLM(nn.Module):

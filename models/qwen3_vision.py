@@ -19,7 +19,7 @@ from torch import nn
 
 from models.attention import varlen_full_attention
 from models.config import VisionConfig
-from models.layers import rotate_half
+from models.ops import rotate_half
 
 Grid = tuple[int, int, int]
 

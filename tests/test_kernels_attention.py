@@ -64,12 +64,15 @@ def decode_problem(context_lens, q_heads, kv_heads, head_dim, block_size, dtype,
 @interpreted
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (4, 2), (8, 1)])  # GQA ratios 1, 2, 8
-@pytest.mark.parametrize("split_len", [None, 64])  # whole contexts, and flash-decoding splits
-def test_paged_decode_matches_reference(poisoned_empty, q_heads, kv_heads, dtype, tol, split_len):
+# Whole contexts; fixed 64-key splits; and balanced splits (each context cut evenly over the
+# 4 splits a 256-token plan gives, as CUDA graphs run it).
+@pytest.mark.parametrize("split_len,max_context,balance", [(None, None, False), (64, None, False), (64, 256, True)])
+def test_paged_decode_matches_reference(poisoned_empty, q_heads, kv_heads, dtype, tol, split_len, max_context, balance):
     context_lens = [1, 6, 17, 64, 150]  # 150 > 2 splits; the short ones leave splits empty
     q, k_cache, v_cache, tables, lens = decode_problem(context_lens, q_heads, kv_heads, 16, 4, dtype)
     ref = _torch_paged_decode(q.double(), k_cache.double(), v_cache.double(), tables, lens)
-    out = paged_decode_attention(q, k_cache, v_cache, tables, lens, split_len=split_len)
+    out = paged_decode_attention(q, k_cache, v_cache, tables, lens, split_len=split_len, max_context=max_context,
+                                 balance_splits=balance)
     assert out.shape == q.shape and out.dtype == dtype
     assert rel_err(out, ref) < tol
 

@@ -116,7 +116,8 @@ def test_one_program_alignment_equals_torch(tokens, experts, top_k, block_m):
 @pytest.mark.parametrize(
     "tokens,hidden,experts,inter,top_k,used",
     [
-        (1, 32, 4, 16, 2, None),  # decode, one token
+        (1, 32, 4, 16, 2, None),  # decode, one token: one block per pair, no alignment
+        (2, 32, 4, 16, 3, [0, 1, 3]),  # two tokens sharing experts, still one block per pair
         (7, 48, 8, 40, 3, [0, 2, 3, 6]),  # odd sizes, 4 experts without tokens
         (37, 64, 16, 24, 4, [1, 5, 6, 9, 10, 15]),  # many tokens per expert: several blocks each
     ],

@@ -14,9 +14,10 @@ What a graph fixes at capture time, and how each is handled:
   logits are dropped.
 - block tables: [Bp, W] with W = blocks of the longest sequence the graphs serve; a step with a
   longer sequence runs eagerly instead.
-- the decode kernel's grid: its context split is planned per bucket for W*S context tokens, not
-  for the step's longest context, so the grid is the same on every replay. Splits past a
-  sequence's end exit at once and weigh nothing in the merge.
+- the decode kernel's grid: its number of context splits is planned per bucket for W*S context
+  tokens, so the grid is the same on every replay; each sequence's actual context is cut evenly
+  over those splits on the device (balance_splits), so a short context still uses them all.
+  Splits with no keys weigh nothing in the merge.
 - host work: attention reads context lengths from a device buffer, never from a Python list.
 
 With `capture=False` the same static-buffer path runs without graphs, on any device: tests
@@ -77,7 +78,7 @@ class StaticDecodeAttention:
         self.kv_cache.write(layer_idx, k, v, self.slots)
         k_cache, v_cache = self.kv_cache.data[layer_idx]
         return paged_decode_attention(q, k_cache, v_cache, self.block_tables, self.context_lens,
-                                      max_context=self.max_context, split_len=self.split_len)
+                                      max_context=self.max_context, split_len=self.split_len, balance_splits=True)
 
 
 class DecodeGraphRunner:

@@ -6,7 +6,7 @@ rows), positions ([3, T] M-RoPE for VL models, [T] otherwise) and AttentionMetad
 paged KV cache's slots and block tables.
 
 On CUDA the model runs on the Triton kernels (fused MoE, paged decode attention, flash varlen
-prefill; models/kernels/) and decode-only steps replay CUDA graphs (cuda_graphs.py); prefill and
+prefill, fused norm / rotary / routing ops, one qkv GEMM; models/kernels/) and decode-only steps replay CUDA graphs (cuda_graphs.py); prefill and
 mixed steps run eagerly. Elsewhere it runs the torch references. `RunnerOptions` switches each
 part off for debugging.
 
@@ -122,13 +122,18 @@ class ModelRunner:
         if self.device.type != "cuda":
             return TorchAttentionBackend(self.kv_cache)
         # Imported here: the kernels import triton, which CPU processes do not need.
-        from models.kernels import HAS_TRITON, TritonAttentionBackend, triton_fused_experts
+        from models.kernels import FUSED_OPS, HAS_TRITON, TritonAttentionBackend, triton_fused_experts
         from models.moe import set_experts_impl, torch_fused_experts
+        from models.ops import TORCH_OPS, set_ops_impl
 
         self.uses_triton = self.options.kernels == "auto" and HAS_TRITON
         if self.options.kernels == "auto" and not HAS_TRITON:
             log.warning("triton is not installed: running the torch reference kernels (pip install triton)")
         set_experts_impl(triton_fused_experts if self.uses_triton else torch_fused_experts)
+        set_ops_impl(FUSED_OPS if self.uses_triton else TORCH_OPS)
+        if self.uses_triton:
+            for layer in self.model.model.layers:
+                layer.self_attn.fuse_qkv()  # one GEMM for q, k and v
         return TritonAttentionBackend(self.kv_cache) if self.uses_triton else TorchAttentionBackend(self.kv_cache)
 
     def _decode_graphs(self) -> DecodeGraphRunner | None:

@@ -2,6 +2,7 @@
 
   experts:   models.moe.set_experts_impl(triton_fused_experts)
   attention: pass TritonAttentionBackend(kv_cache) where a TorchAttentionBackend would go
+  small ops: models.ops.set_ops_impl(FUSED_OPS)   (norms, q/k norm + rotary, routing)
 
 Without CUDA (and outside TRITON_INTERPRET=1) every function here calls the torch reference, so
 both switches are safe on any machine. docs/kernels.md has the design and the performance notes.
@@ -10,9 +11,11 @@ both switches are safe on any machine. docs/kernels.md has the design and the pe
 from models.kernels.attention_backend import TritonAttentionBackend
 from models.kernels.availability import HAS_TRITON, use_triton
 from models.kernels.fused_moe import MoeConfig, moe_config, triton_fused_experts
+from models.kernels.fused_ops import FUSED_OPS
 from models.kernels.paged_attention import paged_decode_attention
 
 __all__ = [
+    "FUSED_OPS",
     "HAS_TRITON",
     "MoeConfig",
     "TritonAttentionBackend",

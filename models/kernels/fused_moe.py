@@ -1,11 +1,12 @@
 """Fused MoE experts in Triton: two grouped GEMMs over expert-sorted (token, slot) pairs.
 
-  align    pairs sorted by expert, each expert's run padded to BLOCK_M       (moe_align.py)
+  align    pairs sorted by expert, each expert's run padded to BLOCK_M       (moe_align.py);
+           at 1-2 tokens none: block p is pair p (PAIR_BLOCKS)
   gate_up  h[p] = SiLU(x[t] @ Wg[e]^T) * (x[t] @ Wu[e]^T)   one kernel, [P, I]; the [P, 2I]
            gate/up product never reaches memory
   down     y[p] = w[p] * (h[p] @ Wd[e]^T)                    [P, H], routing weight applied
-  combine  out[t] = sum_k y[t*K + k]                          [T, H] (a torch sum: fixed order,
-           deterministic, unlike atomics)
+  combine  out[t] = sum_k y[t*K + k]                          [T, H] (fp32 in slot order, one
+           small kernel: deterministic, unlike atomics)
 
 Each GEMM program owns one BLOCK_M block of pairs (one expert) and one BLOCK_N column tile, so an
 active expert's weight tile is read once per block: in decode that is once in total, which is
@@ -58,6 +59,10 @@ MOE_CONFIGS: list[tuple[int, MoeConfig]] = [
     (2048, MoeConfig(64, 64, 128, 64, 4, 4)),
 ]
 PREFILL_CONFIG = MoeConfig(128, 64, 128, 64, 8, 4)
+# Up to this many tokens each (token, slot) pair gets its own block and no alignment runs: at one
+# token the align kernel (~6 us) costs more than the experts' weight reads it would save; from
+# ~4 tokens on, experts picked twice would be read twice.
+PAIR_BLOCK_TOKENS = 2
 
 
 def moe_config(num_tokens: int) -> MoeConfig:
@@ -89,13 +94,18 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr,
+        PAIR_BLOCKS: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        expert = tl.load(block_expert_ptr + pid_m)
-        if expert >= num_experts:  # block past the last expert's padded run
-            return
-        pair = tl.load(sorted_pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [M]
+        if PAIR_BLOCKS:  # block p is pair p alone (row 0); block_expert_ptr is the [P] expert ids
+            expert = tl.load(block_expert_ptr + pid_m).to(tl.int32)
+            pair = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs)
+        else:
+            expert = tl.load(block_expert_ptr + pid_m)
+            if expert >= num_experts:  # block past the last expert's padded run
+                return
+            pair = tl.load(sorted_pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [M]
         row_ok = pair < num_pairs
         token = (pair // TOP_K).to(tl.int64)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [N] intermediate columns
@@ -147,13 +157,18 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr,
+        PAIR_BLOCKS: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        expert = tl.load(block_expert_ptr + pid_m)
-        if expert >= num_experts:
-            return
-        pair = tl.load(sorted_pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [M]
+        if PAIR_BLOCKS:  # as in the gate_up kernel
+            expert = tl.load(block_expert_ptr + pid_m).to(tl.int32)
+            pair = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs).to(tl.int64)
+        else:
+            expert = tl.load(block_expert_ptr + pid_m)
+            if expert >= num_experts:
+                return
+            pair = tl.load(sorted_pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [M]
         row_ok = pair < num_pairs
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [N] hidden columns
         col_ok = cols < hidden
@@ -177,6 +192,33 @@ if HAS_TRITON:
         acc = acc * weight[:, None]
         y_ptrs = y_ptr + pair[:, None] * stride_yt + cols[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+    @triton.jit
+    def _combine_kernel(
+        y_ptr,  # [T, K, H] weighted expert outputs
+        out_ptr,  # [T, H]
+        hidden,
+        TOP_K: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < hidden
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k in tl.static_range(TOP_K):  # fp32, in slot order, rounded once: as torch's sum
+            acc += tl.load(y_ptr + (t * TOP_K + k) * hidden + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + t * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _combine(y: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    """[P, H] -> [T, H], out[t] = sum_k y[t*K + k]. One launch where torch's reduction over a
+    [T, K, H] view costs ~5 us at one token (more than the 16 KB it reads)."""
+    hidden = y.shape[1]
+    out = torch.empty(num_tokens, hidden, dtype=y.dtype, device=y.device)
+    block = 1024
+    _combine_kernel[(num_tokens, triton.cdiv(hidden, block))](y, out, hidden, TOP_K=top_k, BLOCK=block, num_warps=4)
+    return out
 
 
 def _check_shapes(
@@ -213,7 +255,7 @@ def _launch_gate_up(
         align.num_pairs, hidden, inter, num_experts,
         x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), h.stride(0),
         TOP_K=top_k, BLOCK_M=config.block_m, BLOCK_N=config.block_n_up, BLOCK_K=config.block_k,
-        EVEN_K=hidden % config.block_k == 0,
+        EVEN_K=hidden % config.block_k == 0, PAIR_BLOCKS=align.one_pair_per_block,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return h
@@ -230,7 +272,7 @@ def _launch_down(
         align.num_pairs, hidden, inter, num_experts,
         h.stride(0), down_proj.stride(0), down_proj.stride(1), y.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n_down, BLOCK_K=config.block_k,
-        EVEN_K=inter % config.block_k == 0,
+        EVEN_K=inter % config.block_k == 0, PAIR_BLOCKS=align.one_pair_per_block,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return y
@@ -256,7 +298,7 @@ def triton_fused_experts(
         return torch.empty_like(x)
     config = config or moe_config(num_tokens)
     x = x.contiguous()
-    align = align_pairs_to_experts(topk_ids, gate_up_proj.shape[0], config.block_m)
+    align = align_pairs_to_experts(topk_ids, gate_up_proj.shape[0], config.block_m, pair_blocks_upto=PAIR_BLOCK_TOKENS)
     h = _launch_gate_up(x, gate_up_proj, align, top_k, config)  # [P, I]
     y = _launch_down(h, down_proj, topk_weights.reshape(-1).contiguous(), align, config)  # [P, H]
-    return y.view(num_tokens, top_k, -1).sum(dim=1)
+    return _combine(y, num_tokens, top_k)

@@ -35,6 +35,7 @@ class ExpertAlignment:
     sorted_pair_ids: torch.Tensor  # [R] int32 pair id (t*K + k) or the sentinel P on padding rows
     block_expert_ids: torch.Tensor  # [NB] int32 expert of each block; E for blocks past the end
     num_pairs: int  # P
+    one_pair_per_block: bool = False  # block p is pair p alone; block_expert_ids is then [P] topk ids
 
     @property
     def num_blocks(self) -> int:
@@ -47,8 +48,15 @@ def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
     return -(-rows // block_m) * block_m
 
 
-def align_pairs_to_experts(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertAlignment:
-    """topk_ids [T, K] -> pairs sorted by expert, each expert's run padded to a multiple of M."""
+def align_pairs_to_experts(topk_ids: torch.Tensor, num_experts: int, block_m: int,
+                           pair_blocks_upto: int = 0) -> ExpertAlignment:
+    """topk_ids [T, K] -> pairs sorted by expert, each expert's run padded to a multiple of M.
+
+    For at most `pair_blocks_upto` tokens nothing is sorted: each pair is its own block (the
+    kernels' PAIR_BLOCKS mode), which at one or two decode tokens costs no kernel at all."""
+    if topk_ids.shape[0] <= pair_blocks_upto:
+        flat = topk_ids.reshape(-1)
+        return ExpertAlignment(flat, flat, flat.numel(), one_pair_per_block=True)
     if topk_ids.numel() <= SMALL_PAIRS and use_triton(topk_ids):
         return _align_one_program(topk_ids, num_experts, block_m)
     return _align_torch(topk_ids, num_experts, block_m)

@@ -44,7 +44,7 @@ if HAS_TRITON:
         out_ptr,  # [B, Hq, D] (one split) or partial [B, Hq, NS, D] fp32
         lse_ptr,  # [B, Hq, NS] fp32 log2-sum-exp of each split (split mode only)
         scale_log2,  # softmax scale * log2(e): exp2 is the fast path
-        split_len,  # context tokens per split, a multiple of BLOCK_N
+        split_len,  # context tokens per split, a multiple of BLOCK_N; 0: each sequence's own share
         stride_qb,
         stride_qh,
         stride_cn,
@@ -68,6 +68,8 @@ if HAS_TRITON:
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
         ctx = tl.load(context_lens_ptr + seq)
+        if split_len == 0:  # balanced: this sequence's own context cut into num_programs(2) slices
+            split_len = tl.cdiv(tl.cdiv(ctx, tl.num_programs(2)), BLOCK_N) * BLOCK_N
         start = split * split_len
         end = tl.minimum(start + split_len, ctx)
 
@@ -158,12 +160,19 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     max_context: int | None = None,
     split_len: int | None = None,
+    balance_splits: bool = False,
 ) -> torch.Tensor:
     """q [B, Hq, D] (the last position of each sequence) over k/v_cache [N, S, Hkv, D] -> [B, Hq, D].
 
     block_tables [B, max_blocks] and context_lens [B] (keys per sequence, >= 1, the new token's
     included) are integer tensors on q's device. `max_context` (a host int) saves a device sync
     when given; `split_len` overrides the split choice (tests use it to force flash-decoding).
+
+    `balance_splits` keeps the number of splits that max_context and split_len give, but cuts
+    each sequence's actual context evenly over them. CUDA graphs plan for the longest context
+    they serve (thousands of tokens) while most steps are far shorter: with fixed slices, a
+    512-token context would run in 2 of 33 slices, one 256-key loop each; balanced, in 8 slices
+    of one 64-key step.
     """
     if not use_triton(q):
         return _torch_paged_decode(q, k_cache, v_cache, block_tables, context_lens)
@@ -201,7 +210,7 @@ def paged_decode_attention(
     partial = torch.empty(batch, q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, q_heads, num_splits, dtype=torch.float32, device=q.device)
     _paged_decode_kernel[(batch, kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, partial, lse, scale_log2, split_len,
+        q, k_cache, v_cache, block_tables, context_lens, partial, lse, scale_log2, 0 if balance_splits else split_len,
         q.stride(0), q.stride(1), *cache_strides, block_tables.stride(0),
         partial.stride(0), partial.stride(1), partial.stride(2), SPLIT=True, **common,
     )  # fmt: skip

@@ -64,11 +64,19 @@ def gather_context(kv_cache: PagedKVCache, layer_idx: int, slots: torch.Tensor) 
 
 
 def varlen_causal_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, query_lens: list[int], context_lens: list[int]
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    query_lens: list[int],
+    context_lens: list[int],
+    cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """q [T, Hq, D] over keys/values [C, Hkv, D] (each sequence's context, end to end) -> [T, Hq, D]."""
+    """q [T, Hq, D] over keys/values [C, Hkv, D] (each sequence's context, end to end) -> [T, Hq, D].
+
+    `cu_seqlens` (from `cumulative_lens`, built once per forward) saves each layer a host-to-device
+    copy: from pageable memory that copy waits for the GPU to drain, serialising host and GPU."""
     if flash_varlen_available(q):
-        return _flash_varlen_attention(q, keys, values, query_lens, context_lens)
+        return _flash_varlen_attention(q, keys, values, query_lens, context_lens, cu_seqlens)
     out = torch.empty_like(q)
     q_start = k_start = 0
     for q_len, ctx_len in zip(query_lens, context_lens):
@@ -80,27 +88,31 @@ def varlen_causal_attention(
     return out
 
 
-def _cumulative(lens: list[int], device: torch.device) -> torch.Tensor:
+def cumulative_lens(query_lens: list[int], context_lens: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash varlen's cu_seqlens for queries and keys: [B + 1] int32 each, one copy for both."""
     cu = [0]
-    for n in lens:
+    for n in query_lens:
         cu.append(cu[-1] + n)
-    return torch.tensor(cu, dtype=torch.int32, device=device)
+    cu.append(0)
+    for n in context_lens:
+        cu.append(cu[-1] + n)
+    both = torch.tensor(cu, dtype=torch.int32)
+    if device.type == "cuda":  # pinned: an asynchronous copy (from pageable memory it would wait for the GPU)
+        both = both.pin_memory().to(device, non_blocking=True)
+    return both[: len(query_lens) + 1], both[len(query_lens) + 1 :]
 
 
 def _flash_varlen_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, query_lens: list[int], context_lens: list[int]
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    query_lens: list[int],
+    context_lens: list[int],
+    cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
     varlen_attn, kwargs, takes_gqa = _flash_varlen()
     group = q.shape[1] // keys.shape[1]
     if group > 1 and not takes_gqa:  # older signature: give it one kv head per query head
         keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
-    return varlen_attn(
-        q,
-        keys,
-        values,
-        _cumulative(query_lens, q.device),
-        _cumulative(context_lens, q.device),
-        max(query_lens),
-        max(context_lens),
-        **kwargs,
-    )
+    cu_q, cu_k = cu_seqlens if cu_seqlens is not None else cumulative_lens(query_lens, context_lens, q.device)
+    return varlen_attn(q, keys, values, cu_q, cu_k, max(query_lens), max(context_lens), **kwargs)

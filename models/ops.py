@@ -1,0 +1,128 @@
+"""The decoder layer's small ops, behind one swap point: torch references here, fused GPU kernels
+in models/kernels/fused_ops.py.
+
+At one decode token a layer's weights stream in ~30 us, while the norms, rotary, routing and
+residual adds written as plain torch are ~45 tiny kernels of 2-5 us each (docs/kernels.md has
+the profile). Each op below is one kernel on the GPU. The references define the numerics, and
+they are transformers' (each bf16 intermediate rounded where transformers rounds it), so a fused
+kernel that mimics the roundings gives the same tokens.
+
+    rms_norm(x, w, eps)                      w * (x / rms(x)), normalised in fp32
+    add_rms_norm(x, residual, w, eps)        (rms_norm(x + residual), x + residual)
+    qk_norm_rope(q, k, qw, kw, eps, cos, sin) per-head RMSNorm of q and k (when qw/kw are given),
+                                             then rotary, as the attention layer does
+    route(logits, top_k, normalize)          softmax in fp32, top-k, optional renormalisation
+
+`set_ops_impl(FUSED_OPS)` switches every model in the process over (the runner does it when it
+runs the Triton kernels), like models.moe.set_experts_impl for the experts.
+
+Legend: T tokens, H hidden, Hq/Hkv heads, D head dim, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in fp32 and cast back before the weight, as the reference does.
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def torch_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    summed = x + residual  # rounded to x's dtype, as transformers' `hidden = residual + hidden`
+    return torch_rms_norm(summed, weight, eps), summed
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D], cos/sin [T, D]."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return x * cos + rotate_half(x) * sin
+
+
+def torch_qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, Hq, D], k [T, Hkv, D] -> both normalised per head (Qwen3) and rotated."""
+    if q_weight is not None:
+        q, k = torch_rms_norm(q, q_weight, eps), torch_rms_norm(k, k_weight, eps)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+def torch_route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, E] logits -> (weights [T, K] in the logits' dtype, expert ids [T, K] int64)."""
+    probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(router_logits.dtype), ids
+
+
+@dataclass(frozen=True)
+class OpsImpl:
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    add_rms_norm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+    qk_norm_rope: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    route: Callable[[torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor]]
+
+
+TORCH_OPS = OpsImpl(torch_rms_norm, torch_add_rms_norm, torch_qk_norm_rope, torch_route)
+_impl: OpsImpl = TORCH_OPS
+
+
+def set_ops_impl(impl: OpsImpl) -> None:
+    """Swap every op at once (TORCH_OPS, or models.kernels.FUSED_OPS)."""
+    global _impl
+    _impl = impl
+
+
+def ops_impl() -> OpsImpl:
+    return _impl
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _impl.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _impl.add_rms_norm(x, residual, weight, eps)
+
+
+def qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _impl.qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin)
+
+
+def route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _impl.route(router_logits, top_k, normalize)
+
+
+__all__ = [f.name for f in fields(OpsImpl)] + ["OpsImpl", "TORCH_OPS", "set_ops_impl", "ops_impl", "apply_rotary"]

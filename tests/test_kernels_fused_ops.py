@@ -1,0 +1,141 @@
+"""The fused small ops (models/kernels/fused_ops.py) against their torch references (models/ops.py).
+
+Without CUDA the kernels run under the Triton interpreter in fp32 and fp16; with CUDA the `gpu`
+tests run them in bf16 at the real shapes. Outputs are poisoned with NaN first, so an unwritten
+element cannot pass; a whole model switched to the fused ops must give the reference's tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    # Must precede triton's first import; see tests/test_kernels_moe.py.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+from models import ops
+from models.kernels import availability, fused_ops
+
+interpreted = pytest.mark.skipif(
+    torch.cuda.is_available() or not availability.INTERPRET, reason="needs the Triton interpreter in this process"
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# fp16/bf16 differences come from one rounding flip of a bf16 intermediate at most.
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-(2**30))
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
+
+
+def rand(*shape, dtype, seed, scale=1.0, shift=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=gen) * scale + shift).to(device=DEVICE, dtype=dtype)
+
+
+def close(out, ref, dtype):
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert not torch.isnan(out).any(), "NaN in the output: an element was never written"
+    torch.testing.assert_close(out.float(), ref.float(), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def check_norms(dtype, rows, hidden):
+    x, res = rand(rows, hidden, dtype=dtype, seed=1, scale=3), rand(rows, hidden, dtype=dtype, seed=2)
+    w = rand(hidden, dtype=dtype, seed=3, scale=0.1, shift=1.0)
+    close(fused_ops.rms_norm(x, w, 1e-6), ops.torch_rms_norm(x, w, 1e-6), dtype)
+    out, summed = fused_ops.add_rms_norm(x, res, w, 1e-6)
+    ref_out, ref_summed = ops.torch_add_rms_norm(x, res, w, 1e-6)
+    assert torch.equal(summed, ref_summed)  # one rounded add: bit-exact
+    close(out, ref_out, dtype)
+
+
+def check_qk_norm_rope(dtype, tokens, hq, hk, d, with_norm):
+    # q and k as views into one fused qkv output, as the attention layer produces them.
+    qkv = rand(tokens, (hq + 2 * hk) * d, dtype=dtype, seed=4, scale=2)
+    q, k, _ = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    q, k = q.view(tokens, hq, d), k.view(tokens, hk, d)
+    qw = rand(d, dtype=dtype, seed=5, scale=0.1, shift=1.0) if with_norm else None
+    kw = rand(d, dtype=dtype, seed=6, scale=0.1, shift=1.0) if with_norm else None
+    angles = torch.rand(tokens, d // 2, generator=torch.Generator().manual_seed(7)) * 50
+    emb = torch.cat((angles, angles), dim=-1)
+    cos, sin = emb.cos().to(DEVICE, dtype), emb.sin().to(DEVICE, dtype)
+    out_q, out_k = fused_ops.qk_norm_rope(q, k, qw, kw, 1e-6, cos, sin)
+    ref_q, ref_k = ops.torch_qk_norm_rope(q, k, qw, kw, 1e-6, cos, sin)
+    close(out_q, ref_q, dtype)
+    close(out_k, ref_k, dtype)
+
+
+def check_route(dtype, tokens, experts, top_k, normalize):
+    logits = rand(tokens, experts, dtype=dtype, seed=8, scale=3)
+    weights, ids = fused_ops.route(logits, top_k, normalize)
+    ref_w, ref_ids = ops.torch_route(logits, top_k, normalize)
+    assert ids.dtype == torch.int64 and ids.shape == ref_ids.shape
+    assert all(len(set(row)) == top_k for row in ids.tolist()), "an expert picked twice"
+    # bf16 logits tie often; among equals torch.topk's pick is unspecified, so compare what was
+    # picked by value: the same probabilities, in the same (descending) order.
+    probs = torch.softmax(logits.float(), dim=-1)
+    assert torch.equal(probs.gather(1, ids), probs.gather(1, ref_ids))
+    close(weights, ref_w, dtype)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_norms_interpreted(poisoned_empty, dtype):
+    check_norms(dtype, rows=5, hidden=48)  # H not a power of two: masked columns
+
+
+@interpreted
+@pytest.mark.parametrize("with_norm", [True, False])
+def test_qk_norm_rope_interpreted(poisoned_empty, with_norm):
+    check_qk_norm_rope(torch.float32, tokens=3, hq=4, hk=2, d=16, with_norm=with_norm)
+    check_qk_norm_rope(torch.float16, tokens=2, hq=2, hk=1, d=8, with_norm=with_norm)
+
+
+@interpreted
+@pytest.mark.parametrize("normalize", [True, False])
+def test_route_interpreted(poisoned_empty, normalize):
+    check_route(torch.float32, tokens=6, experts=12, top_k=3, normalize=normalize)  # E, K not powers of two
+
+
+@interpreted
+@pytest.mark.parametrize("ckpt", ["qwen3_text_ckpt", "qwen2_text_ckpt"])
+def test_tiny_model_gives_the_reference_logits_with_fused_ops(request, ckpt):
+    """A whole tiny model (Qwen3: q/k norm; Qwen2: qkv bias, no q/k norm), once on the
+    references and once on the fused ops with fused qkv: the same logits up to fp32 rounding."""
+    from models.attention import AttentionMetadata, TorchAttentionBackend
+    from models.loader import load_model
+
+    model = load_model(request.getfixturevalue(ckpt), part="full", device="cpu", dtype=torch.float32).model
+    ids = torch.randint(0, model.config.vocab_size, (7,), generator=torch.Generator().manual_seed(0))
+    meta = AttentionMetadata.prefill([4, 3])
+    positions = torch.cat([torch.arange(4), torch.arange(3)])
+    with torch.no_grad():
+        ref = model.compute_logits(model(positions, TorchAttentionBackend(), meta, input_ids=ids))
+        ops.set_ops_impl(fused_ops.FUSED_OPS)
+        try:
+            for layer in model.model.layers:
+                layer.self_attn.fuse_qkv()
+            out = model.compute_logits(model(positions, TorchAttentionBackend(), meta, input_ids=ids))
+        finally:
+            ops.set_ops_impl(ops.TORCH_OPS)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_ops_gpu_real_shapes(dtype):
+    check_norms(dtype, rows=33, hidden=2048)
+    check_qk_norm_rope(dtype, tokens=33, hq=32, hk=4, d=128, with_norm=True)
+    check_route(dtype, tokens=33, experts=128, top_k=8, normalize=True)
