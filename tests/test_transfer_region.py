@@ -9,6 +9,7 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import threading
 import time
 
 import msgpack
@@ -19,6 +20,7 @@ import zmq
 from transfer.base import TransportError, TransportTimeout
 from transfer.codec import encode_message
 from transfer.messages import PROTOCOL_VERSION, EncodeError, EncodeJob, EncodeResult
+from transfer.region import Ring
 from transfer.registry import make_receiver, make_sender
 from transfer.shm import ShmReceiver, ShmSender
 
@@ -360,16 +362,17 @@ def test_hostile_control_messages_are_rejected_and_service_continues(caplog) -> 
             "garbage control": ([b"data", b"\xc1garbage", header], "not valid msgpack"),
             "unknown kind": ([b"launch", ctrl()], "unknown control message"),
             "wrong version": ([b"attach", msgpack.packb({"v": 99, "sender": "x", "backend": "shm"})], "unsupported protocol version"),
-            "span out of bounds": ([b"data", ctrl(**key, seq=1, spans=[[256 * KIB, 128]]), header], "does not fit"),
-            "span misaligned": ([b"data", ctrl(**key, seq=2, spans=[[8, 128]]), header], "does not fit"),
-            "span wrong size": ([b"data", ctrl(**key, seq=3, spans=[[0, 64]]), header], "does not fit"),
-            "negative offset": ([b"data", ctrl(**key, seq=4, spans=[[-256, 128]]), header], "does not fit"),
-            "span count": ([b"data", ctrl(**key, seq=5, spans=[]), header], "0 spans for 1 frames"),
-            "stale generation": ([b"data", ctrl(**{**key, "gen": key["gen"] + 1}, seq=6, spans=[[0, 128]]), header], "lease expired or not yours"),
-            "other session": ([b"data", ctrl(**{**key, "session": key["session"] + 1}, seq=7, spans=[[0, 128]]), header], "receiver restarted"),
+            "span out of bounds": ([b"data", ctrl(**key, seq=1, spans=[[256 * KIB, 128]], low=False), header], "does not fit"),
+            "span misaligned": ([b"data", ctrl(**key, seq=2, spans=[[8, 128]], low=False), header], "does not fit"),
+            "span wrong size": ([b"data", ctrl(**key, seq=3, spans=[[0, 64]], low=False), header], "does not fit"),
+            "negative offset": ([b"data", ctrl(**key, seq=4, spans=[[-256, 128]], low=False), header], "does not fit"),
+            "span count": ([b"data", ctrl(**key, seq=5, spans=[], low=False), header], "0 spans for 1 frames"),
+            "stale generation": ([b"data", ctrl(**{**key, "gen": key["gen"] + 1}, seq=6, spans=[[0, 128]], low=False), header], "lease expired or not yours"),
+            "other session": ([b"data", ctrl(**{**key, "session": key["session"] + 1}, seq=7, spans=[[0, 128]], low=False), header], "receiver restarted"),
             "lease out of range": ([b"ping", ctrl(**{**key, "lease": 99})], "lease expired or not yours"),
-            "missing inline frame": ([b"data", ctrl(session=0, lease=(1 << 63) - 1, gen=0, seq=0, spans=[None]), header], "0 inline frames"),
-            "bad header": ([b"data", ctrl(**key, seq=8, spans=[[0, 128]]), b"\x00\x01"], "header"),
+            "missing inline frame": ([b"data", ctrl(session=0, lease=(1 << 63) - 1, gen=0, seq=0, spans=[None], low=False), header], "0 inline frames"),
+            "low not a bool": ([b"data", ctrl(**key, seq=10, spans=[[0, 128]], low=1), header], "'low' has a bad value"),
+            "bad header": ([b"data", ctrl(**key, seq=8, spans=[[0, 128]], low=False), b"\x00\x01"], "header"),
         }
         for msg, _ in cases.values():
             peer.send(*msg)
@@ -378,7 +381,7 @@ def test_hostile_control_messages_are_rejected_and_service_continues(caplog) -> 
             assert reason in caplog.text, f"no logged reason for {name}"
         # A message from another process's lease must not be accepted on this identity either.
         other = RawPeer(receiver)
-        other.send(b"data", ctrl(**key, seq=9, spans=[[0, 128]]), header)
+        other.send(b"data", ctrl(**key, seq=9, spans=[[0, 128]], low=False), header)
         assert other.reply()[0] == b"expired"
         # The receiver still serves a well-behaved sender.
         with ShmSender(receiver.address) as good:
@@ -397,3 +400,96 @@ def test_hostile_control_messages_are_rejected_and_service_continues(caplog) -> 
 def test_unknown_transport_name_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="choose one of"):
         make_sender("carrier_pigeon", "tcp://127.0.0.1:1")
+
+
+# ------------------------------------------------------------------ per-message fast paths
+
+
+def test_ring_allocates_in_order_and_frees_out_of_order() -> None:
+    ring = Ring(1024)
+    assert [ring.alloc(seq, 256) for seq in (1, 2, 3)] == [0, 256, 512]
+    assert ring.fit(512) is None and ring.fit(256) == 768
+    ring.free(2)  # not the oldest: nothing comes back yet
+    assert ring.fit(512) is None
+    ring.free(1)
+    assert ring.fit(512) == 0 and ring.alloc(4, 512) == 0  # wraps to the start
+    assert ring.alloc(5, 256) is None
+    ring.free(99)  # a seq it never gave out changes nothing
+    for seq in (3, 4):
+        ring.free(seq)
+    assert not ring.live and ring.fit(1024) == 0
+
+
+def _receive_ids(address: str, seen) -> None:
+    with ShmReceiver(address, lease_bytes=256 * KIB, max_senders=1) as receiver:
+        while True:
+            seen.put(receiver.recv().request_id)
+
+
+def test_caller_sends_data_itself_when_the_io_thread_sleeps() -> None:
+    """With the writes landed (shm: always) and the I/O thread asleep, send() hands the DATA to
+    zmq from the caller's thread: no thread wake-up on the message's path."""
+    seen = SPAWN.Queue()
+    address = free_tcp_address()
+    proc = _start(_receive_ids, address, seen)
+    try:
+        with ShmSender(address) as sender:
+            threads = []
+            send_data = sender._send_data
+
+            def recording(sock, job):
+                threads.append(threading.current_thread())
+                return send_data(sock, job)
+
+            sender._send_data = recording
+            for i in range(3):
+                sender.send(EncodeResult(f"m-{i}", "key", (1, 1, 1), torch.ones(4, 8)), timeout=30)
+                assert seen.get(timeout=30) == f"m-{i}"
+                time.sleep(0.2)  # the I/O thread goes back to sleep
+            assert threads[1:] == [threading.current_thread()] * 2
+    finally:
+        proc.kill()
+
+
+def test_sender_short_of_space_is_freed_at_once_by_an_idle_receiver() -> None:
+    """A small message leaves room for another of its size, so its span is not FREEd at once;
+    a larger one then does not fit. Its sender PINGs, and the idle receiver FREEs at once
+    instead of holding the sender up until the next heartbeat (1 s)."""
+    seen = SPAWN.Queue()
+    address = free_tcp_address()
+    proc = _start(_receive_ids, address, seen)
+    try:
+        with ShmSender(address) as sender:
+            sender.send(EncodeResult("small-0", "key", (1, 1, 1), torch.ones(64, 256)), timeout=30)  # 64 of 256 KiB
+            assert seen.get(timeout=30) == "small-0"
+            time.sleep(0.2)
+            start = time.monotonic()
+            sender.send(EncodeResult("big-1", "key", (1, 1, 1), torch.ones(200, 256)), timeout=30)  # 200 KiB
+            assert time.monotonic() - start < 0.5
+            assert seen.get(timeout=30) == "big-1"
+    finally:
+        proc.kill()
+
+
+def test_idle_receiver_batches_frees_unless_the_sender_is_short_of_space() -> None:
+    with ShmReceiver("tcp://127.0.0.1:*", lease_bytes=256 * KIB, max_senders=1) as receiver:
+        peer = RawPeer(receiver)
+        lease = peer.attach()
+        key = {"session": lease["session"], "lease": lease["lease"], "gen": lease["gen"]}
+        header = bytes(encode_message(EncodeResult("r", "k", (1, 1, 1), torch.ones(4, 8)))[0])  # 128 bytes
+
+        def deliver(seq: int, low: bool) -> None:
+            peer.sock.send_multipart([b"data", ctrl(**key, seq=seq, spans=[[256 * seq, 128]], low=low), header])
+            assert receiver.recv(timeout=2) is not None
+            assert receiver.recv(timeout=0.05) is None  # idle
+
+        deliver(1, low=False)
+        assert not peer.sock.poll(200), "FREE for a sender with room to spare"
+        deliver(2, low=True)
+        kind, free = peer.reply()
+        assert kind == b"free" and free["seqs"] == [1, 2]
+        deliver(3, low=False)
+        assert not peer.sock.poll(200)
+        peer.send(b"ping", ctrl(**key))  # e.g. a sender waiting for space
+        kind, free = peer.reply()
+        assert kind == b"free" and free["seqs"] == [3]

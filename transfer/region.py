@@ -14,16 +14,20 @@ current stream waits for it (on the GPU, not the host) before it can touch the t
       ATTACH {sender, info}          ->
                                      <-      LEASE {session, lease, gen, offset, nbytes, export}
       write payloads into the lease, wait until they landed
-      DATA {lease, gen, seq, spans} + codec header + inline frames ->
+      DATA {lease, gen, seq, spans, low} + codec header + inline frames ->
                                              validate, copy out, return the message
                                      <-      FREE {lease, gen, seqs}
-      PING (when idle) / DETACH      ->      EXPIRED {reason} for an unknown or stale lease
+      PING (when idle, or waiting for space) / DETACH -> EXPIRED {reason} for an unknown or stale lease
 
 Safety:
 - A DATA message is only sent after the sender's writes completed, and a span is only FREEd
   after the receiver's copy-out completed, so neither side ever sees half-written data.
 - Every control field and span is validated (bounds, alignment, owner, generation); the codec
   header is validated as for zmq. A bad message is logged and dropped, and its span still freed.
+- FREEs are batched (up to half a lease) but never make a sender wait on an idle receiver: a
+  DATA says `low` when its lease has no room left for another message of its size, and a sender
+  that must wait for space PINGs; a receiver with nothing to read FREEs such a sender's spans
+  at once.
 - A sender that dies stops pinging; after `lease_timeout` its lease is reclaimed (generation
   bumped, so late messages for it are refused) and handed to the next sender. A receiver that
   restarts has a new session: old senders get EXPIRED and attach again. Messages in flight
@@ -200,7 +204,7 @@ def pack_ctrl(**fields: Any) -> bytes:
 
 ATTACH = {"sender": str, "backend": str}
 LEASE = {"session": int, "lease": int, "gen": int, "offset": int, "nbytes": int, "export": dict}
-DATA = {"session": int, "lease": int, "gen": int, "seq": int, "spans": list}
+DATA = {"session": int, "lease": int, "gen": int, "seq": int, "spans": list, "low": bool}
 PING = {"session": int, "lease": int, "gen": int}
 FREE = {"session": int, "lease": int, "gen": int, "seqs": list}
 EXPIRED = {"session": int, "reason": str}
@@ -217,23 +221,29 @@ class Ring:
     def __init__(self, size: int):
         self.size = size
         self.live: collections.deque[list] = collections.deque()  # [seq, start, end, freed]
+        self._by_seq: dict[int, list] = {}  # a FREE may name hundreds of seqs
+
+    def fit(self, n: int) -> int | None:
+        """Where the next span of n bytes would start, or None if there is no room now."""
+        if not self.live:
+            return 0 if n <= self.size else None
+        oldest, newest_end = self.live[0][1], self.live[-1][2]
+        if self.live[-1][1] >= oldest:  # not wrapped: free space at the end and the start
+            return newest_end if self.size - newest_end >= n else (0 if oldest >= n else None)
+        return newest_end if oldest - newest_end >= n else None  # wrapped: space between newest and oldest
 
     def alloc(self, seq: int, n: int) -> int | None:
-        if not self.live:
-            start = 0 if n <= self.size else None
-        else:
-            oldest, newest_end = self.live[0][1], self.live[-1][2]
-            if self.live[-1][1] >= oldest:  # not wrapped: free space at the end and the start
-                start = newest_end if self.size - newest_end >= n else (0 if oldest >= n else None)
-            else:  # wrapped: free space between the newest and the oldest span
-                start = newest_end if oldest - newest_end >= n else None
+        start = self.fit(n)
         if start is not None:
-            self.live.append([seq, start, start + n, False])
+            span = [seq, start, start + n, False]
+            self.live.append(span)
+            self._by_seq[seq] = span
         return start
 
     def free(self, seq: int) -> None:
-        for span in self.live:
-            if span[0] == seq:
-                span[3] = True
+        span = self._by_seq.pop(seq, None)
+        if span is None:  # not ours (a peer's bug): nothing to free
+            return
+        span[3] = True
         while self.live and self.live[0][3]:
             self.live.popleft()

@@ -41,6 +41,7 @@ class _Holder:
     live: set[int] = field(default_factory=set)  # DATA seqs copied out but not yet freed
     done: list[int] = field(default_factory=list)  # seqs whose copy-out completed, FREE not sent yet
     done_bytes: int = 0
+    urgent: bool = False  # the sender is short of space (DATA said low, or it PINGed): FREE when idle
 
 
 class RegionReceiver(Receiver):
@@ -96,7 +97,7 @@ class RegionReceiver(Receiver):
                 if not ready:
                     for fence, *_ in self._pending_free:
                         fence.wait()
-                    self._flush_frees(force=True)
+                    self._flush_frees(idle=True)
                     wait = remaining_ms(deadline)  # wake now and then to expire leases
                     ready = wait != 0 and self._sock.poll(250 if wait is None else min(wait, 250), zmq.POLLIN)
                 self._last_active = time.monotonic()
@@ -144,6 +145,7 @@ class RegionReceiver(Receiver):
                 ctrl = unpack_ctrl(frames[2].bytes, PING)
                 holder = self._holder(identity, ctrl)
                 holder.last_seen = time.monotonic()
+                holder.urgent = True  # an idle sender's heartbeat, or one waiting for space
                 if kind == b"detach":
                     self._release(ctrl["lease"], "detached")
             else:
@@ -192,6 +194,7 @@ class RegionReceiver(Receiver):
             holder = self._holder(identity, ctrl)
             holder.last_seen = time.monotonic()
             holder.live.add(ctrl["seq"])
+            holder.urgent |= ctrl["low"]
         try:
             header = parse_header(frames[1], self._limits)
             payloads = self._payloads(header.frames, ctrl, frames[2:], holder)
@@ -237,11 +240,11 @@ class RegionReceiver(Receiver):
             payloads.append(self._memory.copy_out(base + offset, DTYPES[spec.dtype], spec.shape))  # the span is recycled
         return payloads
 
-    def _flush_frees(self, force: bool = False) -> None:
+    def _flush_frees(self, idle: bool = False) -> None:
         """FREE the spans whose copy-out completed. A FREE costs about as much as a DATA to
-        handle (a ROUTER send here, a wake-up and a receive at the sender), so while messages
-        keep coming they are batched, up to half a lease; `force` (nothing left to read: the
-        sender may be waiting for space) sends whatever is done."""
+        handle (a ROUTER send here, a wake-up and a receive at the sender), so they are batched,
+        up to half a lease; `idle` (nothing left to read) also sends what is done for senders
+        that are short of space (`urgent`), so an idle receiver never holds a sender up."""
         while self._pending_free and self._pending_free[0][0].done():
             _, index, gen, seq, nbytes = self._pending_free.popleft()
             holder = self._leases[index]
@@ -250,9 +253,13 @@ class RegionReceiver(Receiver):
                 holder.done.append(seq)
                 holder.done_bytes += nbytes
         for index, holder in enumerate(self._leases):
-            if holder is not None and holder.done and (force or 2 * holder.done_bytes >= self._lease_bytes):
+            if holder is None:
+                continue
+            if holder.done and (2 * holder.done_bytes >= self._lease_bytes or (idle and holder.urgent)):
                 self._reply(holder.identity, b"free", session=self._session, lease=index, gen=holder.gen, seqs=holder.done)
                 holder.done, holder.done_bytes = [], 0
+            if idle and not holder.live:  # every span it sent is back: it has all the room there is
+                holder.urgent = False
 
     def _release(self, index: int, why: str) -> None:
         holder = self._leases[index]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 import uuid
@@ -86,11 +87,17 @@ class RegionSender(Sender):
         self._stop = False
         self._warned_inline = False
         self._io_sleeping = False  # the I/O thread is (about to be) blocked in poll: wake it for new jobs
-        wake = f"inproc://region-sender-{self._id}"
-        self._wake_rx = self._ctx.socket(zmq.PAIR)
-        self._wake_rx.bind(wake)
-        self._wake_tx = self._ctx.socket(zmq.PAIR)
-        self._wake_tx.connect(wake)
+        self._want_space = False  # send() waits for span space: the I/O thread PINGs the receiver
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # send() wakes the I/O thread
+        self._sock_lock = threading.Lock()  # held by whichever thread uses the socket (see _pump)
+        self._sock: zmq.Socket | None = self._ctx.socket(zmq.DEALER)
+        common_options(self._sock)
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)
+        self._sock.setsockopt(zmq.SNDHWM, 2 * max_pending + 8)
+        self._sock.connect(address)
+        self._sock_fd = self._sock.getsockopt(zmq.FD)
+        self._next_attach = 0.0  # owned by the socket lock's holder, like _last_sent
+        self._last_sent = time.monotonic()
         self._thread = threading.Thread(target=self._io_loop, name=f"{self.backend}-sender", daemon=True)
         self._thread.start()
 
@@ -102,7 +109,7 @@ class RegionSender(Sender):
         direct = [i for i, (spec, p) in enumerate(payloads) if isinstance(p, torch.Tensor) and spec.nbytes > 0]
         total = sum(align(payloads[i][0].nbytes) for i in direct)
         spans: list[list[int] | None] = [None] * len(payloads)
-        lease, fence, seq, start = None, None, 0, 0
+        lease, fence, seq, start, low = None, None, 0, 0, False
         with self._cond:
             self._wait(lambda: len(self._outbox) < self._max_pending, deadline, "the receiver is not consuming")
             while direct:  # until the message has a span in a lease that is still ours
@@ -117,10 +124,11 @@ class RegionSender(Sender):
                     break
                 self._seq += 1
                 seq = self._seq
-                start = self._wait(lambda lease=lease, seq=seq: lease.ring.alloc(seq, total) if lease is self._lease else -1,
+                start = self._wait(lambda lease=lease, seq=seq: self._alloc(lease, seq, total),
                                    deadline, "the receiver's region is full (it is not freeing spans)")
                 if start is not None and start >= 0:
                     lease.writing += 1
+                    low = lease.ring.fit(total) is None  # the receiver FREEs at once rather than batching
                     break
                 lease = None  # the lease expired while we waited: use the next one
         if lease is not None:
@@ -141,7 +149,7 @@ class RegionSender(Sender):
                     self._release_writer(lease)
                 raise
         ctrl = pack_ctrl(session=lease.session if lease else 0, lease=lease.index if lease else NO_LEASE,
-                         gen=lease.gen if lease else 0, seq=seq, spans=spans)
+                         gen=lease.gen if lease else 0, seq=seq, spans=spans, low=low)
         inline = [host_buffer(p) for (_, p), span in zip(payloads, spans, strict=True) if span is None]
         keep = tuple(payloads[i][1] for i in direct) if lease is not None else ()
         job = _Job([b"data", ctrl, pack_header(header), *inline], fence, lease, seq, keep)
@@ -149,9 +157,32 @@ class RegionSender(Sender):
             if lease is not None:
                 self._release_writer(lease)
             self._outbox.append(job)
-            if self._io_sleeping:  # the I/O thread drains the whole outbox once it is awake
+            io_busy = not self._io_sleeping  # it drains the outbox before it sleeps again
+        # Fast path, when the I/O thread sleeps: if the writes have landed (always for shm), send
+        # the DATA from this thread instead of waking it (a thread wake-up and GIL hand-off).
+        if not io_busy and self._sock_lock.acquire(blocking=False):
+            try:
+                if self._sock is not None:
+                    self._pump(self._sock, wait=False)
+            finally:
+                self._sock_lock.release()
+        with self._cond:
+            if self._outbox and self._io_sleeping:  # e.g. a GPU copy still running: the I/O thread waits for it
                 self._io_sleeping = False
                 self._wake()
+
+    def _alloc(self, lease: _Lease, seq: int, n: int) -> int | None:
+        """Under the lock: a span of n bytes in `lease` (-1: the lease is gone, None: no room yet).
+        With no room, ask the I/O thread to PING: the receiver then FREEs what it has copied out
+        at once, instead of batching."""
+        if lease is not self._lease:
+            return -1
+        start = lease.ring.alloc(seq, n)
+        if start is None and not self._want_space:
+            self._want_space = True
+            self._io_sleeping = False
+            self._wake()
+        return start
 
     def _release_writer(self, lease: _Lease) -> None:
         """Under the lock: one write into `lease` ended; close its writer if it was retired."""
@@ -182,65 +213,86 @@ class RegionSender(Sender):
             self._cond.wait(left if left is not None else 1.0)
 
     def _wake(self) -> None:
-        try:
-            self._wake_tx.send(b"", zmq.NOBLOCK)
-        except zmq.Again:  # already woken
-            pass
+        os.eventfd_write(self._wake_fd, 1)  # a counter: repeated wakes before the I/O thread reads it merge
 
     def close(self) -> None:
         with self._cond:
             self._stop = True
             self._wake()
         self._thread.join(5)
-        self._wake_tx.close(0)
+        os.close(self._wake_fd)
 
-    # -- I/O thread: owns the DEALER socket
+    # -- the DEALER socket, shared by the caller's thread (fast path) and the I/O thread
+    #
+    # zmq sockets are not thread-safe, but may be used by one thread at a time with a full memory
+    # barrier in between: whoever holds _sock_lock uses it. The I/O thread never blocks inside a
+    # zmq call on it; it waits on the socket's ZMQ_FD, a plain file descriptor that zmq makes
+    # readable when the socket's state changes. ZMQ_FD is edge-triggered: any zmq call may consume
+    # the signal while messages stay readable. So every holder ends its turn by reading control
+    # messages until zmq says EAGAIN (_pump does): a message that arrives after that signals the
+    # descriptor again, and the I/O thread wakes for it.
+
+    def _pump(self, sock: zmq.Socket, wait: bool) -> tuple[bool, Fence | None]:
+        """Under _sock_lock: send what is due (ATTACH, queued DATA whose writes have landed, a
+        PING when idle), then read every control message waiting. `wait` (the I/O thread): read
+        control first too, and send an ATTACH or PING when due. Returns (zmq pushed back, the
+        fence the oldest queued DATA waits for)."""
+        if wait:
+            self._read_control(sock)
+            now = time.monotonic()
+            with self._cond:
+                lease, final = self._lease, self._refused is not None and not self._refused[1]
+            if lease is None and now >= self._next_attach:
+                # Keep asking after a refusal too (slowly if it was final): leases come free,
+                # receivers get reconfigured.
+                self._next_attach = now + (8 if final else 1) * ATTACH_RETRY_S
+                self._try_send(sock, [b"attach", pack_ctrl(sender=self._id, backend=self.backend)])
+        sent, blocked, fence = self._drain_outbox(sock)
+        if sent:
+            self._last_sent = time.monotonic()
+        if wait:
+            now = time.monotonic()
+            with self._cond:
+                lease, want, self._want_space = self._lease, self._want_space, False
+            if lease is not None and (want or now - self._last_sent >= HEARTBEAT_S):
+                if self._try_send(sock, [b"ping", pack_ctrl(session=lease.session, lease=lease.index, gen=lease.gen)]):
+                    self._last_sent = now
+        self._read_control(sock)
+        return blocked, fence
+
+    def _read_control(self, sock: zmq.Socket) -> None:
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # as a failed recv, it leaves ZMQ_FD armed
+            self._on_control(sock.recv_multipart(zmq.NOBLOCK))
 
     def _io_loop(self) -> None:
-        sock = self._ctx.socket(zmq.DEALER)
-        common_options(sock)
-        sock.setsockopt(zmq.IMMEDIATE, 1)
-        sock.setsockopt(zmq.SNDHWM, 2 * self._max_pending + 8)
-        sock.connect(self.address)
         poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_rx, zmq.POLLIN)
-        next_attach, last_sent, blocked = 0.0, time.monotonic(), False
+        poller.register(self._sock_fd, zmq.POLLIN)
+        poller.register(self._wake_fd, zmq.POLLIN)
         try:
             while True:
-                with self._cond:
-                    # Sleep in poll only with nothing to drain (or zmq pushing back); send() wakes
-                    # a sleeping thread, and only then, so a busy stream costs no wake-ups.
-                    self._io_sleeping = blocked or not self._outbox
-                    timeout = (5 if blocked else 100) if self._io_sleeping else 0
-                events = dict(poller.poll(timeout))
-                with self._cond:
-                    self._io_sleeping = False
-                if self._wake_rx in events:
-                    try:
-                        while True:
-                            self._wake_rx.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        pass
-                while sock.poll(0):
-                    self._on_control(sock.recv_multipart())
-                with self._cond:
+                with self._sock_lock:
                     if self._stop:
                         break
-                    lease = self._lease
-                now = time.monotonic()
-                if lease is None and now >= next_attach:
-                    # Keep asking after a refusal too (slowly if it was final): leases come free,
-                    # receivers get reconfigured.
-                    final = self._refused is not None and not self._refused[1]
-                    next_attach = now + (8 if final else 1) * ATTACH_RETRY_S
-                    self._try_send(sock, [b"attach", pack_ctrl(sender=self._id, backend=self.backend)])
-                sent, blocked = self._drain_outbox(sock)
-                if sent:
-                    last_sent = now
-                elif lease is not None and now - last_sent >= HEARTBEAT_S:
-                    if self._try_send(sock, [b"ping", pack_ctrl(session=lease.session, lease=lease.index, gen=lease.gen)]):
-                        last_sent = now
+                    blocked, fence = self._pump(self._sock, wait=True)
+                if fence is not None:  # the oldest DATA waits for its writes: wait outside the socket lock
+                    try:
+                        fence.wait()  # releases the GIL while the copy finishes
+                    except TransportError:
+                        pass  # _drain_outbox sees the failure through done() and drops the message
+                    continue
+                with self._cond:
+                    # Sleep only with nothing to drain (or zmq pushing back); send() wakes a
+                    # sleeping thread, and only then, so a busy stream costs no wake-ups.
+                    self._io_sleeping = blocked or not self._outbox
+                    timeout = (5 if blocked else 100) if self._io_sleeping else 0
+                if timeout:
+                    poller.poll(timeout)
+                with self._cond:
+                    self._io_sleeping = False
+                try:
+                    os.eventfd_read(self._wake_fd)
+                except BlockingIOError:
+                    pass
         except Exception as exc:  # a bug or a broken backend: make send() fail loudly, not hang
             log.exception("%s: sender I/O thread failed", self.address)
             with self._cond:
@@ -252,10 +304,11 @@ class RegionSender(Sender):
                 if lease is not None:
                     self._retire(lease)
                 self._cond.notify_all()
-            if lease is not None:
-                self._try_send(sock, [b"detach", pack_ctrl(session=lease.session, lease=lease.index, gen=lease.gen)])
-            sock.close(linger=100)
-            self._wake_rx.close(0)
+            with self._sock_lock:
+                sock, self._sock = self._sock, None
+                if lease is not None:
+                    self._try_send(sock, [b"detach", pack_ctrl(session=lease.session, lease=lease.index, gen=lease.gen)])
+                sock.close(linger=100)
 
     @staticmethod
     def _try_send(sock: zmq.Socket, frames: list) -> bool:
@@ -265,27 +318,31 @@ class RegionSender(Sender):
         except zmq.Again:
             return False
 
-    def _drain_outbox(self, sock: zmq.Socket) -> tuple[int, bool]:
-        """Send queued DATA in order, each once its writes have landed.
-        Returns (messages sent, whether zmq pushed back)."""
+    def _send_data(self, sock: zmq.Socket, job: _Job) -> bool:
+        """Hand one DATA message to zmq (one place, so the benchmark can time it)."""
+        return self._try_send(sock, job.frames)
+
+    def _drain_outbox(self, sock: zmq.Socket) -> tuple[int, bool, Fence | None]:
+        """Send queued DATA in order, each once its writes have landed. Returns (messages sent,
+        whether zmq pushed back, the fence of the oldest message if its writes are still going)."""
         sent = 0
         while True:
             with self._cond:
                 if not self._outbox:
-                    return sent, False
+                    return sent, False, None
                 job = self._outbox[0]
                 stale = job.lease is not None and job.lease is not self._lease
             if stale:
                 log.warning("%s: dropped a message whose lease expired before it was sent", self.address)
             else:
                 try:
-                    if job.fence is not None:
-                        job.fence.wait()  # releases the GIL while the copy finishes
+                    if job.fence is not None and not job.fence.done():
+                        return sent, False, job.fence
                 except TransportError as exc:  # the write failed: the span holds garbage
                     log.error("%s: dropped a message whose write failed: %s", self.address, exc)
                     job.frames = None
-                if job.frames is not None and not self._try_send(sock, job.frames):
-                    return sent, True
+                if job.frames is not None and not self._send_data(sock, job):
+                    return sent, True, None
                 sent += job.frames is not None
             with self._cond:
                 self._outbox.popleft()
