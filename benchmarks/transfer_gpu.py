@@ -2,6 +2,7 @@
 
     python benchmarks/transfer_gpu.py            # on a node with 2 GPUs: everything
     python benchmarks/transfer_gpu.py --cpu-only # zmq / shm / socket / memcpy parts only
+    python benchmarks/transfer_gpu.py --breakdown --sizes 16   # where each message's time goes
 
 Needs only torch, numpy, msgpack and pyzmq. Same options as `splitvl bench transfer`.
 """
@@ -22,8 +23,16 @@ if __name__ == "__main__":
     parser.add_argument("--no-host", action="store_true", help="skip every host-side row (sockets, zmq, shm)")
     parser.add_argument("--lease-depths", default="4,16",
                         help="cuda_ipc lease sizes to measure, in messages of the payload size (default: 4,16)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="instead of the table: where one message's time goes (per stage) and what a stream "
+                             "costs per message, for shm and (with 2 GPUs) cuda_ipc at --lease-depths")
     args = parser.parse_args()
-    from transfer.bench import run
+    from transfer.bench import run, run_breakdown
+
+    if args.breakdown:
+        sys.exit(run_breakdown(sizes=[int(s) for s in args.sizes.split(",")], cpu_only=args.cpu_only,
+                               no_host=args.no_host, quick=args.quick,
+                               lease_depths=tuple(int(d) for d in args.lease_depths.split(","))))
 
     sys.exit(run(sizes=[int(s) for s in args.sizes.split(",")], trials=args.trials, quick=args.quick,
                  cpu_only=args.cpu_only, host_quick=args.host_quick, lean_host=args.lean_host,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import resource
 import socket
 import statistics
 import sys
@@ -290,6 +291,134 @@ def transport_bandwidth(transport: str, rows: int, n: int, trials: int, *, addre
     return measured
 
 
+# ----------------------------------------------------------------- per-stage breakdown
+
+
+STAGES = ["send() call", "send() -> DATA to zmq", "DATA to zmq -> receiver reads", "read -> recv() returns",
+          "recv() -> tensor ready", "total (send() call -> tensor ready)"]
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # all threads: Python, I/O, zmq
+    return usage.ru_utime + usage.ru_stime
+
+
+def _breakdown_sender(transport: str, address: str, device: str, rows: int, n: int, alone: int, go, out,
+                      options: dict) -> None:
+    from transfer.registry import make_sender
+
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    tensor = payload(rows, device)
+    handed: list[float] = []
+    with make_sender(transport, address, **options) as sender:
+        send_data = sender._send_data
+
+        def timed_send_data(sock, job):  # the moment the DATA goes to zmq, in whichever thread
+            handed.append(time.perf_counter())
+            return send_data(sock, job)
+
+        sender._send_data = timed_send_data
+        for i in range(3):
+            sender.send(EncodeResult(f"warm-{i}", "k", (1, 1, 1), tensor), timeout=120)
+        go.get()
+        cpu, start = _cpu_s(), time.perf_counter()
+        for i in range(n):
+            sender.send(EncodeResult(f"m-{i}", "k", (1, 1, 1), tensor), timeout=120)
+        busy = time.perf_counter() - start
+        go.get()  # the receiver has them all
+        out.put(((_cpu_s() - cpu) / n, busy / n))
+        times = []
+        for i in range(alone):
+            go.get()
+            handed.clear()
+            t0 = time.perf_counter()
+            sender.send(EncodeResult(f"t-{t0:.9f}", "k", (1, 1, 1), tensor), timeout=120)
+            t1 = time.perf_counter()
+            time.sleep(0.002)
+            times.append((t0, t1, handed[0] if handed else float("nan")))
+        out.put(times)
+        go.get()
+
+
+def breakdown(transport: str, rows: int, n: int, alone: int, *, address: str, sender_device: str = "cpu",
+              receiver_options: dict | None = None, sender_options: dict | None = None) -> dict[str, float]:
+    """Where one message's time goes, in seconds (medians over `alone` messages sent one at a
+    time: the STAGES), and what a stream of `n` costs per message: `stream` (wall), `sender
+    send() busy`, `sender cpu` and `receiver cpu` (user + system time of all of the process's
+    threads) and `FREEs per DATA`. Both processes read the same CLOCK_MONOTONIC."""
+    from transfer.registry import make_receiver
+
+    with make_receiver(transport, address, **(receiver_options or {})) as receiver:
+        go, out = SPAWN.Queue(), SPAWN.Queue()
+        proc = SPAWN.Process(target=_breakdown_sender, daemon=True, args=(
+            transport, receiver.address, sender_device, rows, n, alone, go, out, sender_options or {}))
+        proc.start()
+        read_at: list[float] = []
+        on_frames, reply = receiver._on_frames, receiver._reply
+        frees = [0]
+
+        def timed_on_frames(frames):
+            read_at.append(time.perf_counter())
+            return on_frames(frames)
+
+        def counted_reply(identity, kind, **fields):
+            frees[0] += kind == b"free"
+            return reply(identity, kind, **fields)
+
+        receiver._on_frames, receiver._reply = timed_on_frames, counted_reply
+
+        def take() -> EncodeResult:
+            msg = receiver.recv(timeout=120)
+            if msg is None:
+                raise RuntimeError(f"{transport}: a message never arrived")
+            return msg
+
+        def ready(msg: EncodeResult) -> None:
+            if msg.embeddings.is_cuda:
+                torch.cuda.current_stream(msg.embeddings.device).synchronize()
+
+        for _ in range(3):
+            ready(take())
+        go.put(1)
+        ready(take())
+        cpu, start, frees[0] = _cpu_s(), time.perf_counter(), 0
+        for _ in range(n - 1):
+            msg = take()
+        ready(msg)
+        result = {"stream": (time.perf_counter() - start) / (n - 1), "receiver cpu": (_cpu_s() - cpu) / (n - 1),
+                  "FREEs per DATA": frees[0] / (n - 1)}
+        go.put(1)
+        result["sender cpu"], result["sender send() busy"] = out.get(timeout=120)
+        rows_out = []
+        for _ in range(alone):
+            time.sleep(0.002)
+            read_at.clear()
+            go.put(1)
+            msg = take()
+            returned = time.perf_counter()
+            ready(msg)
+            rows_out.append((read_at[-1], returned, time.perf_counter()))
+        go.put(1)
+        sent = out.get(timeout=120)
+        proc.join(30)
+    for name, values in zip(STAGES, zip(*[(t1 - t0, io - t1, rd - io, ret - rd, done - ret, done - t0)
+                                          for (t0, t1, io), (rd, ret, done) in zip(sent, rows_out)])):
+        result[name] = statistics.median(values)
+    return result
+
+
+def print_breakdown(label: str, nbytes: int, result: dict[str, float]) -> None:
+    print(f"\n{label}, {nbytes / MIB:g} MiB messages")
+    print("  one message alone (medians; a negative 'send() -> DATA to zmq': sent inside send() by the caller):")
+    for name in STAGES:
+        print(f"    {name:<38} {result[name] * 1e6:9.1f} us")
+    print(f"  stream: {result['stream'] * 1e6:.1f} us per message ({_gbps(nbytes, result['stream']):.2f} GB/s); "
+          f"sender send() returns every {result['sender send() busy'] * 1e6:.1f} us; cpu per message: "
+          f"sender {result['sender cpu'] * 1e6:.1f} us, receiver {result['receiver cpu'] * 1e6:.1f} us; "
+          f"FREEs per DATA {result['FREEs per DATA']:.2f}", flush=True)
+
+
 def _child_entry(result, fn, args, kwargs) -> None:
     try:
         result.put(fn(*args, **kwargs))
@@ -369,6 +498,39 @@ def cuda_ipc_exact(address: str) -> list[tuple[str, bool, str]]:
 
 def _us(seconds: float) -> str:
     return f"{seconds * 1e6:.0f} us"
+
+
+def run_breakdown(sizes: list[int], cpu_only: bool = False, no_host: bool = False, quick: bool = False,
+                  lease_depths: tuple[int, ...] = (4, 16)) -> int:
+    """Per-stage breakdown of the region protocol: shm here (a 16 KiB message shows the fixed
+    cost alone) and, with 2 GPUs, cuda_ipc cuda:0 -> cuda:1 at each lease depth."""
+    gpus = 0 if cpu_only else torch.cuda.device_count()
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {gpus} GPUs; stages timed with CLOCK_MONOTONIC "
+          "in both processes")
+    scale = 0.2 if quick else 1.0
+    failures = 0
+    cases = []
+    if not no_host:
+        for rows in [1] + [mib * MIB // (WIDTH * 2) for mib in sizes]:
+            nbytes = rows * WIDTH * 2
+            cases.append((f"shm, lease 4x", "shm", rows, max(20, int(min(2000, 2048 * MIB // nbytes) * scale)), {},
+                          {"lease_bytes": 4 * nbytes, "max_senders": 1}, "cpu"))
+    if gpus >= 2:
+        for rows in [1] + [mib * MIB // (WIDTH * 2) for mib in sizes]:
+            nbytes = rows * WIDTH * 2
+            for depth in lease_depths:
+                cases.append((f"cuda_ipc 0->1, lease {depth}x", "cuda_ipc", rows,
+                              max(50, int(min(2000, 4096 * MIB // nbytes) * scale)), {"max_pending": 2 * depth},
+                              {"device": "cuda:1", "lease_bytes": depth * nbytes, "max_senders": 1}, "cuda:0"))
+    for label, transport, rows, n, sender_options, receiver_options, device in cases:
+        try:
+            result = breakdown(transport, rows, n, 50, address=f"ipc:///tmp/splitvl-bench-{transport}.sock",
+                               sender_device=device, receiver_options=receiver_options, sender_options=sender_options)
+            print_breakdown(label, rows * WIDTH * 2, result)
+        except Exception:  # noqa: BLE001
+            failures += 1
+            print(f"FAILED: {label}\n{traceback.format_exc()}", flush=True)
+    return 1 if failures else 0
 
 
 def run(sizes: list[int], trials: int = 3, quick: bool = False, cpu_only: bool = False, host_quick: bool = False,
