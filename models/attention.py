@@ -40,11 +40,34 @@ class AttentionMetadata:
         return cls(query_lens=list(seq_lens), context_lens=list(seq_lens))
 
 
+@dataclass
+class KVWrite:
+    """Where a layer's new keys and values go: the caller writes them (the GPU fuses the write into
+    the rotary kernel) and tells `attend` so with kv_written=True."""
+
+    k_cache: torch.Tensor  # [N*S, Hkv, D] view of the layer's keys
+    v_cache: torch.Tensor  # [N*S, Hkv, D]
+    slots: torch.Tensor  # [T] slot of each new token
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k_cache.index_copy_(0, self.slots, k)
+        self.v_cache.index_copy_(0, self.slots, v)
+
+
 class AttentionBackend(Protocol):
-    """Causal self-attention for one decoder layer over a flat varlen batch."""
+    """Causal self-attention for one decoder layer over a flat varlen batch.
+
+    A backend may also offer `kv_write(layer_idx, meta) -> KVWrite | None`: then the model writes
+    the new keys and values itself (fused with rotary on GPU) and passes kv_written=True."""
 
     def attend(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_written: bool = False,
     ) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] (already rotated) -> [T, Hq, D]."""
         ...
@@ -69,10 +92,12 @@ class PagedKVCache:
             num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device
         )
 
+    def target(self, layer_idx: int, slot_mapping: torch.Tensor) -> KVWrite:
+        flat = self.data[layer_idx].view(2, -1, *self.data.shape[-2:])  # [2, N*S, Hkv, D]
+        return KVWrite(flat[0], flat[1], slot_mapping)
+
     def write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        flat = self.data[layer_idx].view(2, -1, *k.shape[1:])  # [2, N*S, Hkv, D]
-        flat[0].index_copy_(0, slot_mapping, k)
-        flat[1].index_copy_(0, slot_mapping, v)
+        self.target(layer_idx, slot_mapping).write(k, v)
 
     def gather(self, layer_idx: int, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `length` keys and values of one sequence: two [length, Hkv, D] tensors."""
@@ -96,12 +121,19 @@ class TorchAttentionBackend:
         self.kv_cache = kv_cache
 
     def attend(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_written: bool = False,
     ) -> torch.Tensor:
         if self.kv_cache is not None:
             if meta.slot_mapping is None or meta.block_tables is None:
                 raise ValueError("a KV cache needs slot_mapping and block_tables in the metadata")
-            self.kv_cache.write(layer_idx, k, v, meta.slot_mapping)
+            if not kv_written:
+                self.kv_cache.write(layer_idx, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
         start = 0
         for b, (q_len, ctx_len) in enumerate(zip(meta.query_lens, meta.context_lens)):

@@ -9,8 +9,10 @@ kernel that mimics the roundings gives the same tokens.
 
     rms_norm(x, w, eps)                      w * (x / rms(x)), normalised in fp32
     add_rms_norm(x, residual, w, eps)        (rms_norm(x + residual), x + residual)
-    qk_norm_rope(q, k, qw, kw, eps, cos, sin) per-head RMSNorm of q and k (when qw/kw are given),
-                                             then rotary, as the attention layer does
+    qk_norm_rope(q, k, qw, kw, eps, cos, sin, v, kv_write)
+                                             per-head RMSNorm of q and k (when qw/kw are given),
+                                             then rotary, as the attention layer does; with
+                                             kv_write, k and v are stored in the KV cache too
     route(logits, top_k, normalize)          softmax in fp32, top-k, optional renormalisation
 
 `set_ops_impl(FUSED_OPS)` switches every model in the process over (the runner does it when it
@@ -26,6 +28,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from models.attention import KVWrite
 
 
 def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -61,11 +65,17 @@ def torch_qk_norm_rope(
     eps: float,
     cos: torch.Tensor,
     sin: torch.Tensor,
+    v: torch.Tensor | None = None,
+    kv_write: KVWrite | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [T, Hq, D], k [T, Hkv, D] -> both normalised per head (Qwen3) and rotated."""
+    """q [T, Hq, D], k [T, Hkv, D] -> both normalised per head (Qwen3) and rotated. With
+    `kv_write`, the rotated k and `v` [T, Hkv, D] are also stored at their cache slots."""
     if q_weight is not None:
         q, k = torch_rms_norm(q, q_weight, eps), torch_rms_norm(k, k_weight, eps)
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    if kv_write is not None:
+        kv_write.write(k, v)
+    return q, k
 
 
 def torch_route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,8 +127,10 @@ def qk_norm_rope(
     eps: float,
     cos: torch.Tensor,
     sin: torch.Tensor,
+    v: torch.Tensor | None = None,
+    kv_write: KVWrite | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _impl.qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin)
+    return _impl.qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin, v, kv_write)
 
 
 def route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -74,8 +74,10 @@ class Attention(nn.Module):
         q, k, v = q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d), v.view(t, self.num_kv_heads, d)
         q_weight = self.q_norm.weight if self.q_norm is not None else None
         k_weight = self.k_norm.weight if self.k_norm is not None else None
-        q, k = ops.qk_norm_rope(q, k, q_weight, k_weight, self.eps, *rope)
-        out = attn.attend(self.layer_idx, q, k, v, meta)  # [T, Hq, D]
+        # Backends with a KV cache on GPU let the rotary kernel store k and v in place.
+        target = attn.kv_write(self.layer_idx, meta) if hasattr(attn, "kv_write") else None
+        q, k = ops.qk_norm_rope(q, k, q_weight, k_weight, self.eps, *rope, v=v, kv_write=target)
+        out = attn.attend(self.layer_idx, q, k, v, meta, kv_written=target is not None)  # [T, Hq, D]
         return self.o_proj(out.reshape(t, -1))
 
 

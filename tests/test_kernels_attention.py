@@ -181,6 +181,10 @@ def test_paged_decode_bf16_real_shapes(context_lens):
     q, k_cache, v_cache, tables, lens = decode_problem(context_lens, 32, 4, 128, 16, torch.bfloat16, device="cuda")
     ref = _torch_paged_decode(q.float(), k_cache.float(), v_cache.float(), tables, lens)
     assert rel_err(paged_decode_attention(q, k_cache, v_cache, tables, lens), ref) < 1e-2
+    # As CUDA graphs call it: int64 lengths and tables, balanced splits of an 8k plan.
+    out = paged_decode_attention(q, k_cache, v_cache, tables.long(), lens.long(), max_context=8192, split_len=256,
+                                 balance_splits=True)
+    assert rel_err(out, ref) < 1e-2
 
 
 @pytest.mark.gpu

@@ -61,20 +61,34 @@ def check_norms(dtype, rows, hidden):
     close(out, ref_out, dtype)
 
 
-def check_qk_norm_rope(dtype, tokens, hq, hk, d, with_norm):
-    # q and k as views into one fused qkv output, as the attention layer produces them.
+def check_qk_norm_rope(dtype, tokens, hq, hk, d, with_norm, with_cache=False):
+    from models.attention import PagedKVCache
+
+    # q, k and v as views into one fused qkv output, as the attention layer produces them.
     qkv = rand(tokens, (hq + 2 * hk) * d, dtype=dtype, seed=4, scale=2)
-    q, k, _ = qkv.split([hq * d, hk * d, hk * d], dim=-1)
-    q, k = q.view(tokens, hq, d), k.view(tokens, hk, d)
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    q, k, v = q.view(tokens, hq, d), k.view(tokens, hk, d), v.view(tokens, hk, d)
     qw = rand(d, dtype=dtype, seed=5, scale=0.1, shift=1.0) if with_norm else None
     kw = rand(d, dtype=dtype, seed=6, scale=0.1, shift=1.0) if with_norm else None
     angles = torch.rand(tokens, d // 2, generator=torch.Generator().manual_seed(7)) * 50
     emb = torch.cat((angles, angles), dim=-1)
     cos, sin = emb.cos().to(DEVICE, dtype), emb.sin().to(DEVICE, dtype)
-    out_q, out_k = fused_ops.qk_norm_rope(q, k, qw, kw, 1e-6, cos, sin)
-    ref_q, ref_k = ops.torch_qk_norm_rope(q, k, qw, kw, 1e-6, cos, sin)
+    caches, writes = [], []
+    for _ in range(2 if with_cache else 0):  # one for the kernel, one for the reference
+        cache = PagedKVCache(2, 3, 4, hk, d, dtype, DEVICE)
+        cache.data.fill_(float("nan"))  # slots the step does not own must stay untouched
+        slots = torch.randperm(12, generator=torch.Generator().manual_seed(8))[:tokens].to(DEVICE)
+        caches.append(cache)
+        writes.append(cache.target(1, slots))
+    out_q, out_k = fused_ops.qk_norm_rope(q, k, qw, kw, 1e-6, cos, sin, v, writes[0] if with_cache else None)
+    ref_q, ref_k = ops.torch_qk_norm_rope(q, k, qw, kw, 1e-6, cos, sin, v, writes[1] if with_cache else None)
     close(out_q, ref_q, dtype)
     close(out_k, ref_k, dtype)
+    if with_cache:
+        written = ~torch.isnan(caches[1].data)
+        assert torch.equal(written, ~torch.isnan(caches[0].data)), "wrong slots written"
+        assert torch.equal(caches[0].data[1, 1][written[1, 1]], caches[1].data[1, 1][written[1, 1]]), "v differs"
+        close(caches[0].data[1, 0][written[1, 0]], caches[1].data[1, 0][written[1, 0]], dtype)
 
 
 def check_route(dtype, tokens, experts, top_k, normalize):
@@ -98,9 +112,10 @@ def test_norms_interpreted(poisoned_empty, dtype):
 
 @interpreted
 @pytest.mark.parametrize("with_norm", [True, False])
-def test_qk_norm_rope_interpreted(poisoned_empty, with_norm):
-    check_qk_norm_rope(torch.float32, tokens=3, hq=4, hk=2, d=16, with_norm=with_norm)
-    check_qk_norm_rope(torch.float16, tokens=2, hq=2, hk=1, d=8, with_norm=with_norm)
+@pytest.mark.parametrize("with_cache", [True, False])
+def test_qk_norm_rope_interpreted(poisoned_empty, with_norm, with_cache):
+    check_qk_norm_rope(torch.float32, tokens=3, hq=4, hk=2, d=16, with_norm=with_norm, with_cache=with_cache)
+    check_qk_norm_rope(torch.float16, tokens=2, hq=2, hk=1, d=8, with_norm=with_norm, with_cache=with_cache)
 
 
 @interpreted
@@ -133,9 +148,40 @@ def test_tiny_model_gives_the_reference_logits_with_fused_ops(request, ckpt):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+@interpreted
+def test_engine_path_with_fused_kv_write_matches_reference(vl_ckpt):
+    """Prefill then decode through the Triton backend's paged cache, with every fused op and the
+    KV write inside the rotary kernel, against the torch reference backend: the same logits."""
+    from models.attention import AttentionMetadata, PagedKVCache, TorchAttentionBackend
+    from models.kernels import TritonAttentionBackend
+    from models.loader import load_model
+
+    model = load_model(vl_ckpt, part="language", device="cpu", dtype=torch.float32).model
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, 400, (6,), generator=torch.Generator().manual_seed(1)) % vocab
+    steps = [  # (token ids, positions, metadata): a 5-token prompt in blocks [2, 0], then one decode
+        (ids[:5], torch.arange(5), AttentionMetadata([5], [5], torch.tensor([8, 9, 10, 11, 0]), torch.tensor([[2, 0]]))),
+        (ids[5:], torch.tensor([5]), AttentionMetadata([1], [6], torch.tensor([1]), torch.tensor([[2, 0]]))),
+    ]
+    results = []
+    for fused in (False, True):
+        cache = PagedKVCache(model.config.num_hidden_layers, 4, 4, model.config.num_key_value_heads,
+                             model.config.head_dim, torch.float32, "cpu")
+        backend = TritonAttentionBackend(cache) if fused else TorchAttentionBackend(cache)
+        ops.set_ops_impl(fused_ops.FUSED_OPS if fused else ops.TORCH_OPS)
+        try:
+            with torch.no_grad():
+                results.append([model.compute_logits(model(pos, backend, meta, input_ids=tok)) for tok, pos, meta in steps])
+        finally:
+            ops.set_ops_impl(ops.TORCH_OPS)
+    for ref, out in zip(*results):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_ops_gpu_real_shapes(dtype):
     check_norms(dtype, rows=33, hidden=2048)
-    check_qk_norm_rope(dtype, tokens=33, hq=32, hk=4, d=128, with_norm=True)
+    check_qk_norm_rope(dtype, tokens=10, hq=32, hk=4, d=128, with_norm=True, with_cache=True)
     check_route(dtype, tokens=33, experts=128, top_k=8, normalize=True)
+

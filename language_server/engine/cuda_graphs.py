@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.attention import AttentionMetadata, PagedKVCache
+from models.attention import AttentionMetadata, KVWrite, PagedKVCache
 from models.kernels.availability import num_sms
 from models.kernels.paged_attention import choose_split_len, paged_decode_attention
 
@@ -71,11 +71,21 @@ class StaticDecodeAttention:
         self.slots, self.block_tables, self.context_lens = slots, block_tables, context_lens
         self.max_context, self.split_len = max_context, split_len
 
+    def kv_write(self, layer_idx: int, meta: AttentionMetadata) -> KVWrite:
+        return self.kv_cache.target(layer_idx, self.slots)
+
     def attend(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_written: bool = False,
     ) -> torch.Tensor:
         """q [Bp, Hq, D], k/v [Bp, Hkv, D] -> [Bp, Hq, D]."""
-        self.kv_cache.write(layer_idx, k, v, self.slots)
+        if not kv_written:
+            self.kv_cache.write(layer_idx, k, v, self.slots)
         k_cache, v_cache = self.kv_cache.data[layer_idx]
         return paged_decode_attention(q, k_cache, v_cache, self.block_tables, self.context_lens,
                                       max_context=self.max_context, split_len=self.split_len, balance_splits=True)

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from models.attention import AttentionMetadata, PagedKVCache
+from models.attention import AttentionMetadata, KVWrite, PagedKVCache
 from models.kernels.paged_attention import paged_decode_attention
 from models.kernels.prefill_attention import (
     context_slots,
@@ -39,8 +39,20 @@ class TritonAttentionBackend:
         self._derived_for: tuple | None = None
         self._derived: dict[str, torch.Tensor] = {}
 
+    def kv_write(self, layer_idx: int, meta: AttentionMetadata) -> KVWrite | None:
+        """The model writes new keys and values itself, fused with rotary (see AttentionBackend)."""
+        if self.kv_cache is None or meta.slot_mapping is None:
+            return None
+        return self.kv_cache.target(layer_idx, meta.slot_mapping)
+
     def attend(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_written: bool = False,
     ) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] (already rotated) -> [T, Hq, D]."""
         if self.kv_cache is None:
@@ -49,7 +61,8 @@ class TritonAttentionBackend:
             return varlen_causal_attention(q, k, v, meta.query_lens, meta.query_lens, self._cu_seqlens(meta, q))
         if meta.slot_mapping is None or meta.block_tables is None:
             raise ValueError("a KV cache needs slot_mapping and block_tables in the metadata")
-        self.kv_cache.write(layer_idx, k, v, meta.slot_mapping)
+        if not kv_written:
+            self.kv_cache.write(layer_idx, k, v, meta.slot_mapping)
         if all(n == 1 for n in meta.query_lens):
             k_cache, v_cache = self.kv_cache.data[layer_idx]  # each [N, S, Hkv, D]
             context_lens = self._per_forward(

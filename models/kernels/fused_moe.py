@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from models.kernels.availability import HAS_TRITON, use_triton
+from models.kernels.launch import cached_launch
 from models.kernels.moe_align import ExpertAlignment, align_pairs_to_experts
 from models.moe import torch_fused_experts
 
@@ -58,7 +59,9 @@ MOE_CONFIGS: list[tuple[int, MoeConfig]] = [
     (512, MoeConfig(32, 64, 128, 128, 4, 3)),
     (2048, MoeConfig(64, 64, 128, 64, 4, 4)),
 ]
-PREFILL_CONFIG = MoeConfig(128, 64, 128, 64, 8, 4)
+# Wider N tiles beyond 2k tokens: 2.07 ms against 2.42-2.57 ms at T=8192 on an H100 (the sweep
+# of benchmarks/kernels_gpu.py, docs/benchmarks.md).
+PREFILL_CONFIG = MoeConfig(128, 128, 256, 64, 8, 3)
 # Up to this many tokens each (token, slot) pair gets its own block and no alignment runs: at one
 # token the align kernel (~6 us) costs more than the experts' weight reads it would save; from
 # ~4 tokens on, experts picked twice would be read twice.
@@ -211,13 +214,19 @@ if HAS_TRITON:
         tl.store(out_ptr + t * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+if HAS_TRITON:  # compiled kernels reused across calls: models/kernels/launch.py
+    _combine_launch = cached_launch(_combine_kernel)
+    _gate_up_silu_launch = cached_launch(_gate_up_silu_kernel)
+    _down_weighted_launch = cached_launch(_down_weighted_kernel)
+
+
 def _combine(y: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
     """[P, H] -> [T, H], out[t] = sum_k y[t*K + k]. One launch where torch's reduction over a
     [T, K, H] view costs ~5 us at one token (more than the 16 KB it reads)."""
     hidden = y.shape[1]
     out = torch.empty(num_tokens, hidden, dtype=y.dtype, device=y.device)
     block = 1024
-    _combine_kernel[(num_tokens, triton.cdiv(hidden, block))](y, out, hidden, TOP_K=top_k, BLOCK=block, num_warps=4)
+    _combine_launch((num_tokens, triton.cdiv(hidden, block)), y, out, hidden, TOP_K=top_k, BLOCK=block, num_warps=4)
     return out
 
 
@@ -250,7 +259,7 @@ def _launch_gate_up(
     inter = two_inter // 2
     h = torch.empty(align.num_pairs, inter, dtype=x.dtype, device=x.device)  # [P, I]
     grid = (align.num_blocks, triton.cdiv(inter, config.block_n_up))
-    _gate_up_silu_kernel[grid](
+    _gate_up_silu_launch(grid,
         x, gate_up_proj, h, align.sorted_pair_ids, align.block_expert_ids,
         align.num_pairs, hidden, inter, num_experts,
         x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), h.stride(0),
@@ -267,7 +276,7 @@ def _launch_down(
     num_experts, hidden, inter = down_proj.shape
     y = torch.empty(align.num_pairs, hidden, dtype=h.dtype, device=h.device)  # [P, H]
     grid = (align.num_blocks, triton.cdiv(hidden, config.block_n_down))
-    _down_weighted_kernel[grid](
+    _down_weighted_launch(grid,
         h, down_proj, y, align.sorted_pair_ids, align.block_expert_ids, pair_weights,
         align.num_pairs, hidden, inter, num_experts,
         h.stride(0), down_proj.stride(0), down_proj.stride(1), y.stride(0),

@@ -1,7 +1,8 @@
 """Triton versions of models/ops.py: each of the decoder layer's small ops in one kernel.
 
     rms_norm / add_rms_norm   one program per row; the residual sum is stored too
-    qk_norm_rope              one program per (token, head) of q and k: per-head RMSNorm, rotary
+    qk_norm_rope              one program per (token, head) of q and k: per-head RMSNorm, rotary,
+                              and the KV-cache store of k (and of v, by programs of their own)
     route                     one program per token: softmax, top-k by repeated argmax, renorm
 
 Every bf16 (or fp16) intermediate the reference rounds is rounded here at the same place, so
@@ -16,7 +17,9 @@ from __future__ import annotations
 import torch
 
 from models import ops
+from models.attention import KVWrite
 from models.kernels.availability import HAS_TRITON, use_triton
+from models.kernels.launch import cached_launch
 
 if HAS_TRITON:
     import triton
@@ -56,12 +59,16 @@ if HAS_TRITON:
     def _qk_norm_rope_kernel(
         q_ptr,  # [T, Hq, D] (any row stride, heads contiguous)
         k_ptr,  # [T, Hkv, D]
+        v_ptr,  # [T, Hkv, D] (HAS_CACHE)
         qw_ptr,  # [D] q norm weight (HAS_NORM)
         kw_ptr,  # [D]
         cos_ptr,  # [T, D]
         sin_ptr,  # [T, D]
         q_out_ptr,  # [T, Hq, D] contiguous
         k_out_ptr,  # [T, Hkv, D] contiguous
+        k_cache_ptr,  # [N*S, Hkv, D] (HAS_CACHE)
+        v_cache_ptr,  # [N*S, Hkv, D]
+        slots_ptr,  # [T] cache slot of each token
         num_q_heads,
         num_k_heads,
         eps,
@@ -69,14 +76,28 @@ if HAS_TRITON:
         stride_qh,
         stride_kt,
         stride_kh,
+        stride_vt,
+        stride_vh,
         stride_ct,
+        stride_cache_slot,
+        stride_cache_head,
         HALF: tl.constexpr,
         HAS_NORM: tl.constexpr,
+        HAS_CACHE: tl.constexpr,
     ):
+        # Programs: q heads, then k heads, then (HAS_CACHE) v heads, which only copy v to the cache.
         t = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         dt = q_out_ptr.dtype.element_ty
         lo = tl.arange(0, HALF)
+        if HAS_CACHE:
+            slot = tl.load(slots_ptr + t).to(tl.int64)
+            if head >= num_q_heads + num_k_heads:
+                vh = head - num_q_heads - num_k_heads
+                d = tl.arange(0, 2 * HALF)
+                vals = tl.load(v_ptr + t * stride_vt + vh * stride_vh + d)
+                tl.store(v_cache_ptr + slot * stride_cache_slot + vh * stride_cache_head + d, vals)
+                return
         if head < num_q_heads:
             src = q_ptr + t * stride_qt + head * stride_qh
             dst = q_out_ptr + (t * num_q_heads + head) * (2 * HALF)
@@ -104,6 +125,11 @@ if HAS_TRITON:
         out2 = ((b * c2).to(dt).to(tl.float32) + (a * s2).to(dt).to(tl.float32)).to(dt)
         tl.store(dst + lo, out1)
         tl.store(dst + HALF + lo, out2)
+        if HAS_CACHE:
+            if head >= num_q_heads:
+                cache = k_cache_ptr + slot * stride_cache_slot + (head - num_q_heads) * stride_cache_head
+                tl.store(cache + lo, out1)
+                tl.store(cache + HALF + lo, out2)
 
     @triton.jit
     def _route_kernel(
@@ -140,6 +166,12 @@ if HAS_TRITON:
         tl.store(ids_ptr + t * TOP_K + slots, picked_ids, mask=ok)
 
 
+if HAS_TRITON:  # compiled kernels reused across calls: models/kernels/launch.py
+    _rms_norm_launch = cached_launch(_rms_norm_kernel)
+    _qk_norm_rope_launch = cached_launch(_qk_norm_rope_kernel)
+    _route_launch = cached_launch(_route_kernel)
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as [rows, H] with unit stride along H (a view when possible)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -154,7 +186,7 @@ def _norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     n_cols = rows.shape[1]
     block = triton.next_power_of_2(n_cols)
     if rows.shape[0]:
-        _rms_norm_kernel[(rows.shape[0],)](
+        _rms_norm_launch((rows.shape[0],),
             rows, res, weight, out, summed, n_cols, eps,
             rows.stride(0), res.stride(0), out.stride(0), summed.stride(0),
             HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(8, max(1, block // 256)),
@@ -184,22 +216,31 @@ def qk_norm_rope(
     eps: float,
     cos: torch.Tensor,
     sin: torch.Tensor,
+    v: torch.Tensor | None = None,
+    kv_write: KVWrite | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     d = q.shape[-1]
     weights_ok = q_weight is None or (q_weight.dtype == k_weight.dtype == q.dtype)
-    if (not use_triton(q) or not weights_ok or d % 2 or d & (d - 1) or q.stride(-1) != 1 or k.stride(-1) != 1
-            or not (q.dtype == k.dtype == cos.dtype == sin.dtype) or cos.stride(-1) != 1 or sin.stride() != cos.stride()):
-        return ops.torch_qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin)
+    cache_ok = kv_write is None or (
+        v is not None and v.dtype == q.dtype and v.stride(-1) == 1 and kv_write.k_cache.dtype == q.dtype
+        and kv_write.k_cache.stride() == kv_write.v_cache.stride() and kv_write.k_cache.stride(-1) == 1)
+    if (not use_triton(q) or not weights_ok or not cache_ok or d % 2 or d & (d - 1) or q.stride(-1) != 1
+            or k.stride(-1) != 1 or not (q.dtype == k.dtype == cos.dtype == sin.dtype) or cos.stride(-1) != 1
+            or sin.stride() != cos.stride()):
+        return ops.torch_qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin, v, kv_write)
     t, hq, _ = q.shape
     hk = k.shape[1]
     q_out = torch.empty((t, hq, d), dtype=q.dtype, device=q.device)
     k_out = torch.empty((t, hk, d), dtype=k.dtype, device=k.device)
     if t:
-        has_norm = q_weight is not None
-        _qk_norm_rope_kernel[(t, hq + hk)](
-            q, k, q_weight if has_norm else q, k_weight if has_norm else k, cos, sin, q_out, k_out,
-            hq, hk, eps, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
-            HALF=d // 2, HAS_NORM=has_norm, num_warps=1,
+        has_norm, has_cache = q_weight is not None, kv_write is not None
+        kc, vc, slots = (kv_write.k_cache, kv_write.v_cache, kv_write.slots) if has_cache else (k, k, k)
+        v = v if has_cache else k
+        _qk_norm_rope_launch((t, hq + hk + (hk if has_cache else 0)),
+            q, k, v, q_weight if has_norm else q, k_weight if has_norm else k, cos, sin, q_out, k_out, kc, vc, slots,
+            hq, hk, eps, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+            kc.stride(0), kc.stride(1) if has_cache else 0,
+            HALF=d // 2, HAS_NORM=has_norm, HAS_CACHE=has_cache, num_warps=1,
         )  # fmt: skip
     return q_out, k_out
 
@@ -212,7 +253,7 @@ def route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[tor
     weights = torch.empty((t, top_k), dtype=router_logits.dtype, device=router_logits.device)
     ids = torch.empty((t, top_k), dtype=torch.int64, device=router_logits.device)
     if t:
-        _route_kernel[(t,)](
+        _route_launch((t,),
             logits, weights, ids, num_experts, logits.stride(0),
             TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=triton.next_power_of_2(num_experts),
             NORMALIZE=normalize, num_warps=1,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from models.kernels.availability import HAS_TRITON, use_triton
+from models.kernels.launch import cached_launch
 
 if HAS_TRITON:
     import triton
@@ -132,12 +133,16 @@ if HAS_TRITON:
             seen += tl.sum(onehot, axis=0)
 
 
+if HAS_TRITON:  # compiled kernels reused across calls: models/kernels/launch.py
+    _align_launch = cached_launch(_align_kernel)
+
+
 def _align_one_program(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertAlignment:
     num_pairs = topk_ids.numel()
     rows = max_padded_rows(num_pairs, num_experts, block_m)
     sorted_pair_ids = torch.empty(rows, dtype=torch.int32, device=topk_ids.device)
     block_expert_ids = torch.empty(rows // block_m, dtype=torch.int32, device=topk_ids.device)
-    _align_kernel[(1,)](
+    _align_launch((1,),
         topk_ids.reshape(-1), sorted_pair_ids, block_expert_ids, num_pairs, num_experts, rows,
         BLOCK_M=block_m, E_PAD=triton.next_power_of_2(num_experts), CHUNK=64, num_warps=4,
     )  # fmt: skip

@@ -24,6 +24,7 @@ import torch
 
 from models.attention import causal_attention
 from models.kernels.availability import HAS_TRITON, num_sms, use_triton
+from models.kernels.launch import cached_launch
 
 if HAS_TRITON:
     import triton
@@ -67,7 +68,7 @@ if HAS_TRITON:
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
-        ctx = tl.load(context_lens_ptr + seq)
+        ctx = tl.load(context_lens_ptr + seq).to(tl.int32)  # int32 or int64 lengths: one type below
         if split_len == 0:  # balanced: this sequence's own context cut into num_programs(2) slices
             split_len = tl.cdiv(tl.cdiv(ctx, tl.num_programs(2)), BLOCK_N) * BLOCK_N
         start = split * split_len
@@ -143,6 +144,11 @@ if HAS_TRITON:
         tl.store(out_ptr + seq * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
+if HAS_TRITON:  # compiled kernels reused across calls: models/kernels/launch.py
+    _paged_decode_launch = cached_launch(_paged_decode_kernel)
+    _merge_splits_launch = cached_launch(_merge_splits_kernel)
+
+
 def choose_split_len(batch: int, kv_heads: int, max_context: int, sms: int) -> int:
     """Context tokens per program: whole contexts when B*Hkv programs already fill ~2 waves of
     SMs, otherwise slices (>= MIN_SPLIT_TOKENS) so that about that many programs exist."""
@@ -201,7 +207,7 @@ def paged_decode_attention(
     scale_log2 = math.log2(math.e) / math.sqrt(head_dim)
     cache_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3])
     if num_splits == 1:
-        _paged_decode_kernel[(batch, kv_heads, 1)](
+        _paged_decode_launch((batch, kv_heads, 1),
             q, k_cache, v_cache, block_tables, context_lens, out, out, scale_log2, split_len,
             q.stride(0), q.stride(1), *cache_strides, block_tables.stride(0),
             out.stride(0), out.stride(1), 0, SPLIT=False, **common,
@@ -209,12 +215,12 @@ def paged_decode_attention(
         return out
     partial = torch.empty(batch, q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, q_heads, num_splits, dtype=torch.float32, device=q.device)
-    _paged_decode_kernel[(batch, kv_heads, num_splits)](
+    _paged_decode_launch((batch, kv_heads, num_splits),
         q, k_cache, v_cache, block_tables, context_lens, partial, lse, scale_log2, 0 if balance_splits else split_len,
         q.stride(0), q.stride(1), *cache_strides, block_tables.stride(0),
         partial.stride(0), partial.stride(1), partial.stride(2), SPLIT=True, **common,
     )  # fmt: skip
-    _merge_splits_kernel[(batch, q_heads)](
+    _merge_splits_launch((batch, q_heads),
         partial, lse, out, num_splits, out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
     )  # fmt: skip

@@ -3,7 +3,8 @@
 Queries of sequence b are the last q_b of its c_b context positions (bottom-right causal), and
 its keys are the whole context: cached blocks plus the new tokens. On CUDA (fp16/bf16) one
 `torch.nn.attention.varlen.varlen_attn` call covers the whole batch: flash-attention's varlen
-kernel reads GQA heads natively and aligns the causal mask bottom-right when q_b < c_b. The
+kernel reads GQA heads natively and aligns the causal mask bottom-right when q_b < c_b (up to
+SDPA_MAX_SEQS whole prompts with nothing cached go through SDPA instead: faster there). The
 paged prefix is gathered into a contiguous [C, Hkv, D] first: C*Hkv*D*4 bytes copied against
 4*T*C*Hq*D flops, a few percent of the attention's time for chunks of >= 1k tokens, so a Triton
 prefill kernel reading the blocks in place would gain little (docs/kernels.md; the GPU benchmark
@@ -41,6 +42,14 @@ def _flash_varlen() -> tuple[Callable, dict, bool] | None:
     return varlen_attn, kwargs, takes_gqa
 
 
+# A prefill of a few whole prompts (nothing cached before them) goes through SDPA one prompt at a
+# time instead: with is_causal and no mask SDPA takes cuDNN / flash kernels that are faster than
+# varlen_attn here, and its host cost is a fraction of varlen_attn's ~100 us per call (H100,
+# 1024 tokens: 53 us against 145 us per layer; docs/kernels.md). Chunks after a cached prefix
+# need a bottom-right causal mask, which only varlen_attn takes without a dense mask.
+SDPA_MAX_SEQS = 4
+
+
 def flash_varlen_available(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_varlen() is not None
 
@@ -75,7 +84,7 @@ def varlen_causal_attention(
 
     `cu_seqlens` (from `cumulative_lens`, built once per forward) saves each layer a host-to-device
     copy: from pageable memory that copy waits for the GPU to drain, serialising host and GPU."""
-    if flash_varlen_available(q):
+    if flash_varlen_available(q) and not (len(query_lens) <= SDPA_MAX_SEQS and query_lens == context_lens):
         return _flash_varlen_attention(q, keys, values, query_lens, context_lens, cu_seqlens)
     out = torch.empty_like(q)
     q_start = k_start = 0
