@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.kernels.fused_moe import MoeConfig, moe_config, triton_fused_experts  # noqa: E402
-from models.kernels.moe_align import align_pairs_to_experts  # noqa: E402
+from models.kernels.moe_align import _align_chunked, _align_one_program, align_pairs_to_experts  # noqa: E402
 from models.kernels.paged_attention import _torch_paged_decode, paged_decode_attention  # noqa: E402
 from models.kernels.prefill_attention import (  # noqa: E402
     context_slots,
@@ -196,6 +196,15 @@ def bench_moe(token_counts: list[int], sweep: bool, bandwidth: float, peak: floa
         row["align_graph_ms"] = try_time(
             [lambda s=s: align_pairs_to_experts(s[2], E, block_m) for s in sets], graph=True
         )
+        # Both Triton alignments at every size: where SMALL_PAIRS should sit.
+        row["align_one_program_graph_ms"] = try_time(
+            [lambda s=s: _align_one_program(s[2], E, block_m) for s in sets], graph=True
+        ) if tokens * K <= 16384 else None
+        row["align_chunked_graph_ms"] = try_time(
+            [lambda s=s: _align_chunked(s[2], E, block_m) for s in sets], graph=True
+        )
+        print(f"  T={tokens} align (graph): one program {fmt(row['align_one_program_graph_ms'])} us, "
+              f"chunked {fmt(row['align_chunked_graph_ms'])} us")
         row["torch_ms"] = time_ms(calls(lambda x, w, ids: torch_fused_experts(x, gate_up, down, w, ids)))
         row["hf_grouped_mm_ms"] = try_time(calls(hf)) if hf_ok else None
         row["config"] = dataclasses.asdict(moe_config(tokens))

@@ -138,8 +138,20 @@ def prefill_profile(engine, length: int, layers: int) -> str:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         one("prof")
         torch.cuda.synchronize()
+    # Python-level: where the host's time goes between the ops (module calls, wrappers, engine).
+    import cProfile
+    import io
+    import pstats
+
+    py = cProfile.Profile()
+    py.enable()
+    one("python")
+    torch.cuda.synchronize()
+    py.disable()
+    buf = io.StringIO()
+    pstats.Stats(py, stream=buf).sort_stats("tottime").print_stats(30)
     return (f"prefill T={length}: wall {wall * 1e3:.2f} ms\n" + kernel_table(prof, layers, 1, f"prefill {length}")
-            + "\n" + cpu_table(prof, 1, f"prefill {length}"))
+            + "\n" + cpu_table(prof, 1, f"prefill {length}") + "\n== python, by own time\n" + buf.getvalue())
 
 
 def main() -> int:

@@ -101,12 +101,18 @@ def test_alignment_groups_pairs_by_expert(block_m):
 @pytest.mark.parametrize(
     "tokens,experts,top_k,block_m", [(1, 128, 8, 16), (37, 12, 3, 16), (70, 8, 2, 32), (5, 6, 4, 64)]
 )
-def test_one_program_alignment_equals_torch(tokens, experts, top_k, block_m):
-    """The Triton align kernel (decode sizes) must give exactly the torch version's layout."""
+@pytest.mark.parametrize("chunked", [False, True])
+def test_triton_alignment_equals_torch(tokens, experts, top_k, block_m, chunked, monkeypatch):
+    """Both Triton alignments (one program; chunks of pairs, here 16 so that even small cases
+    span several chunks) must give exactly the torch version's layout."""
+    import models.kernels.moe_align as moe_align
+
+    monkeypatch.setattr(moe_align, "ALIGN_CHUNK", 16)
     gen = torch.Generator().manual_seed(tokens)
     used = torch.randperm(experts, generator=gen)[: max(top_k, experts // 2)]  # others get no pairs
     ids = torch.stack([used[torch.randperm(len(used), generator=gen)[:top_k]] for _ in range(tokens)])
-    got, want = _align_one_program(ids, experts, block_m), _align_torch(ids, experts, block_m)
+    align = moe_align._align_chunked if chunked else _align_one_program
+    got, want = align(ids, experts, block_m), _align_torch(ids, experts, block_m)
     assert torch.equal(got.sorted_pair_ids, want.sorted_pair_ids)
     assert torch.equal(got.block_expert_ids, want.block_expert_ids)
 
