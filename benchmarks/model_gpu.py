@@ -332,7 +332,8 @@ def hf_generate(hf: nn.Module, ids: torch.Tensor, new_tokens: int, device: str) 
     return out[:, ids.shape[1]:], time.perf_counter() - t0
 
 
-def transformers_runs(hf: nn.Module, plan: Plan, vocab: int, prompt0: list[int] | None, result: dict) -> None:
+def transformers_runs(hf: nn.Module, plan: Plan, vocab: int, prompt0: list[int] | None, result: dict,
+                      ours: nn.Module | None = None) -> None:
     """Fills result["prefill"] and result["decode"] as it goes (a failure keeps what was measured)."""
     dev = plan.device
     rng = random.Random(7)
@@ -355,6 +356,54 @@ def transformers_runs(hf: nn.Module, plan: Plan, vocab: int, prompt0: list[int] 
         result["decode"].append({"batch": batch, "step_ms": 1e3 * step, "tok_s": batch / step,
                                  "tokens0": new[0].tolist()})
         print(f"  transformers decode B={batch}: {1e3 * step:.1f} ms/step, {batch / step:.1f} tok/s")
+        if batch == 1 and ours is not None:
+            result["teacher_forced"] = teacher_forced(ours, hf, rows[0], new[0].tolist(), dev)
+            tf = result["teacher_forced"]
+            print(f"  teacher-forced over transformers' {tf['positions']} greedy tokens: ours picks the same token at "
+                  f"{tf['top1_agree']:.0%} of positions, logits rel. error {tf['logits_rel_err']:.2e} (our model on "
+                  f"the torch reference ops: {tf['reference_ops_top1_agree']:.0%}, {tf['reference_ops_logits_rel_err']:.2e})")
+
+
+@torch.no_grad()
+def teacher_forced(ours: nn.Module, hf: nn.Module, prompt: list[int], generated: list[int], device: str) -> dict:
+    """Both models read the same sequence (the prompt, then transformers' own greedy tokens), so
+    one rounding flip cannot derail the rest: at each generated position, does our argmax equal
+    transformers' token, and how far apart are the logits? A robust check of the GPU path
+    against transformers where free-running greedy comparison diverges after the first flip."""
+    from models.attention import AttentionMetadata, TorchAttentionBackend
+    from models.kernels import TritonAttentionBackend
+
+    from models import moe, ops
+
+    seq = prompt + generated[:-1]
+    n = len(generated)
+    ids = torch.tensor(seq, device=device)
+    positions, meta = torch.arange(len(seq), device=device), AttentionMetadata.prefill([len(seq)])
+    mine = ours.compute_logits(ours(positions, TritonAttentionBackend(None), meta, input_ids=ids)[-n:]).float()
+    # The same model on the torch reference ops and experts (transformers' arithmetic, in bf16):
+    # how far bf16 alone puts us from transformers, to judge the kernels' distance by.
+    kernels_ops, kernels_experts = ops.ops_impl(), moe._experts_impl
+    ops.set_ops_impl(ops.TORCH_OPS)
+    moe.set_experts_impl(moe.torch_fused_experts)
+    try:
+        plain = ours.compute_logits(ours(positions, TorchAttentionBackend(None), meta, input_ids=ids)[-n:]).float()
+    finally:
+        ops.set_ops_impl(kernels_ops)
+        moe.set_experts_impl(kernels_experts)
+    kwargs = {"input_ids": ids[None]}
+    if "mm_token_type_ids" in inspect.signature(hf.forward).parameters:
+        kwargs["mm_token_type_ids"] = torch.zeros_like(ids[None])
+    theirs = hf(**kwargs).logits[0, -n:].float()
+    want = torch.tensor(generated, device=device)
+
+    def agree(logits: torch.Tensor) -> float:
+        return (logits.argmax(-1) == want).float().mean().item()
+
+    def rel(logits: torch.Tensor) -> float:
+        return ((logits - theirs).norm() / theirs.norm()).item()
+
+    return {"positions": n, "top1_agree": agree(mine), "hf_top1_self": agree(theirs), "logits_rel_err": rel(mine),
+            "reference_ops_top1_agree": agree(plain), "reference_ops_logits_rel_err": rel(plain)}
 
 
 # ----- the run ----------------------------------------------------------------------------------
@@ -491,7 +540,7 @@ def run(args: argparse.Namespace) -> int:
             hf = transformers_model(ours, ckpt, plan.device, dtype)
             b1 = next((r for r in data["decode"] if r["batch"] == 1 and r["graphs"]), None)
             data["hf"] = {"decode": [], "prefill": []}
-            transformers_runs(hf, plan, config.text.vocab_size, b1["prompt0"] if b1 else None, data["hf"])
+            transformers_runs(hf, plan, config.text.vocab_size, b1["prompt0"] if b1 else None, data["hf"], ours)
             del hf
 
     shutil.rmtree(ckpt, ignore_errors=True)

@@ -27,6 +27,8 @@ def test_cpu_smoke_runs_every_section(tmp_path):
     # The graph path and the eager path produce the same greedy tokens; so does transformers.
     assert all(r["graph_eager_token_agreement"] == 1.0 for r in data["decode_summary"])
     assert data["hf_greedy_agreement_b1"] == len(data["hf"]["decode"][0]["tokens0"])
+    forced = data["hf"]["teacher_forced"]  # fp32 on the CPU: the same token everywhere, logits ~1e-6 apart
+    assert forced["top1_agree"] == 1.0 and forced["hf_top1_self"] == 1.0 and forced["logits_rel_err"] < 1e-4
     assert [r["tokens"] for r in data["prefill_summary"]] == [32, 64]
     assert all(r["floor_ms"] > 0 for r in data["prefill_summary"])
     assert "decode tok/s" in done.stdout and "prefill" in done.stdout
