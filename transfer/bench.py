@@ -303,6 +303,26 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _maybe_profiler():
+    """A cProfile.Profile when SPLITVL_TRANSFER_PROFILE=1 (diagnostics for --breakdown), else None."""
+    if os.environ.get("SPLITVL_TRANSFER_PROFILE") != "1":
+        return None
+    import cProfile
+
+    return cProfile.Profile()
+
+
+def _print_profile(profiler, title: str) -> None:
+    if profiler is None:
+        return
+    import io
+    import pstats
+
+    buf = io.StringIO()
+    pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(18)
+    print(f"\n-- python profile: {title}\n{buf.getvalue()}", flush=True)
+
+
 def _breakdown_sender(transport: str, address: str, device: str, rows: int, n: int, alone: int, go, out,
                       options: dict) -> None:
     from transfer.registry import make_sender
@@ -322,10 +342,16 @@ def _breakdown_sender(transport: str, address: str, device: str, rows: int, n: i
         for i in range(3):
             sender.send(EncodeResult(f"warm-{i}", "k", (1, 1, 1), tensor), timeout=120)
         go.get()
+        profiler = _maybe_profiler()
+        if profiler:
+            profiler.enable()
         cpu, start = _cpu_s(), time.perf_counter()
         for i in range(n):
             sender.send(EncodeResult(f"m-{i}", "k", (1, 1, 1), tensor), timeout=120)
         busy = time.perf_counter() - start
+        if profiler:
+            profiler.disable()
+        _print_profile(profiler, f"sender send() (caller thread), {n} messages streamed")
         go.get()  # the receiver has them all
         out.put(((_cpu_s() - cpu) / n, busy / n))
         times = []
@@ -391,14 +417,20 @@ def breakdown(transport: str, rows: int, n: int, alone: int, *, address: str, se
         go.put(1)
         result["sender cpu"], result["sender send() busy"] = out.get(timeout=120)
         rows_out = []
+        profiler = _maybe_profiler()
         for _ in range(alone):
             time.sleep(0.002)
             read_at.clear()
             go.put(1)
+            if profiler:
+                profiler.enable()
             msg = take()
             returned = time.perf_counter()
+            if profiler:
+                profiler.disable()
             ready(msg)
             rows_out.append((read_at[-1], returned, time.perf_counter()))
+        _print_profile(profiler, f"receiver recv(), {alone} messages alone")
         go.put(1)
         sent = out.get(timeout=120)
         proc.join(30)
