@@ -49,8 +49,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_image() -> bytes:
-    rng = np.random.default_rng(0)
+def make_image(seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
     grad = np.linspace(0, 255, 448)[None, :, None] * np.ones((448, 1, 3))
     pixels = np.clip(grad * 0.6 + rng.integers(0, 100, (448, 448, 3)), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
@@ -101,7 +101,7 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
     raise TimeoutError(url)
 
 
-def serve_and_ask(ckpt: Path, data_url: str, enc_device: str, lang_device: str, result_transport: str,
+def serve_and_ask(ckpt: Path, data_urls: list[str], enc_device: str, lang_device: str, result_transport: str,
                   log_dir: Path, dtype: str = "bfloat16", lang_ckpt: Path | None = None) -> dict:
     """`lang_ckpt`: a config-only checkpoint the language service builds with random weights on
     its GPU (SPLITVL_LOAD_FORMAT=dummy), for the full 48 layers without 61 GB of files."""
@@ -127,10 +127,11 @@ def serve_and_ask(ckpt: Path, data_url: str, enc_device: str, lang_device: str, 
         wait_http(f"http://127.0.0.1:{enc_http}/health", enc)
         wait_http(f"http://127.0.0.1:{api_port}/health", lang)
         client = OpenAI(base_url=f"http://127.0.0.1:{api_port}/v1", api_key="none")
-        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}},
-                                                  {"type": "text", "text": PROMPT}]}]
         results = []
-        for attempt in range(3):  # the first warms up; later ones hit the encoder cache
+        for attempt in range(3):  # the first warms up; later ones hit the encoder cache (same image)
+            data_url = data_urls[attempt % len(data_urls)]
+            messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}},
+                                                      {"type": "text", "text": PROMPT}]}]
             start = time.perf_counter()
             stream = client.chat.completions.create(model=client.models.list().data[0].id, messages=messages,
                                                     max_tokens=MAX_TOKENS, temperature=0, stream=True)
@@ -176,7 +177,9 @@ def main() -> int:
     print(f"checkpoint ready in {time.time() - t0:.0f}s", flush=True)
     image_path = out_dir / "smoke.png"
     image_path.write_bytes(make_image())
-    data_url = "data:image/png;base64," + base64.b64encode(image_path.read_bytes()).decode()
+    data_urls = ["data:image/png;base64," + base64.b64encode(image_path.read_bytes()).decode()]
+    if args.language_layers:  # at scale, a new image per request: no encoder-cache or prefix-cache hit
+        data_urls += ["data:image/png;base64," + base64.b64encode(make_image(seed)).decode() for seed in (1, 2)]
 
     lang_ckpt = None
     if args.language_layers:
@@ -201,7 +204,7 @@ def main() -> int:
     for name, enc_dev, lang_dev, transport in setups:
         t0 = time.time()
         try:
-            result = serve_and_ask(ckpt, data_url, enc_dev, lang_dev, transport, out_dir, dtype, lang_ckpt)
+            result = serve_and_ask(ckpt, data_urls, enc_dev, lang_dev, transport, out_dir, dtype, lang_ckpt)
         except Exception as exc:  # noqa: BLE001 - report and go on to the next setup
             result = {"error": f"{type(exc).__name__}: {exc}"}
         result["wall_s"] = time.time() - t0

@@ -3,7 +3,7 @@
 before triton's first import):
 
 - without TRITON_INTERPRET they are the torch references;
-- with it, the interpreter suites (test_kernels_moe/attention/benchmark.py) run here when
+- with it, the interpreter suites (test_kernels_moe/attention/benchmark/fused_ops.py) run here when
   something else imported triton before those modules could set the variable (a full pytest run).
 """
 
@@ -51,6 +51,13 @@ for backend_cls in (TorchAttentionBackend, TritonAttentionBackend):
         n = meta.num_tokens
         outs.append(backend.attend(0, torch.randn(n, 4, 16), torch.randn(n, 2, 16), torch.randn(n, 2, 16), meta))
 assert all(torch.equal(a, b) for a, b in zip(outs[:2], outs[2:]))
+
+from models import ops
+from models.kernels import FUSED_OPS
+h, r, w = torch.randn(3, 32), torch.randn(3, 32), torch.rand(32) + 0.5
+assert torch.equal(FUSED_OPS.rms_norm(h, w, 1e-6), ops.torch_rms_norm(h, w, 1e-6))
+assert all(torch.equal(a, b) for a, b in zip(FUSED_OPS.add_rms_norm(h, r, w, 1e-6), ops.torch_add_rms_norm(h, r, w, 1e-6)))
+assert all(torch.equal(a, b) for a, b in zip(FUSED_OPS.route(h, 3, True), ops.torch_route(h, 3, True)))
 print("fallbacks ok")
 """
 
@@ -65,7 +72,12 @@ def test_cpu_without_interpreter_uses_torch_references():
     assert "fallbacks ok" in result.stdout
 
 
-INTERPRETER_SUITES = ["tests/test_kernels_moe.py", "tests/test_kernels_attention.py", "tests/test_kernels_benchmark.py"]
+INTERPRETER_SUITES = [
+    "tests/test_kernels_moe.py",
+    "tests/test_kernels_attention.py",
+    "tests/test_kernels_benchmark.py",
+    "tests/test_kernels_fused_ops.py",
+]
 
 
 @pytest.mark.skipif(
