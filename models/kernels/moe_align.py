@@ -95,26 +95,6 @@ def _align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Expe
 if HAS_TRITON:
 
     @triton.jit
-    def _block_experts_and_sentinels(
-        padded_end,  # [E_PAD] end row of each expert's padded run
-        block_expert_ptr,  # [NB] out
-        sorted_pair_ptr,  # [R] out: every row set to the sentinel P (the scatter overwrites real rows)
-        num_pairs,
-        num_experts,
-        num_rows,
-        BLOCK_M: tl.constexpr,
-        LANES: tl.constexpr,
-    ):
-        lanes = tl.arange(0, LANES)
-        # Expert of each block: the first whose padded run ends after the block's first row.
-        for b0 in range(0, num_rows // BLOCK_M, LANES):
-            starts = (b0 + lanes) * BLOCK_M
-            ended = tl.sum((padded_end[None, :] <= starts[:, None]).to(tl.int32), axis=1)
-            tl.store(block_expert_ptr + b0 + lanes, tl.minimum(ended, num_experts), mask=starts < num_rows)
-        for r0 in range(0, num_rows, LANES):
-            tl.store(sorted_pair_ptr + r0 + lanes, num_pairs, mask=r0 + lanes < num_rows)
-
-    @triton.jit
     def _align_kernel(
         ids_ptr,  # [P] expert of each pair
         sorted_pair_ptr,  # [R] out
@@ -136,8 +116,13 @@ if HAS_TRITON:
         padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         padded_end = tl.cumsum(padded, axis=0)  # [E]
         padded_start = padded_end - padded
-        _block_experts_and_sentinels(padded_end, block_expert_ptr, sorted_pair_ptr, num_pairs, num_experts, num_rows,
-                                     BLOCK_M, CHUNK)
+        # Expert of each block: the first whose padded run ends after the block's first row.
+        for b0 in range(0, num_rows // BLOCK_M, CHUNK):
+            starts = (b0 + lanes) * BLOCK_M
+            ended = tl.sum((padded_end[None, :] <= starts[:, None]).to(tl.int32), axis=1)
+            tl.store(block_expert_ptr + b0 + lanes, tl.minimum(ended, num_experts), mask=starts < num_rows)
+        for r0 in range(0, num_rows, CHUNK):
+            tl.store(sorted_pair_ptr + r0 + lanes, num_pairs, mask=r0 + lanes < num_rows)
         tl.debug_barrier()  # the sentinel fill lands before the scatter overwrites real rows
         # Pass 2: each pair's row = its expert's padded start + pairs of that expert before it.
         seen = tl.zeros((E_PAD,), dtype=tl.int32)
@@ -192,8 +177,13 @@ if HAS_TRITON:
             here = tl.load(counts_ptr + c * E_PAD + experts)
             tl.store(counts_ptr + c * E_PAD + experts, running)
             running += here
-        _block_experts_and_sentinels(padded_end, block_expert_ptr, sorted_pair_ptr, num_pairs, num_experts, num_rows,
-                                     BLOCK_M, LANES)
+        lanes = tl.arange(0, LANES)
+        for b0 in range(0, num_rows // BLOCK_M, LANES):
+            starts = (b0 + lanes) * BLOCK_M
+            ended = tl.sum((padded_end[None, :] <= starts[:, None]).to(tl.int32), axis=1)
+            tl.store(block_expert_ptr + b0 + lanes, tl.minimum(ended, num_experts), mask=starts < num_rows)
+        for r0 in range(0, num_rows, LANES):
+            tl.store(sorted_pair_ptr + r0 + lanes, num_pairs, mask=r0 + lanes < num_rows)
 
     @triton.jit
     def _chunk_scatter_kernel(
