@@ -36,21 +36,41 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sections that would start after this many seconds are skipped (default: 510)")
 
 
-def run_model(args: argparse.Namespace) -> int:
-    # The measuring script lives in the checkout's benchmarks/ folder (not in the installed package).
+def _checkout_script(name: str):
+    """A measuring script of the checkout's benchmarks/ folder (not in the installed package), as a
+    module; None (with a message) outside a source checkout."""
     import importlib.util
     import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "model_gpu.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
     if not path.is_file():
-        print(f"{path} not found: run `splitvl bench model` from a source checkout (pip install -e .)")
-        return 2
-    spec = importlib.util.spec_from_file_location("splitvl_model_gpu", path)
+        print(f"{path} not found: run `splitvl bench` from a source checkout (pip install -e .)")
+        return None
+    spec = importlib.util.spec_from_file_location(f"splitvl_{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
-    return module.run(args)
+    return module
+
+
+def run_model(args: argparse.Namespace) -> int:
+    module = _checkout_script("model_gpu")
+    return 2 if module is None else module.run(args)
+
+
+def add_all_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: checks the wiring, not a benchmark")
+    parser.add_argument("--out", default=None, help="folder for the JSON files (default $OUT or .)")
+    parser.add_argument("--language-layers", type=int, default=48, help="layers of the language model in the TTFT part")
+
+
+def run_all(args: argparse.Namespace) -> int:
+    module = _checkout_script("all_gpu")
+    if module is None:
+        return 2
+    argv = (["--cpu-smoke"] if args.cpu_smoke else []) + (["--out", args.out] if args.out else [])
+    return module.main(argv + ["--language-layers", str(args.language_layers)])
 
 
 BENCHMARKS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
@@ -65,6 +85,12 @@ BENCHMARKS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Call
         "random weights: decode tok/s, prefill latency, share of the bandwidth floor",
         add_model_arguments,
         run_model,
+    ),
+    "all": (
+        "issue 7's whole benchmark in one run: `bench model`, the vision tower against transformers, and the "
+        "time to first token of an image chat through both services (one GPU; two with cuda_ipc)",
+        add_all_arguments,
+        run_all,
     ),
 }
 
