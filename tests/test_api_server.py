@@ -210,7 +210,8 @@ def test_models_health_metrics(vl_service):
                  "splitvl_e2e_request_latency_seconds", "splitvl_num_requests_waiting",
                  "splitvl_num_requests_running", "splitvl_kv_blocks_used", "splitvl_kv_blocks_free",
                  "splitvl_prefix_cache_hit_rate", "splitvl_encoder_bytes_received_total",
-                 "splitvl_http_request_bytes_received_total", "splitvl_http_requests_in_flight"):
+                 "splitvl_http_request_bytes_received_total", "splitvl_http_requests_in_flight",
+                 "splitvl_engine_failed_steps_total"):
         assert f"\n{name}" in metrics, name
 
 

@@ -246,3 +246,42 @@ def test_generated_tokens_are_prefix_cached_for_the_next_turn(text_engine_ref):
     out = run_all(engine, [GenerateRequest("turn2", follow_up, greedy(2))])["turn2"]
     # 37 prompt + 11 fed-back outputs had their KV computed: 48 tokens = 12 full blocks.
     assert out[-1].cached_tokens == 48
+
+
+def test_a_failing_model_step_ends_its_requests_and_the_engine_keeps_serving(text_engine_ref, monkeypatch):
+    """A bug in one model step: the requests of that batch end with a 500 and free their blocks;
+    later requests are served exactly. A CUDA error, after which the GPU cannot be trusted, is
+    not caught."""
+    ckpt, ref = text_engine_ref
+    engine = make_engine(ckpt, num_kv_blocks=64, block_size=4)
+    rng = random.Random(11)
+    run = engine.runner.run
+    calls = {"n": 0}
+
+    def flaky(chunks):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second step: both requests are in it
+            raise ValueError("a bug in a kernel")
+        return run(chunks)
+
+    monkeypatch.setattr(engine.runner, "run", flaky)
+    doomed = [GenerateRequest(f"d{i}", prompt(rng, 7), greedy(6)) for i in range(2)]
+    outs = run_all(engine, doomed)
+    for r in doomed:
+        last = outs[r.request_id][-1]
+        assert last.finished and last.finish_reason == "error" and last.error_status == 500
+        assert last.error_code == "internal_error" and "ValueError" in last.error_message
+    assert engine.failed_steps == 1 and engine.blocks.num_free == engine.blocks.num_blocks
+
+    later = GenerateRequest("after", prompt(rng, 9), greedy(5))
+    outs = run_all(engine, [later])
+    assert outs["after"][-1].finish_reason == "length"
+    assert tokens_of(outs["after"]) == ref.generate_ids(later.prompt_token_ids, max_tokens=5)
+
+    def broken(chunks):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(engine.runner, "run", broken)
+    engine.add_request(GenerateRequest("x", prompt(rng, 5), greedy(2)))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        engine.step()

@@ -48,6 +48,7 @@ class EngineCore:
         self.requests: dict[str, EngineRequest] = {}
         self.awaiting: dict[str, EngineRequest] = {}
         self.steps = 0
+        self.failed_steps = 0
         self.encode_wait_total = 0.0
         self.encode_waits = 0
 
@@ -176,7 +177,12 @@ class EngineCore:
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
-        tokens, logprobs = self.runner.run(chunks)
+        try:
+            tokens, logprobs = self.runner.run(chunks)
+        except Exception as exc:
+            if device_is_broken(exc):
+                raise  # the CUDA context is unusable: the process ends and the HTTP side answers 503
+            return self._fail_step(chunks, exc)
         self.scheduler.after_step(chunks)
         self.steps += 1
         outputs = []
@@ -188,6 +194,18 @@ class EngineCore:
             reason = self._stop_reason(req, tok)
             outputs.append(self._finish(req, reason) if reason else self._flush(req))
         return outputs
+
+    def _fail_step(self, chunks, exc: Exception) -> list[RequestOutput]:
+        """A model step raised (a bug, or memory running out): the requests of that batch end
+        with a 500 and their blocks are freed; the engine keeps serving the others. Which request
+        of the batch caused it cannot be told, so all of them end."""
+        self.failed_steps += 1
+        requests = list({id(c.request): c.request for c in chunks}.values())
+        log.exception("a model step over %d requests failed; ending them with an error", len(requests))
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        message = f"the model step failed ({type(exc).__name__}); the server keeps running"
+        return [self._finish(req, "error", "internal_error", message, 500) for req in requests]
 
     def _stop_reason(self, req: EngineRequest, tok: int) -> str | None:
         params = req.request.sampling
@@ -243,10 +261,22 @@ class EngineCore:
             encoders_healthy=self.encoders.num_healthy,
             encoders_total=len(self.encoders.encoders),
             steps=self.steps,
+            failed_steps=self.failed_steps,
         )
 
     def close(self) -> None:
         self.encoders.close()
+
+
+def device_is_broken(exc: BaseException) -> bool:
+    """Errors after which the GPU cannot be trusted (an illegal address, a device-side assert):
+    CUDA reports them once and then fails every later call. Running out of memory is not one."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and ("CUDA error" in str(exc) or "CUBLAS_STATUS" in str(exc))
 
 
 def _error(request_id: str, code: str, message: str, status: int) -> RequestOutput:
