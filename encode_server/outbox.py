@@ -90,6 +90,11 @@ class Outboxes:
                 box = self._boxes[address] = _Outbox(self.transport, address, self.send_timeout_s, self.metrics)
             box.post(msg)
 
+    def addresses(self) -> list[str]:
+        """The reply addresses with an open outbox (a connection) right now."""
+        with self._lock:
+            return list(self._boxes)
+
     def close(self, timeout: float) -> None:
         """Send everything posted so far (each send still bounded by send_timeout_s), then close."""
         with self._lock:

@@ -14,6 +14,7 @@ failure of one job (bad bytes, a URL that hangs) never stops the others.
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import logging
 import os
@@ -163,7 +164,20 @@ class EncodeService:
             self._dispatch(msg)
         self.receiver.close()
 
+    def _reply_allowed(self, msg: Message) -> bool:
+        """Is the message's reply address one this service may connect to? Refused ones get no
+        answer at all: answering would be the connection the allow-list exists to prevent."""
+        reply_to = getattr(msg, "reply_to", "")
+        if any(fnmatch.fnmatchcase(reply_to, pattern) for pattern in self.settings.reply_to_allow_list):
+            return True
+        self.metrics.refused_reply_to.inc()
+        log.warning("dropped a %s: its reply address %r is not in reply_to_allow_list", type(msg).__name__,
+                    reply_to[:200])
+        return False
+
     def _dispatch(self, msg: Message) -> None:
+        if isinstance(msg, (HealthPing, EncodeJob)) and not self._reply_allowed(msg):
+            return
         if isinstance(msg, HealthPing):
             ready = self.state == "ready"
             self.outboxes.post(msg.reply_to, HealthPong(msg.seq, msg.sent_at, self.service_id,

@@ -88,6 +88,12 @@ class EncodeSettings(BaseModel):
     allowed_local_roots: list[Path] = Field(
         default_factory=list, description="directories local paths may be read from; empty = none"
     )
+    reply_to_allow_list: list[str] = Field(
+        default_factory=lambda: ["*"], description="shell-style patterns of the addresses results and "
+        "health pongs may be sent to (a job's reply_to), e.g. ['tcp://10.0.0.*:*', 'ipc://*']; a job "
+        "naming any other address is dropped unanswered, so a client cannot make this service connect "
+        "to hosts of its choosing. Default: any address (trusted networks only)"
+    )
     fetch_connect_timeout_s: PositiveFloat = 5.0
     fetch_read_timeout_s: PositiveFloat = 10.0
     fetch_total_timeout_s: PositiveFloat = Field(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -165,3 +166,20 @@ def test_health_ping_is_answered_with_load(start):
     assert isinstance(pong, HealthPong)
     assert (pong.seq, pong.sent_at, pong.ready, pong.service_id) == (7, 12.5, True, service.service_id)
     assert (pong.queued, pong.running) == (0, 0)
+
+
+def test_reply_addresses_outside_the_allow_list_get_no_connection(start):
+    """A job or ping whose reply_to is not allowed is dropped (counted and logged), the service
+    never connects there, and allowed clients are served as usual."""
+    service, reply_to, send, receive = start(reply_to_allow_list=["tcp://127.0.0.1:*"])
+    refused_to = "tcp://127.0.0.2:" + reply_to.rsplit(":", 1)[1]  # same port, another host
+    send(EncodeJob("refused", "k-refused", image_bytes(32, 32, 1), refused_to))
+    send(HealthPing(refused_to, 1, 0.0))
+    send(EncodeJob("allowed", "k-allowed", image_bytes(32, 32, 2), reply_to))
+    answer = receive()
+    assert isinstance(answer, EncodeResult) and answer.request_id == "allowed"
+    deadline = time.monotonic() + 5
+    while metric(service.metrics.registry, "splitvl_encode_refused_reply_to_total") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(service.metrics.registry, "splitvl_encode_refused_reply_to_total") == 2
+    assert refused_to not in service.outboxes.addresses()
