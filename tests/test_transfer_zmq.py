@@ -202,13 +202,16 @@ def test_frame_over_size_limit_is_dropped_by_zmq_and_service_continues() -> None
 
 def test_sender_recovers_when_receiver_restarts() -> None:
     address = free_tcp_address()
+    # One report queue per receiver: a process killed inside Queue.put can leave the queue's
+    # lock held forever, and the restarted receiver's reports would then never arrive (this
+    # test failed that way under load, with the transport working).
     seen = SPAWN.Queue()
     first = _start(_receive_forever, address, seen)
     with ZmqSender(address) as sender:
         payload = torch.ones(64, 64, dtype=torch.bfloat16)
         i = 0
 
-        def send_until_seen(deadline: float, at_least: int = 0) -> str:
+        def send_until_seen(deadline: float, seen, at_least: int = 0) -> str:
             """Send numbered messages until the receiver reports one numbered >= at_least
             (a message queued before a restart may or may not arrive: at most once)."""
             nonlocal i
@@ -224,7 +227,7 @@ def test_sender_recovers_when_receiver_restarts() -> None:
                         return got
             raise AssertionError("no message got through")
 
-        send_until_seen(time.monotonic() + 60)
+        send_until_seen(time.monotonic() + 60, seen)
         os.kill(first.pid, signal.SIGKILL)
         first.join(10)
         # While nobody listens, send() pushes back within its timeout instead of hanging.
@@ -234,9 +237,10 @@ def test_sender_recovers_when_receiver_restarts() -> None:
                 sender.send(EncodeResult("void", "k", (1, 1, 1), payload), timeout=0.2)
         assert time.monotonic() - start < 10
         before = i
-        second = _start(_receive_forever, address, seen)
+        seen_again = SPAWN.Queue()
+        second = _start(_receive_forever, address, seen_again)
         try:
-            send_until_seen(time.monotonic() + 60, at_least=before)
+            send_until_seen(time.monotonic() + 60, seen_again, at_least=before)
         finally:
             second.kill()
 
