@@ -15,7 +15,7 @@ import time
 
 from encode_server.metrics import EncodeMetrics
 from transfer.base import Sender, TransportError
-from transfer.messages import EncodeResult, Message
+from transfer.messages import EncodeResult, HealthPong, Message
 from transfer.registry import make_sender
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 # buffers. Before closing, an outbox that sent recently waits this long for it to leave.
 _FLUSH_S = 0.5
 _IDLE_CLOSE_S = 300.0
+_PONG_TIMEOUT_S = 1.0
 _STOP = object()
 
 
@@ -56,7 +57,10 @@ class _Outbox:
                 self.metrics.send_failures.inc()
                 continue
             try:
-                sender.send(msg, timeout=self.send_timeout_s)
+                # A pong is only worth its freshness: waiting long for a stalled or vanished peer
+                # would hold up the results queued behind it (and a shutdown) for nothing.
+                timeout = min(self.send_timeout_s, _PONG_TIMEOUT_S) if isinstance(msg, HealthPong) else self.send_timeout_s
+                sender.send(msg, timeout=timeout)
             except TransportError as exc:  # TransportTimeout included: the peer is stalled or gone
                 log.warning("dropped %s for %s: %s", type(msg).__name__, self.address, exc)
                 self.metrics.send_failures.inc()
