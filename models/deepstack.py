@@ -46,10 +46,11 @@ class DeepStackMixin:
                 f"input_deepstack_embeds has {input_deepstack_embeds.shape[0]} rows for {h.shape[0]} tokens"
             )
         rope = self.rotary(positions, h.dtype)
+        levels = 0 if input_deepstack_embeds is None else input_deepstack_embeds.shape[-1] // h.shape[-1]
         residual = None
         for layer in self.layers:
             h, residual = layer(h, residual, rope, attn, meta)
-            if input_deepstack_embeds is not None and layer.layer_idx < input_deepstack_embeds.shape[-1] // h.shape[-1]:
+            if layer.layer_idx < levels:
                 # The level is added to the layer's output, h + residual rounded first (as the
                 # reference), so the stream restarts from one tensor.
                 h, residual = add_deepstack(h + residual, layer.layer_idx, input_deepstack_embeds), None

@@ -44,3 +44,16 @@ def qwen3_text_ckpt(tmp_path_factory):
 def qwen2_text_ckpt(tmp_path_factory):
     """Text-only Qwen2-MoE: shared expert with a sigmoid gate, qkv bias, no q/k norm."""
     return _tiny(tmp_path_factory, "qwen2", seed=3, arch="qwen2_moe")
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every torch.empty / empty_like during the test comes back poisoned (NaN, or -2**30 for
+    integers), so a kernel output element that is never written cannot pass."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-(2**30))
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))

@@ -6,7 +6,7 @@ import time
 
 from encode_server.metrics import EncodeMetrics
 from encode_server.outbox import _Outbox
-from tests.test_encode_service import free_tcp_address
+from tests.net import free_tcp_address
 from transfer.messages import HealthPong
 
 

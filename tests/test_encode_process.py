@@ -14,14 +14,13 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -34,18 +33,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from encode_server.images import decode_image
 from encode_server.preprocess import PreprocessSettings, preprocess
 from models.loader import load_model
+from tests.net import free_port
 from transfer.messages import EncodeError, EncodeJob, EncodeResult
 from transfer.registry import make_receiver, make_sender
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_IMAGE_BYTES = 200_000
 MAX_DECODED_PIXELS = 4_000_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def image_bytes(height: int, width: int, seed: int, fmt: str = "PNG", mode: str = "RGB") -> bytes:

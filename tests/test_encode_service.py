@@ -9,7 +9,6 @@ AutoImageProcessor (PIL backend) -> model.visual -> cat([pooler_output, *deepsta
 from __future__ import annotations
 
 import io
-import socket
 import time
 
 import numpy as np
@@ -20,14 +19,9 @@ from prometheus_client import CollectorRegistry
 
 from encode_server.service import EncodeService
 from encode_server.settings import load_settings
+from tests.net import free_tcp_address
 from transfer.messages import EncodeError, EncodeJob, EncodeResult, HealthPing, HealthPong
 from transfer.registry import make_receiver, make_sender
-
-
-def free_tcp_address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 def image_bytes(height: int, width: int, seed: int, fmt: str = "PNG", mode: str = "RGB") -> bytes:

@@ -30,18 +30,6 @@ interpreted = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def poisoned_empty(monkeypatch):
-    """Every floating torch.empty / empty_like during the test comes back filled with NaN."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
-
-
 def rel_err(out, ref):
     assert not torch.isnan(out).any(), "NaN in the output: a row was never written"
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()

@@ -29,17 +29,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-@pytest.fixture
-def poisoned_empty(monkeypatch):
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-(2**30))
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
-
-
 def rand(*shape, dtype, seed, scale=1.0, shift=0.0):
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=gen) * scale + shift).to(device=DEVICE, dtype=dtype)

@@ -30,23 +30,6 @@ interpreted = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def poisoned_empty(monkeypatch):
-    """Every torch.empty / empty_like during the test comes back filled with NaN."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-(2**30))
-
-    def empty_like(*args, **kwargs):
-        t = real_empty_like(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-(2**30))
-
-    monkeypatch.setattr(torch, "empty", empty)
-    monkeypatch.setattr(torch, "empty_like", empty_like)
-
-
 def make_problem(tokens, hidden, experts, inter, top_k, dtype, device="cpu", used_experts=None, seed=0):
     """Unit-scale activations, weights scaled so expert outputs stay unit-scale, and routing over
     `used_experts` only (the rest get zero tokens); each token picks top_k distinct experts."""

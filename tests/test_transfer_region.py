@@ -8,7 +8,6 @@ import logging
 import multiprocessing as mp
 import os
 import signal
-import socket
 import threading
 import time
 
@@ -17,6 +16,7 @@ import pytest
 import torch
 import zmq
 
+from tests.net import free_tcp_address
 from transfer.base import TransportError, TransportTimeout
 from transfer.codec import encode_message
 from transfer.messages import PROTOCOL_VERSION, EncodeError, EncodeJob, EncodeResult
@@ -30,12 +30,6 @@ SPAWN = mp.get_context("forkserver")
 SPAWN.set_forkserver_preload(["torch", "zmq", "msgpack", "transfer.region", "transfer.zmq_transport"])
 BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 KIB = 1024
-
-
-def free_tcp_address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 def pattern(i: int, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:

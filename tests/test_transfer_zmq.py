@@ -7,13 +7,13 @@ import logging
 import multiprocessing as mp
 import os
 import signal
-import socket
 import time
 
 import msgpack
 import pytest
 import torch
 
+from tests.net import free_tcp_address
 from transfer.base import TransportTimeout
 from transfer.codec import Limits, encode_message
 from transfer.messages import PROTOCOL_VERSION, EncodeError, EncodeJob, EncodeResult, HealthPong
@@ -26,12 +26,6 @@ SPAWN = mp.get_context("forkserver")
 SPAWN.set_forkserver_preload(["torch", "zmq", "msgpack", "transfer.region", "transfer.zmq_transport"])
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
-
-
-def free_tcp_address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 def expected_messages() -> list:

@@ -198,14 +198,13 @@ class EngineCore:
     def _fail_step(self, chunks, exc: Exception) -> list[RequestOutput]:
         """A model step raised (a bug, or memory running out): the requests of that batch end
         with a 500 and their blocks are freed; the engine keeps serving the others. Which request
-        of the batch caused it cannot be told, so all of them end."""
+        of the batch caused it cannot be told, so all of them end (one chunk per request)."""
         self.failed_steps += 1
-        requests = list({id(c.request): c.request for c in chunks}.values())
-        log.exception("a model step over %d requests failed; ending them with an error", len(requests))
+        log.exception("a model step over %d requests failed; ending them with an error", len(chunks))
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
         message = f"the model step failed ({type(exc).__name__}); the server keeps running"
-        return [self._finish(req, "error", "internal_error", message, 500) for req in requests]
+        return [self._finish(c.request, "error", "internal_error", message, 500) for c in chunks]
 
     def _stop_reason(self, req: EngineRequest, tok: int) -> str | None:
         params = req.request.sampling
