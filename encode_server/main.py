@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
+import time
 
 from encode_server.service import EncodeService
 from encode_server.settings import EncodeSettings
@@ -22,17 +22,25 @@ def serve(settings: EncodeSettings) -> int:
     side_port.start()
     log.info("health and metrics at http://%s:%d/", settings.http_host, side_port.port)
 
-    stop = threading.Event()
+    # A plain flag, not a threading.Event: the handler runs in the main thread between two
+    # bytecodes, possibly while that thread holds the Event's lock inside wait(), and Event.set()
+    # would then wait for that lock forever (seen: SIGTERM left the service hung).
+    stop = False
+
+    def on_signal(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:
         service.start()
     except Exception as exc:  # noqa: BLE001 - any startup failure ends the process with its reason
         log.error("encode service failed to start: %s", exc, exc_info=settings.log_level == "debug")
         side_port.close()
         return 1
-    while not stop.wait(0.5):  # a timed wait, so signal handlers run promptly
-        pass
+    while not stop:
+        time.sleep(0.2)  # a signal interrupts the sleep and its handler runs at once
     log.info("stopping: finishing jobs in flight (at most %gs)", settings.shutdown_timeout_s)
     service.stop()
     side_port.close()

@@ -94,12 +94,18 @@ class Launcher:
     def __init__(self, plan: Plan, startup_timeout_s: float, out: IO[str] = sys.stdout):
         self.plan, self.startup_timeout_s, self.out = plan, startup_timeout_s, out
         self.lock = threading.Lock()
-        self.stop_requested = threading.Event()
+        # A plain flag set by the signal handler, not a threading.Event: the handler runs in the
+        # main thread, possibly while it holds the Event's lock inside wait(), and Event.set()
+        # would then wait for that lock forever (seen: Ctrl-C left `splitvl up` hung).
+        self.stop_requested = False
+
+    def _on_signal(self, *_: object) -> None:
+        self.stop_requested = True
 
     def run(self, banner: str) -> int:
         """0 after a requested stop, 1 if a service failed to start or exited on its own."""
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self.stop_requested.set())
+            signal.signal(sig, self._on_signal)
         with tempfile.TemporaryDirectory(prefix="splitvl-up-") as run_dir:
             services = self._services(Path(run_dir))
             try:
@@ -114,7 +120,7 @@ class Launcher:
                 _say(self.out, self.lock, str(exc))
                 return 1
             finally:
-                if self.stop_requested.is_set():
+                if self.stop_requested:
                     _say(self.out, self.lock, "stopping")
                 for service in reversed(services):  # language first, then the encoder it uses
                     service.stop()
@@ -148,7 +154,7 @@ class Launcher:
 
     def _wait(self, service: Service, ready: Callable[[], bool], started: list[Service], deadline: float) -> None:
         while not ready():
-            if self.stop_requested.is_set():
+            if self.stop_requested:
                 raise _Stopped
             for other in started:
                 if other.exit_code is not None:
@@ -170,13 +176,15 @@ class Launcher:
         return health is not None and linked
 
     def _supervise(self, services: list[Service]) -> int:
-        while not self.stop_requested.wait(_POLL_S):
+        while True:
+            time.sleep(_POLL_S)  # a signal interrupts the sleep and its handler runs at once
+            if self.stop_requested:
+                return 0
             for service in services:
                 if service.exit_code is not None:
                     _say(self.out, self.lock, f"the {service.name} service exited with code {service.exit_code}; "
                          "stopping the rest")
                     return 1
-        return 0
 
 
 def _get(url: str) -> dict | None:
