@@ -135,8 +135,8 @@ def test_sender_survives_receiver_death_and_reattaches(tmp_path) -> None:
         assert send_until_seen()[1]
         os.kill(first.pid, signal.SIGKILL)
         first.join(30)
-        while not seen.empty():
-            seen.get()
+        # A fresh report queue: the killed receiver may have died inside Queue.put, holding its lock.
+        seen = SPAWN.Queue()
         second = SPAWN.Process(target=_receive_forever, args=(address, seen), daemon=True)
         second.start()
         try:

@@ -255,8 +255,8 @@ def test_sender_reattaches_after_receiver_restart() -> None:
         assert send_until_seen()[1]
         os.kill(first.pid, signal.SIGKILL)
         first.join(10)
-        while not seen.empty():
-            seen.get()
+        # A fresh report queue: the killed receiver may have died inside Queue.put, holding its lock.
+        seen = SPAWN.Queue()
         second = _start(_receive_forever, address, seen)
         try:
             request_id, intact = send_until_seen()
