@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 _FLUSH_S = 0.5
 _IDLE_CLOSE_S = 300.0
 _PONG_TIMEOUT_S = 1.0
+_MAX_BATCH = 16  # results sent together at most
 _STOP = object()
 
 
@@ -52,25 +53,61 @@ class _Outbox:
             log.error("cannot open a sender to reply address %s: %s; its answers are dropped", self.address, exc)
             sender = None
         last_sent = 0.0
-        while (msg := self.queue.get()) is not _STOP:
+        stopping = False
+        while not stopping and (msg := self.queue.get()) is not _STOP:
+            # Everything queued behind it goes too, results together through send_many: one
+            # control message for a batch (cuda_ipc and shm), far cheaper per result.
+            waiting = [msg]
+            while len(waiting) < _MAX_BATCH:
+                try:
+                    more = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _STOP:
+                    stopping = True
+                    break
+                waiting.append(more)
             if sender is None:
-                self.metrics.send_failures.inc()
+                self.metrics.send_failures.inc(len(waiting))
                 continue
-            try:
-                # A pong is only worth its freshness: waiting long for a stalled or vanished peer
-                # would hold up the results queued behind it (and a shutdown) for nothing.
-                timeout = min(self.send_timeout_s, _PONG_TIMEOUT_S) if isinstance(msg, HealthPong) else self.send_timeout_s
-                sender.send(msg, timeout=timeout)
-            except TransportError as exc:  # TransportTimeout included: the peer is stalled or gone
-                log.warning("dropped %s for %s: %s", type(msg).__name__, self.address, exc)
-                self.metrics.send_failures.inc()
-                continue
-            last_sent = time.monotonic()
-            if isinstance(msg, EncodeResult):
-                self.metrics.bytes_sent.inc(msg.embeddings.numel() * msg.embeddings.element_size())
+            for group in _runs(waiting):
+                if self._send(sender, group):
+                    last_sent = time.monotonic()
         if sender is not None:
             time.sleep(max(0.0, last_sent + _FLUSH_S - time.monotonic()))
             sender.close()
+
+    def _send(self, sender: Sender, group: list[Message]) -> bool:
+        """Send a pong alone, or a run of other messages together; False if it was dropped."""
+        # A pong is only worth its freshness: waiting long for a stalled or vanished peer
+        # would hold up the results queued behind it (and a shutdown) for nothing.
+        pong = isinstance(group[0], HealthPong)
+        try:
+            if pong:
+                sender.send(group[0], timeout=min(self.send_timeout_s, _PONG_TIMEOUT_S))
+            else:
+                sender.send_many(group, timeout=self.send_timeout_s)
+        except TransportError as exc:  # TransportTimeout included: the peer is stalled or gone
+            # send_many may have sent the first few; counted as dropped all the same (the
+            # language service times out and retries whatever did not arrive).
+            log.warning("dropped %d message(s) (%s) for %s: %s", len(group), type(group[0]).__name__, self.address, exc)
+            self.metrics.send_failures.inc(len(group))
+            return False
+        for msg in group:
+            if isinstance(msg, EncodeResult):
+                self.metrics.bytes_sent.inc(msg.embeddings.numel() * msg.embeddings.element_size())
+        return True
+
+
+def _runs(msgs: list[Message]) -> list[list[Message]]:
+    """Split into pongs (alone) and runs of the other messages between them, in order."""
+    runs: list[list[Message]] = []
+    for msg in msgs:
+        if isinstance(msg, HealthPong) or not runs or isinstance(runs[-1][0], HealthPong):
+            runs.append([msg])
+        else:
+            runs[-1].append(msg)
+    return runs
 
 
 class Outboxes:

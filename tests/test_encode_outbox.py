@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
+from encode_server import outbox
 from encode_server.metrics import EncodeMetrics
 from encode_server.outbox import _Outbox
 from tests.net import free_tcp_address
@@ -23,3 +25,44 @@ def test_a_pong_to_a_vanished_peer_gives_up_within_a_second():
     assert not box.thread.is_alive(), "the pong waited for the peer as long as a result would"
     assert time.monotonic() - started < 5
     assert metrics.registry.get_sample_value("splitvl_encode_send_failures_total") == 1
+
+
+def test_queued_results_leave_together_in_order_and_pongs_alone(monkeypatch):
+    """Results queued while the outbox thread was busy go out through one send_many (one
+    control message on a region transport), in order; a pong between them goes on its own."""
+    import torch
+
+    from transfer.messages import EncodeResult
+    from transfer.registry import make_receiver, make_sender
+
+    with make_receiver("shm", "tcp://127.0.0.1:*", lease_bytes=1 << 20, max_senders=1) as receiver:
+        metrics = EncodeMetrics(lambda: 0.0, lambda: 0.0, lambda: 0.0)
+        datas = [0]
+        on_frames = receiver._on_frames
+
+        def counting(frames):
+            datas[0] += len(frames) > 1 and frames[1].bytes == b"data"
+            return on_frames(frames)
+
+        receiver._on_frames = counting
+        queued = threading.Event()  # the outbox thread opens its sender only once all is queued
+
+        def make_sender_later(*args, **kwargs):
+            queued.wait(10)
+            return make_sender(*args, **kwargs)
+
+        monkeypatch.setattr(outbox, "make_sender", make_sender_later)
+        box = _Outbox("shm", receiver.address, send_timeout_s=20.0, metrics=metrics)
+        results = [EncodeResult(f"r-{i}", "k", (1, 1, 1), torch.full((4, 8), float(i))) for i in range(6)]
+        sent = [*results[:3], HealthPong(1, 0.0, "encoder", 0, 0, True), *results[3:]]
+        for msg in sent:  # queued together: the thread takes them as one batch
+            box.queue.put(msg)
+        box.stop()
+        queued.set()
+        got = [receiver.recv(timeout=20) for _ in sent]
+        box.thread.join(10)
+    assert [type(m).__name__ for m in got] == [type(m).__name__ for m in sent]
+    assert [m.request_id for m in got if isinstance(m, EncodeResult)] == [m.request_id for m in results]
+    assert all(torch.equal(a.embeddings, b.embeddings) for a, b in zip(got[:3] + got[4:], results, strict=True))
+    assert datas[0] == 3, f"{datas[0]} DATA messages: 2 runs of 3 results and a pong should take 3"
+    assert metrics.registry.get_sample_value("splitvl_encode_send_failures_total") == 0

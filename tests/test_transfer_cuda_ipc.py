@@ -180,3 +180,94 @@ def test_empty_and_oversized_tensors_arrive_on_the_receivers_gpu() -> None:
             assert torch.equal(got.cpu().view(BITS[dtype]), want.view(BITS[dtype]))
         go.put(1)
         proc.join(30)
+
+
+SLOW_WRITE_CYCLES = 400_000_000  # ~0.2 s of torch.cuda._sleep on an H100 before each copy
+
+
+def _send_after_slow_kernel(address: str, go, sent_at, cycles: int, die: bool) -> None:
+    from transfer.bench import payload
+    from transfer.cuda_ipc import CudaIpcSender
+
+    torch.cuda.set_device(0)
+    with CudaIpcSender(address) as sender:
+        # Attach and map the region first: the first write into a lease maps it (tens of ms).
+        sender.send(EncodeResult("warm", "k", (1, 1, 1), payload(256, "cuda:0", torch.bfloat16, 99)), timeout=60)
+        go.get()
+        for i in range(1 if die else 3):
+            tensor = payload(256, "cuda:0", torch.bfloat16, i)
+            torch.cuda.synchronize()
+            torch.cuda._sleep(cycles)  # the copy queues behind it on the same stream
+            start = time.monotonic()
+            sender.send(EncodeResult(f"m-{i}", "k", (1, 1, 1), tensor), timeout=60)
+            sent_at.put((start, time.monotonic()))
+            if die:  # the DATA is out, the copy has not run: die before it does
+                time.sleep(0.05)
+                os.kill(os.getpid(), signal.SIGKILL)
+            go.get()
+
+
+@pytest.mark.gpu
+@TWO_GPUS
+def test_device_fence_sends_at_once_and_delivery_waits_for_the_write() -> None:
+    """The DATA goes out while the sender's copy is still queued (send() does not wait for it),
+    and the receiver delivers the message only once the copy has landed: the tensor holds the
+    new bytes, never what the span held before."""
+    from transfer.bench import payload
+    from transfer.cuda_ipc import CudaIpcReceiver
+
+    with CudaIpcReceiver("ipc:///tmp/splitvl-test-cuda-fence.sock", device="cuda:1", lease_bytes=1 << 20,
+                         max_senders=1) as receiver:
+        go, sent_at = SPAWN.Queue(), SPAWN.Queue()
+        proc = SPAWN.Process(target=_send_after_slow_kernel, daemon=True,
+                             args=(receiver.address, go, sent_at, SLOW_WRITE_CYCLES, False))
+        proc.start()
+        try:
+            assert receiver.recv(timeout=120).request_id == "warm"
+            go.put(1)
+            for i in range(3):
+                msg = receiver.recv(timeout=120)
+                delivered = time.monotonic()
+                assert msg is not None and msg.request_id == f"m-{i}"
+                start, returned = sent_at.get(timeout=60)
+                assert returned - start < 0.05, "send() waited for the copy instead of naming its fence"
+                assert delivered - returned > 0.05, "delivered before the sender's copy could have run"
+                got = msg.embeddings.cpu()
+                assert torch.equal(got.view(torch.int16), payload(256, "cpu", torch.bfloat16, i).view(torch.int16))
+                go.put(1)
+        finally:
+            proc.join(30)
+
+
+@pytest.mark.gpu
+@TWO_GPUS
+def test_sender_killed_before_its_copy_ran_neither_hangs_nor_corrupts(caplog) -> None:
+    """The sender dies with its DATA sent and its copy still queued, so its write fence never
+    completes. The receiver must not deliver that message (its span holds old bytes), must not
+    hang on it, and must serve the next sender once the dead one's lease is reclaimed."""
+    from transfer.bench import payload
+    from transfer.cuda_ipc import CudaIpcReceiver
+
+    with CudaIpcReceiver("ipc:///tmp/splitvl-test-cuda-fence-dead.sock", device="cuda:1", lease_bytes=16 << 20,
+                         max_senders=1, lease_timeout=2.0) as receiver:
+        go, sent_at = SPAWN.Queue(), SPAWN.Queue()
+        doomed = SPAWN.Process(target=_send_after_slow_kernel, daemon=True,
+                               args=(receiver.address, go, sent_at, 10 * SLOW_WRITE_CYCLES, True))
+        doomed.start()
+        assert receiver.recv(timeout=120).request_id == "warm"
+        go.put(1)
+        sent_at.get(timeout=120)
+        assert receiver.recv(timeout=0.5) is None, "delivered a message whose copy had not run"
+        doomed.join(30)
+        assert doomed.exitcode == -signal.SIGKILL
+        second = SPAWN.Process(target=_send_forever, args=(receiver.address, "b"), daemon=True)
+        second.start()
+        try:
+            for _ in range(5):
+                msg = receiver.recv(timeout=120)
+                assert msg is not None and msg.request_id.startswith("b-"), f"got {msg and msg.request_id}"
+                want = payload(256, "cpu", torch.bfloat16, int(msg.request_id[2:]))
+                assert torch.equal(msg.embeddings.cpu().view(torch.int16), want.view(torch.int16))
+            assert "the lease was reclaimed before its writes landed" in caplog.text
+        finally:
+            second.kill()

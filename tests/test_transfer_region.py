@@ -155,6 +155,39 @@ def test_stream_is_bit_exact_and_spans_are_recycled() -> None:
         assert have is not None and same(want, have), f"{want.request_id} changed on the way"
 
 
+def _send_stream_in_batches(address: str, n: int, batch: int) -> None:
+    with make_sender("shm", address) as sender:
+        msgs = stream(n)
+        for at in range(0, len(msgs), batch):
+            sender.send_many(msgs[at : at + batch], timeout=30)
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("lease_kib", [256, 4096])
+def test_send_many_is_bit_exact_in_order_and_shares_control_messages(lease_kib: int) -> None:
+    """Batches mixing dtypes, empty tensors, messages larger than the lease and messages without
+    tensors arrive bit-exact and in order; a batch too big for the lease goes in parts (256 KiB);
+    and where batches fit (4 MiB), each goes as one DATA message."""
+    n = 60
+    with make_receiver("shm", "tcp://127.0.0.1:*", lease_bytes=lease_kib * KIB, max_senders=1) as receiver:
+        datas = [0]
+        on_frames = receiver._on_frames
+
+        def counting(frames):
+            datas[0] += len(frames) > 1 and frames[1].bytes == b"data"
+            return on_frames(frames)
+
+        receiver._on_frames = counting
+        proc = _start(_send_stream_in_batches, receiver.address, n, 6)
+        got = [receiver.recv(timeout=30) for _ in range(n + 2)]
+        proc.join(10)
+        assert receiver.stats.rejected == 0
+    for want, have in zip(stream(n), got, strict=True):
+        assert have is not None and same(want, have), f"{want.request_id} changed on the way"
+    if lease_kib == 4096:  # every batch of 6 fits: one DATA each (the first may go before the lease came)
+        assert datas[0] <= -(-(n + 2) // 6) + 1, f"{datas[0]} DATA messages for {n + 2} messages in batches of 6"
+
+
 def test_empty_and_oversized_tensors_arrive_on_the_receivers_device() -> None:
     """Inline tensors (empty, or too large for a lease) come out where region payloads do: on
     the region's device. A stand-in device shows it on CPU; test_transfer_cuda_ipc checks cuda."""
@@ -356,17 +389,29 @@ def test_hostile_control_messages_are_rejected_and_service_continues(caplog) -> 
             "garbage control": ([b"data", b"\xc1garbage", header], "not valid msgpack"),
             "unknown kind": ([b"launch", ctrl()], "unknown control message"),
             "wrong version": ([b"attach", msgpack.packb({"v": 99, "sender": "x", "backend": "shm"})], "unsupported protocol version"),
-            "span out of bounds": ([b"data", ctrl(**key, seq=1, spans=[[256 * KIB, 128]], low=False), header], "does not fit"),
-            "span misaligned": ([b"data", ctrl(**key, seq=2, spans=[[8, 128]], low=False), header], "does not fit"),
-            "span wrong size": ([b"data", ctrl(**key, seq=3, spans=[[0, 64]], low=False), header], "does not fit"),
-            "negative offset": ([b"data", ctrl(**key, seq=4, spans=[[-256, 128]], low=False), header], "does not fit"),
-            "span count": ([b"data", ctrl(**key, seq=5, spans=[], low=False), header], "0 spans for 1 frames"),
-            "stale generation": ([b"data", ctrl(**{**key, "gen": key["gen"] + 1}, seq=6, spans=[[0, 128]], low=False), header], "lease expired or not yours"),
-            "other session": ([b"data", ctrl(**{**key, "session": key["session"] + 1}, seq=7, spans=[[0, 128]], low=False), header], "receiver restarted"),
+            "span out of bounds": ([b"data", ctrl(**key, seq=1, spans=[[256 * KIB, 128]], low=False, fence=b"", count=1), header], "does not fit"),
+            "span misaligned": ([b"data", ctrl(**key, seq=2, spans=[[8, 128]], low=False, fence=b"", count=1), header], "does not fit"),
+            "span wrong size": ([b"data", ctrl(**key, seq=3, spans=[[0, 64]], low=False, fence=b"", count=1), header], "does not fit"),
+            "negative offset": ([b"data", ctrl(**key, seq=4, spans=[[-256, 128]], low=False, fence=b"", count=1), header], "does not fit"),
+            "span count": ([b"data", ctrl(**key, seq=5, spans=[], low=False, fence=b"", count=1), header], "0 spans for 1 frames"),
+            "stale generation": ([b"data", ctrl(**{**key, "gen": key["gen"] + 1}, seq=6, spans=[[0, 128]], low=False, fence=b"", count=1), header], "lease expired or not yours"),
+            "other session": ([b"data", ctrl(**{**key, "session": key["session"] + 1}, seq=7, spans=[[0, 128]], low=False, fence=b"", count=1), header], "receiver restarted"),
             "lease out of range": ([b"ping", ctrl(**{**key, "lease": 99})], "lease expired or not yours"),
-            "missing inline frame": ([b"data", ctrl(session=0, lease=(1 << 63) - 1, gen=0, seq=0, spans=[None], low=False), header], "0 inline frames"),
-            "low not a bool": ([b"data", ctrl(**key, seq=10, spans=[[0, 128]], low=1), header], "'low' has a bad value"),
-            "bad header": ([b"data", ctrl(**key, seq=8, spans=[[0, 128]], low=False), b"\x00\x01"], "header"),
+            "missing inline frame": ([b"data", ctrl(session=0, lease=(1 << 63) - 1, gen=0, seq=0, spans=[None], low=False, fence=b"", count=1), header], "0 inline frames"),
+            "low not a bool": ([b"data", ctrl(**key, seq=10, spans=[[0, 128]], low=1, fence=b"", count=1), header], "'low' has a bad value"),
+            "bad header": ([b"data", ctrl(**key, seq=8, spans=[[0, 128]], low=False, fence=b"", count=1), b"\x00\x01"], "header"),
+            "no message": ([b"data", ctrl(**key, seq=13, spans=[], low=False, fence=b"", count=0), header], "carries 0 messages"),
+            "more messages than headers": ([b"data", ctrl(**key, seq=14, spans=[[0, 128]], low=False, fence=b"", count=2), header],
+                                           "carries 2 messages"),
+            "second header bad": ([b"data", ctrl(**key, seq=16, spans=[[0, 128], [256, 128]], low=False, fence=b"", count=2),
+                                   header, b"\x00\x01"], "header"),
+            "count not an int": ([b"data", ctrl(**key, seq=15, spans=[[0, 128]], low=False, fence=b"", count="1"), header],
+                                 "'count' has a bad value"),
+            "fence not bytes": ([b"data", ctrl(**key, seq=11, spans=[[0, 128]], low=False, fence="x", count=1), header], "'fence' has a bad value"),
+            "device fence on host memory": ([b"data", ctrl(**key, seq=12, spans=[[0, 128]], low=False, fence=bytes(64), count=1), header],
+                                            "names a device write fence, but this region is in host memory"),
+            "fence without a lease": ([b"data", ctrl(session=0, lease=(1 << 63) - 1, gen=0, seq=0, spans=[None], low=False, fence=bytes(64), count=1),
+                                       header, bytes(128)], "without a lease names a write fence"),
         }
         for msg, _ in cases.values():
             peer.send(*msg)
@@ -375,7 +420,7 @@ def test_hostile_control_messages_are_rejected_and_service_continues(caplog) -> 
             assert reason in caplog.text, f"no logged reason for {name}"
         # A message from another process's lease must not be accepted on this identity either.
         other = RawPeer(receiver)
-        other.send(b"data", ctrl(**key, seq=9, spans=[[0, 128]], low=False), header)
+        other.send(b"data", ctrl(**key, seq=9, spans=[[0, 128]], low=False, fence=b"", count=1), header)
         assert other.reply()[0] == b"expired"
         # The receiver still serves a well-behaved sender.
         with ShmSender(receiver.address) as good:
@@ -473,7 +518,7 @@ def test_idle_receiver_batches_frees_unless_the_sender_is_short_of_space() -> No
         header = bytes(encode_message(EncodeResult("r", "k", (1, 1, 1), torch.ones(4, 8)))[0])  # 128 bytes
 
         def deliver(seq: int, low: bool) -> None:
-            peer.sock.send_multipart([b"data", ctrl(**key, seq=seq, spans=[[256 * seq, 128]], low=low), header])
+            peer.sock.send_multipart([b"data", ctrl(**key, seq=seq, spans=[[256 * seq, 128]], low=low, fence=b"", count=1), header])
             assert receiver.recv(timeout=2) is not None
             assert receiver.recv(timeout=0.05) is None  # idle
 

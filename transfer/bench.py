@@ -183,7 +183,7 @@ def raw_socket(nbytes: int, n: int, trials: int, fresh: bool = False) -> float:
 
 
 def _transport_sender(transport: str, address: str, device: str, rows: int, n: int, trials: int, go, options: dict,
-                      alone: int, probe) -> None:
+                      alone: int, probe, batch: int = 1) -> None:
     from transfer.registry import make_sender
 
     if device.startswith("cuda"):
@@ -196,8 +196,9 @@ def _transport_sender(transport: str, address: str, device: str, rows: int, n: i
             probe.put(_probe_writes(sender, tensor, n))
         for _ in range(trials + 1):
             go.get()
-            for i in range(n):
-                sender.send(EncodeResult(f"m-{i}", "k", (1, 1, 1), tensor), timeout=120)
+            for at in range(0, n, batch):  # batch > 1: send_many, as the encode service's outbox does
+                sender.send_many([EncodeResult(f"m-{i}", "k", (1, 1, 1), tensor) for i in range(at, min(n, at + batch))],
+                                 timeout=120)
         for i in range(alone):
             go.get()  # the receiver is idle: the last message is in and copied out
             sender.send(EncodeResult(f"t-{time.perf_counter():.9f}", "k", (1, 1, 1), tensor), timeout=120)
@@ -235,7 +236,7 @@ class Measured:
 
 def transport_bandwidth(transport: str, rows: int, n: int, trials: int, *, address: str, sender_device: str = "cpu",
                         receiver_options: dict | None = None, sender_options: dict | None = None,
-                        alone: int = 0, probe: bool = False) -> Measured:
+                        alone: int = 0, probe: bool = False, batch: int = 1) -> Measured:
     from transfer.registry import make_receiver
 
     nbytes = rows * WIDTH * 2
@@ -243,7 +244,7 @@ def transport_bandwidth(transport: str, rows: int, n: int, trials: int, *, addre
         go = SPAWN.Queue()
         probe_q = SPAWN.Queue() if probe else None
         proc = SPAWN.Process(target=_transport_sender, daemon=True, args=(
-            transport, receiver.address, sender_device, rows, n, trials, go, sender_options or {}, alone, probe_q))
+            transport, receiver.address, sender_device, rows, n, trials, go, sender_options or {}, alone, probe_q, batch))
         proc.start()
 
         def take() -> EncodeResult:
@@ -643,15 +644,22 @@ def run(sizes: list[int], trials: int = 3, quick: bool = False, cpu_only: bool =
         if gpus >= 2:
             n_gpu = max(8, int(4096 // mib * scale))  # ~4 GiB per trial at full scale
             raw, raw_alone = gpu_copy(nbytes, n_gpu, 0, 1, trials)
-            variants = [(f"cuda_ipc 0->1, lease {d}x", "sender", d) for d in lease_depths]
-            variants.append(("cuda_ipc, mapped on owner", "owner", 4))  # as before the fix
-            for label, map_on, depth in variants:
-                target = 0.8 if mib == 16 and map_on == "sender" else None
+            variants = [(f"cuda_ipc 0->1, lease {d}x", {}, d, 1) for d in lease_depths]
+            # send_many: several messages per control message (the encode service's outbox sends
+            # what its queue holds that way), in batches of half the deepest lease.
+            deepest = max(lease_depths)
+            variants.append((f"cuda_ipc 0->1, lease {deepest}x, batches of {deepest // 2}", {}, deepest, deepest // 2))
+            # For comparison, the earlier paths: the sender waits for its copy before each DATA
+            # (no device fence), and the region mapped on the receiver's GPU (host-staged copies).
+            variants.append(("cuda_ipc, host fence", {"device_fence": False}, 4, 1))
+            variants.append(("cuda_ipc, mapped on owner", {"map_on": "owner"}, 4, 1))
+            for label, options, depth, batch in variants:
+                target = 0.8 if mib == 16 and not options else None
                 m = guarded(f"{label} {mib} MiB", transport_bandwidth,
                             "cuda_ipc", rows, n_gpu, trials, address="ipc:///tmp/splitvl-bench-cuda.sock",
-                            sender_device="cuda:0", sender_options={"map_on": map_on, "max_pending": 2 * depth},
+                            sender_device="cuda:0", sender_options={**options, "max_pending": 2 * depth},
                             receiver_options={"device": "cuda:1", "lease_bytes": depth * nbytes, "max_senders": 1},
-                            alone=20, probe=True) or Measured(nan, nan, nan)
+                            alone=20, probe=True, batch=batch) or Measured(nan, nan, nan)
                 add(Row(label, mib, m.stream_gbps, "torch copy cuda:0->1", raw, target, "  (stream)"))
                 add(Row(f"  {label}, alone", mib, _gbps(nbytes, m.alone_s), "one copy + sync",
                                  _gbps(nbytes, raw_alone), None, f"  ({_us(m.alone_s)} vs {_us(raw_alone)} per message)"))

@@ -3,8 +3,10 @@
 The receiver (language side) owns a region of its GPU's memory and exports a CUDA IPC handle
 for it. The sender (encode side) opens the handle on its own GPU and copies its results device
 to device into its lease (NVLink / PCIe peer copy, no host staging); only a small control
-message goes over zmq. The receiver copies each payload out on a side stream of its GPU. See
-transfer/region.py for the lease protocol and its safety rules.
+message goes over zmq. That DATA message names an interprocess CUDA event the sender recorded
+after its copies (the write fence), so the sender never waits for the link; the receiver checks
+the event and copies each payload out on a side stream of its GPU. See transfer/region.py for
+the lease protocol and its safety rules.
 
 No pickle and no torch.multiprocessing: the IPC handle comes from the storage's own
 `_share_cuda_()` and is rebuilt with `UntypedStorage._new_shared_cuda(...)` (the two calls
@@ -23,7 +25,7 @@ from typing import Any
 import torch
 
 from transfer.base import TransportError
-from transfer.region import CudaEventFence, Fence, RegionMemory, RegionWriter
+from transfer.region import CudaEventFence, CurrentStream, Done, Fence, RegionMemory, RegionWriter
 from transfer.region_receiver import RegionReceiver
 from transfer.region_sender import RegionSender
 
@@ -51,6 +53,7 @@ class _CudaRegion(RegionMemory):
         self.device = torch.device(device)
         if self.device.type != "cuda" or self.device.index is None:
             raise TransportError(f"cuda_ipc region device must be cuda:N, got {device!r}")
+        self.nbytes = nbytes
         self._buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
     def export(self) -> dict[str, Any]:
@@ -85,7 +88,10 @@ class _CudaWriter(RegionWriter):
     on two NVLinked H200s (docs/transfer.md). `map_on="owner"` keeps that path, for comparison.
     """
 
-    def __init__(self, export: dict[str, Any], lease_offset: int, lease_nbytes: int, map_on: str = "sender"):
+    FENCE_EVENTS = 8  # interprocess events used in turn as write fences
+
+    def __init__(self, export: dict[str, Any], lease_offset: int, lease_nbytes: int, map_on: str = "sender",
+                 device_fence: bool = True):
         torch.cuda.init()  # as torch.multiprocessing does before rebuilding a shared CUDA storage
         try:
             self._owner = _device_with_uuid(export["uuid"])
@@ -94,8 +100,11 @@ class _CudaWriter(RegionWriter):
         except (KeyError, TypeError) as exc:
             raise TransportError(f"bad CUDA IPC export from the receiver: {exc!r}") from exc
         self._map_on = map_on
+        self._device_fence = device_fence
         self._region: torch.Tensor | None = None
         self.device: torch.device | None = None
+        self._events: list[tuple[torch.cuda.Event, bytes]] = []
+        self._next_event = 0
 
     def _map(self, near: int) -> None:
         places = [self._owner]
@@ -112,6 +121,11 @@ class _CudaWriter(RegionWriter):
                 continue
             self.device = torch.device("cuda", index)
             self._region = torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage)
+            self._current_stream = CurrentStream(self.device)
+            if self._device_fence:
+                with torch.cuda.device(self.device):  # an event's handle is made on the current device
+                    events = [torch.cuda.Event(interprocess=True) for _ in range(self.FENCE_EVENTS)]
+                    self._events = [(event, event.ipc_handle()) for event in events]
             return
 
     def write(self, offset: int, src: torch.Tensor) -> None:
@@ -122,7 +136,19 @@ class _CudaWriter(RegionWriter):
         self._region[offset : offset + src.numel()].copy_(src, non_blocking=True)
 
     def fence(self) -> Fence:
-        return CudaEventFence(torch.cuda.current_stream(self.device))
+        """With device fences, an interprocess event the receiver checks before it copies the
+        span out: the DATA goes out at once. Reusing one of a few events in turn is safe: a
+        query that sees a later record of it sees later copies done, and copies on one stream
+        complete in order. Without, a local event the sender's I/O thread waits for before it
+        sends the DATA."""
+        if self._region is None:
+            return Done()  # nothing written through this writer yet
+        stream = self._current_stream()
+        if not self._events:
+            return CudaEventFence(stream)
+        event, wire = self._events[self._next_event]
+        self._next_event = (self._next_event + 1) % len(self._events)
+        return CudaEventFence(stream, event, wire)
 
     def close(self) -> None:
         self._region = None  # torch syncs, drops its reference count and closes the handle
@@ -131,14 +157,16 @@ class _CudaWriter(RegionWriter):
 class CudaIpcSender(RegionSender):
     """The receiver's region is mapped on the GPU of the first tensor sent through each lease:
     send from one GPU. `map_on="owner"` maps it on the receiver's GPU instead (the slow,
-    host-staged path; for comparison in benchmarks)."""
+    host-staged path; for comparison in benchmarks). `device_fence=False` makes the sender wait
+    until its copies landed before each DATA, instead of naming an interprocess event for the
+    receiver's GPU to wait on (the slower path before device fences; for comparison)."""
 
     backend = "cuda_ipc"
 
-    def __init__(self, address: str, *, map_on: str = "sender", **options: Any):
+    def __init__(self, address: str, *, map_on: str = "sender", device_fence: bool = True, **options: Any):
         if map_on not in ("sender", "owner"):
             raise ValueError(f"map_on must be 'sender' or 'owner', got {map_on!r}")
-        super().__init__(address, functools.partial(_CudaWriter, map_on=map_on), **options)
+        super().__init__(address, functools.partial(_CudaWriter, map_on=map_on, device_fence=device_fence), **options)
 
 
 class CudaIpcReceiver(RegionReceiver):

@@ -17,7 +17,7 @@ from typing import ClassVar, Union
 
 import torch
 
-PROTOCOL_VERSION: int = 1
+PROTOCOL_VERSION: int = 2  # 2: DATA names its write fence (cuda_ipc device fences)
 
 # Option values an EncodeJob may carry (min_pixels, max_pixels, ...): plain scalars only, so a
 # job never smuggles structure the encoder would have to interpret.

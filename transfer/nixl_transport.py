@@ -82,6 +82,7 @@ class _NixlRegion(RegionMemory):
     def __init__(self, nbytes: int, device: str | torch.device):
         self._agent = _agent("receiver")
         self.device = torch.device(device)
+        self.nbytes = nbytes
         self._buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         self._registered = self._agent.register_memory(self._buf)
         mem, dev = _place(self._buf)

@@ -26,7 +26,7 @@ from transfer.codec import (
     tensor_from_buffer,
 )
 from transfer.messages import Message
-from transfer.region import ALIGN, ATTACH, DATA, NO_LEASE, PING, Fence, RegionMemory, pack_ctrl, unpack_ctrl
+from transfer.region import ALIGN, ATTACH, DATA, MAX_BATCH, NO_LEASE, PING, Done, Fence, RegionMemory, pack_ctrl, unpack_ctrl
 from transfer.zmq_transport import check_address, common_options, deadline_after, remaining_ms
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,33 @@ class _Holder:
     done: list[int] = field(default_factory=list)  # seqs whose copy-out completed, FREE not sent yet
     done_bytes: int = 0
     urgent: bool = False  # the sender is short of space (DATA said low, or it PINGed): FREE when idle
+    fences: dict[bytes, Any] = field(default_factory=dict)  # the sender's write fences, opened once
+
+MAX_FENCES = 64  # write fences one lease may name (cuda_ipc senders use 8, in turn)
+EXPIRY_CHECK_S = 0.05
+WRITE_POLL_S = 20e-6  # how often recv() checks the write fences of messages that arrived before their data
+
+
+@dataclass
+class _Span:
+    """A payload still in the region: its offset, dtype and shape (validated)."""
+
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass
+class _Arrival:
+    """A validated DATA message waiting for delivery (and, with a write fence, for its data).
+    One DATA carries `count` messages (send_many), sharing one span and one fence."""
+
+    lease: int
+    holder: _Holder | None  # the lease's holder when it arrived; None: inline only
+    ctrl: dict[str, Any]
+    messages: list[tuple[Any, list]]  # (header, payloads: tensors, bytes and _Spans) per message
+    after: Any  # the sender's opened write fence, or None
+    at: float = field(default_factory=time.monotonic)  # when it arrived
 
 
 class RegionReceiver(Receiver):
@@ -62,6 +89,9 @@ class RegionReceiver(Receiver):
         self._last_active = time.monotonic()  # when recv() last looked at the socket
         self._limits = limits
         self._session = secrets.randbits(62) + 1
+        self._arrived: collections.deque[_Arrival] = collections.deque()  # validated, not delivered yet
+        self._ready: collections.deque[Message] = collections.deque()  # copied out, for recv() to return
+        self._next_expiry_check = 0.0
         self._pending_free: collections.deque[tuple[Fence, int, int, int, int]] = collections.deque()  # fence, lease, gen, seq, bytes
         self._sock = (context or zmq.Context.instance()).socket(zmq.ROUTER)
         common_options(self._sock)
@@ -86,14 +116,29 @@ class RegionReceiver(Receiver):
 
         Whenever nothing is waiting in the socket, the copy-outs still in flight are waited for
         (microseconds: they run on their own stream) and their spans freed before this call
-        sleeps or returns, so a sender whose lease is full never waits on an idle receiver."""
+        sleeps or returns, so a sender whose lease is full never waits on an idle receiver.
+        A message whose sender's writes are still running (its write fence not done yet) waits
+        here, checked every WRITE_POLL_S, while other messages are read and delivered."""
         deadline = deadline_after(timeout)
         self._forgive_own_absence()
         try:
             while True:
                 self._flush_frees()
                 self._expire_leases()
-                ready = self._sock.poll(0, zmq.POLLIN)
+                if not self._ready and self._arrived:
+                    self._deliver()
+                if self._ready:
+                    self.stats.received += 1
+                    return self._ready.popleft()
+                ready = self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN  # ~10x cheaper than poll(0)
+                if not ready and self._arrived:  # only writes in flight (tens of microseconds): check back soon
+                    self._flush_frees(idle=True)  # senders short of space must not wait on that
+                    now = time.monotonic()
+                    if deadline is not None and now >= deadline:
+                        return None
+                    # A dead sender's message waits until its lease is reclaimed: poll it slowly.
+                    time.sleep(WRITE_POLL_S if now - self._arrived[0].at < 1e-3 else 1e-3)
+                    continue
                 if not ready:
                     for fence, *_ in self._pending_free:
                         fence.wait()
@@ -102,16 +147,33 @@ class RegionReceiver(Receiver):
                     ready = wait != 0 and self._sock.poll(250 if wait is None else min(wait, 250), zmq.POLLIN)
                 self._last_active = time.monotonic()
                 if ready:
-                    msg = self._on_frames(self._sock.recv_multipart(copy=False))
-                    if msg is not None:
-                        self._flush_frees()
-                        self.stats.received += 1
-                        return msg
+                    self._on_frames(self._sock.recv_multipart(copy=False))  # delivered by the next turn
                 elif deadline is not None and time.monotonic() >= deadline:
                     return None
         finally:
             self._last_active = time.monotonic()
 
+    def _deliver(self) -> None:
+        """Copy the oldest arrived DATA whose writes have landed out of the region, and queue
+        its messages for recv(); in order per lease. Write fences are checked on the host, never waited for on our GPU: a
+        sender that dies before its copy runs leaves an event that never completes, and a
+        stream waiting on it would hang for good (seen on H100s and H200s). Its messages wait
+        here instead, and are dropped when its lease is reclaimed."""
+        blocked: set[int] = set()  # leases whose oldest message still waits for its writes
+        for i, arrival in enumerate(self._arrived):
+            if arrival.lease in blocked:
+                continue
+            if arrival.holder is not None and self._leases[arrival.lease] is not arrival.holder:  # reclaimed meanwhile
+                del self._arrived[i]
+                log.warning("%s: dropped %d message(s) of lease %d: the lease was reclaimed before its writes landed",
+                            self.address, len(arrival.messages), arrival.lease)
+                return
+            if arrival.after is not None and not arrival.after.query():
+                blocked.add(arrival.lease)
+                continue
+            del self._arrived[i]
+            self._ready.extend(self._copy_out(arrival))
+            return
     def _forgive_own_absence(self) -> None:
         """If the consumer did not call recv() for a while, the senders' pings are waiting in
         the socket, not missing: restart their silence clocks instead of expiring them."""
@@ -131,12 +193,13 @@ class RegionReceiver(Receiver):
         except zmq.ZMQError:  # the peer is gone; it will attach again if it comes back
             pass
 
-    def _on_frames(self, frames: list) -> Message | None:
+    def _on_frames(self, frames: list) -> None:
         identity = frames[0].bytes
         kind = frames[1].bytes if len(frames) > 1 else b""
         try:
             if kind == b"data":
-                return self._on_data(identity, frames[2:])
+                self._on_data(identity, frames[2:])
+                return
             if len(frames) != 3:
                 raise ProtocolError(f"{kind!r:.40} control message with {len(frames) - 1} frames")
             if kind == b"attach":
@@ -162,7 +225,7 @@ class RegionReceiver(Receiver):
         for index, holder in enumerate(self._leases):  # a sender attaching again drops its old lease
             if holder is not None and (holder.sender == ctrl["sender"] or holder.identity == identity):
                 self._release(index, "re-attached")
-        self._expire_leases()
+        self._expire_leases(force=True)
         free = [i for i, h in enumerate(self._leases) if h is None]
         if not free:
             self._reply(identity, b"refuse", retry=True,
@@ -185,7 +248,8 @@ class RegionReceiver(Receiver):
             raise ProtocolError(f"message for lease {index} gen {ctrl['gen']}: {reason}")
         return holder
 
-    def _on_data(self, identity: bytes, frames: list) -> Message | None:
+    def _on_data(self, identity: bytes, frames: list) -> None:
+        """Validate a DATA message completely and queue it for delivery (see _deliver)."""
         if len(frames) < 2:
             raise ProtocolError(f"DATA with {len(frames)} frames")
         ctrl = unpack_ctrl(frames[0].bytes, DATA)
@@ -196,18 +260,56 @@ class RegionReceiver(Receiver):
             holder.live.add(ctrl["seq"])
             holder.urgent |= ctrl["low"]
         try:
-            header = parse_header(frames[1], self._limits)
-            payloads = self._payloads(header.frames, ctrl, frames[2:], holder)
-            return assemble(header, payloads)
+            count = ctrl["count"]
+            if not 1 <= count <= min(MAX_BATCH, len(frames) - 1):
+                raise ProtocolError(f"DATA says it carries {count} messages (1 to {MAX_BATCH}, one header frame each)")
+            headers = [parse_header(frame, self._limits) for frame in frames[1 : 1 + count]]
+            after = self._write_fence(ctrl["fence"], holder)
+            payloads = self._payloads([spec for header in headers for spec in header.frames], ctrl,
+                                      frames[1 + count :], holder)
         except ProtocolError as exc:
             self._reject(exc.reason)
-            return None
-        finally:
             if holder is not None:  # free the span even when the message was refused
                 nbytes = sum(s[1] for s in ctrl["spans"] if isinstance(s, list) and len(s) == 2 and isinstance(s[1], int))
-                self._pending_free.append((self._memory.fence(), ctrl["lease"], holder.gen, ctrl["seq"], nbytes))
+                self._pending_free.append((Done(), ctrl["lease"], holder.gen, ctrl["seq"], nbytes))
+            return
+        messages, at = [], 0
+        for header in headers:  # each message's own payloads, in frame order
+            messages.append((header, payloads[at : at + len(header.frames)]))
+            at += len(header.frames)
+        lease = NO_LEASE if holder is None else ctrl["lease"]  # inline only: nothing in the region to wait for
+        self._arrived.append(_Arrival(lease, holder, ctrl, messages, after))
+
+    def _copy_out(self, arrival: _Arrival) -> list[Message]:
+        """Copy the DATA's region payloads out (all together: one stream switch), queue the FREE
+        of its span for when that copy is done, and assemble its messages."""
+        ctrl = arrival.ctrl
+        from_region = [(payloads, i, item) for _, payloads in arrival.messages
+                       for i, item in enumerate(payloads) if isinstance(item, _Span)]
+        if from_region:
+            outs = self._memory.copy_out([(item.offset, item.dtype, item.shape) for *_, item in from_region])
+            for (payloads, i, _), out in zip(from_region, outs, strict=True):
+                payloads[i] = out
+        if arrival.holder is not None:
+            nbytes = sum(span[1] for span in ctrl["spans"] if span is not None)
+            self._pending_free.append((self._memory.fence(), ctrl["lease"], arrival.holder.gen, ctrl["seq"], nbytes))
+        return [assemble(header, payloads) for header, payloads in arrival.messages]
+
+    def _write_fence(self, wire: bytes, holder: _Holder | None) -> Any:
+        """The opened write fence a DATA names (None: its writes landed before it was sent)."""
+        if not wire:
+            return None
+        if holder is None:
+            raise ProtocolError("a DATA message without a lease names a write fence")
+        fence = holder.fences.get(wire)
+        if fence is None:
+            if len(holder.fences) >= MAX_FENCES:
+                raise ProtocolError(f"the sender named more than {MAX_FENCES} write fences")
+            fence = holder.fences[wire] = self._memory.open_fence(wire)
+        return fence
 
     def _payloads(self, specs: list[FrameSpec], ctrl: dict[str, Any], inline: list, holder: _Holder | None) -> list:
+        """The message's payloads: inline ones decoded, region ones as a checked _Span."""
         spans = ctrl["spans"]
         if len(spans) != len(specs):
             raise ProtocolError(f"{len(spans)} spans for {len(specs)} frames")
@@ -216,7 +318,7 @@ class RegionReceiver(Receiver):
             raise ProtocolError(f"{len(inline)} inline frames, spans call for {n_inline}")
         base = ctrl["lease"] * self._lease_bytes
         inline_iter = iter(inline)
-        payloads = []
+        payloads: list = []
         for spec, span in zip(specs, spans, strict=True):
             if span is None:
                 frame = next(inline_iter)
@@ -237,7 +339,7 @@ class RegionReceiver(Receiver):
             offset, nbytes = span
             if nbytes != spec.nbytes or offset % ALIGN or not 0 <= offset <= self._lease_bytes - nbytes:
                 raise ProtocolError(f"span {span} does not fit lease of {self._lease_bytes} bytes for {spec.nbytes}-byte {spec.field!r}")
-            payloads.append(self._memory.copy_out(base + offset, DTYPES[spec.dtype], spec.shape))  # the span is recycled
+            payloads.append(_Span(base + offset, DTYPES[spec.dtype], spec.shape))
         return payloads
 
     def _flush_frees(self, idle: bool = False) -> None:
@@ -267,9 +369,13 @@ class RegionReceiver(Receiver):
             log.info("%s: lease %d (gen %d) of sender %s released: %s", self.address, index, holder.gen, holder.sender[:8], why)
             self._leases[index] = None
 
-    def _expire_leases(self) -> None:
-        """Reclaim the leases of senders silent for lease_timeout (they ping every second)."""
+    def _expire_leases(self, force: bool = False) -> None:
+        """Reclaim the leases of senders silent for lease_timeout (they ping every second).
+        Looked at every EXPIRY_CHECK_S at most: recv() calls this on every turn."""
         now = time.monotonic()
+        if now < self._next_expiry_check and not force:
+            return
+        self._next_expiry_check = now + EXPIRY_CHECK_S
         for index, holder in enumerate(self._leases):
             if holder is not None and now - holder.last_seen > self._lease_timeout:
                 self._release(index, f"silent for {now - holder.last_seen:.1f}s")

@@ -27,7 +27,7 @@ _PAGE = 4096  # region data starts after the token page
 class _MemfdRegion(RegionMemory):
     def __init__(self, nbytes: int):
         self.device = torch.device("cpu")
-        self._nbytes = nbytes
+        self._nbytes = self.nbytes = nbytes
         self._token = secrets.token_bytes(_TOKEN_BYTES)
         self._fd = os.memfd_create("splitvl-region", os.MFD_CLOEXEC)
         os.ftruncate(self._fd, _PAGE + nbytes)
