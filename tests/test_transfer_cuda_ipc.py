@@ -216,7 +216,7 @@ def test_device_fence_sends_at_once_and_delivery_waits_for_the_write() -> None:
     from transfer.bench import payload
     from transfer.cuda_ipc import CudaIpcReceiver
 
-    with CudaIpcReceiver("ipc:///tmp/splitvl-test-cuda-fence.sock", device="cuda:1", lease_bytes=1 << 20,
+    with CudaIpcReceiver("ipc:///tmp/splitvl-test-cuda-fence.sock", device="cuda:1", lease_bytes=16 << 20,
                          max_senders=1) as receiver:
         go, sent_at = SPAWN.Queue(), SPAWN.Queue()
         proc = SPAWN.Process(target=_send_after_slow_kernel, daemon=True,

@@ -196,9 +196,10 @@ def _transport_sender(transport: str, address: str, device: str, rows: int, n: i
             probe.put(_probe_writes(sender, tensor, n))
         for _ in range(trials + 1):
             go.get()
+            start = time.perf_counter()  # the receiver times the trial from here (one clock per machine)
             for at in range(0, n, batch):  # batch > 1: send_many, as the encode service's outbox does
-                sender.send_many([EncodeResult(f"m-{i}", "k", (1, 1, 1), tensor) for i in range(at, min(n, at + batch))],
-                                 timeout=120)
+                sender.send_many([EncodeResult(f"s-{start:.9f}" if i == 0 else f"m-{i}", "k", (1, 1, 1), tensor)
+                                  for i in range(at, min(n, at + batch))], timeout=120)
         for i in range(alone):
             go.get()  # the receiver is idle: the last message is in and copied out
             sender.send(EncodeResult(f"t-{time.perf_counter():.9f}", "k", (1, 1, 1), tensor), timeout=120)
@@ -267,16 +268,21 @@ def transport_bandwidth(transport: str, rows: int, n: int, trials: int, *, addre
                 pass
 
         def trial() -> float:
+            """From the sender's first send() call to the last tensor usable here. (Timing from
+            the first message's arrival instead overstates a sender that runs a lease ahead of
+            its copies: some of them are done before the clock starts.)"""
             go.put(1)
-            take()
-            start = time.perf_counter()  # from the first message in: steady state, no handshake
+            msg = receiver.recv(timeout=120)
+            if msg is None or not msg.request_id.startswith("s-"):
+                raise RuntimeError(f"{transport}: the trial's first message never arrived")
+            start = float(msg.request_id[2:])
             for _ in range(n - 1):
                 msg = receiver.recv(timeout=120)
                 if msg is None:
                     raise RuntimeError(f"{transport}: a message never arrived")
             if msg.embeddings.is_cuda:
                 torch.cuda.current_stream(msg.embeddings.device).synchronize()
-            return _gbps(nbytes * (n - 1), time.perf_counter() - start)
+            return _gbps(nbytes * n, time.perf_counter() - start)
 
         measured.stream_gbps = _median_after_warmup(trial, trials)
         latencies = []
@@ -646,9 +652,13 @@ def run(sizes: list[int], trials: int = 3, quick: bool = False, cpu_only: bool =
             raw, raw_alone = gpu_copy(nbytes, n_gpu, 0, 1, trials)
             variants = [(f"cuda_ipc 0->1, lease {d}x", {}, d, 1) for d in lease_depths]
             # send_many: several messages per control message (the encode service's outbox sends
-            # what its queue holds that way), in batches of half the deepest lease.
+            # what its queue holds that way), in batches of a quarter and of half the deepest
+            # lease (send_many caps a batch at half the lease, so two are in flight).
             deepest = max(lease_depths)
-            variants.append((f"cuda_ipc 0->1, lease {deepest}x, batches of {deepest // 2}", {}, deepest, deepest // 2))
+            for batch in sorted({max(1, deepest // 4), max(1, deepest // 2)}):
+                variants.append((f"cuda_ipc 0->1, lease {deepest}x, batches of {batch}", {}, deepest, batch))
+            variants.append((f"cuda_ipc, host fence, lease {deepest}x, batches of {deepest // 2}", {"device_fence": False},
+                             deepest, deepest // 2))
             # For comparison, the earlier paths: the sender waits for its copy before each DATA
             # (no device fence), and the region mapped on the receiver's GPU (host-staged copies).
             variants.append(("cuda_ipc, host fence", {"device_fence": False}, 4, 1))

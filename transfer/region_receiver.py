@@ -46,7 +46,7 @@ class _Holder:
 
 MAX_FENCES = 64  # write fences one lease may name (cuda_ipc senders use 8, in turn)
 EXPIRY_CHECK_S = 0.05
-WRITE_POLL_S = 20e-6  # how often recv() checks the write fences of messages that arrived before their data
+WRITE_SPIN_S = 1e-3  # recv() checks a message's write fence continuously this long after it arrived, then every ms
 
 
 @dataclass
@@ -118,7 +118,8 @@ class RegionReceiver(Receiver):
         (microseconds: they run on their own stream) and their spans freed before this call
         sleeps or returns, so a sender whose lease is full never waits on an idle receiver.
         A message whose sender's writes are still running (its write fence not done yet) waits
-        here, checked every WRITE_POLL_S, while other messages are read and delivered."""
+        here, checked continuously for WRITE_SPIN_S and then every ms, while other messages are read
+        and delivered."""
         deadline = deadline_after(timeout)
         self._forgive_own_absence()
         try:
@@ -136,8 +137,11 @@ class RegionReceiver(Receiver):
                     now = time.monotonic()
                     if deadline is not None and now >= deadline:
                         return None
-                    # A dead sender's message waits until its lease is reclaimed: poll it slowly.
-                    time.sleep(WRITE_POLL_S if now - self._arrived[0].at < 1e-3 else 1e-3)
+                    # Writes take tens of microseconds: yield the CPU and look again (a real sleep
+                    # lasts >= ~60 us on Linux). A dead sender's message waits until its lease is
+                    # reclaimed: after a millisecond, look only every millisecond.
+                    waited = now - self._arrived[0].at
+                    time.sleep(0 if waited < WRITE_SPIN_S else 1e-3)
                     continue
                 if not ready:
                     for fence, *_ in self._pending_free:

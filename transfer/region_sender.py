@@ -110,20 +110,22 @@ class RegionSender(Sender):
         self.send_many([msg], timeout)
 
     def send_many(self, msgs: list[Message], timeout: float | None = None) -> None:
-        """Up to MAX_BATCH messages per DATA, as many as fit the lease together: one span, one
-        write fence, one control message and one FREE for all of them."""
+        """Up to MAX_BATCH messages per DATA, as many as fit half the lease together: one span,
+        one write fence, one control message and one FREE for all of them. Half, so that one
+        batch is written while the one before is copied out and freed (the receiver FREEs by
+        half leases too); a message bigger than that goes alone."""
         while self._writing and self._writing[0][0].done():  # copies landed: their sources may go
             self._writing.popleft()
         split = [split_message(msg, self._limits) for msg in msgs]
         deadline = deadline_after(timeout)
         with self._cond:
-            limit = self._lease.nbytes if self._lease is not None else None
+            limit = self._lease.nbytes // 2 if self._lease is not None else None
         batch: list = []
         used = 0
         for item in split:
             size = sum(align(spec.nbytes) for spec, p in item[1] if isinstance(p, torch.Tensor))
             if batch and (len(batch) == MAX_BATCH or (limit is not None and (used + size > limit or size > limit))):
-                self._send_batch(batch, deadline)  # full; a message too big for the lease goes alone (inline)
+                self._send_batch(batch, deadline)  # full; a message too big for it goes alone
                 batch, used = [], 0
             batch.append(item)
             used += size
