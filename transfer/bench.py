@@ -648,7 +648,9 @@ def run(sizes: list[int], trials: int = 3, quick: bool = False, cpu_only: bool =
         if not no_host:
             host_rows(mib, rows, nbytes, n_host, n_net)
         if gpus >= 2:
-            n_gpu = max(8, int(4096 // mib * scale))  # ~4 GiB per trial at full scale
+            # ~8 GiB per trial at full scale: a stream is timed from its first send() to its last
+            # tensor, so the pipeline's fill and drain (~1 ms) must be small beside it.
+            n_gpu = max(8, int(8192 // mib * scale))
             raw, raw_alone = gpu_copy(nbytes, n_gpu, 0, 1, trials)
             variants = [(f"cuda_ipc 0->1, lease {d}x", {}, d, 1) for d in lease_depths]
             # send_many: several messages per control message (the encode service's outbox sends
