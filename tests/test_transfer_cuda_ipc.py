@@ -271,3 +271,47 @@ def test_sender_killed_before_its_copy_ran_neither_hangs_nor_corrupts(caplog) ->
             assert "the lease was reclaimed before its writes landed" in caplog.text
         finally:
             second.kill()
+
+
+BATCH_CASES = [(torch.bfloat16, 1024, 8192), (torch.float16, 7, 13), (torch.float32, 300, 1024), (torch.bfloat16, 0, 8192),
+               (torch.float32, 1, 1), (torch.bfloat16, 4096, 8192), (torch.float16, 513, 2048), (torch.bfloat16, 1, 8192)]
+
+
+def _send_batches(address: str, go) -> None:
+    from transfer.bench import payload
+    from transfer.cuda_ipc import CudaIpcSender
+
+    torch.cuda.set_device(0)
+    with CudaIpcSender(address) as sender:
+        for round_ in range(3):  # the spans of each batch land at other places of the ring
+            sender.send_many([EncodeResult(f"m-{round_}-{i}", "k", (1, 1, 1), payload(rows, "cuda:0", dtype, 10 * round_ + i, cols))
+                              for i, (dtype, rows, cols) in enumerate(BATCH_CASES)], timeout=60)
+        go.get()
+
+
+@pytest.mark.gpu
+@TWO_GPUS
+def test_send_many_is_bit_exact_between_processes_on_two_gpus() -> None:
+    """Batches mixing dtypes and sizes (an empty tensor and one bigger than half the lease among
+    them): the receiver copies each batch's span out in one piece and hands out views of it;
+    every tensor must be exact, on the receiver's GPU, in order."""
+    from transfer.bench import BITS, payload
+    from transfer.cuda_ipc import CudaIpcReceiver
+
+    with CudaIpcReceiver("ipc:///tmp/splitvl-test-cuda-batch.sock", device="cuda:1", lease_bytes=96 << 20,
+                         max_senders=1) as receiver:
+        go = SPAWN.Queue()
+        proc = SPAWN.Process(target=_send_batches, args=(receiver.address, go), daemon=True)
+        proc.start()
+        try:
+            for round_ in range(3):
+                for i, (dtype, rows, cols) in enumerate(BATCH_CASES):
+                    msg = receiver.recv(timeout=120)
+                    assert msg is not None and msg.request_id == f"m-{round_}-{i}"
+                    got, want = msg.embeddings, payload(rows, "cpu", dtype, 10 * round_ + i, cols)
+                    assert (got.device, got.dtype, got.shape) == (torch.device("cuda:1"), dtype, want.shape)
+                    assert torch.equal(got.cpu().view(BITS[dtype]), want.view(BITS[dtype])), msg.request_id
+            assert receiver.stats.rejected == 0
+        finally:
+            go.put(1)
+            proc.join(30)
