@@ -418,6 +418,14 @@ def test_hostile_control_messages_are_rejected_and_service_continues(caplog) -> 
         assert receiver.stats.rejected == len(cases)
         for name, (_, reason) in cases.items():
             assert reason in caplog.text, f"no logged reason for {name}"
+        # The spans of refused DATA on our lease still come back (a PING makes the idle receiver
+        # FREE at once); replies to the stale-lease cases come first.
+        peer.send(b"ping", ctrl(**key))
+        for _ in range(10):
+            kind, body = peer.reply()
+            if kind == b"free":
+                break
+        assert kind == b"free" and {1, 2, 3, 4, 5, 8, 12} <= set(body["seqs"]), (kind, body)
         # A message from another process's lease must not be accepted on this identity either.
         other = RawPeer(receiver)
         other.send(b"data", ctrl(**key, seq=9, spans=[[0, 128]], low=False, fence=b"", count=1), header)
@@ -532,3 +540,119 @@ def test_idle_receiver_batches_frees_unless_the_sender_is_short_of_space() -> No
         peer.send(b"ping", ctrl(**key))  # e.g. a sender waiting for space
         kind, free = peer.reply()
         assert kind == b"free" and free["seqs"] == [3]
+
+
+# ------------------------------------------------------------ write fences (stand-in events)
+
+
+class _StandInFence:
+    """Plays a sender's opened write fence on a host region: done when the test says so."""
+
+    done = False
+
+    def query(self) -> bool:
+        return _StandInFence.done
+
+
+def _fenced_receiver() -> ShmReceiver:
+    receiver = ShmReceiver("tcp://127.0.0.1:*", lease_bytes=256 * KIB, max_senders=2)
+    receiver._memory.open_fence = lambda wire: _StandInFence()
+    _StandInFence.done = False
+    return receiver
+
+
+def test_a_message_waits_for_its_write_fence_and_keeps_its_senders_order() -> None:
+    """A DATA whose writes have not landed is not delivered; the same sender's later message
+    (inline only, needing no region) waits behind it; then both come, in order."""
+    with _fenced_receiver() as receiver:
+        peer = RawPeer(receiver)
+        lease = peer.attach()
+        key = {k: lease[k] for k in ("session", "lease", "gen")}
+        header = bytes(encode_message(EncodeResult("result-1", "k", (1, 1, 1), torch.ones(4, 8)))[0])
+        error = bytes(encode_message(EncodeError("error-2", "k", "bad_image", "x"))[0])
+        peer.sock.send_multipart([b"data", ctrl(**key, seq=1, spans=[[0, 128]], low=False, fence=bytes(64), count=1), header])
+        peer.sock.send_multipart([b"data", ctrl(session=0, lease=(1 << 63) - 1, gen=0, seq=0, spans=[], low=False, fence=b"",
+                                                count=1), error])
+        assert receiver.recv(timeout=0.3) is None, "delivered before its writes landed, or let a later one overtake"
+        _StandInFence.done = True
+        assert [receiver.recv(timeout=1).request_id for _ in range(2)] == ["result-1", "error-2"]
+
+
+def test_a_detach_right_behind_a_landed_message_still_delivers_it() -> None:
+    with _fenced_receiver() as receiver:
+        peer = RawPeer(receiver)
+        lease = peer.attach()
+        key = {k: lease[k] for k in ("session", "lease", "gen")}
+        header = bytes(encode_message(EncodeResult("last", "k", (1, 1, 1), torch.ones(4, 8)))[0])
+        _StandInFence.done = True
+        peer.sock.send_multipart([b"data", ctrl(**key, seq=1, spans=[[0, 128]], low=False, fence=bytes(64), count=1), header])
+        peer.sock.send_multipart([b"detach", ctrl(**key)])
+        time.sleep(0.2)  # both are in the receiver's socket before it looks
+        msg = receiver.recv(timeout=1)
+        assert msg is not None and msg.request_id == "last"
+
+
+def test_a_failed_copy_out_still_frees_its_span() -> None:
+    """Out of GPU memory (say) while copying a message out: the error reaches the caller, and
+    the span still goes back, so the sender is not stalled for good."""
+    with ShmReceiver("tcp://127.0.0.1:*", lease_bytes=64 * KIB, max_senders=1) as receiver:
+        real, calls = receiver._memory.copy_out, [0]
+
+        def fails_once(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == 1:
+                raise RuntimeError("out of memory (simulated)")
+            return real(*args, **kwargs)
+
+        receiver._memory.copy_out = fails_once
+        got, errors, stop = [], [], threading.Event()
+
+        def consume() -> None:
+            while not stop.is_set():
+                try:
+                    if (msg := receiver.recv(timeout=0.05)) is not None:
+                        got.append(msg.request_id)
+                except RuntimeError as exc:
+                    errors.append(str(exc))
+
+        thread = threading.Thread(target=consume)
+        thread.start()
+        try:
+            with ShmSender(receiver.address) as sender:
+                for i in range(20):  # 16 KiB each through a 64 KiB lease: every span is reused
+                    sender.send(EncodeResult(f"m-{i}", "k", (1, 1, 1), torch.ones(4, 1024)), timeout=5)
+                deadline = time.monotonic() + 5
+                while len(got) < 19 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+        finally:
+            stop.set()
+            thread.join()
+        assert errors == ["out of memory (simulated)"]
+        assert got == [f"m-{i}" for i in range(1, 20)]
+
+
+def test_send_many_timeout_applies_to_each_batch_not_the_whole_call() -> None:
+    """A slow receiver (one message every 0.2 s) and a lease of 2 messages: eight messages
+    with a 1 s timeout each go through send() one by one, so they must through send_many."""
+    msgs = [EncodeResult(f"m-{i}", "k", (1, 1, 1), torch.ones(16, 1024)) for i in range(8)]  # 64 KiB each
+    with ShmReceiver("tcp://127.0.0.1:*", lease_bytes=128 * KIB, max_senders=1) as receiver:
+        stop, got = threading.Event(), []
+
+        def slow() -> None:
+            while not stop.is_set():
+                if (msg := receiver.recv(timeout=0.05)) is not None:
+                    got.append(msg.request_id)
+                    time.sleep(0.2)
+
+        thread = threading.Thread(target=slow)
+        thread.start()
+        try:
+            with ShmSender(receiver.address) as sender:
+                sender.send_many(msgs, timeout=1.0)  # ~1.6 s in all: raised TransportTimeout with one deadline
+                deadline = time.monotonic() + 10
+                while len(got) < 8 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+        finally:
+            stop.set()
+            thread.join()
+        assert got == [m.request_id for m in msgs]

@@ -18,6 +18,7 @@ by UUID, because device indexes differ between processes that see different GPU 
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 from typing import Any
@@ -88,7 +89,7 @@ class _CudaWriter(RegionWriter):
     on two NVLinked H200s (docs/transfer.md). `map_on="owner"` keeps that path, for comparison.
     """
 
-    FENCE_EVENTS = 8  # interprocess events used in turn as write fences
+    FENCE_EVENTS = 32  # interprocess events the write fences use at most (the receiver accepts 64)
 
     def __init__(self, export: dict[str, Any], lease_offset: int, lease_nbytes: int, map_on: str = "sender",
                  device_fence: bool = True):
@@ -103,8 +104,7 @@ class _CudaWriter(RegionWriter):
         self._device_fence = device_fence
         self._region: torch.Tensor | None = None
         self.device: torch.device | None = None
-        self._events: list[tuple[torch.cuda.Event, bytes]] = []
-        self._next_event = 0
+        self._events: collections.deque[tuple[torch.cuda.Event, bytes]] = collections.deque()  # least recently used first
 
     def _map(self, near: int) -> None:
         places = [self._owner]
@@ -122,10 +122,6 @@ class _CudaWriter(RegionWriter):
             self.device = torch.device("cuda", index)
             self._region = torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage)
             self._current_stream = CurrentStream(self.device)
-            if self._device_fence:
-                with torch.cuda.device(self.device):  # an event's handle is made on the current device
-                    events = [torch.cuda.Event(interprocess=True) for _ in range(self.FENCE_EVENTS)]
-                    self._events = [(event, event.ipc_handle()) for event in events]
             return
 
     def write(self, offset: int, src: torch.Tensor) -> None:
@@ -137,18 +133,32 @@ class _CudaWriter(RegionWriter):
 
     def fence(self) -> Fence:
         """With device fences, an interprocess event the receiver checks before it copies the
-        span out: the DATA goes out at once. Reusing one of a few events in turn is safe: a
-        query that sees a later record of it sees later copies done, and copies on one stream
-        complete in order. Without, a local event the sender's I/O thread waits for before it
-        sends the DATA."""
+        span out: the DATA goes out at once. Without, a local event the sender's I/O thread
+        waits for before it sends the DATA."""
         if self._region is None:
             return Done()  # nothing written through this writer yet
         stream = self._current_stream()
-        if not self._events:
+        if not self._device_fence:
             return CudaEventFence(stream)
-        event, wire = self._events[self._next_event]
-        self._next_event = (self._next_event + 1) % len(self._events)
+        event, wire = self._idle_event()
+        self._events.append((event, wire))
         return CudaEventFence(stream, event, wire)
+
+    def _idle_event(self) -> tuple[torch.cuda.Event, bytes]:
+        """An interprocess event whose last record has completed. Re-recording one that has not
+        would let the receiver's query of the earlier DATA see the new record instead: safe on
+        one stream (copies complete in order), wrong if the caller switched streams between
+        sends. So the oldest is reused only once done; else a new one, up to FENCE_EVENTS; else
+        the oldest is waited for (the receiver is that far behind anyway)."""
+        if self._events and self._events[0][0].query():
+            return self._events.popleft()
+        if len(self._events) < self.FENCE_EVENTS:
+            with torch.cuda.device(self.device):  # an event's handle is made on the current device
+                event = torch.cuda.Event(interprocess=True)
+                return event, event.ipc_handle()
+        event, wire = self._events.popleft()
+        event.synchronize()
+        return event, wire
 
     def close(self) -> None:
         self._region = None  # torch syncs, drops its reference count and closes the handle

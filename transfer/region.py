@@ -106,6 +106,7 @@ class CudaEventFence(Fence):
         self.event = event if event is not None else torch.cuda.Event()
         self.event.record(stream)
         self.wire = wire
+        self.ordered: torch.cuda.Stream | None = None  # a stream already made to wait for it
 
     def done(self) -> bool:
         return self.event.query()
@@ -250,8 +251,21 @@ class RegionMemory(abc.ABC):
         if self._copy_stream is None:
             return Done()  # host copies are synchronous; no GPU copy issued yet
         fence = CudaEventFence(self._copy_stream)
-        self._consumer_stream().wait_event(fence.event)
+        fence.ordered = self._consumer_stream()
+        fence.ordered.wait_event(fence.event)
         return fence
+
+    def hand_over(self, tensors: list[torch.Tensor], fence: Fence) -> None:
+        """Make tensors copied out before `fence` was taken usable on the caller's current
+        stream. fence() ordered the stream current then; a batch's later messages may be taken
+        under another one, which must wait too (and keep the memory from early reuse)."""
+        if not isinstance(fence, CudaEventFence) or not tensors:
+            return  # host copies are synchronous
+        current = self._consumer_stream()
+        if current is not fence.ordered:
+            current.wait_event(fence.event)
+            for tensor in tensors:
+                tensor.record_stream(current)
 
     @abc.abstractmethod
     def close(self) -> None: ...

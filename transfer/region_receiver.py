@@ -58,17 +58,30 @@ class _Span:
     shape: tuple[int, ...]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Arrival:
     """A validated DATA message waiting for delivery (and, with a write fence, for its data).
     One DATA carries `count` messages (send_many), sharing one span and one fence."""
 
+    sender: bytes  # its zmq identity: a sender's messages are delivered in the order it sent them
     lease: int
     holder: _Holder | None  # the lease's holder when it arrived; None: inline only
     ctrl: dict[str, Any]
     messages: list[tuple[Any, list]]  # (header, payloads: tensors, bytes and _Spans) per message
     after: Any  # the sender's opened write fence, or None
     at: float = field(default_factory=time.monotonic)  # when it arrived
+
+
+def _landed(arrival: _Arrival) -> bool:
+    """Whether the DATA's writes are done. An event whose sender has gone (exited, or closed
+    its lease) reads as not done, or raises: either way its message waits and is dropped when
+    the lease goes."""
+    if arrival.after is None:
+        return True
+    try:
+        return arrival.after.query()
+    except RuntimeError:
+        return False
 
 
 class RegionReceiver(Receiver):
@@ -90,7 +103,7 @@ class RegionReceiver(Receiver):
         self._limits = limits
         self._session = secrets.randbits(62) + 1
         self._arrived: collections.deque[_Arrival] = collections.deque()  # validated, not delivered yet
-        self._ready: collections.deque[Message] = collections.deque()  # copied out, for recv() to return
+        self._ready: collections.deque[tuple[Message, list, Fence]] = collections.deque()  # copied out, for recv()
         self._next_expiry_check = 0.0
         self._pending_free: collections.deque[tuple[Fence, int, int, int, int]] = collections.deque()  # fence, lease, gen, seq, bytes
         self._sock = (context or zmq.Context.instance()).socket(zmq.ROUTER)
@@ -121,8 +134,7 @@ class RegionReceiver(Receiver):
         here, checked continuously for WRITE_SPIN_S and then every ms, while other messages are read
         and delivered."""
         if self._ready:  # the rest of a batch already copied out: no need to look at the socket
-            self.stats.received += 1
-            return self._ready.popleft()
+            return self._hand_over()
         deadline = deadline_after(timeout)
         self._forgive_own_absence()
         try:
@@ -132,8 +144,7 @@ class RegionReceiver(Receiver):
                 if not self._ready and self._arrived:
                     self._deliver()
                 if self._ready:
-                    self.stats.received += 1
-                    return self._ready.popleft()
+                    return self._hand_over()
                 ready = self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN  # ~10x cheaper than poll(0)
                 if not ready and self._arrived:  # only writes in flight (tens of microseconds): check back soon
                     self._flush_frees(idle=True)  # senders short of space must not wait on that
@@ -160,27 +171,36 @@ class RegionReceiver(Receiver):
         finally:
             self._last_active = time.monotonic()
 
+    def _hand_over(self) -> Message:
+        """The next copied-out message, usable on the caller's current stream (which may not be
+        the stream its batch was copied out for)."""
+        msg, tensors, fence = self._ready.popleft()
+        self._memory.hand_over(tensors, fence)
+        self.stats.received += 1
+        return msg
+
     def _deliver(self) -> None:
         """Copy the oldest arrived DATA whose writes have landed out of the region, and queue
-        its messages for recv(); in order per lease. Write fences are checked on the host, never waited for on our GPU: a
-        sender that dies before its copy runs leaves an event that never completes, and a
-        stream waiting on it would hang for good (seen on H100s and H200s). Its messages wait
-        here instead, and are dropped when its lease is reclaimed."""
-        blocked: set[int] = set()  # leases whose oldest message still waits for its writes
+        its messages for recv(); in order per sender. Write fences are checked on the host, never
+        waited for on our GPU: a sender that dies before its copy runs leaves an event that
+        never completes, and a stream waiting on it would hang for good (seen on H200s). Its
+        messages wait here instead, and are dropped when its lease is reclaimed."""
+        blocked: set[bytes] = set()  # senders whose oldest message still waits for its writes
         for i, arrival in enumerate(self._arrived):
-            if arrival.lease in blocked:
+            if arrival.sender in blocked:
                 continue
             if arrival.holder is not None and self._leases[arrival.lease] is not arrival.holder:  # reclaimed meanwhile
                 del self._arrived[i]
                 log.warning("%s: dropped %d message(s) of lease %d: the lease was reclaimed before its writes landed",
                             self.address, len(arrival.messages), arrival.lease)
                 return
-            if arrival.after is not None and not arrival.after.query():
-                blocked.add(arrival.lease)
+            if not _landed(arrival):
+                blocked.add(arrival.sender)
                 continue
             del self._arrived[i]
-            self._ready.extend(self._copy_out(arrival))
+            self._copy_out(arrival)
             return
+
     def _forgive_own_absence(self) -> None:
         """If the consumer did not call recv() for a while, the senders' pings are waiting in
         the socket, not missing: restart their silence clocks instead of expiring them."""
@@ -274,33 +294,39 @@ class RegionReceiver(Receiver):
             after = self._write_fence(ctrl["fence"], holder)
             payloads = self._payloads([spec for header in headers for spec in header.frames], ctrl,
                                       frames[1 + count :], holder)
-        except ProtocolError as exc:
-            self._reject(exc.reason)
-            if holder is not None:  # free the span even when the message was refused
+        except BaseException as exc:  # free the span even when the message was refused (or we failed)
+            if holder is not None:
                 nbytes = sum(s[1] for s in ctrl["spans"] if isinstance(s, list) and len(s) == 2 and isinstance(s[1], int))
                 self._pending_free.append((Done(), ctrl["lease"], holder.gen, ctrl["seq"], nbytes))
+            if not isinstance(exc, ProtocolError):
+                raise  # ours (e.g. out of GPU memory for an inline tensor), not the peer's
+            self._reject(exc.reason)
             return
         messages, at = [], 0
         for header in headers:  # each message's own payloads, in frame order
             messages.append((header, payloads[at : at + len(header.frames)]))
             at += len(header.frames)
         lease = NO_LEASE if holder is None else ctrl["lease"]  # inline only: nothing in the region to wait for
-        self._arrived.append(_Arrival(lease, holder, ctrl, messages, after))
+        self._arrived.append(_Arrival(identity, lease, holder, ctrl, messages, after))
 
-    def _copy_out(self, arrival: _Arrival) -> list[Message]:
-        """Copy the DATA's region payloads out (all together: one stream switch), queue the FREE
-        of its span for when that copy is done, and assemble its messages."""
+    def _copy_out(self, arrival: _Arrival) -> None:
+        """Copy the DATA's region payloads out (all together), queue the FREE of its span for
+        when that copy is done (or at once if it failed), and its messages for recv()."""
         ctrl = arrival.ctrl
         from_region = [(payloads, i, item) for _, payloads in arrival.messages
                        for i, item in enumerate(payloads) if isinstance(item, _Span)]
-        if from_region:
-            outs = self._memory.copy_out([(item.offset, item.dtype, item.shape) for *_, item in from_region])
-            for (payloads, i, _), out in zip(from_region, outs, strict=True):
-                payloads[i] = out
-        if arrival.holder is not None:
-            nbytes = sum(span[1] for span in ctrl["spans"] if span is not None)
-            self._pending_free.append((self._memory.fence(), ctrl["lease"], arrival.holder.gen, ctrl["seq"], nbytes))
-        return [assemble(header, payloads) for header, payloads in arrival.messages]
+        try:
+            if from_region:
+                outs = self._memory.copy_out([(item.offset, item.dtype, item.shape) for *_, item in from_region])
+                for (payloads, i, _), out in zip(from_region, outs, strict=True):
+                    payloads[i] = out
+        finally:  # on a failure too (e.g. out of GPU memory): the span goes back once what was issued is done
+            fence = self._memory.fence()
+            if arrival.holder is not None:
+                nbytes = sum(span[1] for span in ctrl["spans"] if span is not None)
+                self._pending_free.append((fence, ctrl["lease"], arrival.holder.gen, ctrl["seq"], nbytes))
+        for header, payloads in arrival.messages:
+            self._ready.append((assemble(header, payloads), [p for p in payloads if isinstance(p, torch.Tensor)], fence))
 
     def _write_fence(self, wire: bytes, holder: _Holder | None) -> Any:
         """The opened write fence a DATA names (None: its writes landed before it was sent)."""
@@ -373,6 +399,13 @@ class RegionReceiver(Receiver):
     def _release(self, index: int, why: str) -> None:
         holder = self._leases[index]
         if holder is not None:
+            # Its messages whose writes have landed are copied out now, before the lease can be
+            # granted again and written over (a DETACH right behind the last DATA, say).
+            for arrival in [a for a in self._arrived if a.holder is holder]:
+                if not _landed(arrival):
+                    break
+                self._arrived.remove(arrival)  # by identity (eq=False)
+                self._copy_out(arrival)
             log.info("%s: lease %d (gen %d) of sender %s released: %s", self.address, index, holder.gen, holder.sender[:8], why)
             self._leases[index] = None
 

@@ -113,11 +113,11 @@ class RegionSender(Sender):
         """Up to MAX_BATCH messages per DATA, as many as fit half the lease together: one span,
         one write fence, one control message and one FREE for all of them. Half, so that one
         batch is written while the one before is copied out and freed (the receiver FREEs by
-        half leases too); a message bigger than that goes alone."""
+        half leases too); a message bigger than that goes alone. `timeout` applies to each
+        DATA's wait, as it does to each send()'s."""
         while self._writing and self._writing[0][0].done():  # copies landed: their sources may go
             self._writing.popleft()
         split = [split_message(msg, self._limits) for msg in msgs]
-        deadline = deadline_after(timeout)
         with self._cond:
             limit = self._lease.nbytes // 2 if self._lease is not None else None
         batch: list = []
@@ -125,14 +125,15 @@ class RegionSender(Sender):
         for item in split:
             size = sum(align(spec.nbytes) for spec, p in item[1] if isinstance(p, torch.Tensor))
             if batch and (len(batch) == MAX_BATCH or (limit is not None and (used + size > limit or size > limit))):
-                self._send_batch(batch, deadline)  # full; a message too big for it goes alone
+                self._send_batch(batch, timeout)  # full; a message too big for it goes alone
                 batch, used = [], 0
             batch.append(item)
             used += size
         if batch:
-            self._send_batch(batch, deadline)
+            self._send_batch(batch, timeout)
 
-    def _send_batch(self, batch: list[tuple[dict[str, Any], list]], deadline: float | None) -> None:
+    def _send_batch(self, batch: list[tuple[dict[str, Any], list]], timeout: float | None) -> None:
+        deadline = deadline_after(timeout)
         payloads = [p for _, message_payloads in batch for p in message_payloads]  # every frame, in order
         direct = [i for i, (spec, p) in enumerate(payloads) if isinstance(p, torch.Tensor) and spec.nbytes > 0]
         total = sum(align(payloads[i][0].nbytes) for i in direct)
@@ -154,8 +155,12 @@ class RegionSender(Sender):
                     break
                 self._seq += 1
                 seq = self._seq
-                start = self._wait(lambda lease=lease, seq=seq: self._alloc(lease, seq, total),
-                                   deadline, "the receiver's region is full (it is not freeing spans)")
+                try:
+                    start = self._wait(lambda lease=lease, seq=seq: self._alloc(lease, seq, total),
+                                       deadline, "the receiver's region is full (it is not freeing spans)")
+                except TransportError:
+                    self._waiting_space = False  # nobody waits any more: the I/O thread may stop watching
+                    raise
                 if start is not None and start >= 0:
                     lease.writing += 1
                     low = lease.ring.fit(total) is None  # the receiver FREEs at once rather than batching
@@ -163,8 +168,8 @@ class RegionSender(Sender):
                 lease = None  # the lease expired while we waited: use the next one
         if lease is not None and total > lease.nbytes:  # too big together for the lease
             half = len(batch) // 2
-            self._send_batch(batch[:half], deadline)
-            self._send_batch(batch[half:], deadline)
+            self._send_batch(batch[:half], timeout)
+            self._send_batch(batch[half:], timeout)
             return
         if lease is not None:
             # The copies are issued outside the lock: a synchronous one (shm) may take a while,
