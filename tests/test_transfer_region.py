@@ -4,6 +4,7 @@ restarted peers, hostile control messages."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -592,6 +593,40 @@ def test_a_detach_right_behind_a_landed_message_still_delivers_it() -> None:
         assert msg is not None and msg.request_id == "last"
 
 
+@contextlib.contextmanager
+def _consumer(receiver, pause: float = 0.0):
+    """A thread taking messages from `receiver` while the block runs, `pause` seconds after
+    each; yields the request ids taken and the errors recv() raised."""
+    got: list[str] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            try:
+                msg = receiver.recv(timeout=0.05)
+            except RuntimeError as exc:
+                errors.append(str(exc))
+                continue
+            if msg is not None:
+                got.append(msg.request_id)
+                time.sleep(pause)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        yield got, errors
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _wait_until(ready, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_a_failed_copy_out_still_frees_its_span() -> None:
     """Out of GPU memory (say) while copying a message out: the error reaches the caller, and
     the span still goes back, so the sender is not stalled for good."""
@@ -605,28 +640,10 @@ def test_a_failed_copy_out_still_frees_its_span() -> None:
             return real(*args, **kwargs)
 
         receiver._memory.copy_out = fails_once
-        got, errors, stop = [], [], threading.Event()
-
-        def consume() -> None:
-            while not stop.is_set():
-                try:
-                    if (msg := receiver.recv(timeout=0.05)) is not None:
-                        got.append(msg.request_id)
-                except RuntimeError as exc:
-                    errors.append(str(exc))
-
-        thread = threading.Thread(target=consume)
-        thread.start()
-        try:
-            with ShmSender(receiver.address) as sender:
-                for i in range(20):  # 16 KiB each through a 64 KiB lease: every span is reused
-                    sender.send(EncodeResult(f"m-{i}", "k", (1, 1, 1), torch.ones(4, 1024)), timeout=5)
-                deadline = time.monotonic() + 5
-                while len(got) < 19 and time.monotonic() < deadline:
-                    time.sleep(0.01)
-        finally:
-            stop.set()
-            thread.join()
+        with _consumer(receiver) as (got, errors), ShmSender(receiver.address) as sender:
+            for i in range(20):  # 16 KiB each through a 64 KiB lease: every span is reused
+                sender.send(EncodeResult(f"m-{i}", "k", (1, 1, 1), torch.ones(4, 1024)), timeout=5)
+            _wait_until(lambda: len(got) >= 19)
         assert errors == ["out of memory (simulated)"]
         assert got == [f"m-{i}" for i in range(1, 20)]
 
@@ -636,23 +653,7 @@ def test_send_many_timeout_applies_to_each_batch_not_the_whole_call() -> None:
     with a 1 s timeout each go through send() one by one, so they must through send_many."""
     msgs = [EncodeResult(f"m-{i}", "k", (1, 1, 1), torch.ones(16, 1024)) for i in range(8)]  # 64 KiB each
     with ShmReceiver("tcp://127.0.0.1:*", lease_bytes=128 * KIB, max_senders=1) as receiver:
-        stop, got = threading.Event(), []
-
-        def slow() -> None:
-            while not stop.is_set():
-                if (msg := receiver.recv(timeout=0.05)) is not None:
-                    got.append(msg.request_id)
-                    time.sleep(0.2)
-
-        thread = threading.Thread(target=slow)
-        thread.start()
-        try:
-            with ShmSender(receiver.address) as sender:
-                sender.send_many(msgs, timeout=1.0)  # ~1.6 s in all: raised TransportTimeout with one deadline
-                deadline = time.monotonic() + 10
-                while len(got) < 8 and time.monotonic() < deadline:
-                    time.sleep(0.05)
-        finally:
-            stop.set()
-            thread.join()
+        with _consumer(receiver, pause=0.2) as (got, _), ShmSender(receiver.address) as sender:
+            sender.send_many(msgs, timeout=1.0)  # ~1.6 s in all: raised TransportTimeout with one deadline
+            _wait_until(lambda: len(got) >= 8)
         assert got == [m.request_id for m in msgs]
