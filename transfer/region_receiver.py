@@ -1,5 +1,6 @@
 """The receiving half of the region protocol (see transfer/region.py): owns the region, grants
-and reclaims leases, validates DATA, copies payloads out and frees their spans."""
+and reclaims leases, validates DATA, holds it until its write fence says the data landed (in
+order per sender), copies payloads out and frees their spans."""
 
 from __future__ import annotations
 

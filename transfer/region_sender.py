@@ -1,5 +1,6 @@
 """The sending half of the region protocol (see transfer/region.py): lease, ring of spans,
-writes through the backend, DATA after the writes landed, heartbeats, re-attach on expiry."""
+writes through the backend, DATA naming their write fence (or after they landed), several
+messages per DATA (send_many), heartbeats, re-attach on expiry."""
 
 from __future__ import annotations
 
