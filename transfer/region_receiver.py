@@ -65,8 +65,7 @@ class _Arrival:
     One DATA carries `count` messages (send_many), sharing one span and one fence."""
 
     sender: bytes  # its zmq identity: a sender's messages are delivered in the order it sent them
-    lease: int
-    holder: _Holder | None  # the lease's holder when it arrived; None: inline only
+    holder: _Holder | None  # the lease's holder when it arrived; None: inline only (NO_LEASE)
     ctrl: dict[str, Any]
     messages: list[tuple[Any, list]]  # (header, payloads: tensors, bytes and _Spans) per message
     after: Any  # the sender's opened write fence, or None
@@ -190,10 +189,11 @@ class RegionReceiver(Receiver):
         for i, arrival in enumerate(self._arrived):
             if arrival.sender in blocked:
                 continue
-            if arrival.holder is not None and self._leases[arrival.lease] is not arrival.holder:  # reclaimed meanwhile
+            lease = arrival.ctrl["lease"]
+            if arrival.holder is not None and self._leases[lease] is not arrival.holder:  # reclaimed meanwhile
                 del self._arrived[i]
                 log.warning("%s: dropped %d message(s) of lease %d: the lease was reclaimed before its writes landed",
-                            self.address, len(arrival.messages), arrival.lease)
+                            self.address, len(arrival.messages), lease)
                 return
             if not _landed(arrival):
                 blocked.add(arrival.sender)
@@ -307,8 +307,7 @@ class RegionReceiver(Receiver):
         for header in headers:  # each message's own payloads, in frame order
             messages.append((header, payloads[at : at + len(header.frames)]))
             at += len(header.frames)
-        lease = NO_LEASE if holder is None else ctrl["lease"]  # inline only: nothing in the region to wait for
-        self._arrived.append(_Arrival(identity, lease, holder, ctrl, messages, after))
+        self._arrived.append(_Arrival(identity, holder, ctrl, messages, after))
 
     def _copy_out(self, arrival: _Arrival) -> None:
         """Copy the DATA's region payloads out (all together), queue the FREE of its span for
