@@ -9,6 +9,7 @@ from encode_server import outbox
 from encode_server.metrics import EncodeMetrics
 from encode_server.outbox import _Outbox
 from tests.net import free_tcp_address
+from tests.region_hooks import count_data_messages
 from transfer.messages import HealthPong
 
 
@@ -37,14 +38,7 @@ def test_queued_results_leave_together_in_order_and_pongs_alone(monkeypatch):
 
     with make_receiver("shm", "tcp://127.0.0.1:*", lease_bytes=1 << 20, max_senders=1) as receiver:
         metrics = EncodeMetrics(lambda: 0.0, lambda: 0.0, lambda: 0.0)
-        datas = [0]
-        on_frames = receiver._on_frames
-
-        def counting(frames):
-            datas[0] += len(frames) > 1 and frames[1].bytes == b"data"
-            return on_frames(frames)
-
-        receiver._on_frames = counting
+        datas = count_data_messages(receiver)
         queued = threading.Event()  # the outbox thread opens its sender only once all is queued
 
         def make_sender_later(*args, **kwargs):

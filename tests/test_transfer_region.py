@@ -18,6 +18,7 @@ import torch
 import zmq
 
 from tests.net import free_tcp_address
+from tests.region_hooks import count_data_messages
 from transfer.base import TransportError, TransportTimeout
 from transfer.codec import encode_message
 from transfer.messages import PROTOCOL_VERSION, EncodeError, EncodeJob, EncodeResult
@@ -171,14 +172,7 @@ def test_send_many_is_bit_exact_in_order_and_shares_control_messages(lease_kib: 
     and where batches fit (4 MiB), each goes as one DATA message."""
     n = 60
     with make_receiver("shm", "tcp://127.0.0.1:*", lease_bytes=lease_kib * KIB, max_senders=1) as receiver:
-        datas = [0]
-        on_frames = receiver._on_frames
-
-        def counting(frames):
-            datas[0] += len(frames) > 1 and frames[1].bytes == b"data"
-            return on_frames(frames)
-
-        receiver._on_frames = counting
+        datas = count_data_messages(receiver)
         proc = _start(_send_stream_in_batches, receiver.address, n, 6)
         got = [receiver.recv(timeout=30) for _ in range(n + 2)]
         proc.join(10)
