@@ -23,6 +23,9 @@ if __name__ == "__main__":
     parser.add_argument("--no-host", action="store_true", help="skip every host-side row (sockets, zmq, shm)")
     parser.add_argument("--lease-depths", default="4,16",
                         help="cuda_ipc lease sizes to measure, in messages of the payload size (default: 4,16)")
+    parser.add_argument("--pin", action="store_true",
+                        help="also measure the deepest lease's cuda_ipc rows with the sender and receiver processes "
+                             "pinned to disjoint physical cores")
     parser.add_argument("--breakdown", action="store_true",
                         help="instead of the table: where one message's time goes (per stage) and what a stream "
                              "costs per message, for shm and (with 2 GPUs) cuda_ipc at --lease-depths")
@@ -36,4 +39,4 @@ if __name__ == "__main__":
 
     sys.exit(run(sizes=[int(s) for s in args.sizes.split(",")], trials=args.trials, quick=args.quick,
                  cpu_only=args.cpu_only, host_quick=args.host_quick, lean_host=args.lean_host,
-                 no_host=args.no_host, lease_depths=tuple(int(d) for d in args.lease_depths.split(","))))
+                 no_host=args.no_host, lease_depths=tuple(int(d) for d in args.lease_depths.split(",")), pin=args.pin))

@@ -87,7 +87,7 @@ def test_long_prompt_is_chunked_while_another_request_decodes(text_engine_ref):
         short_tokens_during_prefill += sum(len(o.new_token_ids) for o in outs if o.request_id == "short")
     assert engine.scheduler.chunked_prefills >= 100 // 8 - 1
     assert short_tokens_during_prefill >= 10  # decoding went on while the prompt was prefilled
-    rest = run_all(engine, [])
+    run_all(engine, [])
     assert engine.blocks.num_free == engine.blocks.num_blocks
 
 

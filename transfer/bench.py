@@ -182,10 +182,42 @@ def raw_socket(nbytes: int, n: int, trials: int, fresh: bool = False) -> float:
 # ---------------------------------------------------------------------------- transports
 
 
+def core_halves() -> tuple[set[int], set[int]] | None:
+    """Two disjoint sets of this process's CPUs, each made of whole physical cores (both
+    hyperthreads of a core in one set), so a receiver and a sender pinned to one each never
+    share a core. None when the topology cannot be read or there are fewer than 2 cores."""
+    allowed = sorted(os.sched_getaffinity(0))
+    cores: dict[str, set[int]] = {}
+    for cpu in allowed:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+                key = f.read().strip()
+        except OSError:
+            return None
+        cores.setdefault(key, set()).add(cpu)
+    groups = list(cores.values())
+    if len(groups) < 2:
+        return None
+    half = len(groups) // 2
+    return set().union(*groups[:half]), set().union(*groups[half:])
+
+
+def _pin_process(cpus: set[int]) -> None:
+    """Every thread of this process (zmq's I/O threads too) onto `cpus`; threads started later
+    inherit it from theirs."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:  # the thread exited meanwhile
+            pass
+
+
 def _transport_sender(transport: str, address: str, device: str, rows: int, n: int, trials: int, go, options: dict,
-                      alone: int, probe, batch: int = 1) -> None:
+                      alone: int, probe, batch: int = 1, cpus: set[int] | None = None) -> None:
     from transfer.registry import make_sender
 
+    if cpus:
+        _pin_process(cpus)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     tensor = payload(rows, device)
@@ -237,7 +269,26 @@ class Measured:
 
 def transport_bandwidth(transport: str, rows: int, n: int, trials: int, *, address: str, sender_device: str = "cpu",
                         receiver_options: dict | None = None, sender_options: dict | None = None,
-                        alone: int = 0, probe: bool = False, batch: int = 1) -> Measured:
+                        alone: int = 0, probe: bool = False, batch: int = 1, pin: bool = False) -> Measured:
+    """`pin`: the receiver (this process, for the call) and the sender on disjoint physical cores."""
+    halves = core_halves() if pin else None
+    if pin and halves is None:
+        raise RuntimeError("cannot pin: the CPU topology is unreadable or there is only one core")
+    saved = os.sched_getaffinity(0)
+    try:
+        if halves:
+            _pin_process(halves[0])
+        return _transport_bandwidth(transport, rows, n, trials, address=address, sender_device=sender_device,
+                                    receiver_options=receiver_options, sender_options=sender_options, alone=alone,
+                                    probe=probe, batch=batch, sender_cpus=halves[1] if halves else None)
+    finally:
+        if halves:
+            _pin_process(saved)
+
+
+def _transport_bandwidth(transport: str, rows: int, n: int, trials: int, *, address: str, sender_device: str,
+                         receiver_options: dict | None, sender_options: dict | None, alone: int, probe: bool,
+                         batch: int, sender_cpus: set[int] | None) -> Measured:
     from transfer.registry import make_receiver
 
     nbytes = rows * WIDTH * 2
@@ -245,7 +296,8 @@ def transport_bandwidth(transport: str, rows: int, n: int, trials: int, *, addre
         go = SPAWN.Queue()
         probe_q = SPAWN.Queue() if probe else None
         proc = SPAWN.Process(target=_transport_sender, daemon=True, args=(
-            transport, receiver.address, sender_device, rows, n, trials, go, sender_options or {}, alone, probe_q, batch))
+            transport, receiver.address, sender_device, rows, n, trials, go, sender_options or {}, alone, probe_q, batch,
+            sender_cpus))
         proc.start()
 
         def take() -> EncodeResult:
@@ -552,7 +604,7 @@ def run_breakdown(sizes: list[int], cpu_only: bool = False, no_host: bool = Fals
     if not no_host:
         for rows in [1] + [mib * MIB // (WIDTH * 2) for mib in sizes]:
             nbytes = rows * WIDTH * 2
-            cases.append((f"shm, lease 4x", "shm", rows, max(20, int(min(2000, 2048 * MIB // nbytes) * scale)), {},
+            cases.append(("shm, lease 4x", "shm", rows, max(20, int(min(2000, 2048 * MIB // nbytes) * scale)), {},
                           {"lease_bytes": 4 * nbytes, "max_senders": 1}, "cpu"))
     if gpus >= 2:
         for rows in [1] + [mib * MIB // (WIDTH * 2) for mib in sizes]:
@@ -573,11 +625,12 @@ def run_breakdown(sizes: list[int], cpu_only: bool = False, no_host: bool = Fals
 
 
 def run(sizes: list[int], trials: int = 3, quick: bool = False, cpu_only: bool = False, host_quick: bool = False,
-        lean_host: bool = False, no_host: bool = False, lease_depths: tuple[int, ...] = (4, 16)) -> int:
+        lean_host: bool = False, no_host: bool = False, lease_depths: tuple[int, ...] = (4, 16), pin: bool = False) -> int:
     """Print the exactness checks and the bandwidth table; 1 if cuda_ipc was not bit-exact or a
     measurement failed. `host_quick`: a quarter of the host messages; `lean_host`: skip the
     fresh-buffer socket and THP shm rows; `no_host`: no host rows at all;
-    `lease_depths`: cuda_ipc lease sizes to measure, in messages (how many can be in flight)."""
+    `lease_depths`: cuda_ipc lease sizes to measure, in messages (how many can be in flight);
+    `pin`: also the deepest lease's rows with sender and receiver on disjoint physical cores."""
     for mib in sizes:
         if (mib * MIB) % (WIDTH * 2):
             raise ValueError(f"size {mib} MiB is not a whole number of {WIDTH}-wide bf16 rows")
@@ -665,13 +718,27 @@ def run(sizes: list[int], trials: int = 3, quick: bool = False, cpu_only: bool =
             # (no device fence), and the region mapped on the receiver's GPU (host-staged copies).
             variants.append(("cuda_ipc, host fence", {"device_fence": False}, 4, 1))
             variants.append(("cuda_ipc, mapped on owner", {"map_on": "owner"}, 4, 1))
+            # The same path through torch's calls instead of direct runtime calls (transfer/cudart.py).
+            variants.append((f"cuda_ipc, torch calls, lease {deepest}x", {"env": {"SPLITVL_CUDART": "0"}}, deepest, 1))
+            variants.append((f"cuda_ipc, torch calls, batches of {deepest // 2}", {"env": {"SPLITVL_CUDART": "0"}},
+                             deepest, deepest // 2))
+            if pin:  # sender and receiver on disjoint physical cores
+                variants.append((f"cuda_ipc pinned, lease {deepest}x", {"pin": True}, deepest, 1))
+                variants.append((f"cuda_ipc pinned, batches of {deepest // 2}", {"pin": True}, deepest, deepest // 2))
             for label, options, depth, batch in variants:
-                target = 0.8 if mib == 16 and not options else None
-                m = guarded(f"{label} {mib} MiB", transport_bandwidth,
-                            "cuda_ipc", rows, n_gpu, trials, address="ipc:///tmp/splitvl-bench-cuda.sock",
-                            sender_device="cuda:0", sender_options={**options, "max_pending": 2 * depth},
-                            receiver_options={"device": "cuda:1", "lease_bytes": depth * nbytes, "max_senders": 1},
-                            alone=20, probe=True, batch=batch) or Measured(nan, nan, nan)
+                options = dict(options)
+                env, pinned = options.pop("env", None), options.pop("pin", False)
+                target = 0.8 if mib == 16 and not options and not env else None
+                args = ("cuda_ipc", rows, n_gpu, trials)
+                kwargs = dict(address="ipc:///tmp/splitvl-bench-cuda.sock", sender_device="cuda:0",
+                              sender_options={**options, "max_pending": 2 * depth},
+                              receiver_options={"device": "cuda:1", "lease_bytes": depth * nbytes, "max_senders": 1},
+                              alone=20, probe=True, batch=batch, pin=pinned)
+                if env:
+                    m = guarded(f"{label} {mib} MiB", in_child_with_env, env, transport_bandwidth, *args, **kwargs)
+                else:
+                    m = guarded(f"{label} {mib} MiB", transport_bandwidth, *args, **kwargs)
+                m = m or Measured(nan, nan, nan)
                 add(Row(label, mib, m.stream_gbps, "torch copy cuda:0->1", raw, target, "  (stream)"))
                 add(Row(f"  {label}, alone", mib, _gbps(nbytes, m.alone_s), "one copy + sync",
                                  _gbps(nbytes, raw_alone), None, f"  ({_us(m.alone_s)} vs {_us(raw_alone)} per message)"))
