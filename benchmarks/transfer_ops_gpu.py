@@ -4,10 +4,15 @@
 
 A stream of 16 MiB messages keeps up with a 280 GB/s link only if each side's host work per
 message stays under ~60 us. This prints what each step costs here, through torch and through
-direct runtime calls (transfer/cudart.py), so the budget can be read off rather than guessed.
-Copies are 4 KiB, so the GPU never backs up and only the host's share is timed.
+direct ctypes calls into the libcudart torch loaded, so the budget can be read off rather than
+guessed. Copies are 4 KiB, so the GPU never backs up and only the host's share is timed.
+
+Measured on a 2x H200 host (docs/transfer.md): the direct calls save ~4.6 us on the copy and
+nothing on events, far too little against the ~150 us a single message costs end to end, so
+the transport keeps torch's calls.
 """
 
+import ctypes
 import pathlib
 import sys
 import time
@@ -17,12 +22,27 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import zmq  # noqa: E402
 
-from transfer import cudart  # noqa: E402
 from transfer.codec import parse_header, pack_header, split_message  # noqa: E402
 from transfer.messages import EncodeResult  # noqa: E402
 from transfer.region import DATA, CudaEventFence, CurrentStream, _OnStream, pack_ctrl, unpack_ctrl  # noqa: E402
 
 N = 4000
+DEVICE_TO_DEVICE = 3  # cudaMemcpyDeviceToDevice
+
+
+def loaded_cudart() -> ctypes.CDLL | None:
+    """The libcudart this process mapped with torch, for direct calls (None on other builds)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.rsplit(" ", 1)[-1].strip()
+            if "/libcudart.so" in path:
+                lib = ctypes.CDLL(path)
+                lib.cudaMemcpyAsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                ctypes.c_void_p]
+                lib.cudaEventRecord.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+                lib.cudaEventQuery.argtypes = [ctypes.c_void_p]
+                return lib
+    return None
 
 
 def per_call_us(fn, n: int = N) -> float:
@@ -41,9 +61,8 @@ def main() -> None:
     torch.cuda.init()
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
-    rt = cudart.load()
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, cudart via ctypes: "
-          f"{cudart._loaded_cudart() if rt else 'not found'}")
+    rt = loaded_cudart()
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, cudart via ctypes: {rt._name if rt else 'not found'}")
     region = torch.empty(64 << 20, dtype=torch.uint8, device=device)
     src = torch.randn(2048, dtype=torch.bfloat16, device=device)  # 4 KiB
     src_u8 = src.reshape(-1).view(torch.uint8)
@@ -64,16 +83,16 @@ def main() -> None:
     row("torch: region[a:b].copy_(src, non_blocking=True)", lambda: region[4096:8192].copy_(src_u8, non_blocking=True))
     base, src_ptr, stream_ptr = region.data_ptr(), src_u8.data_ptr(), stream.cuda_stream
     if rt:
-        row("ctypes: cudaMemcpyAsync", lambda: rt.memcpy_async(base + 4096, src_ptr, 4096, cudart.DEVICE_TO_DEVICE, stream_ptr))
+        row("ctypes: cudaMemcpyAsync", lambda: rt.cudaMemcpyAsync(base + 4096, src_ptr, 4096, DEVICE_TO_DEVICE, stream_ptr))
         row("ctypes: src.data_ptr() + cudaMemcpyAsync",
-            lambda: rt.memcpy_async(base + 4096, src_u8.data_ptr(), 4096, cudart.DEVICE_TO_DEVICE, stream_ptr))
+            lambda: rt.cudaMemcpyAsync(base + 4096, src_u8.data_ptr(), 4096, DEVICE_TO_DEVICE, stream_ptr))
     row("CurrentStream() (cached)", current)
     row("torch.cuda.current_stream()", torch.cuda.current_stream)
     row("torch: interprocess Event.record(stream)", lambda: ipc_event.record(stream))
     row("CudaEventFence(stream, ipc event) (record + wrapper)", lambda: CudaEventFence(stream, ipc_event, b"x"))
     if rt:
         handle = ipc_event.cuda_event
-        row("ctypes: cudaEventRecord", lambda: rt.event_record(handle, stream_ptr))
+        row("ctypes: cudaEventRecord", lambda: rt.cudaEventRecord(handle, stream_ptr))
     msg = EncodeResult("r-1", "k", (1, 32, 32), torch.empty(1024, 8192, dtype=torch.bfloat16, device=device))
     row("split_message(EncodeResult)", lambda: split_message(msg))
     header = split_message(msg)[0]
@@ -87,7 +106,7 @@ def main() -> None:
     row("parse_header", lambda: parse_header(raw_header))
     row("torch: Event.query() (done)", ipc_event.query)
     if rt:
-        row("ctypes: cudaEventQuery (done)", lambda: rt.event_query(handle))
+        row("ctypes: cudaEventQuery (done)", lambda: rt.cudaEventQuery(handle))
     row("_OnStream enter + exit", lambda: on_side.__enter__() or on_side.__exit__(None, None, None))
     view = region[: 4096].view(torch.bfloat16)
 

@@ -462,6 +462,19 @@ def test_ring_allocates_in_order_and_frees_out_of_order() -> None:
     assert not ring.live and ring.fit(1024) == 0
 
 
+def test_fence_polling_spins_while_messages_land_and_backs_off_when_none_do() -> None:
+    """A sender a lease ahead of its copies sends each DATA up to a lease's link time (~1 ms)
+    before its data lands: the receiver must keep looking while deliveries go on, however long
+    ago the message arrived, and only back off (at most 1 ms, ~10% of the wait) without any."""
+    from transfer.region_receiver import MAX_FENCE_POLL_S, WRITE_SPIN_S, fence_poll_sleep
+
+    now = 100.0
+    assert fence_poll_sleep(now, now - 0.0001, 0.0) == 0  # just arrived
+    assert fence_poll_sleep(now, now - 5 * WRITE_SPIN_S, now - 0.0001) == 0  # arrived long ago, deliveries go on
+    assert fence_poll_sleep(now, now - 5 * WRITE_SPIN_S, now - 2 * WRITE_SPIN_S) == pytest.approx(0.2 * WRITE_SPIN_S)
+    assert fence_poll_sleep(now, now - 60.0, now - 30.0) == MAX_FENCE_POLL_S  # a dead sender's message
+
+
 def _receive_ids(address: str, seen) -> None:
     with ShmReceiver(address, lease_bytes=256 * KIB, max_senders=1) as receiver:
         while True:

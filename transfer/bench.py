@@ -718,27 +718,18 @@ def run(sizes: list[int], trials: int = 3, quick: bool = False, cpu_only: bool =
             # (no device fence), and the region mapped on the receiver's GPU (host-staged copies).
             variants.append(("cuda_ipc, host fence", {"device_fence": False}, 4, 1))
             variants.append(("cuda_ipc, mapped on owner", {"map_on": "owner"}, 4, 1))
-            # The same path through torch's calls instead of direct runtime calls (transfer/cudart.py).
-            variants.append((f"cuda_ipc, torch calls, lease {deepest}x", {"env": {"SPLITVL_CUDART": "0"}}, deepest, 1))
-            variants.append((f"cuda_ipc, torch calls, batches of {deepest // 2}", {"env": {"SPLITVL_CUDART": "0"}},
-                             deepest, deepest // 2))
             if pin:  # sender and receiver on disjoint physical cores
                 variants.append((f"cuda_ipc pinned, lease {deepest}x", {"pin": True}, deepest, 1))
                 variants.append((f"cuda_ipc pinned, batches of {deepest // 2}", {"pin": True}, deepest, deepest // 2))
             for label, options, depth, batch in variants:
                 options = dict(options)
-                env, pinned = options.pop("env", None), options.pop("pin", False)
-                target = 0.8 if mib == 16 and not options and not env else None
-                args = ("cuda_ipc", rows, n_gpu, trials)
-                kwargs = dict(address="ipc:///tmp/splitvl-bench-cuda.sock", sender_device="cuda:0",
-                              sender_options={**options, "max_pending": 2 * depth},
-                              receiver_options={"device": "cuda:1", "lease_bytes": depth * nbytes, "max_senders": 1},
-                              alone=20, probe=True, batch=batch, pin=pinned)
-                if env:
-                    m = guarded(f"{label} {mib} MiB", in_child_with_env, env, transport_bandwidth, *args, **kwargs)
-                else:
-                    m = guarded(f"{label} {mib} MiB", transport_bandwidth, *args, **kwargs)
-                m = m or Measured(nan, nan, nan)
+                pinned = options.pop("pin", False)
+                target = 0.8 if mib == 16 and not options else None
+                m = guarded(f"{label} {mib} MiB", transport_bandwidth,
+                            "cuda_ipc", rows, n_gpu, trials, address="ipc:///tmp/splitvl-bench-cuda.sock",
+                            sender_device="cuda:0", sender_options={**options, "max_pending": 2 * depth},
+                            receiver_options={"device": "cuda:1", "lease_bytes": depth * nbytes, "max_senders": 1},
+                            alone=20, probe=True, batch=batch, pin=pinned) or Measured(nan, nan, nan)
                 add(Row(label, mib, m.stream_gbps, "torch copy cuda:0->1", raw, target, "  (stream)"))
                 add(Row(f"  {label}, alone", mib, _gbps(nbytes, m.alone_s), "one copy + sync",
                                  _gbps(nbytes, raw_alone), None, f"  ({_us(m.alone_s)} vs {_us(raw_alone)} per message)"))

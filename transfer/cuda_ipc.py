@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from transfer import cudart
 from transfer.base import TransportError
 from transfer.region import CudaEventFence, CurrentStream, Done, Fence, RegionMemory, RegionWriter
 from transfer.region_receiver import RegionReceiver
@@ -106,7 +105,6 @@ class _CudaWriter(RegionWriter):
         self._region: torch.Tensor | None = None
         self.device: torch.device | None = None
         self._events: collections.deque[tuple[torch.cuda.Event, bytes]] = collections.deque()  # least recently used first
-        self._rt = cudart.load()  # None: torch's calls (a build without a shared libcudart, or SPLITVL_CUDART=0)
 
     def _map(self, near: int) -> None:
         places = [self._owner]
@@ -123,27 +121,15 @@ class _CudaWriter(RegionWriter):
                 continue
             self.device = torch.device("cuda", index)
             self._region = torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage)
-            self._base = self._region.data_ptr()
             self._current_stream = CurrentStream(self.device)
             return
 
     def write(self, offset: int, src: torch.Tensor) -> None:
         if self._region is None:  # once per lease
             self._map(src.device.index if src.is_cuda else torch.cuda.current_device())
-        n = src.numel()
-        if not 0 <= offset <= self._region.numel() - n:
-            raise TransportError(f"a write of {n} bytes at {offset} is outside the {self._region.numel()}-byte region")
-        if self._rt is not None and src.is_cuda and src.get_device() == self.device.index:
-            # The common case, one runtime call instead of torch's copy_ (~4x the host time):
-            # the same copy on the same stream, the mapping device's current one.
-            code = self._rt.memcpy_async(self._base + offset, src.data_ptr(), n, cudart.DEVICE_TO_DEVICE,
-                                         self._current_stream().cuda_stream)
-            if code != cudart.SUCCESS:
-                raise TransportError(f"copy into the receiver's region failed: {self._rt.error(code)}")
-            return
         # Issued on src's current stream; the fence records the mapping device's current stream
         # (the same stream when src lives on the GPU the region is mapped on).
-        self._region[offset : offset + n].copy_(src, non_blocking=True)
+        self._region[offset : offset + src.numel()].copy_(src, non_blocking=True)
 
     def fence(self) -> Fence:
         """With device fences, an interprocess event the receiver checks before it copies the
@@ -164,7 +150,7 @@ class _CudaWriter(RegionWriter):
         one stream (copies complete in order), wrong if the caller switched streams between
         sends. So the oldest is reused only once done; else a new one, up to FENCE_EVENTS; else
         the oldest is waited for (the receiver is that far behind anyway)."""
-        if self._events and (self._rt.query(self._events[0][0].cuda_event) if self._rt else self._events[0][0].query()):
+        if self._events and self._events[0][0].query():
             return self._events.popleft()
         if len(self._events) < self.FENCE_EVENTS:
             with torch.cuda.device(self.device):  # an event's handle is made on the current device

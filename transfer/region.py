@@ -54,7 +54,6 @@ import msgpack
 import numpy
 import torch
 
-from transfer import cudart
 from transfer.codec import (
     ProtocolError,
 )
@@ -105,34 +104,15 @@ class CudaEventFence(Fence):
 
     def __init__(self, stream: torch.cuda.Stream, event: torch.cuda.Event | None = None, wire: bytes = b""):
         self.event = event if event is not None else torch.cuda.Event()
-        self._rt = cudart.load()
-        if self._rt is not None and self.event.cuda_event:  # torch creates an event at its first record
-            self._rt.check(self._rt.event_record(self.event.cuda_event, stream.cuda_stream), "cudaEventRecord")
-        else:
-            self.event.record(stream)
+        self.event.record(stream)
         self.wire = wire
         self.ordered: torch.cuda.Stream | None = None  # a stream already made to wait for it
 
     def done(self) -> bool:
-        if self._rt is not None:
-            return self._rt.query(self.event.cuda_event)
         return self.event.query()
 
     def wait(self) -> None:
         self.event.synchronize()  # releases the GIL
-
-
-class OpenedEvent:
-    """Another process's interprocess event, opened here. query() goes straight to the runtime
-    where it can: the receiver asks once or more per message."""
-
-    def __init__(self, event: torch.cuda.Event):
-        self.event = event  # keeps the handle open
-        self._handle = event.cuda_event
-        self._rt = cudart.load()
-
-    def query(self) -> bool:
-        return self._rt.query(self._handle) if self._rt is not None else self.event.query()
 
 
 def host_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -212,7 +192,7 @@ class RegionMemory(abc.ABC):
         if len(wire) != IPC_EVENT_BYTES:
             raise ProtocolError(f"write fence of {len(wire)} bytes (a CUDA IPC event handle is {IPC_EVENT_BYTES})")
         try:
-            return OpenedEvent(torch.cuda.Event.from_ipc_handle(self.device, wire))
+            return torch.cuda.Event.from_ipc_handle(self.device, wire)
         except RuntimeError as exc:
             raise ProtocolError(f"cannot open the sender's write fence: {exc}") from None
 

@@ -47,7 +47,10 @@ class _Holder:
 
 MAX_FENCES = 64  # write fences one lease may name (cuda_ipc senders use 8, in turn)
 EXPIRY_CHECK_S = 0.05
-WRITE_SPIN_S = 1e-3  # recv() checks a message's write fence continuously this long after it arrived, then every ms
+# recv() checks the oldest waiting message's write fence continuously until this long has passed
+# with nothing delivered (since it arrived, or since the last delivery if later), then backs off.
+WRITE_SPIN_S = 1e-3
+MAX_FENCE_POLL_S = 1e-3  # the longest back-off between checks (a dead sender's message waits for its lease's expiry)
 
 
 @dataclass
@@ -70,6 +73,16 @@ class _Arrival:
     messages: list[tuple[Any, list]]  # (header, payloads: tensors, bytes and _Spans) per message
     after: Any  # the sender's opened write fence, or None
     at: float = field(default_factory=time.monotonic)  # when it arrived
+
+
+def fence_poll_sleep(now: float, oldest_arrived: float, last_delivery: float) -> float:
+    """How long recv() sleeps before it checks the oldest waiting message's write fence again:
+    not at all (a yield) while messages keep landing, i.e. within WRITE_SPIN_S of that message's
+    arrival or of the last delivery, whichever is later. Past that (nothing landing: a sender
+    killed before its copy ran, whose message waits for its lease's reclaim) a tenth of the time
+    waited, up to MAX_FENCE_POLL_S, so a slow write is seen within ~10% of its time."""
+    waited = now - max(oldest_arrived, last_delivery)
+    return 0.0 if waited < WRITE_SPIN_S else min(MAX_FENCE_POLL_S, waited / 10)
 
 
 def _landed(arrival: _Arrival) -> bool:
@@ -105,6 +118,7 @@ class RegionReceiver(Receiver):
         self._arrived: collections.deque[_Arrival] = collections.deque()  # validated, not delivered yet
         self._ready: collections.deque[tuple[Message, list, Fence]] = collections.deque()  # copied out, for recv()
         self._next_expiry_check = 0.0
+        self._last_delivery = 0.0  # when _deliver last copied a DATA out (recv()'s fence polling clock)
         self._pending_free: collections.deque[tuple[Fence, int, int, int, int]] = collections.deque()  # fence, lease, gen, seq, bytes
         self._sock = (context or zmq.Context.instance()).socket(zmq.ROUTER)
         common_options(self._sock)
@@ -131,8 +145,8 @@ class RegionReceiver(Receiver):
         (microseconds: they run on their own stream) and their spans freed before this call
         sleeps or returns, so a sender whose lease is full never waits on an idle receiver.
         A message whose sender's writes are still running (its write fence not done yet) waits
-        here, checked continuously for WRITE_SPIN_S and then every ms, while other messages are read
-        and delivered."""
+        here, checked continuously while messages keep landing and less often after WRITE_SPIN_S
+        without one, while other messages are read and delivered."""
         if self._ready:  # the rest of a batch already copied out: no need to look at the socket
             return self._hand_over()
         deadline = deadline_after(timeout)
@@ -151,11 +165,14 @@ class RegionReceiver(Receiver):
                     now = time.monotonic()
                     if deadline is not None and now >= deadline:
                         return None
-                    # Writes take tens of microseconds: yield the CPU and look again (a real sleep
-                    # lasts >= ~60 us on Linux). A dead sender's message waits until its lease is
-                    # reclaimed: after a millisecond, look only every millisecond.
-                    waited = now - self._arrived[0].at
-                    time.sleep(0 if waited < WRITE_SPIN_S else 1e-3)
+                    # A write lands tens of microseconds to a lease's worth of link time (~1 ms
+                    # for 256 MiB) after its DATA: the sender sends the DATA as soon as its copy
+                    # is queued, behind everything it queued before. So while messages keep
+                    # landing, yield the CPU and look again (a real sleep lasts >= ~60 us here).
+                    # The clock is the oldest waiting message's arrival, or the last delivery if
+                    # later: timed from arrival alone, a sender a lease ahead made every message
+                    # wait ~1 ms and fall into the back-off below, idling the link (docs/transfer.md).
+                    time.sleep(fence_poll_sleep(now, self._arrived[0].at, self._last_delivery))
                     continue
                 if not ready:
                     for fence, *_ in self._pending_free:
@@ -200,6 +217,7 @@ class RegionReceiver(Receiver):
                 continue
             del self._arrived[i]
             self._copy_out(arrival)
+            self._last_delivery = time.monotonic()
             return
 
     def _forgive_own_absence(self) -> None:
