@@ -26,6 +26,8 @@ if __name__ == "__main__":
     parser.add_argument("--pin", action="store_true",
                         help="also measure the deepest lease's cuda_ipc rows with the sender and receiver processes "
                              "pinned to disjoint physical cores")
+    parser.add_argument("--only", default="",
+                        help="measure only these cuda_ipc rows, by label, separated by ';' (e.g. to profile one)")
     parser.add_argument("--breakdown", action="store_true",
                         help="instead of the table: where one message's time goes (per stage) and what a stream "
                              "costs per message, for shm and (with 2 GPUs) cuda_ipc at --lease-depths")
@@ -39,4 +41,5 @@ if __name__ == "__main__":
 
     sys.exit(run(sizes=[int(s) for s in args.sizes.split(",")], trials=args.trials, quick=args.quick,
                  cpu_only=args.cpu_only, host_quick=args.host_quick, lean_host=args.lean_host,
-                 no_host=args.no_host, lease_depths=tuple(int(d) for d in args.lease_depths.split(",")), pin=args.pin))
+                 no_host=args.no_host, lease_depths=tuple(int(d) for d in args.lease_depths.split(",")), pin=args.pin,
+                 only=set(filter(None, args.only.split(";"))) or None))

@@ -625,12 +625,14 @@ def run_breakdown(sizes: list[int], cpu_only: bool = False, no_host: bool = Fals
 
 
 def run(sizes: list[int], trials: int = 3, quick: bool = False, cpu_only: bool = False, host_quick: bool = False,
-        lean_host: bool = False, no_host: bool = False, lease_depths: tuple[int, ...] = (4, 16), pin: bool = False) -> int:
+        lean_host: bool = False, no_host: bool = False, lease_depths: tuple[int, ...] = (4, 16), pin: bool = False,
+        only: set[str] | None = None) -> int:
     """Print the exactness checks and the bandwidth table; 1 if cuda_ipc was not bit-exact or a
     measurement failed. `host_quick`: a quarter of the host messages; `lean_host`: skip the
     fresh-buffer socket and THP shm rows; `no_host`: no host rows at all;
     `lease_depths`: cuda_ipc lease sizes to measure, in messages (how many can be in flight);
-    `pin`: also the deepest lease's rows with sender and receiver on disjoint physical cores."""
+    `pin`: also the deepest lease's rows with sender and receiver on disjoint physical cores;
+    `only`: the cuda_ipc rows to measure, by label (e.g. to profile one)."""
     for mib in sizes:
         if (mib * MIB) % (WIDTH * 2):
             raise ValueError(f"size {mib} MiB is not a whole number of {WIDTH}-wide bf16 rows")
@@ -722,6 +724,8 @@ def run(sizes: list[int], trials: int = 3, quick: bool = False, cpu_only: bool =
                 variants.append((f"cuda_ipc pinned, lease {deepest}x", {"pin": True}, deepest, 1))
                 variants.append((f"cuda_ipc pinned, batches of {deepest // 2}", {"pin": True}, deepest, deepest // 2))
             for label, options, depth, batch in variants:
+                if only and label not in only:
+                    continue
                 options = dict(options)
                 pinned = options.pop("pin", False)
                 target = 0.8 if mib == 16 and not options else None
