@@ -506,33 +506,6 @@ def test_caller_sends_data_itself_when_the_io_thread_sleeps() -> None:
         proc.kill()
 
 
-def test_send_short_of_space_reads_the_frees_itself() -> None:
-    """A send() waiting for span space reads the receiver's FREEs from the socket in its own
-    thread, rather than waiting for the I/O thread to read them and wake it (two wake-ups and
-    a GIL hand-off per FREE); every message still arrives, in order."""
-    seen = SPAWN.Queue()
-    address = free_tcp_address()
-    proc = _start(_receive_ids, address, seen)
-    try:
-        with ShmSender(address) as sender:
-            readers = []
-            on_control = sender._on_control
-
-            def recording(frames):
-                if frames and frames[0] == b"free":
-                    readers.append(threading.current_thread())
-                return on_control(frames)
-
-            sender._on_control = recording
-            for i in range(24):  # 96 KiB each through a 256 KiB lease: most sends wait for space
-                sender.send(EncodeResult(f"m-{i}", "key", (1, 1, 1), torch.full((96, 256), float(i))), timeout=30)
-            assert [seen.get(timeout=30) for _ in range(24)] == [f"m-{i}" for i in range(24)]
-            caller = sum(t is threading.current_thread() for t in readers)
-            assert caller >= len(readers) // 2, f"{caller} of {len(readers)} FREEs read by send()"
-    finally:
-        proc.kill()
-
-
 def test_sender_short_of_space_is_freed_at_once_by_an_idle_receiver() -> None:
     """A small message leaves room for another of its size, so its span is not FREEd at once;
     a larger one then does not fit. Its sender PINGs, and the idle receiver FREEs at once

@@ -39,8 +39,6 @@ from transfer.zmq_transport import check_address, common_options, deadline_after
 
 log = logging.getLogger(__name__)
 
-SERVE_POLL_MS = 5  # a send() reading the socket itself while it waits looks at its state at least this often
-
 
 @dataclass
 class _Lease:
@@ -145,7 +143,7 @@ class RegionSender(Sender):
         with self._cond:
             self._wait(lambda: len(self._outbox) < self._max_pending, deadline, "the receiver is not consuming")
             while direct:  # until the message has a span in a lease that is still ours
-                lease = self._wait(lambda: self._lease, deadline, "no lease from the receiver", lease=True, serve=True)
+                lease = self._wait(lambda: self._lease, deadline, "no lease from the receiver", lease=True)
                 if total > lease.nbytes:
                     if len(batch) > 1:
                         break  # sent in halves, below
@@ -160,7 +158,7 @@ class RegionSender(Sender):
                 seq = self._seq
                 try:
                     start = self._wait(lambda lease=lease, seq=seq: self._alloc(lease, seq, total),
-                                       deadline, "the receiver's region is full (it is not freeing spans)", serve=True)
+                                       deadline, "the receiver's region is full (it is not freeing spans)")
                 except TransportError:
                     self._waiting_space = False  # nobody waits any more: the I/O thread may stop watching
                     raise
@@ -246,12 +244,9 @@ class RegionSender(Sender):
             if lease.writing == 0:
                 lease.writer.close()
 
-    def _wait(self, ready: Callable[[], Any], deadline: float | None, why: str, lease: bool = False,
-              serve: bool = False) -> Any:
-        """Under the lock: wait until `ready()` is not None/False; raise at the deadline, or at
-        once if the receiver refused this sender for good (or its I/O thread failed).
-        `serve`: what is awaited comes from the receiver (a LEASE, FREEs), so this thread reads
-        the socket itself while it waits, when the I/O thread is not using it."""
+    def _wait(self, ready: Callable[[], Any], deadline: float | None, why: str, lease: bool = False) -> Any:
+        """Wait on the condition until `ready()` is not None/False; raise at the deadline, or at
+        once if the receiver refused this sender for good (or its I/O thread failed)."""
         while True:
             if self._refused and not self._refused[1]:
                 raise TransportError(f"{self.address} refused this sender: {self._refused[0]}")
@@ -262,34 +257,7 @@ class RegionSender(Sender):
             if left is not None and left <= 0:
                 detail = f" ({self._refused[0]})" if lease and self._refused else ""
                 raise TransportTimeout(f"{self.address}: {why}{detail}")
-            if serve and self._serve_socket(left):
-                continue
             self._cond.wait(left if left is not None else 1.0)
-
-    def _serve_socket(self, left: float | None) -> bool:
-        """Under the lock, in the caller's thread: take the I/O thread's turn on the socket (send
-        what is due, read control messages), then wait for the socket to become readable, with
-        the lock released. A FREE is then taken by the thread that waits for it: the I/O thread
-        would read it, notify this thread, and hand it the GIL, two wake-ups later (on the
-        2x H200 host the round trip of a FREE bounded a stream of batches; docs/transfer.md).
-        False if the I/O thread has the socket (then it reads for us), or has DATA to send (which
-        must not wait for this thread's poll)."""
-        if self._outbox or not self._sock_lock.acquire(blocking=False):
-            return False
-        try:
-            sock = self._sock
-            if sock is None:  # closed
-                return False
-            self._pump(sock, wait=True)
-            self._cond.release()  # held once, by send(): the I/O thread may take it meanwhile
-            try:
-                timeout_ms = SERVE_POLL_MS if left is None else max(1, min(SERVE_POLL_MS, int(left * 1000)))
-                sock.poll(timeout_ms, zmq.POLLIN)
-            finally:
-                self._cond.acquire()
-            return True
-        finally:
-            self._sock_lock.release()
 
     def _wake(self) -> None:
         os.eventfd_write(self._wake_fd, 1)  # a counter: repeated wakes before the I/O thread reads it merge
