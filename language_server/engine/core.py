@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 class EngineCore:
     def __init__(self, settings: LanguageSettings) -> None:
         self.settings = settings
+        # First: with cuda_ipc results its receive region comes out of the model's GPU, so the
+        # KV cache, sized below from the memory left free, leaves room for it.
+        self.encoders = EncoderClient(settings.encoders, settings.transport, settings.result_address,
+                                      settings.encode_timeout_s, settings.encode_retries,
+                                      settings.encoder_health_interval_s, settings.result_transport,
+                                      settings.device, settings.result_lease_mib)
         # Graphs are captured up to the largest decode batch and sized for the longest sequence.
         options = RunnerOptions.from_env(max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len)
         self.runner = ModelRunner(settings.model, settings.device, settings.dtype, settings.block_size,
@@ -38,10 +44,6 @@ class EngineCore:
         self.blocks = BlockManager(self.runner.num_kv_blocks, settings.block_size, settings.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, settings.max_num_batched_tokens, settings.max_num_seqs,
                                    settings.chunk_size)
-        self.encoders = EncoderClient(settings.encoders, settings.transport, settings.result_address,
-                                      settings.encode_timeout_s, settings.encode_retries,
-                                      settings.encoder_health_interval_s, settings.result_transport,
-                                      settings.device)
         self.eos_ids = set(load_eos_ids(settings.model, self.config))
         # The longest sequence the cache can hold bounds max_model_len.
         self.max_model_len = min(settings.max_model_len, self.runner.num_kv_blocks * settings.block_size)

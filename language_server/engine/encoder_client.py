@@ -81,13 +81,25 @@ def _wire_source(source: str) -> bytes | str:
     return source
 
 
+def _region_options(transport: str, device: str, lease_mib: int, encoders: int) -> dict[str, object]:
+    """The receive region of the region transports: cuda_ipc's on the model's GPU, which the
+    encoders copy into; one lease per encoder, plus one so a restarted encoder attaches at once
+    instead of waiting for its old lease to expire."""
+    if transport not in ("cuda_ipc", "shm", "nixl"):
+        return {}
+    options: dict[str, object] = {"lease_bytes": lease_mib << 20, "max_senders": encoders + 1}
+    if transport == "cuda_ipc":
+        options["device"] = device
+    return options
+
+
 class EncoderClient:
     def __init__(self, addresses: list[str], transport: str, result_address: str, timeout_s: float,
                  retries: int, health_interval_s: float, result_transport: str = "zmq",
-                 device: str = "cpu") -> None:
-        # cuda_ipc: the receiver owns a region on the model's GPU that encoders copy into.
-        options = {"device": device} if result_transport == "cuda_ipc" else {}
-        self.receiver: Receiver = make_receiver(result_transport, result_address, **options)
+                 device: str = "cpu", result_lease_mib: int = 64) -> None:
+        self.receiver: Receiver = make_receiver(result_transport, result_address,
+                                                **_region_options(result_transport, device, result_lease_mib,
+                                                                  len(addresses)))
         self.encoders = [EncoderState(a, make_sender(transport, a)) for a in addresses]
         self.timeout_s = timeout_s
         self.retries = retries
