@@ -21,8 +21,8 @@ if __name__ == "__main__":
     parser.add_argument("--host-quick", action="store_true", help="a quarter of the host-side messages per trial")
     parser.add_argument("--lean-host", action="store_true", help="skip the fresh-buffer socket and THP shm rows")
     parser.add_argument("--no-host", action="store_true", help="skip every host-side row (sockets, zmq, shm)")
-    parser.add_argument("--lease-depths", default="4,16",
-                        help="cuda_ipc lease sizes to measure, in messages of the payload size (default: 4,16)")
+    parser.add_argument("--lease-depths", default="4,16,32",
+                        help="cuda_ipc lease sizes to measure, in messages of the payload size (default: 4,16,32)")
     parser.add_argument("--pin", action="store_true",
                         help="also measure the deepest lease's cuda_ipc rows with the sender and receiver processes "
                              "pinned to disjoint physical cores")

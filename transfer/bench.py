@@ -625,7 +625,7 @@ def run_breakdown(sizes: list[int], cpu_only: bool = False, no_host: bool = Fals
 
 
 def run(sizes: list[int], trials: int = 3, quick: bool = False, cpu_only: bool = False, host_quick: bool = False,
-        lean_host: bool = False, no_host: bool = False, lease_depths: tuple[int, ...] = (4, 16), pin: bool = False,
+        lean_host: bool = False, no_host: bool = False, lease_depths: tuple[int, ...] = (4, 16, 32), pin: bool = False,
         only: set[str] | None = None) -> int:
     """Print the exactness checks and the bandwidth table; 1 if cuda_ipc was not bit-exact or a
     measurement failed. `host_quick`: a quarter of the host messages; `lean_host`: skip the
