@@ -8,7 +8,7 @@ direct ctypes calls into the libcudart torch loaded, so the budget can be read o
 guessed. Copies are 4 KiB, so the GPU never backs up and only the host's share is timed.
 
 Measured on a 2x H200 host (docs/transfer.md): the direct calls save ~4.6 us on the copy and
-nothing on events, far too little against the ~150 us a single message costs end to end, so
+nothing on events, far too little against the ~120 us of host time each side spends per message, so
 the transport keeps torch's calls.
 """
 

@@ -33,9 +33,11 @@ class LanguageSettings(BaseModel):
     result_lease_mib: int = Field(
         64, ge=1, le=16384,
         description="cuda_ipc / shm / nixl results: memory each encoder may fill ahead of this service (its lease of the "
-                    "receive region, taken from this service's GPU before the KV cache is sized; one lease per "
-                    "encoder, plus one so a restarted encoder need not wait for its old lease to expire). A stream "
-                    "of 16 MiB results (one 1024x1024 image) moves at link speed from 512 MiB (docs/transfer.md)")
+                    "receive region; one lease per encoder, plus one so a restarted encoder need not wait for its "
+                    "old lease to expire). With cuda_ipc the region is on this service's GPU, taken before the KV "
+                    "cache is sized. Results are taken between model steps, so this is how far an encoder can run "
+                    "ahead; in the transfer benchmark batches of 16 MiB results (one 1024x1024 image) moved at link "
+                    "speed from 512 MiB (docs/transfer.md)")
     encode_timeout_s: float = Field(30.0, gt=0, description="per image job; then retry elsewhere or fail")
     encode_retries: int = Field(1, ge=0, description="extra attempts on other encoders")
     encoder_health_interval_s: float = Field(2.0, gt=0)

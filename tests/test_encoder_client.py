@@ -10,23 +10,10 @@ import torch
 
 from language_server.engine.encoder_client import EncoderClient
 from tests.net import free_tcp_address
+from tests.region_hooks import deliver
 from transfer.base import TransportTimeout
 from transfer.messages import EncodeResult
 from transfer.shm import ShmSender
-
-
-def _deliver(receiver, sender: ShmSender, msg: EncodeResult) -> None:
-    """Send until it gets through: the receiver runs the lease protocol only inside recv()."""
-    for _ in range(100):
-        try:
-            sender.send(msg, timeout=0.05)
-        except TransportTimeout:
-            receiver.recv(timeout=0.05)
-            continue
-        got = receiver.recv(timeout=5)
-        assert got is not None and got.request_id == msg.request_id
-        return
-    raise AssertionError("the sender never got through")
 
 
 def test_region_results_get_a_lease_per_encoder_plus_one_of_the_set_size(caplog) -> None:
@@ -36,10 +23,10 @@ def test_region_results_get_a_lease_per_encoder_plus_one_of_the_set_size(caplog)
     try:
         for i in range(3):  # two encoders and a restarted one
             senders.append(ShmSender(client.result_address))
-            _deliver(client.receiver, senders[i], EncodeResult(f"fits-{i}", "k", (1, 1, 1), torch.ones(512, 256)))
+            deliver(client.receiver, senders[i], EncodeResult(f"fits-{i}", "k", (1, 1, 1), torch.ones(512, 256)))
         assert not any("exceeds" in r.getMessage() for r in caplog.records)
         with caplog.at_level(logging.WARNING):
-            _deliver(client.receiver, senders[0], EncodeResult("big", "k", (1, 1, 1), torch.ones(1536, 256)))
+            deliver(client.receiver, senders[0], EncodeResult("big", "k", (1, 1, 1), torch.ones(1536, 256)))
         assert any("exceeds the 1048576-byte lease" in r.getMessage() for r in caplog.records)  # 1.5 MiB > 1 MiB
         senders.append(ShmSender(client.result_address))
         reasons = set()

@@ -18,7 +18,7 @@ import torch
 import zmq
 
 from tests.net import free_tcp_address
-from tests.region_hooks import count_data_messages
+from tests.region_hooks import count_data_messages, deliver
 from transfer.base import TransportError, TransportTimeout
 from transfer.codec import encode_message
 from transfer.messages import PROTOCOL_VERSION, EncodeError, EncodeJob, EncodeResult
@@ -465,7 +465,8 @@ def test_ring_allocates_in_order_and_frees_out_of_order() -> None:
 def test_fence_polling_spins_while_messages_land_and_backs_off_when_none_do() -> None:
     """A sender a lease ahead of its copies sends each DATA up to a lease's link time (~1 ms)
     before its data lands: the receiver must keep looking while deliveries go on, however long
-    ago the message arrived, and only back off (at most 1 ms, ~10% of the wait) without any."""
+    ago the messages arrived, and only back off (at most 1 ms, ~10% of the wait) when nothing
+    arrives or lands."""
     from transfer.region_receiver import MAX_FENCE_POLL_S, WRITE_SPIN_S, fence_poll_sleep
 
     now = 100.0
@@ -473,6 +474,16 @@ def test_fence_polling_spins_while_messages_land_and_backs_off_when_none_do() ->
     assert fence_poll_sleep(now, now - 5 * WRITE_SPIN_S, now - 0.0001) == 0  # arrived long ago, deliveries go on
     assert fence_poll_sleep(now, now - 5 * WRITE_SPIN_S, now - 2 * WRITE_SPIN_S) == pytest.approx(0.2 * WRITE_SPIN_S)
     assert fence_poll_sleep(now, now - 60.0, now - 30.0) == MAX_FENCE_POLL_S  # a dead sender's message
+
+
+def test_recv_restarts_the_fence_polling_clock_at_each_delivery() -> None:
+    """The clock fence_poll_sleep reads: recv() sets it whenever it hands a DATA's messages out."""
+    with ShmReceiver("tcp://127.0.0.1:*", lease_bytes=256 * KIB, max_senders=1) as receiver, \
+            ShmSender(receiver.address) as sender:
+        for i in range(2):
+            before = time.monotonic()
+            deliver(receiver, sender, EncodeResult(f"m-{i}", "key", (1, 1, 1), torch.ones(4, 8)))
+            assert before <= receiver._last_delivery <= time.monotonic()
 
 
 def _receive_ids(address: str, seen) -> None:

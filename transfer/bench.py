@@ -723,6 +723,10 @@ def run(sizes: list[int], trials: int = 3, quick: bool = False, cpu_only: bool =
             if pin:  # sender and receiver on disjoint physical cores
                 variants.append((f"cuda_ipc pinned, lease {deepest}x", {"pin": True}, deepest, 1))
                 variants.append((f"cuda_ipc pinned, batches of {deepest // 2}", {"pin": True}, deepest, deepest // 2))
+            unknown = (only or set()) - {label for label, *_ in variants}
+            if unknown:
+                print(f"--only: no cuda_ipc row is called {sorted(unknown)}; the rows are "
+                      f"{[label for label, *_ in variants]}", flush=True)
             for label, options, depth, batch in variants:
                 if only and label not in only:
                     continue

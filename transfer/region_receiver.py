@@ -47,8 +47,8 @@ class _Holder:
 
 MAX_FENCES = 64  # write fences one lease may name (cuda_ipc senders use 8, in turn)
 EXPIRY_CHECK_S = 0.05
-# recv() checks the oldest waiting message's write fence continuously until this long has passed
-# with nothing delivered (since it arrived, or since the last delivery if later), then backs off.
+# recv() checks waiting messages' write fences continuously until this long has passed with
+# nothing arriving or delivered, then backs off.
 WRITE_SPIN_S = 1e-3
 MAX_FENCE_POLL_S = 1e-3  # the longest back-off between checks (a dead sender's message waits for its lease's expiry)
 
@@ -75,13 +75,13 @@ class _Arrival:
     at: float = field(default_factory=time.monotonic)  # when it arrived
 
 
-def fence_poll_sleep(now: float, oldest_arrived: float, last_delivery: float) -> float:
-    """How long recv() sleeps before it checks the oldest waiting message's write fence again:
-    not at all (a yield) while messages keep landing, i.e. within WRITE_SPIN_S of that message's
-    arrival or of the last delivery, whichever is later. Past that (nothing landing: a sender
-    killed before its copy ran, whose message waits for its lease's reclaim) a tenth of the time
+def fence_poll_sleep(now: float, newest_arrived: float, last_delivery: float) -> float:
+    """How long recv() sleeps before it checks the waiting messages' write fences again: not at
+    all (a yield) within WRITE_SPIN_S of the newest arrival or the last delivery, whichever is
+    later (messages are coming in, or landing). Past that (nothing landing: e.g. a sender killed
+    before its copy ran, whose message waits for its lease's reclaim) a tenth of the time
     waited, up to MAX_FENCE_POLL_S, so a slow write is seen within ~10% of its time."""
-    waited = now - max(oldest_arrived, last_delivery)
+    waited = now - max(newest_arrived, last_delivery)
     return 0.0 if waited < WRITE_SPIN_S else min(MAX_FENCE_POLL_S, waited / 10)
 
 
@@ -169,10 +169,11 @@ class RegionReceiver(Receiver):
                     # for 256 MiB) after its DATA: the sender sends the DATA as soon as its copy
                     # is queued, behind everything it queued before. So while messages keep
                     # landing, yield the CPU and look again (a real sleep lasts >= ~60 us here).
-                    # The clock is the oldest waiting message's arrival, or the last delivery if
-                    # later: timed from arrival alone, a sender a lease ahead made every message
-                    # wait ~1 ms and fall into the back-off below, idling the link (docs/transfer.md).
-                    time.sleep(fence_poll_sleep(now, self._arrived[0].at, self._last_delivery))
+                    # The clock is the newest arrival, or the last delivery if later: timed from
+                    # the oldest arrival alone, a sender a lease ahead made every message wait
+                    # ~1 ms and fall into the back-off below, idling the link (docs/transfer.md);
+                    # and a dead sender's message at the head made a live one's back off at once.
+                    time.sleep(fence_poll_sleep(now, self._arrived[-1].at, self._last_delivery))
                     continue
                 if not ready:
                     for fence, *_ in self._pending_free:

@@ -22,6 +22,7 @@ from language_server.engine.scheduler import Scheduler
 from language_server.protocol import EngineStats, GenerateRequest, RequestOutput
 from language_server.settings import LanguageSettings
 from models.config import load_eos_ids
+from models.device import resolve_device
 from models.mrope import mrope_positions
 
 log = logging.getLogger(__name__)
@@ -30,16 +31,21 @@ log = logging.getLogger(__name__)
 class EngineCore:
     def __init__(self, settings: LanguageSettings) -> None:
         self.settings = settings
-        # First: with cuda_ipc results its receive region comes out of the model's GPU, so the
-        # KV cache, sized below from the memory left free, leaves room for it.
+        device = str(resolve_device(settings.device))  # made current first: nothing lands on another GPU
+        # Before the model: with cuda_ipc results the receive region comes out of the model's
+        # GPU, so the KV cache, sized from the memory left free, leaves room for it.
         self.encoders = EncoderClient(settings.encoders, settings.transport, settings.result_address,
                                       settings.encode_timeout_s, settings.encode_retries,
                                       settings.encoder_health_interval_s, settings.result_transport,
-                                      settings.device, settings.result_lease_mib)
-        # Graphs are captured up to the largest decode batch and sized for the longest sequence.
-        options = RunnerOptions.from_env(max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len)
-        self.runner = ModelRunner(settings.model, settings.device, settings.dtype, settings.block_size,
-                                  settings.num_kv_blocks, settings.kv_cache_memory_fraction, options)
+                                      device, settings.result_lease_mib)
+        try:
+            # Graphs are captured up to the largest decode batch and sized for the longest sequence.
+            options = RunnerOptions.from_env(max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len)
+            self.runner = ModelRunner(settings.model, device, settings.dtype, settings.block_size,
+                                      settings.num_kv_blocks, settings.kv_cache_memory_fraction, options)
+        except BaseException:
+            self.encoders.close()  # its socket and region, for callers that live on (tests, benchmarks)
+            raise
         self.config = self.runner.config
         self.blocks = BlockManager(self.runner.num_kv_blocks, settings.block_size, settings.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, settings.max_num_batched_tokens, settings.max_num_seqs,
