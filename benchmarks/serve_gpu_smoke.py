@@ -117,8 +117,10 @@ def serve_and_ask(ckpt: Path, data_urls: list[str], enc_device: str, lang_device
                             "--device", enc_device, "--dtype", dtype, "--result-transport", result_transport],
                            stdout=enc_log, stderr=subprocess.STDOUT, env=env)
     cfg = log_dir / f"language_{result_transport}.yaml"
+    # Over cuda_ipc, the lease configs/qwen3-vl-30b-a3b-2gpu.yaml ships with.
+    lease = {"result_lease_mib": 512} if result_transport == "cuda_ipc" else {}
     cfg.write_text(json.dumps({"result_transport": result_transport, "kv_cache_memory_fraction": 0.3,
-                               "max_model_len": 4096}))
+                               "max_model_len": 4096, **lease}))
     lang = subprocess.Popen([sys.executable, "-m", "splitvl", "language", "--model", str(lang_ckpt or ckpt),
                              "--encoder", f"tcp://127.0.0.1:{enc_port}", "--port", str(api_port),
                              "--device", lang_device, "--dtype", dtype, "--config", str(cfg)],
