@@ -707,31 +707,30 @@ def run(sizes: list[int], trials: int = 3, quick: bool = False, cpu_only: bool =
             # tensor, so the pipeline's fill and drain (~1 ms) must be small beside it.
             n_gpu = max(8, int(8192 // mib * scale))
             raw, raw_alone = gpu_copy(nbytes, n_gpu, 0, 1, trials)
-            variants = [(f"cuda_ipc 0->1, lease {d}x", {}, d, 1) for d in lease_depths]
+            # (label, sender options, lease depth, batch, pinned)
+            variants = [(f"cuda_ipc 0->1, lease {d}x", {}, d, 1, False) for d in lease_depths]
             # send_many: several messages per control message (the encode service's outbox sends
             # what its queue holds that way), in batches of a quarter and of half the deepest
             # lease (send_many caps a batch at half the lease, so two are in flight).
             deepest = max(lease_depths)
             for batch in sorted({max(1, deepest // 4), max(1, deepest // 2)}):
-                variants.append((f"cuda_ipc 0->1, lease {deepest}x, batches of {batch}", {}, deepest, batch))
+                variants.append((f"cuda_ipc 0->1, lease {deepest}x, batches of {batch}", {}, deepest, batch, False))
             variants.append((f"cuda_ipc, host fence, lease {deepest}x, batches of {deepest // 2}", {"device_fence": False},
-                             deepest, deepest // 2))
+                             deepest, deepest // 2, False))
             # For comparison, the earlier paths: the sender waits for its copy before each DATA
             # (no device fence), and the region mapped on the receiver's GPU (host-staged copies).
-            variants.append(("cuda_ipc, host fence", {"device_fence": False}, 4, 1))
-            variants.append(("cuda_ipc, mapped on owner", {"map_on": "owner"}, 4, 1))
+            variants.append(("cuda_ipc, host fence", {"device_fence": False}, 4, 1, False))
+            variants.append(("cuda_ipc, mapped on owner", {"map_on": "owner"}, 4, 1, False))
             if pin:  # sender and receiver on disjoint physical cores
-                variants.append((f"cuda_ipc pinned, lease {deepest}x", {"pin": True}, deepest, 1))
-                variants.append((f"cuda_ipc pinned, batches of {deepest // 2}", {"pin": True}, deepest, deepest // 2))
+                variants.append((f"cuda_ipc pinned, lease {deepest}x", {}, deepest, 1, True))
+                variants.append((f"cuda_ipc pinned, batches of {deepest // 2}", {}, deepest, deepest // 2, True))
             unknown = (only or set()) - {label for label, *_ in variants}
             if unknown:
                 print(f"--only: no cuda_ipc row is called {sorted(unknown)}; the rows are "
                       f"{[label for label, *_ in variants]}", flush=True)
-            for label, options, depth, batch in variants:
+            for label, options, depth, batch, pinned in variants:
                 if only and label not in only:
                     continue
-                options = dict(options)
-                pinned = options.pop("pin", False)
                 target = 0.8 if mib == 16 and not options else None
                 m = guarded(f"{label} {mib} MiB", transport_bandwidth,
                             "cuda_ipc", rows, n_gpu, trials, address="ipc:///tmp/splitvl-bench-cuda.sock",

@@ -45,7 +45,8 @@ class _Holder:
     urgent: bool = False  # the sender is short of space (DATA said low, or it PINGed): FREE when idle
     fences: dict[bytes, Any] = field(default_factory=dict)  # the sender's write fences, opened once
 
-MAX_FENCES = 64  # write fences one lease may name (cuda_ipc senders use 8, in turn)
+
+MAX_FENCES = 64  # write fences one lease may name (a cuda_ipc sender uses up to _CudaWriter.FENCE_EVENTS = 32)
 EXPIRY_CHECK_S = 0.05
 # recv() checks waiting messages' write fences continuously until this long has passed with
 # nothing arriving or delivered, then backs off.

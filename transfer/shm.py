@@ -27,7 +27,7 @@ _PAGE = 4096  # region data starts after the token page
 class _MemfdRegion(RegionMemory):
     def __init__(self, nbytes: int):
         self.device = torch.device("cpu")
-        self._nbytes = self.nbytes = nbytes
+        self.nbytes = nbytes
         self._token = secrets.token_bytes(_TOKEN_BYTES)
         self._fd = os.memfd_create("splitvl-region", os.MFD_CLOEXEC)
         os.ftruncate(self._fd, _PAGE + nbytes)
@@ -39,7 +39,7 @@ class _MemfdRegion(RegionMemory):
         return self._data[offset : offset + nbytes]
 
     def export(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "fd": self._fd, "nbytes": self._nbytes, "token": self._token}
+        return {"pid": os.getpid(), "fd": self._fd, "nbytes": self.nbytes, "token": self._token}
 
     def close(self) -> None:
         self._data = None  # release the buffer export before unmapping
