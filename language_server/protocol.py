@@ -104,7 +104,7 @@ class EngineStats:
     encoders_healthy: int = 0
     encoders_total: int = 0
     steps: int = 0
-    failed_steps: int = 0  # model steps that raised; their requests ended with a 500
+    failed_steps: int = 0  # model steps that raised (rerun in halves; only a request failing alone ends)
 
 
 @dataclass

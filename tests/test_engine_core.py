@@ -248,35 +248,35 @@ def test_generated_tokens_are_prefix_cached_for_the_next_turn(text_engine_ref):
     assert out[-1].cached_tokens == 48
 
 
-def test_a_failing_model_step_ends_its_requests_and_the_engine_keeps_serving(text_engine_ref, monkeypatch):
-    """A bug in one model step: the requests of that batch end with a 500 and free their blocks;
-    later requests are served exactly. A CUDA error, after which the GPU cannot be trusted, is
-    not caught."""
+def test_a_step_failing_on_one_requests_data_ends_only_that_request(text_engine_ref, monkeypatch):
+    """A model step raises whenever one request is in it (a bug its data triggers): the batch is
+    rerun in halves, the culprit alone ends with a 500 and frees its blocks, and every other
+    request of the batch carries on exactly as if it had run alone. A CUDA error, after which the
+    GPU cannot be trusted, is not caught."""
     ckpt, ref = text_engine_ref
     engine = make_engine(ckpt, num_kv_blocks=64, block_size=4)
     rng = random.Random(11)
     run = engine.runner.run
-    calls = {"n": 0}
 
-    def flaky(chunks):
-        calls["n"] += 1
-        if calls["n"] == 2:  # the second step: both requests are in it
+    def fails_with_poison(chunks):
+        if any(c.request.request_id == "poison" for c in chunks):
             raise ValueError("a bug in a kernel")
         return run(chunks)
 
-    monkeypatch.setattr(engine.runner, "run", flaky)
-    doomed = [GenerateRequest(f"d{i}", prompt(rng, 7), greedy(6)) for i in range(2)]
-    outs = run_all(engine, doomed)
-    for r in doomed:
-        last = outs[r.request_id][-1]
-        assert last.finished and last.finish_reason == "error" and last.error_status == 500
-        assert last.error_code == "internal_error" and "ValueError" in last.error_message
-    assert engine.failed_steps == 1 and engine.blocks.num_free == engine.blocks.num_blocks
-
-    later = GenerateRequest("after", prompt(rng, 9), greedy(5))
-    outs = run_all(engine, [later])
-    assert outs["after"][-1].finish_reason == "length"
-    assert tokens_of(outs["after"]) == ref.generate_ids(later.prompt_token_ids, max_tokens=5)
+    monkeypatch.setattr(engine.runner, "run", fails_with_poison)
+    reqs = [GenerateRequest(f"d{i}", prompt(rng, 7), greedy(6)) for i in range(5)]
+    reqs.insert(3, GenerateRequest("poison", prompt(rng, 7), greedy(6)))
+    outs = run_all(engine, reqs)
+    last = outs["poison"][-1]
+    assert last.finished and last.finish_reason == "error" and last.error_status == 500
+    assert last.error_code == "internal_error" and "ValueError" in last.error_message
+    for r in reqs:
+        if r.request_id != "poison":
+            assert outs[r.request_id][-1].finish_reason in ("stop", "length")
+            assert tokens_of(outs[r.request_id]) == ref.generate_ids(r.prompt_token_ids, max_tokens=6)
+    # The step of six failed, then its half [poison, d3, d4], then [poison] alone.
+    assert engine.failed_steps == 3
+    assert engine.blocks.num_free == engine.blocks.num_blocks
 
     def broken(chunks):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")

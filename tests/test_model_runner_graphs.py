@@ -45,8 +45,7 @@ def make_request(rid: str, ids: list[int], max_tokens: int, config=None, grids=(
             is_image = torch.tensor(ids) == config.image_token_id
             width = config.text.hidden_size * (1 + config.vision.num_deepstack_levels)
             gen = torch.Generator().manual_seed(seed)
-            req.image_rows = torch.randn(int(is_image.sum()), width, generator=gen)
-            req.image_row_start = [0] + torch.cumsum(is_image.long(), 0).tolist()
+            req.attach_image_rows(torch.randn(int(is_image.sum()), width, generator=gen), config.image_token_id)
     return req
 
 
@@ -157,6 +156,39 @@ def test_vl_images_and_mrope_positions(vl_ckpt):
     for a, b in steps:
         assert_same_logits(b, a)
     assert sizes and max(sizes) == 3
+
+
+def test_generated_image_token_beside_an_image_prefill(vl_ckpt):
+    """A generated token that happens to be the image token id (random weights emit it) takes no
+    encoder row. Decoded in the same step as another request's image prefill, it once made the
+    batch one row short ("N image tokens in the batch but N-1 vision rows") and failed the step
+    for every request in it. Each row's logits must equal its request run alone."""
+    r = runner(vl_ckpt, cuda_graphs="off")
+    cfg = r.config
+    img, start, end = cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id
+
+    def requests():
+        image = make_request("img", [5, 6, start] + [img] * 6 + [end, 7], 4, cfg, [(1, 4, 6)], seed=1)
+        # "echo" already generated the image token id once (prefilled and decoded it alone before).
+        echo = make_request("echo", [start] + [img] * 4 + [end, 9], 4, cfg, [(1, 4, 4)], seed=2)
+        text = make_request("text", [11, 12, 13], 4, cfg)
+        for req in (echo, text):
+            req.append_token(img)
+        return image, echo, text
+
+    def logits(chunks_of) -> list[torch.Tensor]:
+        sched = Scheduler(BlockManager(NUM_BLOCKS, BLOCK, enable_prefix_caching=False), 64, 16, 64)
+        reqs = chunks_of()
+        for req in reqs:
+            sched.add(req)
+        chunks = sched.schedule()  # whole sequences: the generated token is in each chunk
+        assert [c.count for c in chunks] == [req.num_tokens for req in reqs]
+        return list(r.compute_logits(chunks))
+
+    together = logits(requests)
+    alone = [logits(lambda i=i: [requests()[i]])[0] for i in range(3)]
+    for batched, solo in zip(together, alone):
+        torch.testing.assert_close(batched, solo, rtol=1e-5, atol=1e-4)
 
 
 def test_eager_fallbacks(qwen3_text_ckpt):

@@ -53,7 +53,7 @@ class _EngineCollector(Collector):
             "splitvl_encoder_bytes_received": ("bytes of encode results received by the engine",
                                                s.encoder_bytes_received),
             "splitvl_engine_steps": ("engine steps", s.steps),
-            "splitvl_engine_failed_steps": ("engine steps that raised; their requests ended with a 500",
+            "splitvl_engine_failed_steps": ("engine steps that raised (rerun in halves; a request failing alone ends with a 500)",
                                             s.failed_steps),
         }
         for name, (doc, value) in counters.items():

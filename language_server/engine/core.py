@@ -15,7 +15,7 @@ import torch
 
 from language_server.engine.block_manager import BlockManager
 from language_server.engine.encoder_client import EncodeOutcome, EncoderClient
-from language_server.engine.model_runner import ModelRunner, RunnerOptions
+from language_server.engine.model_runner import ModelRunner, RunnerOptions, ScheduledChunk
 from language_server.engine.request import EngineRequest, ImageState, Status
 from language_server.engine.sampler import make_generator
 from language_server.engine.scheduler import Scheduler
@@ -168,9 +168,7 @@ class EngineCore:
             req.positions, req.rope_delta = mrope_positions(ids, grids, cfg.image_token_id,
                                                             cfg.vision.spatial_merge_size)
             if req.images:
-                req.image_rows = torch.cat([im.rows for im in req.images])
-                is_image = torch.tensor(ids) == cfg.image_token_id
-                req.image_row_start = [0] + torch.cumsum(is_image.long(), 0).tolist()
+                req.attach_image_rows(torch.cat([im.rows for im in req.images]), cfg.image_token_id)
                 for im in req.images:
                     im.rows = None  # kept once, in image_rows
         self.scheduler.add(req)
@@ -185,12 +183,15 @@ class EngineCore:
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
+        return self._run(chunks)
+
+    def _run(self, chunks: list[ScheduledChunk]) -> list[RequestOutput]:
         try:
             tokens, logprobs = self.runner.run(chunks)
         except Exception as exc:
             if device_is_broken(exc):
                 raise  # the CUDA context is unusable: the process ends and the HTTP side answers 503
-            return self._fail_step(chunks, exc)
+            return self._isolate_failure(chunks, exc)
         self.scheduler.after_step(chunks)
         self.steps += 1
         outputs = []
@@ -203,16 +204,24 @@ class EngineCore:
             outputs.append(self._finish(req, reason) if reason else self._flush(req))
         return outputs
 
-    def _fail_step(self, chunks, exc: Exception) -> list[RequestOutput]:
-        """A model step raised (a bug, or memory running out): the requests of that batch end
-        with a 500 and their blocks are freed; the engine keeps serving the others. Which request
-        of the batch caused it cannot be told, so all of them end (one chunk per request)."""
+    def _isolate_failure(self, chunks: list[ScheduledChunk], exc: Exception) -> list[RequestOutput]:
+        """A model step raised (a bug one request's data triggers, or memory running out). The
+        exception cannot say which request caused it, so the batch is split in halves and each
+        half runs again at once, down to single requests: only a request that fails alone ends
+        (with a 500); the others carry on as if nothing had happened. Nothing of a failed step
+        is kept (computed counts advance only after a step succeeds), so rerunning is exact."""
         self.failed_steps += 1
-        log.exception("a model step over %d requests failed; ending them with an error", len(chunks))
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
+        if len(chunks) > 1:
+            log.warning("a model step over %d requests failed (%s: %s); rerunning it in halves to find the "
+                        "request that fails", len(chunks), type(exc).__name__, exc)
+            half = len(chunks) // 2
+            return self._run(chunks[:half]) + self._run(chunks[half:])
+        req = chunks[0].request
+        log.error("the model step of request %s failed on its own; ending it", req.request_id, exc_info=exc)
         message = f"the model step failed ({type(exc).__name__}); the server keeps running"
-        return [self._finish(c.request, "error", "internal_error", message, 500) for c in chunks]
+        return [self._finish(req, "error", "internal_error", message, 500)]
 
     def _stop_reason(self, req: EngineRequest, tok: int) -> str | None:
         params = req.request.sampling
@@ -244,7 +253,7 @@ class EngineCore:
         self.awaiting.pop(req.request_id, None)
         self.encoders.cancel(req.request_id)
         self.requests.pop(req.request_id, None)
-        req.image_rows = None
+        req.image_rows = req.image_mask = None
         out = self._flush(req, finished=True)
         out.error_code, out.error_message, out.error_status = code, message, status
         return out

@@ -217,12 +217,12 @@ class ModelRunner:
         meta = self._metadata(chunks)
         ids = ids.to(self.device)
         positions = positions.to(self.device)
-        rows = self._image_rows(chunks)
-        if rows is None:
+        vision = self._vision_inputs(chunks)
+        if vision is None:
             hidden = self.model(positions, self.attn, meta, input_ids=ids)
         else:
-            embeds, deepstack = scatter_vision_rows(self.model.model.embed_tokens(ids),
-                                                    ids == self.config.image_token_id, rows)
+            mask, rows = vision
+            embeds, deepstack = scatter_vision_rows(self.model.model.embed_tokens(ids), mask, rows)
             hidden = self.model(positions, self.attn, meta, inputs_embeds=embeds, input_deepstack_embeds=deepstack)
         ends, end = [], 0
         for c in chunks:
@@ -262,18 +262,26 @@ class ModelRunner:
             block_tables=torch.from_numpy(tables).to(self.device),
         )
 
-    def _image_rows(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor | None:
-        """The encoder rows of the image tokens in this step, in batch order; None if none."""
-        parts = []
+    def _vision_inputs(self, chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mask [T] of the step's positions that take an encoder row, those rows in batch order),
+        or None when the step has no image position. The mask comes from each request's prompt,
+        never from token ids: a generated token can be the image token id and has no row."""
+        masks, parts = [], []
         for c in chunks:
-            req = c.request
-            if req.image_rows is None or c.start >= req.num_prompt_tokens:
+            req, end = c.request, c.start + c.count
+            prompt_end = min(end, req.num_prompt_tokens)
+            if req.image_rows is None or c.start >= prompt_end:
+                masks.append(torch.zeros(c.count, dtype=torch.bool))
                 continue
-            end = min(c.start + c.count, req.num_prompt_tokens)
-            first, last = req.image_row_start[c.start], req.image_row_start[end]
+            masks.append(req.image_mask[c.start : prompt_end])
+            if end > prompt_end:  # a recomputed chunk that runs on into generated tokens
+                masks.append(torch.zeros(end - prompt_end, dtype=torch.bool))
+            first, last = req.image_row_start[c.start], req.image_row_start[prompt_end]
             if last > first:
                 parts.append(req.image_rows[first:last])
-        return torch.cat(parts) if parts else None
+        if not parts:
+            return None
+        return torch.cat(masks).to(self.device), torch.cat(parts)
 
 
 def random_language_model(model_dir: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> LoadedModel:

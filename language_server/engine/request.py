@@ -44,6 +44,7 @@ class EngineRequest:
     positions: torch.Tensor | None = None  # [3, prompt] M-RoPE positions (VL) or None (1-D)
     rope_delta: int = 0
     image_rows: torch.Tensor | None = None  # all images' rows in prompt order
+    image_mask: torch.Tensor | None = None  # [prompt] bool: prompt positions that take an image row
     image_row_start: list[int] = field(default_factory=list)  # per token: rows before it (VL)
     block_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose keys/values are in the cache
@@ -67,6 +68,18 @@ class EngineRequest:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    def attach_image_rows(self, rows: torch.Tensor, image_token_id: int) -> None:
+        """All images' encoder rows, in prompt order, for the expanded prompt in token_ids.
+
+        Which positions take a row is fixed here, from the prompt: a generated token may be the
+        image token id too (random weights emit it), and it takes no row.
+        """
+        self.image_mask = torch.tensor(self.token_ids[: self.num_prompt_tokens]) == image_token_id
+        if int(self.image_mask.sum()) != rows.shape[0]:
+            raise ValueError(f"{int(self.image_mask.sum())} image positions in the prompt but {rows.shape[0]} rows")
+        self.image_rows = rows
+        self.image_row_start = [0] + torch.cumsum(self.image_mask.long(), 0).tolist()
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
