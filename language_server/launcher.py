@@ -2,9 +2,12 @@
 
 Order matters: the HTTP process binds the engine's output channel first (so EngineReady and
 EngineFatal cannot be lost), starts the engine, loads the tokenizer while the engine loads the
-model, and serves HTTP only once the engine is ready. On SIGINT/SIGTERM, or when the engine
-dies, it stops uvicorn and the engine; the engine also exits by itself if this process dies
-without a chance to clean up (killed), so no orphan keeps a GPU.
+model, and serves HTTP only once the engine is ready. The HTTP port is bound before anything loads, so
+a busy port is reported at once. On SIGINT/SIGTERM it drains (api/draining_server.py: no new
+requests, running ones finish for up to shutdown_timeout_s, the rest end with a clean 503),
+then stops uvicorn and the engine; when the engine dies it fails what is in flight and exits 1.
+The engine also exits by itself if this process dies without a chance to clean up (killed), so
+no orphan keeps a GPU.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -28,6 +32,7 @@ import uvicorn
 
 from language_server.api.app import create_app
 from language_server.api.detokenizer import TokenBytes
+from language_server.api.draining_server import DrainingServer
 from language_server.api.engine_client import EngineClient, EngineUnavailable
 from language_server.api.metrics import Metrics
 from language_server.api.model_info import ServedModel
@@ -65,6 +70,8 @@ class _Service:
     async def run(self) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
+        # The port first: a busy one is reported now, not after the model has loaded.
+        listener = _bind(self.settings.host, self.settings.port)
         ipc_dir = tempfile.mkdtemp(prefix="splitvl-language-")
         request_address, output_address = f"ipc://{ipc_dir}/requests", f"ipc://{ipc_dir}/outputs"
         client = EngineClient(request_address, output_address)
@@ -74,6 +81,7 @@ class _Service:
         )
         with _engine_malloc_env():
             process.start()
+        state = None
         try:
             model = await asyncio.to_thread(ServedModel.load, self.settings)
             token_bytes = TokenBytes(model.tokenizer)  # refuses a tokenizer we cannot detokenize, early
@@ -82,15 +90,19 @@ class _Service:
                 return 0
             max_model_len = ready.max_model_len  # the engine caps the setting by its KV cache
             state = AppState(self.settings, model, token_bytes, client, Metrics(), max_model_len)
-            config = uvicorn.Config(create_app(state), host=self.settings.host, port=self.settings.port,
-                                    lifespan="off", log_level="info", timeout_graceful_shutdown=5)
-            server = uvicorn.Server(config)
+            # Our own access log (api/access_log.py) records how each request really ended.
+            config = uvicorn.Config(create_app(state), lifespan="off", log_level="info", access_log=False,
+                                    timeout_graceful_shutdown=5)
+            server = DrainingServer(config, state)
             watchdog = asyncio.create_task(self._watch_engine(process, client, server))
-            await server.serve()  # a port it cannot bind: uvicorn logs why and exits non-zero
+            await server.serve(sockets=[listener])
             watchdog.cancel()
             return self.exit_code
         finally:
+            listener.close()
             await client.close()
+            if state is not None:
+                state.workers.shutdown(wait=False, cancel_futures=True)
             _stop_engine(process)
             shutil.rmtree(ipc_dir, ignore_errors=True)
 
@@ -118,7 +130,7 @@ class _Service:
         finally:
             ready.cancel()
 
-    async def _watch_engine(self, process: BaseProcess, client: EngineClient, server: uvicorn.Server) -> None:
+    async def _watch_engine(self, process: BaseProcess, client: EngineClient, server: DrainingServer) -> None:
         """An HTTP front without its engine is useless: fail what is in flight and exit non-zero,
         so a supervisor restarts the service."""
         while process.is_alive():
@@ -130,6 +142,22 @@ class _Service:
         client.mark_dead(reason)
         self.exit_code = 1
         server.should_exit = True
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The HTTP listening socket, bound before anything loads; uvicorn serves on it later."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        raise ServiceError(f"cannot listen on {host}:{port}: {exc.strerror}; another process may be using the port "
+                           "(stop it, or choose another with --port)") from None
+    listener.listen(2048)
+    listener.set_inheritable(True)
+    return listener
 
 
 def _stop_engine(process: BaseProcess) -> None:

@@ -51,6 +51,14 @@ class LanguageSettings(BaseModel):
     chunk_size: int = Field(512, ge=1, description="most prompt tokens of one sequence per step")
     enable_prefix_caching: bool = True
 
+    # HTTP process.
+    tokenizer_workers: int = Field(4, ge=1, description="threads that parse bodies, render chat templates and "
+                                   "tokenize, off the event loop")
+    shutdown_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM: how long running requests may finish "
+                                      "(new ones get 503 with Retry-After); the rest then end with a 503")
+    cors_allow_origins: list[str] = Field(default_factory=list, description="origins browsers may call the API "
+                                          "from (CORS), e.g. ['https://app.example.com'] or ['*']; empty: none")
+
     # Limits.
     max_model_len: int = Field(8192, ge=16, description="prompt (after image expansion) + completion tokens")
     max_images_per_request: int = Field(8, ge=0)

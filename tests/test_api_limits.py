@@ -22,7 +22,8 @@ def text_service(qwen3_text_ckpt, tmp_path_factory):
     """Text-only Qwen3-MoE, API key from the command line, limits from a YAML file."""
     service = LanguageService(tmp_path_factory.mktemp("api_limits"), qwen3_text_ckpt, api_key=KEY,
                               config={"served_model_name": "tiny-text", "max_queued_requests": 2,
-                                      "max_image_url_bytes": 1024, "max_images_per_request": 1})
+                                      "max_image_url_bytes": 1024, "max_images_per_request": 1,
+                                      "cors_allow_origins": ["https://app.example"]})
     try:
         service.wait_healthy()
         yield service
@@ -46,6 +47,18 @@ def test_api_key(text_service):
     # Health and metrics stay open for probes and scrapers.
     assert httpx.get(f"{text_service.url}/health").status_code == 200
     assert httpx.get(f"{text_service.url}/metrics").status_code == 200
+
+
+def test_cors_allows_the_configured_origin_only(text_service):
+    def preflight(origin: str) -> httpx.Response:
+        return httpx.options(f"{text_service.url}/v1/chat/completions", timeout=10, headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+
+    allowed = preflight("https://app.example")
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    assert "access-control-allow-origin" not in preflight("https://evil.example").headers
 
 
 def test_overload_gets_429_and_recovers(text_service):

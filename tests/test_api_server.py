@@ -201,8 +201,12 @@ def test_engine_process_starts_with_huge_page_malloc(vl_service):
 
 
 def test_models_health_metrics(vl_service):
-    models = vl_service.client().models.list()
+    client = vl_service.client()
+    models = client.models.list()
     assert [m.id for m in models.data] == ["tiny-vl"]
+    assert client.models.retrieve("tiny-vl").id == "tiny-vl"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-4o")
     health = vl_service.health()
     assert health["status"] == "ok" and health["encoders_total"] == 0
     metrics = httpx.get(f"{vl_service.url}/metrics").text
@@ -322,6 +326,11 @@ def test_client_disconnect_aborts_the_engine_request(vl_service):
     _wait_idle(vl_service)
     text = httpx.get(f"{vl_service.url}/metrics").text
     assert "splitvl_http_requests_in_flight 0.0" in text
+    # Each is counted and logged as cancelled, not as a success.
+    assert 'splitvl_requests_total{finish_reason="cancelled"} 2.0' in text
+    log = vl_service.log.read_text()
+    assert '"POST /v1/chat/completions" 200 (cancelled: the client disconnected mid-stream)' in log
+    assert '"POST /v1/chat/completions" 499 (cancelled: the client disconnected)' in log
 
 
 def test_sampling_parameters_reach_the_engine(vl_service):

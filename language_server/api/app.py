@@ -7,9 +7,11 @@ import time
 from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from language_server.api.access_log import AccessLog
 from language_server.api.engine_client import EngineUnavailable
 from language_server.api.errors import APIError, api_error_handler, internal_error_handler, too_large
 from language_server.api.metrics import CONTENT_TYPE
@@ -29,6 +31,10 @@ def create_app(state: AppState) -> FastAPI:
     app.add_exception_handler(APIError, _counted(api_error_handler, state))
     app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
     app.add_exception_handler(Exception, _counted(internal_error_handler, state))
+    app.add_middleware(AccessLog)
+    if state.settings.cors_allow_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=state.settings.cors_allow_origins, allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials="*" not in state.settings.cors_allow_origins)
     # Room for the allowed number of base64 images (4 characters per 3 bytes) plus the text.
     body_limit = _TEXT_BODY_SLACK + max(1, state.settings.max_images_per_request) * \
         (state.settings.max_image_url_bytes * 4 // 3 + 64)
@@ -49,7 +55,8 @@ def create_app(state: AppState) -> FastAPI:
         body = await _read_body(request, body_limit, state)
         release = state.admit()
         try:
-            return await create_chat_completion(parse_body(body, ChatCompletionRequest), request, state, release)
+            parsed = await state.offload(parse_body, body, ChatCompletionRequest)
+            return await create_chat_completion(parsed, request, state, release)
         except BaseException:
             release()
             raise
@@ -59,20 +66,33 @@ def create_app(state: AppState) -> FastAPI:
         body = await _read_body(request, body_limit, state)
         release = state.admit()
         try:
-            return await create_completion(parse_body(body, CompletionRequest), request, state, release)
+            parsed = await state.offload(parse_body, body, CompletionRequest)
+            return await create_completion(parsed, request, state, release)
         except BaseException:
             release()
             raise
 
+    def model_card() -> dict:
+        return {"id": state.model.name, "object": "model", "created": _STARTED, "owned_by": "splitvl",
+                "max_model_len": state.max_model_len}
+
     @v1.get("/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": state.model.name, "object": "model", "created": _STARTED,
-                                            "owned_by": "splitvl", "max_model_len": state.max_model_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @v1.get("/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        if model_id != state.model.name:
+            raise APIError(404, f"The model '{model_id}' does not exist; this service serves '{state.model.name}'.",
+                           param="model", code="model_not_found")
+        return model_card()
 
     app.include_router(v1)
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        if state.draining:  # load balancers take the service out while it finishes its requests
+            return JSONResponse({"status": "draining", "running_requests": state.in_flight}, status_code=503)
         try:
             stats = await state.client.stats(_STATS_TIMEOUT_S)
         except EngineUnavailable as exc:

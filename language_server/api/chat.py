@@ -26,7 +26,19 @@ class Prompt:
     images: list[ImageRef] = field(default_factory=list)
 
 
+def message_texts(messages: list[ChatMessage]) -> list[str]:
+    """Every text of the conversation (for the size bound checked before rendering)."""
+    texts = []
+    for message in messages:
+        if isinstance(message.content, str):
+            texts.append(message.content)
+        elif message.content is not None:
+            texts.extend(part.text for part in message.content if part.type == "text")
+    return texts
+
+
 def chat_prompt(messages: list[ChatMessage], model: ServedModel, settings: LanguageSettings) -> Prompt:
+    """Render and tokenize (CPU work: callers run it off the event loop)."""
     tokenizer = model.tokenizer
     if tokenizer.chat_template is None:
         raise bad_request("This model has no chat template; use /v1/completions with a plain prompt.",

@@ -92,13 +92,19 @@ class EngineClient:
         self.dead_reason = reason
         if not self._ready.done():
             self._ready.set_exception(EngineUnavailable(reason))
-        for request_id, queue in self._queues.items():
-            queue.put_nowait(RequestOutput(request_id, [], finished=True, finish_reason="error",
-                                           error_code="engine_unavailable", error_status=503,
-                                           error_message=f"The engine stopped: {reason}."))
+        self.fail_all(503, "engine_unavailable", f"The engine stopped: {reason}.")
         for waiter in self._stats_waiters.values():
             if not waiter.done():
                 waiter.set_exception(EngineUnavailable(reason))
+
+    def fail_all(self, status: int, code: str, message: str) -> None:
+        """End every request waiting on the engine with this error (each request's own cleanup
+        then aborts its engine work)."""
+        for request_id, queue in self._queues.items():
+            queue.put_nowait(RequestOutput(request_id, [], finished=True, finish_reason="error",
+                                           error_code=code, error_status=status, error_message=message))
+            if self.dead_reason is None:
+                self._send(AbortRequest(request_id))
 
     async def close(self) -> None:
         for task in self._tasks:

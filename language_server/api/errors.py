@@ -25,19 +25,21 @@ _TYPES = {
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers
 
     def body(self) -> dict:
         kind = _TYPES.get(self.status, "internal_error" if self.status >= 500 else "invalid_request_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -48,8 +50,23 @@ def too_large(message: str, param: str | None = None) -> APIError:
     return APIError(413, message, param=param, code="request_too_large")
 
 
+# Retry-After of every 503: about the time for a supervisor to restart a service, or for a load
+# balancer to route elsewhere.
+RETRY_AFTER_S = 5
+
+
+def unavailable(message: str, code: str) -> APIError:
+    return APIError(503, message, code=code, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 def engine_unavailable(detail: str = "the engine is not running") -> APIError:
-    return APIError(503, f"Service unavailable: {detail}; retry later.", code="engine_unavailable")
+    return unavailable(f"Service unavailable: {detail}; retry later.", "engine_unavailable")
+
+
+
+
+def shutting_down(detail: str) -> APIError:
+    return unavailable(f"{detail}; retry in a few seconds.", "server_shutting_down")
 
 
 async def api_error_handler(_: Request, exc: Exception) -> JSONResponse:

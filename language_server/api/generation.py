@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from language_server.api.detokenizer import IncrementalDetokenizer, TokenBytes
 from language_server.api.engine_client import EngineClient, EngineUnavailable
-from language_server.api.errors import APIError, engine_unavailable
+from language_server.api.errors import APIError, engine_unavailable, unavailable
 from language_server.api.metrics import Metrics
 from language_server.api.stop import StopMatcher
 from language_server.protocol import GenerateRequest, RequestOutput, TokenLogprob
@@ -41,6 +41,7 @@ class Generation:
         self.prompt_tokens = len(request.prompt_token_ids)  # until the engine reports the expanded count
         self.cached_tokens = 0
         self.completion_tokens = 0
+        self._counted = False  # in the finished-requests metric
 
     async def pieces(self) -> AsyncIterator[Piece]:
         try:
@@ -54,9 +55,11 @@ class Generation:
                 self._observe(output)
                 if output.finish_reason == "error":
                     done = True
-                    raise APIError(output.error_status or 500,
-                                   output.error_message or "The engine failed this request; see the service log.",
-                                   code=output.error_code or "engine_error")
+                    message = output.error_message or "The engine failed this request; see the service log."
+                    code = output.error_code or "engine_error"
+                    if output.error_status == 503:
+                        raise unavailable(message, code)
+                    raise APIError(output.error_status or 500, message, code=code)
                 piece = self._decode(output)
                 done = output.finished
                 if self._stop.stopped:
@@ -75,6 +78,8 @@ class Generation:
                 if piece.token_ids:
                     yield piece
         finally:
+            if not done and not self._counted:  # the client left, or a sibling choice failed
+                self._metrics.requests.labels(finish_reason="cancelled").inc()
             self._client.release(self.request.request_id, abort=not done)
 
     def _decode(self, output: RequestOutput) -> Piece:
@@ -108,6 +113,7 @@ class Generation:
         self._last_token_time = now
 
     def _finish(self, reason: str) -> None:
+        self._counted = True
         self._metrics.e2e.observe(time.monotonic() - self._arrival)
         self._metrics.requests.labels(finish_reason=reason).inc()
         self._metrics.prompt_tokens.inc(self.prompt_tokens)

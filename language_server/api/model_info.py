@@ -23,6 +23,8 @@ class ServedModel:
     is_vl: bool
     image_token_id: int | None
     image_token: str | None  # its text, e.g. "<|image_pad|>"
+    # The most characters one token can stand for; bounds a text's token count from below.
+    max_token_chars: int
     # generation_config.json's sampling values: the defaults for parameters a request leaves out,
     # as in transformers' generate and vLLM (Qwen ships e.g. temperature 0.7, top_p 0.8, top_k 20).
     sampling_defaults: dict[str, float] = field(default_factory=dict)
@@ -39,8 +41,17 @@ class ServedModel:
             is_vl=config.is_vl,
             image_token_id=config.image_token_id if config.is_vl else None,
             image_token=image_token,
+            max_token_chars=_max_token_chars(tokenizer),
             sampling_defaults=_sampling_defaults(Path(settings.model)),
         )
+
+
+def _max_token_chars(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Byte-level BPE spells each byte as one character, so an ordinary token's length is the
+    bytes it covers; added tokens (<|im_start|>, ...) are matched as their text."""
+    ordinary = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=False)
+    added = (t.content for t in tokenizer.added_tokens_decoder.values())
+    return max(max(map(len, ordinary), default=1), max((len(a.encode()) for a in added), default=1))
 
 
 _SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")

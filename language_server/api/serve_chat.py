@@ -9,7 +9,7 @@ from collections.abc import Callable
 from fastapi import Request
 from fastapi.responses import Response
 
-from language_server.api.chat import chat_prompt
+from language_server.api.chat import chat_prompt, message_texts
 from language_server.api.detokenizer import TokenBytes
 from language_server.api.errors import bad_request
 from language_server.api.generation import Generation, Piece
@@ -18,6 +18,7 @@ from language_server.api.sampling import for_choice, refuse_unsupported, samplin
 from language_server.api.schemas import ChatCompletionRequest
 from language_server.api.serving import respond
 from language_server.api.state import AppState
+from language_server.api.text_bound import refuse_oversized_text
 from language_server.protocol import GenerateRequest
 
 
@@ -30,7 +31,8 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true.", param="stream_options")
     stops = stop_strings(req)
-    prompt = chat_prompt(req.messages, state.model, state.settings)
+    refuse_oversized_text(message_texts(req.messages), state.model, state.max_model_len, "messages")
+    prompt = await state.offload(chat_prompt, req.messages, state.model, state.settings)
     top_n = req.top_logprobs or 0
     params = sampling_params(req, req.max_completion_tokens or req.max_tokens, top_n if req.logprobs else None,
                              len(prompt.token_ids), state.model, state.max_model_len, prompt_param="messages")

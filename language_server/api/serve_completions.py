@@ -17,6 +17,7 @@ from language_server.api.sampling import for_choice, refuse_unsupported, samplin
 from language_server.api.schemas import CompletionRequest
 from language_server.api.serving import respond
 from language_server.api.state import AppState
+from language_server.api.text_bound import refuse_oversized_text
 from language_server.protocol import GenerateRequest
 
 
@@ -35,7 +36,9 @@ async def create_completion(req: CompletionRequest, request: Request, state: App
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true.", param="stream_options")
     stops = stop_strings(req)
-    prompts = _prompt_ids(req.prompt, state)
+    texts = [req.prompt] if isinstance(req.prompt, str) else [p for p in req.prompt if isinstance(p, str)]
+    refuse_oversized_text(texts, state.model, state.max_model_len, "prompt")
+    prompts = await state.offload(_prompt_ids, req.prompt, state)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     arrival = time.monotonic()
     generations, echoes = [], []

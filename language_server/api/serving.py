@@ -52,17 +52,23 @@ async def respond(request: Request, generations: list[Generation], n: int, fmt: 
         first = await until_disconnect(request, anext(events))
     except ClientDisconnected:
         release()
+        request.state.outcome = "cancelled: the client disconnected"
         return Response(status_code=499)  # nobody reads it; uvicorn drops it
     except BaseException:
         await events.aclose()
         release()
         raise
-    body = _stream_body(first, events, generations, n, fmt, include_usage)
+    ended: dict = {"complete": False, "error": None}
+    body = _stream_body(first, events, generations, n, fmt, include_usage, ended)
 
     async def cleanup() -> None:
         await body.aclose()
         await events.aclose()
         release()
+        if not ended["complete"]:
+            request.state.outcome = "cancelled: the client disconnected mid-stream"
+        elif ended["error"]:
+            request.state.outcome = ended["error"]
 
     return _EventStreamResponse(body, cleanup)
 
@@ -76,7 +82,9 @@ async def _collect(events: AsyncIterator[tuple[int, Piece]], count: int) -> list
 
 async def _stream_body(first: tuple[int, Piece], events: AsyncIterator[tuple[int, Piece]],
                        generations: list[Generation], n: int, fmt: ResponseFormat,
-                       include_usage: bool) -> AsyncIterator[str]:
+                       include_usage: bool, ended: dict) -> AsyncIterator[str]:
+    """Every stream that is not cut by its client ends with [DONE], after an error event too (as
+    vLLM does), so clients that read to [DONE] never hang."""
     try:
         for chunk in fmt.start_chunks():
             yield sse(chunk)
@@ -91,12 +99,15 @@ async def _stream_body(first: tuple[int, Piece], events: AsyncIterator[tuple[int
                 break
         if include_usage:
             yield sse(fmt.usage_chunk(usage(generations, n)))
-        yield SSE_DONE
     except APIError as exc:
+        ended["error"] = f"ended by an error event: {exc.status} {exc.code}"
         yield sse(exc.body())
     except Exception:
         logger.exception("internal error while streaming")
+        ended["error"] = "ended by an error event: 500 internal_error"
         yield sse(APIError(500, "Internal server error; see the service log.", code="internal_error").body())
+    yield SSE_DONE
+    ended["complete"] = True
 
 
 class _EventStreamResponse(StreamingResponse):

@@ -71,6 +71,9 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     finally:
         work_task.cancel()
         watch_task.cancel()
+        # Wait until both have really stopped: a generator still running inside the cancelled
+        # work cannot be closed by the caller ("aclose(): asynchronous generator is already running").
+        await asyncio.wait({work_task, watch_task})
 
 
 async def _disconnected(request: Request) -> None:
