@@ -2,8 +2,10 @@
 
 One job's life, thread by thread:
   intake (1)    receiver.recv -> admit (or refuse `overloaded`) -> worker pool
-  workers (N)   read the source -> content key -> cache: hit (answer now), join (an identical
-                image is in flight), or lead: decode + preprocess -> batcher
+  fetchers (M)  http(s) sources only: download, at most fetch_per_host at once per host, within
+                the job's deadline -> workers
+  workers (N)   read any other source -> content key -> cache: hit (answer now), join (an
+                identical image is in flight), or lead: decode + preprocess -> batcher
   vision (1)    batcher.next_batch -> one varlen forward -> slice per image -> cache -> answer
                 every waiter of each image
   outboxes      one thread and sender per reply address -> transport
@@ -15,6 +17,7 @@ failure of one job (bad bytes, a URL that hangs) never stops the others.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import io
 import logging
 import os
@@ -36,7 +39,8 @@ from encode_server.outbox import Outboxes
 from encode_server.preprocess import PreprocessSettings, image_key, preprocess
 from encode_server.runner import VisionRunner
 from encode_server.settings import EncodeSettings
-from encode_server.sources import SourceReader
+from encode_server.fetch_pool import FetchPool
+from encode_server.sources import SourceReader, url_host
 from models.config import dtype_from_name
 from models.device import resolve_device
 from models.loader import load_model
@@ -76,6 +80,7 @@ class EncodeService:
         self.preprocess_settings: PreprocessSettings | None = None
         self.receiver: Receiver | None = None
         self._pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="encode worker")
+        self._fetches = FetchPool(settings.fetch_workers, settings.fetch_per_host)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -112,6 +117,7 @@ class EncodeService:
         intake, vision = self._threads or (None, None)
         if intake is not None:
             intake.join(max(0.0, deadline - time.monotonic()))
+        self._fetches.shutdown()  # before the workers: fetches hand their bytes on to them
         self._pool.shutdown(wait=True)  # each job is bounded by the fetch and decode limits
         self.batcher.close()
         if vision is not None:
@@ -197,17 +203,37 @@ class EncodeService:
                 waiter.request_id, waiter.image_key, "overloaded",
                 f"The encoder has {self.settings.max_pending_jobs} jobs in flight; retry later or on another encoder."))
             return
-        self._pool.submit(self._prepare, msg, waiter)
+        host = url_host(msg.source)
+        if host is None:
+            self._pool.submit(self._prepare, msg, waiter, None)
+        else:
+            self._fetches.submit(host, functools.partial(self._fetch, msg, waiter))
+
+    # ----------------------------------------------------------------------------- fetchers
+
+    def _fetch(self, job: EncodeJob, waiter: Waiter) -> None:
+        try:
+            data = self.sources.read(job.source, deadline=waiter.received_at + self.settings.fetch_total_timeout_s)
+        except EncodeFailure as exc:
+            self._answer(waiter, exc)
+            return
+        except Exception:  # noqa: BLE001 - one job's bug must not take the fetcher down
+            log.exception("job %s failed", waiter.request_id)
+            self._answer(waiter, EncodeFailure("internal", "The encoder failed on this image; see its log."))
+            return
+        self._pool.submit(self._prepare, job, waiter, data)
 
     # ----------------------------------------------------------------------------- workers
 
-    def _prepare(self, job: EncodeJob, waiter: Waiter) -> None:
-        """Source -> key -> cache, and for the first asker of a key: decode + preprocess -> batcher."""
+    def _prepare(self, job: EncodeJob, waiter: Waiter, data: bytes | None) -> None:
+        """Source (unless fetched already) -> key -> cache, and for the first asker of a key:
+        decode + preprocess -> batcher."""
         key, leader = None, False
         try:
             limit = self.settings.max_pixels_limit or self.preprocess_settings.max_pixels
             settings = self.preprocess_settings.with_overrides(job.options, max_pixels_limit=limit)
-            data = self.sources.read(job.source)
+            if data is None:
+                data = self.sources.read(job.source)
             key = image_key(data, settings)
             claim = self.cache.claim(key, waiter)
             if claim.hit is not None:

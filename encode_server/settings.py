@@ -94,10 +94,17 @@ class EncodeSettings(BaseModel):
         "naming any other address is dropped unanswered, so a client cannot make this service connect "
         "to hosts of its choosing. Default: any address (trusted networks only)"
     )
-    fetch_connect_timeout_s: PositiveFloat = 5.0
-    fetch_read_timeout_s: PositiveFloat = 10.0
+    fetch_workers: PositiveInt = Field(
+        16, description="threads that download http(s) images (apart from the workers, so slow URLs never hold "
+        "back inline images)"
+    )
+    fetch_per_host: PositiveInt = Field(4, description="most downloads from one host at once; the rest queue")
+    fetch_connect_timeout_s: PositiveFloat = 3.0
+    fetch_read_timeout_s: PositiveFloat = Field(5.0, description="longest silence while downloading")
     fetch_total_timeout_s: PositiveFloat = Field(
-        30.0, description="a whole download, redirects included (stops slow-drip servers)"
+        10.0, description="a job's whole download from its arrival, queueing and redirects included (stops "
+        "slow-drip servers); keep it well under the language service's encode_timeout_s, so a slow URL is "
+        "the client's error (400) and never looks like a dead encoder"
     )
     fetch_max_redirects: NonNegativeInt = 3
 

@@ -152,6 +152,7 @@ class SourceReader:
         self.max_bytes = max_bytes
         self.local_roots = [Path(root).resolve() for root in local_roots]
         self.total_timeout_s = total_timeout_s
+        self.read_timeout_s = read_timeout_s
         self.max_redirects = max_redirects
         self._client = httpx.Client(
             transport=_CheckedTransport(AddressPolicy(allow_networks)),
@@ -162,14 +163,17 @@ class SourceReader:
             headers={"user-agent": "splitvl-encoder", "accept": "image/*", "accept-encoding": "identity"},
         )
 
-    def read(self, source: bytes | str) -> bytes:
+    def read(self, source: bytes | str, deadline: float | None = None) -> bytes:
+        """deadline (time.monotonic()) bounds a URL fetch, redirects included; default: now +
+        total_timeout_s. The service passes the job's arrival + total_timeout_s, so time spent
+        queued behind other fetches counts too."""
         if isinstance(source, (bytes, bytearray, memoryview)):
             return self._capped(bytes(source))
         scheme = source.split(":", 1)[0].lower() if ":" in source else ""
         if scheme == "data":
             return self._data_url(source)
         if scheme in ("http", "https"):
-            return self._fetch(source)
+            return self._fetch(source, deadline if deadline is not None else time.monotonic() + self.total_timeout_s)
         if scheme == "file":
             parsed = urllib.parse.urlsplit(source)
             if parsed.netloc not in ("", "localhost"):
@@ -195,10 +199,9 @@ class SourceReader:
             raise self._too_many_bytes()
         return data
 
-    def _too_many_bytes(self) -> EncodeFailure:
-        return EncodeFailure(
-            "image_too_large", f"The image is larger than {self.max_bytes} bytes, this service's limit."
-        )
+    def _too_many_bytes(self, shown: str | None = None) -> EncodeFailure:
+        what = f"The image at {shown}" if shown else "The image"
+        return EncodeFailure("image_too_large", f"{what} is larger than {self.max_bytes} bytes, this service's limit.")
 
     def _data_url(self, url: str) -> bytes:
         meta, comma, payload = url[len("data:"):].partition(",")
@@ -242,41 +245,69 @@ class SourceReader:
             os.close(fd)
         return self._capped(b"".join(chunks))
 
-    def _fetch(self, url: str) -> bytes:
-        deadline = time.monotonic() + self.total_timeout_s
+    def _fetch(self, url: str, deadline: float) -> bytes:
+        shown = _shown(url)  # errors name the URL the client sent (not where it redirected)
+        if time.monotonic() > deadline:
+            raise self._too_slow(shown)
         try:
             for _ in range(self.max_redirects + 1):
                 request = self._client.build_request("GET", url)
                 response = self._client.send(request, stream=True)
                 try:
                     if not response.is_redirect:
-                        return self._body(response, deadline)
+                        return self._body(response, deadline, shown)
                     url = str(response.url.join(response.headers["location"]))
                 finally:
                     response.close()
                 if urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
-                    raise EncodeFailure("forbidden_source", "The image URL redirects to a non-http(s) URL.")
-            raise EncodeFailure("fetch_failed", f"The image URL redirects more than {self.max_redirects} times.")
+                    raise EncodeFailure("forbidden_source", f"The image URL {shown} redirects to a non-http(s) URL.")
+            raise EncodeFailure("fetch_failed", f"The image URL {shown} redirects more than {self.max_redirects} times.")
         except _Forbidden as exc:
-            raise EncodeFailure("forbidden_source", f"The image URL is not reachable from this service: {exc}.") from None
+            raise EncodeFailure("forbidden_source", f"The image URL {shown} is not reachable from this service: {exc} "
+                                "(private, loopback and link-local networks are refused unless the encode service's "
+                                "url_allow_list setting, encode.url_allow_list in splitvl up, allows them).") from None
         except httpx.TimeoutException:
-            raise EncodeFailure("fetch_failed", "Fetching the image URL timed out.") from None
+            if time.monotonic() > deadline:
+                raise self._too_slow(shown) from None
+            raise EncodeFailure("fetch_failed", f"The image URL {shown} did not answer within "
+                                f"{self.read_timeout_s:g} s.") from None
         except httpx.InvalidURL as exc:
-            raise EncodeFailure("invalid_request", f"The image URL is invalid: {exc}.") from None
+            raise EncodeFailure("invalid_request", f"The image URL {shown} is invalid: {exc}.") from None
         except httpx.HTTPError as exc:
-            raise EncodeFailure("fetch_failed", f"Fetching the image URL failed: {exc}.") from None
+            raise EncodeFailure("fetch_failed", f"Fetching the image URL {shown} failed: {exc}.") from None
 
-    def _body(self, response: httpx.Response, deadline: float) -> bytes:
+    def _too_slow(self, shown: str) -> EncodeFailure:
+        return EncodeFailure("fetch_failed", f"Fetching the image URL {shown} took over {self.total_timeout_s:g} s, "
+                             "this service's limit for a download; send the image inline as a data URL instead.")
+
+    def _body(self, response: httpx.Response, deadline: float, shown: str) -> bytes:
         if response.status_code != 200:
-            raise EncodeFailure("fetch_failed", f"The image URL answered HTTP {response.status_code}.")
+            raise EncodeFailure("fetch_failed", f"The image URL {shown} answered HTTP {response.status_code}.")
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            raise self._too_many_bytes()
+            raise self._too_many_bytes(shown)
         body = bytearray()
-        for chunk in response.iter_raw(_CHUNK):  # raw: a gzip body must not inflate past the cap
+        # Raw: a gzip body must not inflate past the cap. No chunk size: httpx would gather a
+        # whole chunk before yielding, so a server dripping a byte at a time would never be
+        # checked against the deadline.
+        for chunk in response.iter_raw():
             body += chunk
             if len(body) > self.max_bytes:
-                raise self._too_many_bytes()
+                raise self._too_many_bytes(shown)
             if time.monotonic() > deadline:
-                raise EncodeFailure("fetch_failed", f"Fetching the image URL took over {self.total_timeout_s:g}s.")
+                raise self._too_slow(shown)
         return self._capped(bytes(body))
+
+
+def _shown(url: str, limit: int = 200) -> str:
+    return repr(url if len(url) <= limit else url[:limit] + "...")
+
+
+def url_host(source: bytes | str) -> str | None:
+    """The host of an http(s) source (what fetches are limited per), or None for other kinds."""
+    if not isinstance(source, str) or not source[:8].lower().startswith(("http://", "https://")):
+        return None
+    try:
+        return (urllib.parse.urlsplit(source).hostname or "").lower()
+    except ValueError:  # a malformed URL: read() answers it with a clear error
+        return ""

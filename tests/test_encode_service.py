@@ -177,3 +177,69 @@ def test_reply_addresses_outside_the_allow_list_get_no_connection(start):
         time.sleep(0.05)
     assert metric(service.metrics.registry, "splitvl_encode_refused_reply_to_total") == 2
     assert refused_to not in service.outboxes.addresses()
+
+
+class _DripServer:
+    """An HTTP server that sends image bytes one per 0.2 s, noting when each download starts."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.started: list[float] = []  # time.monotonic() of each download's start
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                with lock:
+                    outer.started.append(time.monotonic())
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    for _ in range(1000):
+                        self.wfile.write(b"\0")
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                except OSError:
+                    pass  # the service hung up at its deadline
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/slow.png"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_slow_urls_never_hold_back_inline_images_and_fail_as_the_clients_error(start):
+    """Slow-drip URLs on one host: at most fetch_per_host downloads from it at once, each job
+    failed at its arrival + fetch_total_timeout_s with a message naming the URL and the limit,
+    while an inline image sent after them is answered at once (one worker, so it would wait
+    behind them if downloads ran on the workers)."""
+    drip = _DripServer()
+    try:
+        service, reply_to, send, receive = start(workers=1, fetch_workers=4, fetch_per_host=1,
+                                                 fetch_total_timeout_s=2.0, url_allow_list=["127.0.0.1/32"])
+        sent = time.monotonic()
+        for i in range(3):
+            send(EncodeJob(f"slow-{i}", f"k-slow-{i}", f"{drip.url}?{i}", reply_to))
+        send(EncodeJob("inline", "k-inline", image_bytes(32, 32, 3), reply_to))
+        first = receive()
+        assert isinstance(first, EncodeResult) and first.request_id == "inline"
+        assert time.monotonic() - sent < 1.5
+        failures = [receive() for _ in range(3)]
+        assert time.monotonic() - sent < 4  # each at its arrival + 2 s, queueing included
+        for failure in failures:
+            assert isinstance(failure, EncodeError) and failure.code == "fetch_failed"
+            assert drip.url in failure.message and "took over 2 s" in failure.message
+        # One download at a time from the host: before the first one's deadline, only it had started.
+        assert len([t for t in drip.started if t < sent + 1.5]) == 1
+    finally:
+        drip.close()

@@ -35,6 +35,7 @@ class _Handler(BaseHTTPRequestHandler):
             "/declared-huge": lambda: self._send(200, IMAGE, length=10**9),
             "/streamed-huge": self._stream_forever,
             "/slow": self._slow,
+            "/drip": self._drip,
         }
         routes.get(self.path, lambda: self._send(404, b"no"))()
 
@@ -66,6 +67,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, IMAGE)
         except OSError:
             pass  # the reader gave up long ago, as it should
+
+    def _drip(self) -> None:  # a byte at a time, each well within the read timeout: slowloris
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(IMAGE)))
+        self.end_headers()
+        try:
+            for byte in IMAGE:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.1)
+        except OSError:
+            pass
 
     def log_message(self, *args) -> None:
         pass
@@ -130,7 +143,7 @@ def test_loopback_is_refused_unless_allow_listed(server):
         assert err.code == "forbidden_source", url
     # 127.0.0.2 is loopback too, but outside the allowed 127.0.0.1/32.
     err = failure(reader().read, f"http://127.0.0.2:{port}/img")
-    assert err.code == "forbidden_source" and "127.0.0.2" in err.message
+    assert err.code == "forbidden_source" and "127.0.0.2" in err.message and "url_allow_list" in err.message
 
 
 def test_redirects_are_followed_and_each_hop_is_checked(server):
@@ -146,8 +159,22 @@ def test_http_errors_and_timeouts_are_fetch_failed(server):
     assert err.code == "fetch_failed" and "404" in err.message
     started = time.monotonic()
     err = failure(reader(read_timeout_s=0.3).read, f"{server}/slow")
-    assert err.code == "fetch_failed" and "timed out" in err.message
+    assert err.code == "fetch_failed" and f"{server}/slow' did not answer within 0.3 s" in err.message
     assert time.monotonic() - started < 1.4  # gave up at the read timeout, not the server's pace
+
+
+def test_a_slow_drip_download_stops_at_the_total_limit_and_names_the_url(server):
+    started = time.monotonic()
+    err = failure(reader(total_timeout_s=1).read, f"{server}/drip")
+    assert time.monotonic() - started < 1.6
+    assert err.code == "fetch_failed" and f"{server}/drip'" in err.message and "took over 1 s" in err.message
+
+
+def test_the_deadline_given_counts_time_spent_before_the_fetch(server):
+    """The service passes the job's arrival + total: a fetch that waited its time out in the
+    queue fails at once instead of starting a fresh allowance."""
+    err = failure(reader(total_timeout_s=5).read, f"{server}/img", time.monotonic() - 0.1)
+    assert err.code == "fetch_failed" and "took over 5 s" in err.message
 
 
 def test_byte_cap_holds_for_declared_and_streamed_bodies(server):

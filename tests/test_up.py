@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -97,6 +98,86 @@ def test_up_serves_an_image_chat_and_ctrl_c_leaves_nothing(tmp_path):
         up.kill()
     # The demo checkpoint is cached for the next run.
     assert len(list((tmp_path / "cache").glob("tiny-qwen3-vl-moe-*/config.json"))) == 1
+
+
+def _service_pid(launcher: int, name: str) -> int:
+    """The pid of `splitvl up`'s child that runs `name` (encode or language)."""
+    for pid in children(launcher):
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"splitvl.deploy.child" in argv and name.encode() in argv:
+            return pid
+    raise AssertionError(f"no {name} service under {launcher}")
+
+
+def test_a_killed_encoder_is_restarted_while_text_keeps_serving(tmp_path):
+    """SIGKILL of the encode service under load: text requests never notice, image requests in
+    flight get an answer or a clean 503 within 3 s, and the launcher has the encoder back (and
+    the language service linked to it again) within 10 s."""
+    up = Up(tmp_path)
+    try:
+        up.wait_serving()
+        client = openai.OpenAI(base_url=f"{up.url}/v1", api_key="unused", max_retries=0, timeout=30)
+        stop = threading.Event()
+        text_errors: list[Exception] = []
+        image_outcomes: list[tuple[float, float, object]] = []  # (start, seconds, status or error)
+
+        def text_traffic() -> None:
+            while not stop.is_set():
+                try:
+                    client.chat.completions.create(model="splitvl-tiny", max_tokens=8, stream=True,
+                                                   messages=[{"role": "user", "content": "hello"}]).close()
+                except Exception as exc:  # noqa: BLE001 - recorded and asserted on
+                    text_errors.append(exc)
+
+        def image_traffic(seed: int) -> None:
+            while not stop.is_set():
+                seed += 100
+                start = time.monotonic()
+                content = [{"type": "image_url", "image_url": {"url": data_url(png(64, 48, seed=seed))}},
+                           {"type": "text", "text": "What is it?"}]
+                try:
+                    client.chat.completions.create(model="splitvl-tiny", max_tokens=4,
+                                                   messages=[{"role": "user", "content": content}])
+                    outcome: object = 200
+                except openai.APIStatusError as exc:
+                    outcome = (exc.status_code, exc.body)
+                except Exception as exc:  # noqa: BLE001
+                    outcome = exc
+                image_outcomes.append((start, time.monotonic() - start, outcome))
+
+        threads = [threading.Thread(target=text_traffic) for _ in range(2)]
+        threads += [threading.Thread(target=image_traffic, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        encoder = _service_pid(up.proc.pid, "encode")
+        killed = time.monotonic()
+        os.kill(encoder, signal.SIGKILL)
+        deadline = killed + 10
+        while not re.search("the encode service is back", up.log.read_text()) or \
+                httpx.get(f"{up.url}/health", timeout=5).json()["encoders_healthy"] < 1:
+            assert time.monotonic() < deadline, f"the encoder was not back within 10 s:\n{up.log.read_text()}"
+            time.sleep(0.1)
+        time.sleep(2)  # image traffic against the restarted encoder
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert not text_errors, text_errors[:3]
+        assert _service_pid(up.proc.pid, "encode") != encoder
+        around_kill = [o for o in image_outcomes if o[0] < killed + 3 and o[0] + o[1] > killed]
+        assert around_kill, "no image request was in flight when the encoder died"
+        print(f"{len(image_outcomes)} image requests, {len(around_kill)} around the kill:",
+              [(round(t - killed, 2), round(d, 2), o if o == 200 else o[0]) for t, d, o in around_kill])
+        for start, seconds, outcome in image_outcomes:
+            if outcome != 200:
+                assert isinstance(outcome, tuple) and outcome[0] == 503, outcome
+                assert outcome[1]["code"] == "encoder_unavailable", outcome
+                assert seconds < 3, f"an image request waited {seconds:.1f} s for its 503"
+        assert image_outcomes[-1][2] == 200  # served by the restarted encoder
+        assert "the encode service was killed by SIGKILL; restarting it in 1 s" in up.log.read_text()
+        assert up.ctrl_c() == 0
+    finally:
+        up.kill()
 
 
 def test_a_service_that_fails_to_start_stops_the_other(tmp_path):

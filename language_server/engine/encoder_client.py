@@ -3,8 +3,9 @@
 Sends one EncodeJob per image to the least-loaded healthy encoder, with this process's result
 receiver as `reply_to`, so results arrive here and never pass through the HTTP process. A job
 that gets no answer within the timeout is retried on another encoder (the slow one is marked
-unhealthy); health pings every few seconds take silent encoders out and bring them back once
-they answer again.
+unhealthy); health pings every few seconds take silent or unreachable encoders out and bring
+them back once they answer again. An encoder taken out hands its jobs on at once, to a healthy
+encoder not yet tried or to a 503, so they do not wait out their timeout on a dead peer.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ class EncoderClient:
         self.bytes_received = 0
         self._ids = itertools.count()
         self._next_ping = 0.0
+        self._orphaned: list[EncodeOutcome] = []  # failures of jobs moved off a down encoder
 
     @property
     def result_address(self) -> str:
@@ -136,20 +138,34 @@ class EncoderClient:
         now = time.monotonic()
         for job_id, job in list(self.jobs.items()):
             if now - job.sent_at > self.timeout_s:
-                del self.jobs[job_id]
-                job.encoder.in_flight -= 1
-                job.encoder.healthy = False
+                # Slow, maybe not dead (its pongs decide that): later jobs prefer other encoders,
+                # and its other jobs stay where they are.
                 log.warning("encoder %s gave no answer for %s in %.1fs", job.encoder.address, job.key, self.timeout_s)
-                outcome = self._dispatch(job)
-                if outcome:
-                    outcomes.append(outcome)
+                job.encoder.healthy = False
+                self._move(job_id)
         if now >= self._next_ping:
             self._ping(now)
+        outcomes.extend(self._orphaned)
+        self._orphaned = []
         return outcomes
 
-    def _dispatch(self, job: _Job) -> EncodeOutcome | None:
+    def _mark_down(self, encoder: EncoderState) -> None:
+        """Take an encoder out and move its jobs at once (to a healthy encoder not yet tried, or
+        to a 503), rather than letting each wait out its timeout on a dead peer."""
+        encoder.healthy = False
+        for job_id in [j for j, job in self.jobs.items() if job.encoder is encoder]:
+            self._move(job_id)
+
+    def _move(self, job_id: str) -> None:
+        job = self.jobs.pop(job_id)
+        job.encoder.in_flight -= 1
+        outcome = self._dispatch(job, healthy_only=True)
+        if outcome is not None:
+            self._orphaned.append(outcome)
+
+    def _dispatch(self, job: _Job, healthy_only: bool = False) -> EncodeOutcome | None:
         while True:
-            candidates = [e for e in self.encoders if e.address not in job.tried]
+            candidates = [e for e in self.encoders if e.address not in job.tried and (e.healthy or not healthy_only)]
             if not candidates or job.attempts > self.retries:
                 return self._failure(job)
             # Least loaded first; healthy encoders before ones that missed pings.
@@ -162,8 +178,8 @@ class EncoderClient:
             try:
                 encoder.sender.send(msg, timeout=_SEND_TIMEOUT_S)
             except TransportError as exc:
-                encoder.healthy = False
                 log.warning("encoder %s refused a job: %s", encoder.address, exc)
+                self._mark_down(encoder)
                 continue
             except ProtocolError as exc:  # this job can't be put on the wire (e.g. a source too long)
                 return EncodeOutcome(job.request_id, job.image_index, error_code="invalid_request",
@@ -203,15 +219,18 @@ class EncoderClient:
 
     def _ping(self, now: float) -> None:
         self._next_ping = now + self.health_interval_s
-        for e in self.encoders:
-            if now - e.last_pong > _UNHEALTHY_AFTER_MISSED_PINGS * self.health_interval_s:
-                e.healthy = False
+        for seq, e in enumerate(self.encoders):
+            if e.healthy and now - e.last_pong > _UNHEALTHY_AFTER_MISSED_PINGS * self.health_interval_s:
+                log.warning("encoder %s missed %d health checks; taking it out", e.address,
+                            _UNHEALTHY_AFTER_MISSED_PINGS)
+                self._mark_down(e)
             try:
                 # seq identifies the encoder: its index in our list.
-                e.sender.send(HealthPing(reply_to=self.receiver.address, seq=self.encoders.index(e), sent_at=now),
-                              timeout=0)
+                e.sender.send(HealthPing(reply_to=self.receiver.address, seq=seq, sent_at=now), timeout=0)
             except TransportError:
-                e.healthy = False
+                if e.healthy:  # no connected peer: it is gone (a live one takes pings at once)
+                    log.warning("encoder %s is unreachable; taking it out", e.address)
+                    self._mark_down(e)
 
     def _on_pong(self, pong: HealthPong) -> None:
         if not 0 <= pong.seq < len(self.encoders):

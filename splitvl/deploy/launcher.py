@@ -4,7 +4,8 @@ to send requests, stop both on Ctrl-C (SIGINT) or SIGTERM.
 Each child runs `splitvl encode|language --config FILE` (through splitvl/deploy/child.py) in its
 own process group, so a Ctrl-C at the terminal reaches the launcher alone and the launcher stops
 the children in order: the language service first (it answers or fails what it is serving), then
-the encoder. Their output is copied to ours, each line prefixed with the service's name. Should
+the encoder. Their output is copied to ours, each line prefixed with the service's name. Once
+both are up, a service that exits is restarted with a back-off while the other keeps serving. Should
 the launcher die without cleaning up (SIGKILL), the kernel sends each child SIGTERM, so no
 orphan keeps a GPU or a port.
 """
@@ -28,7 +29,8 @@ import yaml
 from splitvl.deploy.plan import Plan
 
 _POLL_S = 0.25
-_LANGUAGE_STOP_S = 30.0  # uvicorn's 5 s graceful shutdown, then the engine's 10 s, with room
+_BACKOFF_FIRST_S, _BACKOFF_MAX_S = 1.0, 30.0  # restarts of a service that exited
+_BACKOFF_RESET_S = 60.0  # a service that ran this long before exiting is restarted quickly again
 
 
 class StartupError(RuntimeError):
@@ -47,8 +49,22 @@ class Service:
         self.out, self.lock = out, lock
         self.proc: subprocess.Popen[bytes] | None = None
         self._copier: threading.Thread | None = None
+        self.started_at = 0.0
+        self.restart_at: float | None = None  # set while a restart is pending
+        self.recovering = False  # restarted and not yet healthy
+        self._backoff_s = _BACKOFF_FIRST_S
+
+    def next_backoff(self, now: float) -> float:
+        """The wait before restarting a service that just exited: short after a long healthy
+        run, doubling (up to a cap) while it keeps dying young, so a crash loop does not spin."""
+        if now - self.started_at >= _BACKOFF_RESET_S:
+            self._backoff_s = _BACKOFF_FIRST_S
+        delay = self._backoff_s
+        self._backoff_s = min(self._backoff_s * 2, _BACKOFF_MAX_S)
+        return delay
 
     def start(self) -> None:
+        self.started_at = time.monotonic()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # lines reach the terminal as they are logged
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -103,7 +119,7 @@ class Launcher:
         self.stop_requested = True
 
     def run(self, banner: str) -> int:
-        """0 after a requested stop, 1 if a service failed to start or exited on its own."""
+        """0 after a requested stop, 1 if a service failed to start."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
         with tempfile.TemporaryDirectory(prefix="splitvl-up-") as run_dir:
@@ -133,8 +149,9 @@ class Launcher:
                 continue
             path = run_dir / f"{name}.yaml"
             path.write_text(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
-            # The encoder finishes jobs in flight for up to its shutdown_timeout_s.
-            stop_s = self.plan.encode.shutdown_timeout_s + 15 if name == "encode" else _LANGUAGE_STOP_S
+            # Each drains for up to its shutdown_timeout_s; the language service then stops uvicorn
+            # (5 s) and its engine (10 s).
+            stop_s = settings.shutdown_timeout_s + (15 if name == "encode" else 20)
             argv = [sys.executable, "-m", "splitvl.deploy.child", str(os.getpid()), name, "--config", str(path)]
             services.append(Service(name, argv, stop_s, self.out, self.lock))
         return services
@@ -176,15 +193,40 @@ class Launcher:
         return health is not None and linked
 
     def _supervise(self, services: list[Service]) -> int:
+        """Until a stop is requested: a service that exits is started again after a back-off
+        (1 s, doubling to 30 s while it keeps dying young), and the other keeps serving meanwhile:
+        text requests need no encoder, and the language service re-links to a restarted encoder
+        on its own. Returns 0 (a requested stop)."""
+        ready = {"encode": self._encode_ready, "language": self._language_ready}
         while True:
             time.sleep(_POLL_S)  # a signal interrupts the sleep and its handler runs at once
             if self.stop_requested:
                 return 0
+            now = time.monotonic()
             for service in services:
-                if service.exit_code is not None:
-                    _say(self.out, self.lock, f"the {service.name} service exited with code {service.exit_code}; "
-                         "stopping the rest")
-                    return 1
+                if service.exit_code is not None and service.restart_at is None:
+                    delay = service.next_backoff(now)
+                    _say(self.out, self.lock, f"the {service.name} service {_how_it_ended(service.exit_code)}; "
+                         f"restarting it in {delay:.0f} s" + ("" if len(services) == 1 else
+                                                              " (the other service keeps serving)"))
+                    service.restart_at = now + delay
+                elif service.restart_at is not None and now >= service.restart_at:
+                    service.restart_at = None
+                    service.start()
+                    service.recovering = True
+                elif service.recovering and service.exit_code is None and ready[service.name]():
+                    service.recovering = False
+                    _say(self.out, self.lock, f"the {service.name} service is back "
+                         f"({now - service.started_at:.1f} s after its restart)")
+
+
+def _how_it_ended(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def _get(url: str) -> dict | None:

@@ -15,6 +15,7 @@ from splitvl.deploy.config import DeployConfig, DeployConfigError
 
 Only = Literal["encode", "language"] | None
 _ANY_HOST = ("0.0.0.0", "::", "*", "")
+_ENCODE_SLACK_S = 5.0  # an encode job's time beyond its download: queueing, preprocessing, the tower
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,12 @@ def make_plan(config: DeployConfig, model: Path, only: Only = None, served_model
     """
     encode = None if only == "language" else _encode_settings(config, model, local=only is None)
     language = None if only == "encode" else _language_settings(config, model, encode, served_model_name)
+    if encode is not None and language is not None and \
+            language.encode_timeout_s < encode.fetch_total_timeout_s + _ENCODE_SLACK_S:
+        raise DeployConfigError(
+            f"language.encode_timeout_s ({language.encode_timeout_s:g} s) must exceed encode.fetch_total_timeout_s "
+            f"({encode.fetch_total_timeout_s:g} s) by at least {_ENCODE_SLACK_S:g} s: a slow image URL must fail as "
+            "the client's error before the language service gives the encoder up for dead")
     # Two services on one GPU: the language engine sizes its KV cache from the memory free when it
     # starts, so the encoder must have loaded its weights and run its probe by then.
     sequential = (encode is not None and language is not None and config.device == "cuda"
