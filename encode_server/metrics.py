@@ -41,8 +41,7 @@ class EncodeMetrics:
                                          "Job received to answer handed to the sender",
                                          buckets=_LATENCY_BUCKETS, registry=r)
         self.bytes_sent = Counter("splitvl_encode_bytes_sent", "Embedding bytes sent in results", registry=r)
-        self.refused_reply_to = Counter("splitvl_encode_refused_reply_to",
-                                        "Jobs and pings dropped: their reply address is not in reply_to_allow_list",
-                                        registry=r)
+        self.refused = Counter("splitvl_encode_refused", "Jobs and pings dropped unanswered: an untrusted reply "
+                               "address, or a missing or wrong job_token", ["reason"], registry=r)
         self.send_failures = Counter("splitvl_encode_send_failures",
                                      "Answers that could not be delivered (peer gone or stalled)", registry=r)

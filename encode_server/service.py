@@ -16,7 +16,6 @@ failure of one job (bad bytes, a URL that hangs) never stops the others.
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import io
 import logging
@@ -41,6 +40,7 @@ from encode_server.runner import VisionRunner
 from encode_server.settings import EncodeSettings
 from encode_server.fetch_pool import FetchPool
 from encode_server.sources import SourceReader, url_host
+from encode_server.trust import ReplyPolicy
 from models.config import dtype_from_name
 from models.device import resolve_device
 from models.loader import load_model
@@ -81,6 +81,7 @@ class EncodeService:
         self.receiver: Receiver | None = None
         self._pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="encode worker")
         self._fetches = FetchPool(settings.fetch_workers, settings.fetch_per_host)
+        self.trust = ReplyPolicy(settings.reply_to_allow_list, settings.job_token)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -170,19 +171,16 @@ class EncodeService:
             self._dispatch(msg)
         self.receiver.close()
 
-    def _reply_allowed(self, msg: Message) -> bool:
-        """Is the message's reply address one this service may connect to? Refused ones get no
-        answer at all: answering would be the connection the allow-list exists to prevent."""
-        reply_to = getattr(msg, "reply_to", "")
-        if any(fnmatch.fnmatchcase(reply_to, pattern) for pattern in self.settings.reply_to_allow_list):
+    def _trusted(self, msg: EncodeJob | HealthPing) -> bool:
+        reason = self.trust.refusal(msg)
+        if reason is None:
             return True
-        self.metrics.refused_reply_to.inc()
-        log.warning("dropped a %s: its reply address %r is not in reply_to_allow_list", type(msg).__name__,
-                    reply_to[:200])
+        self.metrics.refused.labels(reason="token" if "job_token" in reason else "reply_to").inc()
+        log.warning("dropped a %s unanswered: %s", type(msg).__name__, reason)
         return False
 
     def _dispatch(self, msg: Message) -> None:
-        if isinstance(msg, (HealthPing, EncodeJob)) and not self._reply_allowed(msg):
+        if isinstance(msg, (HealthPing, EncodeJob)) and not self._trusted(msg):
             return
         if isinstance(msg, HealthPing):
             ready = self.state == "ready"

@@ -88,11 +88,17 @@ class EncodeSettings(BaseModel):
     allowed_local_roots: list[Path] = Field(
         default_factory=list, description="directories local paths may be read from; empty = none"
     )
-    reply_to_allow_list: list[str] = Field(
-        default_factory=lambda: ["*"], description="shell-style patterns of the addresses results and "
-        "health pongs may be sent to (a job's reply_to), e.g. ['tcp://10.0.0.*:*', 'ipc://*']; a job "
-        "naming any other address is dropped unanswered, so a client cannot make this service connect "
-        "to hosts of its choosing. Default: any address (trusted networks only)"
+    reply_to_allow_list: list[str] | None = Field(
+        None, description="shell-style patterns of the addresses results and health pongs may be sent to (a "
+        "job's reply_to), e.g. ['tcp://10.0.0.*:*', 'tcp://language:*']. A job or ping naming any other address "
+        "is dropped unanswered (logged and counted), so nobody can make this service connect to hosts of their "
+        "choosing. Default: this host's own addresses (loopback, its host name and addresses, ipc://) or, with "
+        "job_token set, any address"
+    )
+    job_token: str | None = Field(
+        None, description="a shared secret every job and health ping must carry (the language service's "
+        "encoder_token); for language services on other hosts. It keeps strangers out on a private network; it "
+        "is not encryption"
     )
     fetch_workers: PositiveInt = Field(
         16, description="threads that download http(s) images (apart from the workers, so slow URLs never hold "

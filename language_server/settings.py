@@ -38,6 +38,8 @@ class LanguageSettings(BaseModel):
                     "cache is sized. Results are taken between model steps, so this is how far an encoder can run "
                     "ahead; in the transfer benchmark batches of 16 MiB results (one 1024x1024 image) moved at link "
                     "speed from 512 MiB (docs/transfer.md)")
+    encoder_token: str | None = Field(None, description="shared secret sent with every encode job and health "
+                                      "ping (the encoders' job_token)")
     encode_timeout_s: float = Field(30.0, gt=0, description="per image job; then retry elsewhere or fail")
     encode_retries: int = Field(1, ge=0, description="extra attempts on other encoders")
     encoder_health_interval_s: float = Field(2.0, gt=0)

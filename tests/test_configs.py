@@ -90,8 +90,9 @@ def test_sections_reuse_every_service_setting():
     """A field added to a service's settings is configurable in a deployment file at once:
     each is either in its section or set by the top level."""
     top_level = {"model", "device", "dtype", "transport", "result_transport"}
-    assert set(EncodeSection.model_fields) | top_level == set(EncodeSettings.model_fields)
-    assert set(LanguageSection.model_fields) | top_level | {"host", "port"} == set(LanguageSettings.model_fields)
+    assert set(EncodeSection.model_fields) | top_level | {"job_token"} == set(EncodeSettings.model_fields)
+    assert set(LanguageSection.model_fields) | top_level | {"host", "port", "encoder_token", "api_key"} == \
+        set(LanguageSettings.model_fields)
     # Same definitions, not copies: descriptions and bounds come along.
     assert EncodeSection.model_fields["batch_token_budget"].description == \
         EncodeSettings.model_fields["batch_token_budget"].description

@@ -162,6 +162,17 @@ def test_health_ping_is_answered_with_load(start):
     assert (pong.queued, pong.running) == (0, 0)
 
 
+def refused(service, reason: str) -> float:
+    return service.metrics.registry.get_sample_value("splitvl_encode_refused_total", {"reason": reason}) or 0.0
+
+
+def wait_refused(service, reason: str, count: int) -> None:
+    deadline = time.monotonic() + 5
+    while refused(service, reason) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert refused(service, reason) == count
+
+
 def test_reply_addresses_outside_the_allow_list_get_no_connection(start):
     """A job or ping whose reply_to is not allowed is dropped (counted and logged), the service
     never connects there, and allowed clients are served as usual."""
@@ -172,11 +183,30 @@ def test_reply_addresses_outside_the_allow_list_get_no_connection(start):
     send(EncodeJob("allowed", "k-allowed", image_bytes(32, 32, 2), reply_to))
     answer = receive()
     assert isinstance(answer, EncodeResult) and answer.request_id == "allowed"
-    deadline = time.monotonic() + 5
-    while metric(service.metrics.registry, "splitvl_encode_refused_reply_to_total") < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert metric(service.metrics.registry, "splitvl_encode_refused_reply_to_total") == 2
+    wait_refused(service, "reply_to", 2)
     assert refused_to not in service.outboxes.addresses()
+
+
+def test_by_default_only_this_hosts_addresses_are_trusted(start):
+    service, reply_to, send, receive = start()
+    for remote in ("tcp://10.9.9.9:5700", "tcp://evil.example:80", "tcp://0.0.0.0:5700"):
+        send(EncodeJob("remote", "k-remote", image_bytes(32, 32, 1), remote))
+    send(EncodeJob("local", "k-local", image_bytes(32, 32, 2), reply_to))
+    assert receive().request_id == "local"
+    wait_refused(service, "reply_to", 3)
+    assert service.outboxes.addresses() == [reply_to]
+
+
+def test_with_a_job_token_only_jobs_that_carry_it_are_answered(start):
+    service, reply_to, send, receive = start(job_token="s3cret")
+    send(EncodeJob("none", "k-none", image_bytes(32, 32, 1), reply_to))
+    send(EncodeJob("wrong", "k-wrong", image_bytes(32, 32, 1), reply_to, token="guess"))
+    send(HealthPing(reply_to, 1, 0.0))
+    send(EncodeJob("right", "k-right", image_bytes(32, 32, 2), reply_to, token="s3cret"))
+    send(HealthPing(reply_to, 2, 0.0, token="s3cret"))
+    answers = {type(m).__name__: m for m in (receive(), receive())}
+    assert answers["EncodeResult"].request_id == "right" and answers["HealthPong"].seq == 2
+    wait_refused(service, "token", 3)
 
 
 class _DripServer:

@@ -240,3 +240,45 @@ def test_dry_run_prints_each_services_settings_with_flags_over_the_file(tmp_path
     assert encode["dtype"] == language["dtype"] == "float32" and language["port"] == 9001
     assert encode["model"] == language["model"] == str(tmp_path)
     assert language["encoders"] == [encode["listen"]] and encode["result_transport"] == "cuda_ipc"
+
+
+def _dry_run(capsys, tmp_path, *args: str) -> dict:
+    assert main(["up", "--dry-run", "--cache-dir", str(tmp_path / "cache"), *args]) == 0
+    services = yaml.safe_load(capsys.readouterr().out)
+    for name in ("encode", "language"):  # free loopback ports, picked anew on every run
+        services[name].pop("listen", None)
+        services[name].pop("http_port", None)
+        services[name]["encoders"] = None if name == "language" else services[name].get("encoders")
+    return services
+
+
+def test_no_flags_run_the_demo_file_and_a_dry_run_builds_and_shows_no_secret(tmp_path, capsys):
+    demo = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
+    bare = _dry_run(capsys, tmp_path, "--api-key", "sekrit")
+    assert bare == _dry_run(capsys, tmp_path, "--config", str(demo), "--api-key", "sekrit")
+    encode, language = bare["encode"], bare["language"]
+    assert (encode["workers"], language["max_model_len"], language["max_num_seqs"]) == (2, 4096, 16)
+    assert language["api_key"] == "<set>"
+    assert "sekrit" not in str(bare)
+    assert not list((tmp_path / "cache").glob("tiny-*")), "a dry run wrote the demo checkpoint"
+
+
+def test_one_encode_token_is_set_for_both_services(tmp_path, capsys):
+    config = tmp_path / "token.yaml"
+    config.write_text(yaml.safe_dump({"encode_token": "shared"}))
+    assert main(["up", "--config", str(config), "--cache-dir", str(tmp_path / "cache"), "--dry-run"]) == 0
+    services = yaml.safe_load(capsys.readouterr().out)
+    assert services["encode"]["job_token"] == services["language"]["encoder_token"] == "<set>"
+    # Set for one side only, they could never agree: refused by name.
+    config.write_text(yaml.safe_dump({"language": {"encoder_token": "x"}}))
+    assert main(["up", "--config", str(config), "--cache-dir", str(tmp_path / "cache"), "--dry-run"]) == 2
+    assert "language.encoder_token is set for both services by the top-level encode_token" in \
+        capsys.readouterr().err
+
+
+def test_an_encode_timeout_shorter_than_a_download_is_refused(tmp_path, capsys):
+    config = tmp_path / "timeouts.yaml"
+    config.write_text(yaml.safe_dump({"encode": {"fetch_total_timeout_s": 30}, "language": {"encode_timeout_s": 30}}))
+    assert main(["up", "--config", str(config), "--cache-dir", str(tmp_path / "cache"), "--dry-run"]) == 2
+    assert "language.encode_timeout_s (30 s) must exceed encode.fetch_total_timeout_s (30 s)" in \
+        capsys.readouterr().err

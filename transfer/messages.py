@@ -17,7 +17,7 @@ from typing import ClassVar, Union
 
 import torch
 
-PROTOCOL_VERSION: int = 2  # 2: DATA names its write fence (cuda_ipc device fences)
+PROTOCOL_VERSION: int = 3  # 2: DATA names its write fence (cuda_ipc device fences); 3: job and ping tokens
 
 # Option values an EncodeJob may carry (min_pixels, max_pixels, ...): plain scalars only, so a
 # job never smuggles structure the encoder would have to interpret.
@@ -33,6 +33,7 @@ class EncodeJob:
     source: bytes | str  # raw image bytes (sent as a raw frame), or a URL / local path string
     reply_to: str  # transport address of the process that runs the language model
     options: dict[str, OptionValue] = field(default_factory=dict)  # min_pixels, max_pixels, ...
+    token: str = ""  # the shared secret of encoders that require one (encode settings' job_token)
 
     WIRE_TYPE: ClassVar[str] = "encode_job"
     WIRE_FIELDS: ClassVar[dict[str, str]] = {
@@ -41,6 +42,7 @@ class EncodeJob:
         "source": "source",
         "reply_to": "address",
         "options": "options",
+        "token": "text",
     }
 
 
@@ -95,9 +97,11 @@ class HealthPing:
     reply_to: str
     seq: int
     sent_at: float  # sender's time.monotonic(); echoed back so the sender can measure latency
+    token: str = ""  # as EncodeJob.token: a pong is a connection to reply_to too
 
     WIRE_TYPE: ClassVar[str] = "health_ping"
-    WIRE_FIELDS: ClassVar[dict[str, str]] = {"reply_to": "address", "seq": "count", "sent_at": "time"}
+    WIRE_FIELDS: ClassVar[dict[str, str]] = {"reply_to": "address", "seq": "count", "sent_at": "time",
+                                             "token": "text"}
 
 
 @dataclass

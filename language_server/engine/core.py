@@ -37,7 +37,7 @@ class EngineCore:
         self.encoders = EncoderClient(settings.encoders, settings.transport, settings.result_address,
                                       settings.encode_timeout_s, settings.encode_retries,
                                       settings.encoder_health_interval_s, settings.result_transport,
-                                      device, settings.result_lease_mib)
+                                      device, settings.result_lease_mib, settings.encoder_token)
         try:
             # Graphs are captured up to the largest decode batch and sized for the longest sequence.
             options = RunnerOptions.from_env(max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len)

@@ -97,13 +97,14 @@ def _region_options(transport: str, device: str, lease_mib: int, encoders: int) 
 class EncoderClient:
     def __init__(self, addresses: list[str], transport: str, result_address: str, timeout_s: float,
                  retries: int, health_interval_s: float, result_transport: str = "zmq",
-                 device: str = "cpu", result_lease_mib: int = 64) -> None:
+                 device: str = "cpu", result_lease_mib: int = 64, token: str | None = None) -> None:
         self.receiver: Receiver = make_receiver(result_transport, result_address,
                                                 **_region_options(result_transport, device, result_lease_mib,
                                                                   len(addresses)))
         self.encoders = [EncoderState(a, make_sender(transport, a)) for a in addresses]
         self.timeout_s = timeout_s
         self.retries = retries
+        self.token = token or ""
         self.health_interval_s = health_interval_s
         self.jobs: dict[str, _Job] = {}
         self.bytes_received = 0
@@ -174,7 +175,7 @@ class EncoderClient:
             job.tried.add(encoder.address)
             job_id = f"{job.request_id}/{job.image_index}/{next(self._ids)}"
             msg = EncodeJob(request_id=job_id, image_key=job.key, source=_wire_source(job.source),
-                            reply_to=self.receiver.address, options=dict(job.options))
+                            reply_to=self.receiver.address, options=dict(job.options), token=self.token)
             try:
                 encoder.sender.send(msg, timeout=_SEND_TIMEOUT_S)
             except TransportError as exc:
@@ -226,7 +227,7 @@ class EncoderClient:
                 self._mark_down(e)
             try:
                 # seq identifies the encoder: its index in our list.
-                e.sender.send(HealthPing(reply_to=self.receiver.address, seq=seq, sent_at=now), timeout=0)
+                e.sender.send(HealthPing(reply_to=self.receiver.address, seq=seq, sent_at=now, token=self.token), timeout=0)
             except TransportError:
                 if e.healthy:  # no connected peer: it is gone (a live one takes pings at once)
                     log.warning("encoder %s is unreachable; taking it out", e.address)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+_SECRETS = ("api_key", "encoder_token", "job_token")
 
 DESCRIPTION = """\
 Start the encode service (vision tower) and the language service (OpenAI API + engine) as
@@ -12,6 +15,7 @@ try, and stop both on Ctrl-C. /health and /v1/* are served on --port.
 
 With no model (no --model, no model: in --config) it serves a tiny random checkpoint, built
 once into the cache directory, on the CPU: a demo of the whole path that needs no download.
+With neither --config nor --model it runs the demo's own file, configs/tiny-cpu.yaml.
 
 --config takes a deployment file (see configs/): top-level keys model, host, port, device,
 dtype, gpus, transport, result_transport, startup_timeout_s, plus an `encode:` section (any
@@ -40,10 +44,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="port of /health and /v1 (default 8000)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default cpu; the GPU of each service is gpus: in --config")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("SPLITVL_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default $SPLITVL_API_KEY; none: open)")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="where the demo checkpoint is built (default $SPLITVL_CACHE, else ~/.cache/splitvl)")
     p.add_argument("--only", choices=["encode", "language"], help="run one of the two services (multi-node)")
-    p.add_argument("--dry-run", action="store_true", help="print each service's resolved settings and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each service's resolved settings (secrets masked) and exit; builds nothing")
     p.set_defaults(func=run)
 
 
@@ -55,21 +62,27 @@ def run(args: argparse.Namespace) -> int:
     from splitvl.deploy.launcher import Launcher
     from splitvl.deploy.plan import make_plan
     from splitvl.deploy.tiny import (
+        DEMO_CONFIG,
         TINY_MODEL_NAME,
         cache_dir,
         demo_image,
         tiny_checkpoint,
+        tiny_checkpoint_path,
     )
 
     try:
-        config = load_deploy_config(args.config, model=args.model, host=args.host, port=args.port,
-                                    device=args.device, dtype=args.dtype)
+        # Neither a file nor a model: the demo, with the settings of its file (configs/tiny-cpu.yaml).
+        path = args.config if args.config or args.model else DEMO_CONFIG
+        config = load_deploy_config(path, model=args.model, host=args.host, port=args.port,
+                                    device=args.device, dtype=args.dtype, api_key=args.api_key)
     except DeployConfigError as exc:
         print(f"splitvl up: {exc}", file=sys.stderr)
         return 2
     cache = cache_dir(args.cache_dir)
     if config.model is None:
-        model, default_name = tiny_checkpoint(cache), TINY_MODEL_NAME
+        # A dry run only shows where the demo checkpoint would be; it writes nothing.
+        model = tiny_checkpoint_path(cache) if args.dry_run else tiny_checkpoint(cache)
+        default_name = TINY_MODEL_NAME
     else:
         model, default_name = config.model.expanduser().resolve(), None
         if not (model / "config.json").is_file():
@@ -82,9 +95,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"splitvl up: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
-        services = {name: settings.model_dump(mode="json") for name, settings in
+        services = {name: _masked(settings.model_dump(mode="json")) for name, settings in
                     (("encode", plan.encode), ("language", plan.language)) if settings is not None}
         print(yaml.safe_dump(services, sort_keys=False), end="")
         return 0
     name = (plan.language.served_model_name if plan.language else None) or model.name
     return Launcher(plan, config.startup_timeout_s).run(banner(plan, name, demo_image(cache)))
+
+
+def _masked(settings: dict) -> dict:
+    """Settings as printed by --dry-run: secrets shown only as set or not."""
+    return {key: ("<set>" if value is not None else None) if key in _SECRETS else value
+            for key, value in settings.items()}

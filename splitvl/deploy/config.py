@@ -37,9 +37,10 @@ from transfer.registry import transport_names
 # Section field -> the top-level key that sets it.
 _OWNED = {
     "encode": {"model": "model", "device": "device (and gpus.encode)", "dtype": "dtype", "transport": "transport",
-               "result_transport": "result_transport"},
+               "result_transport": "result_transport", "job_token": "encode_token"},
     "language": {"model": "model", "device": "device (and gpus.language)", "dtype": "dtype", "transport": "transport",
-                 "result_transport": "result_transport", "host": "host", "port": "port"},
+                 "result_transport": "result_transport", "host": "host", "port": "port",
+                 "encoder_token": "encode_token", "api_key": "api_key"},
 }
 
 
@@ -86,6 +87,10 @@ class DeployConfig(BaseModel):
     transport: str = Field("zmq", description="transfer backend encode jobs travel by")
     result_transport: str = Field("zmq", description="transfer backend encode results travel by: zmq (tcp, any two "
                                   "hosts), cuda_ipc (two GPUs of one node), nixl (RDMA across nodes)")
+    api_key: str | None = Field(None, description="if set, every /v1 request needs 'Authorization: Bearer <key>'")
+    encode_token: str | None = Field(None, description="a shared secret the language service sends with every "
+                                     "encode job and the encode service requires: for encoders on other hosts "
+                                     "(same-host reply addresses are trusted without it)")
     startup_timeout_s: PositiveFloat = Field(900.0, description="how long the services may take to become healthy "
                                              "(reading ~62 GB of weights takes minutes)")
     encode: EncodeSection = Field(default_factory=EncodeSection)  # type: ignore[valid-type]

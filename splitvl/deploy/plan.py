@@ -68,7 +68,8 @@ def _encode_settings(config: DeployConfig, model: Path, local: bool) -> EncodeSe
         raise DeployConfigError("--only encode needs encode.listen: the address language services send jobs to, "
                                 "e.g. tcp://0.0.0.0:5600")
     return EncodeSettings(**values, model=model, device=config.service_device("encode"), dtype=config.resolved_dtype,
-                          transport=config.transport, result_transport=config.result_transport)
+                          transport=config.transport, result_transport=config.result_transport,
+                          job_token=config.encode_token)
 
 
 def _language_settings(config: DeployConfig, model: Path, encode: EncodeSettings | None,
@@ -85,7 +86,8 @@ def _language_settings(config: DeployConfig, model: Path, encode: EncodeSettings
         values["served_model_name"] = served_model_name
     return LanguageSettings(**values, model=str(model), host=config.host, port=config.port,
                             device=config.service_device("language"), dtype=config.resolved_dtype,
-                            transport=config.transport, result_transport=config.result_transport)
+                            transport=config.transport, result_transport=config.result_transport,
+                            encoder_token=config.encode_token, api_key=config.api_key)
 
 
 def free_port() -> int:

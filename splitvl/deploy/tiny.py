@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 
 TINY_MODEL_NAME = "splitvl-tiny"
+# What `splitvl up` runs with neither --config nor --model (configs/tiny-cpu.yaml links to it).
+DEMO_CONFIG = Path(__file__).with_name("tiny-cpu.yaml")
 
 
 def cache_dir(override: str | Path | None = None) -> Path:
@@ -31,11 +33,16 @@ def _generator_key() -> str:
     return digest.hexdigest()[:12]
 
 
+def tiny_checkpoint_path(cache: Path) -> Path:
+    """Where the tiny checkpoint of this code version lives (it may not be written yet)."""
+    return cache / f"tiny-qwen3-vl-moe-{_generator_key()}"
+
+
 def tiny_checkpoint(cache: Path) -> Path:
     """The cached tiny checkpoint, written first if missing (safe when several launchers race)."""
     from models.tiny_checkpoint import write_tiny_checkpoint
 
-    target = cache / f"tiny-qwen3-vl-moe-{_generator_key()}"
+    target = tiny_checkpoint_path(cache)
     if target.is_dir():
         return target
     # Write beside it, then rename: a half-written directory is never seen under the final name.
