@@ -28,6 +28,7 @@ class SamplingParams:
     seed: int | None = None  # a per-request generator: the same seed gives the same tokens
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    min_tokens: int = 0  # no EOS, stop token or stop string before this many tokens
     logprobs: int | None = None  # None: no logprobs; n >= 0: the chosen token's plus the top n
 
 

@@ -136,3 +136,19 @@ def test_undecodable_image_is_a_client_error(image_service):
     assert response.json()["error"]["message"]
     assert image_service.health()["status"] == "ok"
 
+
+
+def test_detail_low_caps_the_pixel_budget():
+    from language_server.api.errors import APIError
+    from language_server.api.images import LOW_DETAIL_MAX_PIXELS, image_options
+    from language_server.api.schemas import ImageURL
+
+    def options(**fields):
+        return image_options(ImageURL(url="data:,", **fields), "image_url")
+
+    assert options() == {} and options(detail="high") == {} and options(detail="auto") == {}
+    assert options(detail="low") == {"max_pixels": LOW_DETAIL_MAX_PIXELS}
+    assert options(detail="low", max_pixels=4096) == {"max_pixels": 4096}
+    assert options(detail="high", max_pixels=10**7) == {"max_pixels": 10**7}
+    with pytest.raises(APIError, match="with detail low"):
+        options(detail="low", min_pixels=LOW_DETAIL_MAX_PIXELS + 1)

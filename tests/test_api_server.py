@@ -223,8 +223,8 @@ PNG_1PX = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAA
            "sQAAAABJRU5ErkJggg==")
 
 
-def _image_message(*urls: str, role: str = "user") -> list[dict]:
-    parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+def _image_message(*urls: str, role: str = "user", **image_fields) -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": u, **image_fields}} for u in urls]
     return [{"role": role, "content": [*parts, {"type": "text", "text": "what is this?"}]}]
 
 
@@ -264,6 +264,23 @@ BAD_CHAT = [
     (_chat_body(messages=[{"role": "user", "content": "<|image_pad|>"}]), 400, "messages"),
     (_chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
     (_chat_body(stream_options={"include_usage": True}), 400, "stream_options"),
+    # Every field works or is refused by name: OpenAI's that this service does not serve...
+    *[(_chat_body(**{name: value}), 400, name) for name, value in (
+        ("tool_choice", "auto"), ("parallel_tool_calls", False), ("functions", [{"name": "f"}]),
+        ("function_call", "auto"), ("logit_bias", {"5": 10}), ("reasoning_effort", "low"), ("verbosity", "low"),
+        ("modalities", ["text", "audio"]), ("audio", {"voice": "alloy", "format": "wav"}),
+        ("prediction", {"type": "content", "content": "x"}), ("web_search_options", {}),
+        ("response_format", {"type": "json_object"}), ("service_tier", "flex"))],
+    # ... and anything unknown, at any depth.
+    (_chat_body(best_of=2), 400, "best_of"),
+    (_chat_body(top_a=0.5), 400, "top_a"),
+    (_chat_body(messages=[{"role": "user", "content": "hi", "refusal": None}]), 400, "messages[0].refusal"),
+    (_chat_body(messages=[{"role": "user", "content": [{"type": "text", "text": "hi", "cache": 1}]}]), 400,
+     "messages[0].content[0].cache"),
+    (_chat_body(messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]), 400,
+     "messages[0].content[0]"),
+    (_chat_body(min_tokens=5, max_tokens=4), 400, "min_tokens"),
+    (_chat_body(messages=_image_message(PNG_1PX, detail="huge")), 400, "messages[0].content[0].image_url.detail"),
     # No encoder is configured: a valid image cannot be served (and says why).
     (_chat_body(messages=_image_message(PNG_1PX)), 503, None),
 ]
@@ -273,6 +290,8 @@ BAD_COMPLETIONS = [
     ({"model": "tiny-vl", "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     ({"model": "tiny-vl", "prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo"),
     ({"model": "tiny-vl"}, 400, "prompt"),
+    ({"model": "tiny-vl", "prompt": "hi", "logit_bias": {"1": 1}}, 400, "logit_bias"),
+    ({"model": "tiny-vl", "prompt": "hi", "guided_json": {}}, 400, "guided_json"),
 ]
 
 
@@ -361,6 +380,25 @@ def test_completions_several_prompts_times_n(vl_service, tokenizer):
     assert texts[0] == texts[1] == single.choices[0].text and texts[2] == texts[3]
     # Each prompt counts once, however many choices it has.
     assert multi.usage.prompt_tokens == len(tokenizer("The quick")["input_ids"] + tokenizer("brown fox")["input_ids"])
+
+
+def test_min_tokens_holds_back_stop_tokens_and_stop_strings(vl_service, hf_greedy):
+    first = hf_greedy[0]
+    stopped = chat(vl_service, max_tokens=8, extra_body={"stop_token_ids": [first]})
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == 1
+    held = chat(vl_service, max_tokens=8, extra_body={"stop_token_ids": [first], "min_tokens": 4,
+                                                      "return_token_ids": True})
+    ids = held.choices[0].model_extra["token_ids"]
+    assert len(ids) >= 4 and first not in ids[:4]
+    text = chat(vl_service, max_tokens=8).choices[0].message.content
+    assert chat(vl_service, max_tokens=8, stop=[text[:2]]).usage.completion_tokens < 4
+    assert chat(vl_service, max_tokens=8, stop=[text[:2]], extra_body={"min_tokens": 4}).usage.completion_tokens >= 4
+
+
+def test_bookkeeping_hints_are_accepted(vl_service):
+    reply = chat(vl_service, user="u-1", metadata={"team": "a"}, store=False, service_tier="auto",
+                 modalities=["text"], extra_body={"prompt_cache_key": "k", "safety_identifier": "s"})
+    assert reply.choices[0].message.content
 
 
 def test_engine_death_fails_requests_and_stops_the_service(vl_service):

@@ -90,7 +90,9 @@ class Generation:
             piece.token_ids.append(token_id)
             if output.logprobs is not None:
                 piece.logprobs.append(output.logprobs[i])
-            piece.text += self._stop.push(self._detokenizer.push(token_id))
+            text = self._detokenizer.push(token_id)
+            # Before min_tokens, stop strings do not apply (vLLM's rule): the text passes as is.
+            piece.text += text if self.completion_tokens <= self.request.sampling.min_tokens else self._stop.push(text)
             if self._stop.stopped:
                 break
         return piece

@@ -26,12 +26,28 @@ from language_server.settings import LanguageSettings
 MAX_SOURCE_CHARS = 8192
 
 
-def image_ref(image_url: ImageURL, settings: LanguageSettings, param: str) -> ImageRef:
-    url = image_url.url
+# OpenAI's `detail: "low"`: a small fixed budget. 65,536 pixels is a 256x256 image, 64 image
+# tokens with Qwen3-VL's 32-pixel merged patches (OpenAI's low detail is 85 tokens). "high" and
+# "auto" keep the checkpoint's own bounds, Qwen's default for every image.
+LOW_DETAIL_MAX_PIXELS = 65_536
+
+
+def image_options(image_url: ImageURL, param: str) -> dict[str, int]:
+    """The image's preprocessing bounds for the encoder: min_pixels / max_pixels as given, with
+    detail "low" capping max_pixels."""
     options = {k: v for k, v in (("min_pixels", image_url.min_pixels), ("max_pixels", image_url.max_pixels))
                if v is not None}
-    if len(options) == 2 and options["min_pixels"] > options["max_pixels"]:
-        raise bad_request(f"{param}.min_pixels must not exceed max_pixels.", param=param)
+    if image_url.detail == "low":
+        options["max_pixels"] = min(options.get("max_pixels", LOW_DETAIL_MAX_PIXELS), LOW_DETAIL_MAX_PIXELS)
+    if "min_pixels" in options and "max_pixels" in options and options["min_pixels"] > options["max_pixels"]:
+        limit = "max_pixels" if image_url.detail != "low" else f"max_pixels ({LOW_DETAIL_MAX_PIXELS} with detail low)"
+        raise bad_request(f"{param}.min_pixels must not exceed {limit}.", param=param)
+    return options
+
+
+def image_ref(image_url: ImageURL, settings: LanguageSettings, param: str) -> ImageRef:
+    url = image_url.url
+    options = image_options(image_url, param)
     if url.startswith("data:"):
         identity = _data_url_bytes(url, settings.max_image_url_bytes, param)
         source = url  # the encoder decodes data URLs itself

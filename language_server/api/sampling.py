@@ -10,12 +10,35 @@ from language_server.protocol import SamplingParams
 _INT64 = 2**63
 
 
+# Field -> why it is refused. Each is a 400 naming the field, never an answer that ignored it.
+_UNSUPPORTED = {
+    "tools": "Tool calling is not supported by this service yet.",
+    "tool_choice": "tool_choice needs tools, and tool calling is not supported by this service yet.",
+    "parallel_tool_calls": "parallel_tool_calls needs tools, and tool calling is not supported by this service yet.",
+    "functions": "Function calling is not supported by this service yet.",
+    "function_call": "Function calling is not supported by this service yet.",
+    "logit_bias": "logit_bias is not supported by this service yet.",
+    "reasoning_effort": "reasoning_effort is not supported: this service has no control over reasoning length.",
+    "verbosity": "verbosity is not supported by this service.",
+    "audio": "Audio output is not supported: this model produces text only.",
+    "prediction": "Predicted outputs are not supported by this service.",
+    "web_search_options": "Web search is not supported by this service.",
+}
+
+
 def refuse_unsupported(req: SamplingFields) -> None:
     """Fields OpenAI has that we don't serve: an error beats an answer that ignored them."""
-    if req.tools or req.functions:
-        raise bad_request("Tool and function calling are not supported by this service.", param="tools")
+    for name, reason in _UNSUPPORTED.items():
+        if getattr(req, name) is not None:
+            raise bad_request(reason, param=name, code="unsupported_parameter")
+    if req.modalities is not None and req.modalities != ["text"]:
+        raise bad_request("Only the 'text' output modality is supported.", param="modalities",
+                          code="unsupported_parameter")
     if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        raise bad_request("Only response_format type 'text' is supported.", param="response_format")
+        raise bad_request("Only response_format type 'text' is supported.", param="response_format",
+                          code="unsupported_parameter")
+    if req.service_tier not in (None, "auto", "default"):
+        raise bad_request("service_tier may only be 'auto' or 'default' here (one tier).", param="service_tier")
 
 
 def stop_strings(req: SamplingFields) -> list[str]:
@@ -39,6 +62,9 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         raise bad_request(f"The prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds this model's "
                           f"maximum context length of {limit}. Lower max_tokens or shorten the prompt.",
                           param="max_tokens", code="context_length_exceeded")
+    if req.min_tokens is not None and req.min_tokens > max_tokens:
+        raise bad_request(f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_tokens}).",
+                          param="min_tokens")
     for token_id in req.stop_token_ids or []:
         if not 0 <= token_id < model.vocab_size:
             raise bad_request(f"stop_token_ids holds {token_id}, outside the vocabulary [0, {model.vocab_size}).",
@@ -62,6 +88,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         seed=req.seed,
         stop_token_ids=list(req.stop_token_ids or []),
         ignore_eos=bool(req.ignore_eos),
+        min_tokens=req.min_tokens or 0,
         logprobs=logprobs,
     )
 

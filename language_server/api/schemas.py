@@ -1,10 +1,14 @@
 """Request bodies of the OpenAI endpoints we serve, validated by pydantic in strict mode.
 
 Strict, because OpenAI rejects `"temperature": "0.5"` and so do we: a wrong type is a 400 that
-names the parameter, never a silent coercion. Fields OpenAI has and we don't implement are either
-ignored (harmless hints such as `user`) or rejected by the handlers (tools, response formats), so
-a client never gets an answer that quietly ignored what it asked for. Responses are plain dicts
-built by the handlers in OpenAI's documented shape.
+names the parameter, never a silent coercion. Every field either works or is refused with a 400
+naming it, so a client never gets an answer that quietly ignored what it asked for: unknown
+fields are refused by pydantic (extra="forbid"), and fields OpenAI has that we do not serve are
+declared here only so the handlers can refuse them with a reason (sampling.refuse_unsupported).
+The one exception is a short list of bookkeeping hints that change nothing about the answer
+(`user`, `metadata`, `store`, `service_tier`, `prompt_cache_key`, `safety_identifier`); they are
+accepted and documented as ignored. Responses are plain dicts built by the handlers in OpenAI's
+documented shape.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from language_server.api.errors import bad_request
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Body):
@@ -71,11 +75,28 @@ class SamplingFields(_Body):
     skip_special_tokens: bool | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
+    min_tokens: int | None = Field(None, ge=0)  # vLLM's: no EOS, stop token or stop string before this many
+    # Bookkeeping hints: accepted, change nothing (docs/api.md).
     user: str | None = None
-    # Accepted so the handlers can refuse them by name rather than ignore them.
-    tools: list[Any] | None = None
-    functions: list[Any] | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    # OpenAI fields this service does not serve: declared so the handlers refuse them by name.
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
     response_format: dict[str, Any] | None = None
+    logit_bias: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -110,6 +131,10 @@ def parse_body(body: bytes, cls: type[_Body]) -> Any:
             raise bad_request("The request body must be a JSON object.", code="invalid_json") from None
         if first["type"] == "missing":
             message = f"Missing required parameter: '{param}'."
+        elif first["type"] == "extra_forbidden":
+            raise bad_request(f"Unrecognized parameter: '{param}'. This service does not support it; remove it "
+                              "(docs/api.md lists what is served).", param=param,
+                              code="unsupported_parameter") from None
         else:
             message = f"Invalid value for '{param}': {first['msg']}."
         wrong_type = first["type"].endswith(("_type", "_parsing"))
@@ -120,14 +145,20 @@ def _param_name(loc: tuple[Any, ...]) -> str:
     """('messages', 0, 'content', 'list[...]', 0, 'image_url', 'image_url', 'url') ->
     'messages[0].content[0].image_url.url': drops union member names and the discriminator tag
     (which repeats the field name after it)."""
-    out, previous = "", None
+    out, previous, before = "", None, None
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif "[" in part or part in ("str", "int", "float", "bool") or part == previous:
+        elif "[" in part or part in ("str", "int", "float", "bool") or (part == previous and before is not None):
             pass
+        elif isinstance(previous, int) and isinstance(before, str) and "[" in before and part in _PART_TAGS:
+            previous, before = None, part  # the discriminator tag of a content part (list[...], index, tag)
+            continue
         else:
             out += f".{part}" if out else part
-        previous = part
+        previous, before = part, previous
     return out
+
+
+_PART_TAGS = {"text", "image_url"}
 

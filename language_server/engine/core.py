@@ -72,6 +72,10 @@ class EngineCore:
             return [_error(rid, "invalid_request", problem, 400)]
         req = EngineRequest(request=request, images=[ImageState(key=im.key) for im in request.images])
         req.generator = make_generator(request.sampling, self.runner.device)
+        params = request.sampling
+        if params.min_tokens:
+            req.min_tokens_banned = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
+                                                                         else frozenset(self.eos_ids))
         self.requests[rid] = req
         if not request.images:
             return self._ready(req)
@@ -92,6 +96,8 @@ class EngineCore:
             return f"prompt token ids must be in [0, {vocab})"
         if request.sampling.max_tokens < 1:
             return "max_tokens must be at least 1"
+        if not 0 <= request.sampling.min_tokens <= request.sampling.max_tokens:
+            return "min_tokens must be from 0 to max_tokens"
         if request.images and not self.config.is_vl:
             return "this model is text-only and cannot take images"
         if len(request.images) > self.settings.max_images_per_request:

@@ -52,6 +52,7 @@ class EngineRequest:
     last_block_hash: int | None = None  # hash of the last registered block's key (the chain's parent)
     num_cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     generator: torch.Generator | None = None
+    min_tokens_banned: frozenset[int] = frozenset()  # stop tokens held back until min_tokens are out
     pending_tokens: list[int] = field(default_factory=list)  # generated, not yet sent out
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None

@@ -9,7 +9,9 @@ Semantics follow OpenAI and vLLM:
   (smallest set whose mass reaches p) and min_p (tokens under min_p·max prob dropped);
 - a request with a seed draws from its own generator, so it repeats exactly whatever else is
   in the batch;
-- logprobs are those of the model's distribution (log_softmax of the raw logits), as vLLM does.
+- logprobs are those of the model's distribution (log_softmax of the raw logits), as vLLM does;
+- before min_tokens tokens, the request's stop tokens (EOS unless ignore_eos, stop_token_ids)
+  cannot be drawn (their logits are -inf), as vLLM does.
 Legend: B rows (one per sequence being sampled), V vocab.
 """
 
@@ -26,7 +28,14 @@ from language_server.protocol import SamplingParams, TokenLogprob
 def sample(logits: torch.Tensor, requests: Sequence[EngineRequest]) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits [B, V] (any float dtype) -> one token id and its logprob entry per request."""
     logits = logits.float()
-    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.request.sampling.logprobs is not None
+    raw_logprobs_source = logits
+    banned = [(row, req.min_tokens_banned) for row, req in enumerate(requests)
+              if req.min_tokens_banned and len(req.output_ids) < req.request.sampling.min_tokens]
+    if banned:
+        logits = logits.clone()
+        for row, ids in banned:
+            logits[row, list(ids)] = float("-inf")
+    raw_logprobs = torch.log_softmax(raw_logprobs_source, dim=-1) if any(r.request.sampling.logprobs is not None
                                                               for r in requests) else None
     # Plain greedy rows (no penalties) take one batched argmax and one device sync between them,
     # instead of one sync per row: at a decode batch of 256 that is milliseconds a step.
