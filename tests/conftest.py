@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -14,6 +16,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Skips grouped by reason, so a green run says plainly what it did not run and why."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    reasons = Counter(str(r.longrepr[2]).removeprefix("Skipped: ") if isinstance(r.longrepr, tuple) else "?"
+                      for r in skipped)
+    if reasons:
+        terminalreporter.write_sep("-", f"{len(skipped)} skipped (not run, not counted as passed), by reason")
+        for reason, count in reasons.most_common():
+            terminalreporter.write_line(f"{count:4d}  {reason}")
 
 
 def _tiny(tmp_path_factory, name: str, **kwargs):

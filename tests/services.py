@@ -40,6 +40,15 @@ def alive(pid: int) -> bool:
         return False
 
 
+def wait_gone(pids, timeout: float = 10.0) -> set[int]:
+    """The pids still alive after `timeout` s (a child such as multiprocessing's resource tracker
+    exits just after its parent, not with it)."""
+    deadline = time.monotonic() + timeout
+    while (left := {p for p in pids if alive(p)}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
 class LanguageService:
     """`python -m splitvl language ...` with a log file; stop() checks it exits cleanly with its engine."""
 

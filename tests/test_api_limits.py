@@ -12,7 +12,8 @@ import httpx
 import openai
 import pytest
 
-from tests.test_api_server import PNG_1PX, LanguageService, _alive, _image_message
+from tests.services import wait_gone
+from tests.test_api_server import PNG_1PX, LanguageService, _image_message
 
 KEY = "sekrit-key"
 
@@ -115,7 +116,4 @@ def test_sigterm_stops_the_service_and_its_engine(text_service):
     """Last in this module: it stops the shared service."""
     assert text_service.children, "the engine process should be a child of the service"
     assert text_service.stop() == 0
-    deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in text_service.children):
-        assert time.monotonic() < deadline, "the engine outlived the service"
-        time.sleep(0.1)
+    assert not wait_gone(text_service.children), "the engine outlived the service"

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.services import LanguageService, alive
+from tests.services import LanguageService, wait_gone
 
 MODEL = "tiny-text"
 
@@ -153,4 +153,4 @@ def test_sigterm_drains_running_requests_and_answers_late_ones_cleanly(qwen3_tex
     assert completed == 16 and ended == 16
     log = service.log.read_text()
     assert "Traceback" not in log and "ending 16 requests still running" in log
-    assert not any(alive(pid) for pid in engine)
+    assert not wait_gone(engine), "the engine outlived the service"

@@ -102,3 +102,13 @@ def test_generate_refuses_an_image_for_a_text_only_checkpoint(qwen3_text_ckpt, i
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "text-only" in proc.stderr
+
+
+def test_generate_without_a_model_runs_the_demo_checkpoint(tmp_path, image_files):
+    """No --model: the tiny checkpoint `splitvl up` serves, built into the cache on first use."""
+    cache = tmp_path / "cache"
+    out = run_cli("--prompt", PROMPT, "--image", str(image_files[0]), "--max-tokens", "4", "--cache-dir", str(cache))
+    assert len(out["token_ids"]) <= 4 and out["prompt_ids"]
+    [ckpt] = cache.glob("tiny-qwen3-vl-moe-*")
+    assert out == run_cli("--model", str(ckpt), "--prompt", PROMPT, "--image", str(image_files[0]),
+                          "--max-tokens", "4")

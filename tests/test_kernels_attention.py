@@ -26,7 +26,7 @@ from models.kernels.attention_backend import TritonAttentionBackend
 from models.kernels.paged_attention import _torch_paged_decode, paged_decode_attention
 
 interpreted = pytest.mark.skipif(
-    torch.cuda.is_available() or not availability.INTERPRET, reason="needs the Triton interpreter in this process"
+    torch.cuda.is_available() or not availability.INTERPRET, reason="needs the Triton interpreter in this process (on CPU, test_kernels_dispatch.py runs it in a fresh one)"
 )
 
 

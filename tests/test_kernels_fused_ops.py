@@ -22,7 +22,7 @@ from models import ops
 from models.kernels import availability, fused_ops
 
 interpreted = pytest.mark.skipif(
-    torch.cuda.is_available() or not availability.INTERPRET, reason="needs the Triton interpreter in this process"
+    torch.cuda.is_available() or not availability.INTERPRET, reason="needs the Triton interpreter in this process (on CPU, test_kernels_dispatch.py runs it in a fresh one)"
 )
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp16/bf16 differences come from one rounding flip of a bf16 intermediate at most.

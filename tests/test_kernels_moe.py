@@ -26,7 +26,7 @@ from models.kernels.moe_align import _align_one_program, _align_torch, align_pai
 from models.moe import SparseMoeBlock, set_experts_impl, torch_fused_experts
 
 interpreted = pytest.mark.skipif(
-    torch.cuda.is_available() or not availability.INTERPRET, reason="needs the Triton interpreter in this process"
+    torch.cuda.is_available() or not availability.INTERPRET, reason="needs the Triton interpreter in this process (on CPU, test_kernels_dispatch.py runs it in a fresh one)"
 )
 
 

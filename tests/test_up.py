@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from splitvl.cli import main
-from tests.services import alive, children, data_url, free_port, png
+from tests.services import alive, children, data_url, free_port, png, wait_gone
 
 SPLITVL = str(Path(sys.executable).with_name("splitvl"))
 
@@ -63,13 +63,6 @@ class Up:
             self.proc.wait()
 
 
-def _wait_gone(pids: set[int], timeout: float = 10.0) -> set[int]:
-    deadline = time.monotonic() + timeout
-    while (left := {p for p in pids if alive(p)}) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
-
-
 def test_up_serves_an_image_chat_and_ctrl_c_leaves_nothing(tmp_path):
     up = Up(tmp_path)
     try:
@@ -92,7 +85,7 @@ def test_up_serves_an_image_chat_and_ctrl_c_leaves_nothing(tmp_path):
         encode_url = re.search(r"health at (http://\S+)/health", log).group(1)
         assert 'splitvl_encode_jobs_total{outcome="ok"} 1.0' in httpx.get(f"{encode_url}/metrics").text
         assert up.ctrl_c() == 0, up.log.read_text()
-        assert not _wait_gone(tree), f"left behind after Ctrl-C:\n{up.log.read_text()}"
+        assert not wait_gone(tree), f"left behind after Ctrl-C:\n{up.log.read_text()}"
         assert "stopping" in up.log.read_text()
     finally:
         up.kill()
@@ -195,7 +188,7 @@ def test_a_service_that_fails_to_start_stops_the_other(tmp_path):
         assert up.proc.wait(60) == 1
         log = up.log.read_text()
         assert "the encode service exited with code 1 while starting" in log, log
-        assert tree and not _wait_gone(tree), log
+        assert tree and not wait_gone(tree), log
     finally:
         up.kill()
 
@@ -209,7 +202,7 @@ def test_services_die_with_a_killed_launcher(tmp_path):
         os.kill(up.proc.pid, signal.SIGKILL)  # the launcher alone, not its group
         up.proc.wait(10)
         # Each service drains for at most its shutdown_timeout_s (30 s) after the kernel's SIGTERM.
-        assert not _wait_gone(tree, timeout=45), up.log.read_text()
+        assert not wait_gone(tree, timeout=45), up.log.read_text()
     finally:
         up.kill()
         for pid in tree:  # in their own sessions: the group kill above misses them

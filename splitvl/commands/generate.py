@@ -16,7 +16,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-tokens. With --disaggregated the vision tower and the language model are loaded "
         "separately and the image rows cross transfer/'s codec as bytes, as between the two services.",
     )
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer)")
+    p.add_argument("--model", help="checkpoint directory (config.json, safetensors, tokenizer); default: the tiny "
+                   "demo checkpoint `splitvl up` serves (built into the cache directory if missing)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="where the demo checkpoint lives (default $SPLITVL_CACHE, else ~/.cache/splitvl)")
     p.add_argument("--prompt", required=True, help="the user's text")
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file; repeat for several")
     p.add_argument("--max-tokens", type=int, default=32, help="most new tokens to generate (default 32)")
@@ -36,9 +39,14 @@ def run(args: argparse.Namespace) -> int:
     if args.max_tokens < 1:
         print("splitvl generate: --max-tokens must be at least 1", file=sys.stderr)
         return 2
+    model = args.model
+    if model is None:
+        from splitvl.deploy.tiny import cache_dir, tiny_checkpoint
+
+        model = tiny_checkpoint(cache_dir(args.cache_dir))
     try:
         result = generate(
-            args.model,
+            model,
             args.prompt,
             image_paths=args.image,
             max_tokens=args.max_tokens,
