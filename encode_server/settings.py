@@ -56,7 +56,7 @@ class EncodeSettings(BaseModel):
     max_wait_ms: NonNegativeFloat = Field(
         5.0, description="longest an image waits for others to share its forward"
     )
-    workers: PositiveInt = Field(8, description="threads that fetch, decode and preprocess")
+    workers: PositiveInt = Field(8, description="threads that decode and preprocess images (downloads run on fetch_workers)")
     max_pending_jobs: PositiveInt = Field(
         1024, description="jobs accepted and not yet answered; more are refused as overloaded"
     )

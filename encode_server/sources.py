@@ -153,6 +153,7 @@ class SourceReader:
         self.local_roots = [Path(root).resolve() for root in local_roots]
         self.total_timeout_s = total_timeout_s
         self.read_timeout_s = read_timeout_s
+        self.connect_timeout_s = connect_timeout_s
         self.max_redirects = max_redirects
         self._client = httpx.Client(
             transport=_CheckedTransport(AddressPolicy(allow_networks)),
@@ -266,6 +267,9 @@ class SourceReader:
             raise EncodeFailure("forbidden_source", f"The image URL {shown} is not reachable from this service: {exc} "
                                 "(private, loopback and link-local networks are refused unless the encode service's "
                                 "url_allow_list setting, encode.url_allow_list in splitvl up, allows them).") from None
+        except httpx.ConnectTimeout:
+            raise EncodeFailure("fetch_failed", f"The image URL {shown} did not accept a connection within "
+                                f"{self.connect_timeout_s:g} s.") from None
         except httpx.TimeoutException:
             if time.monotonic() > deadline:
                 raise self._too_slow(shown) from None

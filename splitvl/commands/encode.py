@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="weights and output dtype (default auto: the checkpoint's)")
     p.add_argument("--http-host", help="address of the health/metrics port (default 127.0.0.1)")
     p.add_argument("--http-port", type=int, help="health/metrics port (default 8601; 0 picks one)")
-    p.add_argument("--workers", type=int, help="fetch/decode/preprocess threads (default 8)")
+    p.add_argument("--workers", type=int, help="decode/preprocess threads (default 8; downloads have their own, fetch_workers)")
     p.add_argument("--batch-token-budget", type=int, metavar="PATCHES",
                    help="most patches in one vision forward (default 16384)")
     p.add_argument("--max-wait-ms", type=float, help="longest an image waits to be batched (default 5)")
