@@ -73,6 +73,18 @@ def run_all(args: argparse.Namespace) -> int:
     return module.main(argv + ["--language-layers", str(args.language_layers)])
 
 
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from splitvl.loadgen.arguments import add_arguments
+
+    add_arguments(parser)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from splitvl.loadgen.cli import main
+
+    return main(args)
+
+
 BENCHMARKS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "transfer": (
         "wire bandwidth of zmq, shm and cuda_ipc beside the raw link (socket, memcpy, GPU copy); "
@@ -85,6 +97,12 @@ BENCHMARKS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Call
         "random weights: decode tok/s, prefill latency, share of the bandwidth floor",
         add_model_arguments,
         run_model,
+    ),
+    "serve": (
+        "load an OpenAI-compatible server (this one, vLLM, SGLang) with concurrent chat requests, text and "
+        "images: TTFT, TPOT, ITL, latency, throughput and goodput per concurrency or request rate",
+        add_serve_arguments,
+        run_serve,
     ),
     "all": (
         "issue 7's whole benchmark in one run: `bench model`, the vision tower against transformers, and the "
