@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -134,3 +136,77 @@ def test_figures_from_known_timings():
     # Within both SLOs: the first (ttft 100, tpot 100) and the one-token answer (ttft 200).
     assert figures["goodput"] == pytest.approx(1.0) and figures["goodput_share"] == pytest.approx(0.5)
     assert figures["errors"] == {"HTTP 503: engine_unavailable": 1}
+
+
+class _ScriptedServer(ThreadingHTTPServer):
+    """An OpenAI-style streaming endpoint with known timings: the first piece after FIRST_S, then
+    PIECES - 1 more every GAP_S, then usage and [DONE]."""
+
+    FIRST_S, GAP_S, PIECES = 0.30, 0.05, 5
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _ScriptedHandler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _ScriptedHandler(BaseHTTPRequestHandler):
+    def log_message(self, *_: object) -> None:
+        pass
+
+    def do_GET(self) -> None:  # /v1/models
+        self._send_json({"data": [{"id": "scripted"}]})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        if not body["stream"]:
+            time.sleep(_ScriptedServer.FIRST_S)
+            self._send_json({"choices": [{"message": {"content": "x"}}],
+                             "usage": {"prompt_tokens": 7, "completion_tokens": _ScriptedServer.PIECES}})
+            return
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.end_headers()
+        self._event({"choices": [{"delta": {"role": "assistant", "content": ""}}]})  # no text: not the first token
+        time.sleep(_ScriptedServer.FIRST_S)
+        for i in range(_ScriptedServer.PIECES):
+            if i:
+                time.sleep(_ScriptedServer.GAP_S)
+            finish = "length" if i == _ScriptedServer.PIECES - 1 else None
+            self._event({"choices": [{"delta": {"content": f"t{i}"}, "finish_reason": finish}]})
+        self._event({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": _ScriptedServer.PIECES}})
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def _event(self, chunk: dict) -> None:
+        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        self.wfile.flush()
+
+    def _send_json(self, data: dict) -> None:
+        raw = json.dumps(data).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+
+def test_timings_are_read_from_the_stream_as_it_arrives(tmp_path):
+    server = _ScriptedServer()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = tmp_path / "result.json"
+        run = bench("--base-url", server.url, "--num-prompts", "4", "--max-concurrency", "2",
+                    "--stream-fraction", "0.5", "--seed", "3", "--result-file", str(result), timeout=60)
+        assert run.returncode == 0, run.stdout + run.stderr
+        figures = json.loads(result.read_text())["points"][0]["all"]
+    finally:
+        server.shutdown()
+    first, gap, pieces = _ScriptedServer.FIRST_S, _ScriptedServer.GAP_S, _ScriptedServer.PIECES
+    slack = 0.04  # loopback and scheduling on a busy CI machine
+    assert figures["completed"] == 4 and figures["output_tokens"] == 4 * pieces
+    # TTFT is the first piece with text (not the role-only chunk before it), from streamed requests only.
+    assert first * 1000 <= figures["ttft_ms"]["p50"] <= (first + slack) * 1000
+    assert gap * 1000 <= figures["itl_ms"]["p50"] <= (gap + slack) * 1000
+    assert gap * 1000 <= figures["tpot_ms"]["mean"] <= (gap + slack) * 1000
+    # Latency covers whole answers too (FIRST_S alone) and streamed ones (FIRST_S + 4 gaps).
+    assert first * 1000 <= figures["e2el_ms"]["p50"]
+    assert figures["e2el_ms"]["p99"] <= (first + (pieces - 1) * gap + slack) * 1000
