@@ -41,11 +41,29 @@ def refuse_unsupported(req: SamplingFields) -> None:
         raise bad_request("service_tier may only be 'auto' or 'default' here (one tier).", param="service_tier")
 
 
+# Each generated token is checked against every stop string on the event loop; OpenAI allows 4.
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 1024  # a stop string's prefix is held back from a stream until it cannot match
+# Engine requests one HTTP request may start (n, times the prompts of a completions batch): the
+# admission limit counts HTTP requests, so this bounds what one of them may queue.
+MAX_CHOICES = 128
+
+
 def stop_strings(req: SamplingFields) -> list[str]:
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if any(not s for s in stops):
         raise bad_request("Stop strings must not be empty.", param="stop")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise bad_request(f"{len(stops)} stop strings; at most {MAX_STOP_STRINGS} are allowed.", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise bad_request(f"Stop strings may be at most {MAX_STOP_CHARS} characters long.", param="stop")
     return stops
+
+
+def check_choices(prompts: int, n: int) -> None:
+    if prompts * n > MAX_CHOICES:
+        raise bad_request(f"{prompts} prompts × n={n} would start {prompts * n} generations; one request may start "
+                          f"at most {MAX_CHOICES}. Split the batch.", param="prompt" if prompts > 1 else "n")
 
 
 def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None, prompt_len: int,

@@ -32,8 +32,8 @@ class ImageURL(_Body):
     url: str
     detail: Literal["auto", "low", "high"] | None = None
     # Qwen's preprocessing bounds for this image (override the encoder's defaults).
-    min_pixels: int | None = Field(None, ge=1)
-    max_pixels: int | None = Field(None, ge=1)
+    min_pixels: int | None = Field(None, ge=1, le=2**53)
+    max_pixels: int | None = Field(None, ge=1, le=2**53)
 
 
 class TextPart(_Body):
@@ -63,7 +63,7 @@ class SamplingFields(_Body):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)  # -1 or 0: off (vLLM's convention)
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1)  # -1 or 0: off (vLLM's convention)
     min_p: float | None = Field(None, ge=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
@@ -75,7 +75,7 @@ class SamplingFields(_Body):
     skip_special_tokens: bool | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    min_tokens: int | None = Field(None, ge=0)  # vLLM's: no EOS, stop token or stop string before this many
+    min_tokens: int | None = Field(None, ge=0, le=2**31 - 1)  # vLLM's: no EOS, stop token or stop string before this many
     # Bookkeeping hints: accepted, change nothing (docs/api.md).
     user: str | None = None
     metadata: dict[str, Any] | None = None

@@ -13,7 +13,7 @@ from language_server.api.detokenizer import TokenBytes
 from language_server.api.errors import bad_request
 from language_server.api.generation import Generation, Piece
 from language_server.api.logprobs import CompletionLogprobs, merge_completion_logprobs
-from language_server.api.sampling import for_choice, refuse_unsupported, sampling_params, stop_strings
+from language_server.api.sampling import check_choices, for_choice, refuse_unsupported, sampling_params, stop_strings
 from language_server.api.schemas import CompletionRequest
 from language_server.api.serving import respond
 from language_server.api.state import AppState
@@ -38,6 +38,9 @@ async def create_completion(req: CompletionRequest, request: Request, state: App
     stops = stop_strings(req)
     texts = [req.prompt] if isinstance(req.prompt, str) else [p for p in req.prompt if isinstance(p, str)]
     refuse_oversized_text(texts, state.model, state.max_model_len, "prompt")
+    # Before tokenizing: a batch of prompts is a list of strings or of token-id lists.
+    batch = isinstance(req.prompt, list) and bool(req.prompt) and not isinstance(req.prompt[0], int)
+    check_choices(len(req.prompt) if batch else 1, n)
     prompts = await state.offload(_prompt_ids, req.prompt, state)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     arrival = time.monotonic()
