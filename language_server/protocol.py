@@ -15,6 +15,9 @@ from typing import Any, Union
 import msgpack
 
 
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for logit_bias values, checked on both sides
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int
@@ -30,6 +33,16 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0  # no EOS, stop token or stop string before this many tokens
     logprobs: int | None = None  # None: no logprobs; n >= 0: the chosen token's plus the top n
+    logit_bias: list[tuple[int, float]] = field(default_factory=list)  # (token id, bias added to its logit)
+
+
+@dataclass
+class Constraint:
+    """Structured output: what the generated text must match. The engine compiles it with
+    xgrammar against the checkpoint's tokenizer and masks each step's logits with it."""
+
+    kind: str  # "json_schema" | "json_object" | "regex" | "grammar" (EBNF) | "structural_tag" (its JSON)
+    source: str = ""  # the JSON schema, regex, EBNF or structural tag JSON; empty for json_object
 
 
 @dataclass
@@ -49,6 +62,7 @@ class GenerateRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     images: list[ImageRef] = field(default_factory=list)
+    constraint: Constraint | None = None
 
 
 @dataclass
@@ -154,6 +168,8 @@ def _build(cls: type, body: dict[str, Any]) -> Any:
             value = SamplingParams(**value)
         elif cls is GenerateRequest and f.name == "images":
             value = [ImageRef(**v) for v in value]
+        elif cls is GenerateRequest and f.name == "constraint" and value is not None:
+            value = Constraint(**value)
         elif cls is RequestOutput and f.name == "logprobs" and value is not None:
             value = [TokenLogprob(v["token_id"], v["logprob"], [tuple(t) for t in v["top"]]) for v in value]
         kwargs[f.name] = value

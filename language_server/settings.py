@@ -52,6 +52,11 @@ class LanguageSettings(BaseModel):
     max_num_seqs: int = Field(64, ge=1, description="most sequences decoding at once")
     chunk_size: int = Field(512, ge=1, description="most prompt tokens of one sequence per step")
     enable_prefix_caching: bool = True
+    grammar_compile_timeout_s: float = Field(
+        10.0, gt=0, description="structured outputs: the longest a constraint (JSON schema, regex, grammar, "
+                                "structural tag) may take to compile; past it the request ends with 400 "
+                                "grammar_too_complex. Compiles run beside the engine loop and repeated "
+                                "constraints come from a cache, so this bounds only pathological ones")
 
     # HTTP process.
     tokenizer_workers: int = Field(4, ge=1, description="threads that parse bodies, render chat templates and "
@@ -60,6 +65,9 @@ class LanguageSettings(BaseModel):
                                       "(new ones get 503 with Retry-After); the rest then end with a 503")
     cors_allow_origins: list[str] = Field(default_factory=list, description="origins browsers may call the API "
                                           "from (CORS), e.g. ['https://app.example.com'] or ['*']; empty: none")
+    reasoning_parser: str = Field("auto", pattern="^(auto|qwen3|none)$",
+                                  description="split <think>…</think> into reasoning_content: qwen3, none, or auto "
+                                  "(qwen3 when the chat template thinks; logged at start)")
 
     # Limits.
     max_model_len: int = Field(8192, ge=16, description="prompt (after image expansion) + completion tokens")

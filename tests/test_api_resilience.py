@@ -49,7 +49,7 @@ def stream_gaps(service: LanguageService, tokens: int) -> list[float]:
 def long_context(qwen3_text_ckpt, tmp_path_factory):
     """A context long enough that multi-megabyte texts pass the length bound and get tokenized."""
     service = LanguageService(tmp_path_factory.mktemp("long"), qwen3_text_ckpt, "--served-model-name", MODEL,
-                              config={"max_model_len": 100_000})
+                              config={"max_model_len": 400_000})
     service.wait_healthy()
     yield service
     service.stop()
@@ -70,7 +70,9 @@ def test_a_text_too_long_for_any_tokenization_is_refused_before_tokenizing(qwen3
 
 
 def test_tokenizing_a_long_text_stalls_neither_health_nor_streams(long_context):
-    text = "hello world, this is text! " * 110_000  # 3 MB: seconds of tokenizing, under the bound
+    # 12 MB, under the length bound at this context (3 × 20 × 400k characters): about 8 s of
+    # tokenizing on a 2-core CI machine, so the measurements below fall inside it.
+    text = "hello world, this is text! " * 440_000
     result: dict = {}
 
     def send() -> None:

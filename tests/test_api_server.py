@@ -262,15 +262,16 @@ BAD_CHAT = [
     (_chat_body(messages=_image_message("data:image/png;base64," + "A" * 8000)), 413,
      "messages[0].content[0].image_url"),
     (_chat_body(messages=[{"role": "user", "content": "<|image_pad|>"}]), 400, "messages"),
-    (_chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
+    (_chat_body(tools=[{"type": "retrieval"}]), 400, "tools[0].type"),
+    (_chat_body(tools=[{"type": "function", "function": {"name": "has space"}}]), 400, "tools[0].function.name"),
     (_chat_body(stream_options={"include_usage": True}), 400, "stream_options"),
     # Every field works or is refused by name: OpenAI's that this service does not serve...
     *[(_chat_body(**{name: value}), 400, name) for name, value in (
         ("tool_choice", "auto"), ("parallel_tool_calls", False), ("functions", [{"name": "f"}]),
-        ("function_call", "auto"), ("logit_bias", {"5": 10}), ("reasoning_effort", "low"), ("verbosity", "low"),
+        ("function_call", "auto"), ("reasoning_effort", "low"), ("verbosity", "low"),
         ("modalities", ["text", "audio"]), ("audio", {"voice": "alloy", "format": "wav"}),
         ("prediction", {"type": "content", "content": "x"}), ("web_search_options", {}),
-        ("response_format", {"type": "json_object"}), ("service_tier", "flex"))],
+        ("response_format", {"type": "xml"}), ("service_tier", "flex"))],
     # ... and anything unknown, at any depth.
     (_chat_body(best_of=2), 400, "best_of"),
     (_chat_body(top_a=0.5), 400, "top_a"),
@@ -290,8 +291,9 @@ BAD_COMPLETIONS = [
     ({"model": "tiny-vl", "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     ({"model": "tiny-vl", "prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo"),
     ({"model": "tiny-vl"}, 400, "prompt"),
-    ({"model": "tiny-vl", "prompt": "hi", "logit_bias": {"1": 1}}, 400, "logit_bias"),
-    ({"model": "tiny-vl", "prompt": "hi", "guided_json": {}}, 400, "guided_json"),
+    ({"model": "tiny-vl", "prompt": "hi", "logit_bias": {"x1": 1}}, 400, "logit_bias"),
+    ({"model": "tiny-vl", "prompt": "hi", "guided_regex": "a(("}, 400, "guided_regex"),
+    ({"model": "tiny-vl", "prompt": "hi", "response_format": {"type": "json_object"}}, 400, "response_format"),
 ]
 
 

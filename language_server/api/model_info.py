@@ -6,6 +6,7 @@ It never loads weights; the engine process does that.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from language_server.settings import LanguageSettings
 from models.config import load_config
+
+logger = logging.getLogger("splitvl.api")
 
 
 @dataclass
@@ -28,6 +31,8 @@ class ServedModel:
     # generation_config.json's sampling values: the defaults for parameters a request leaves out,
     # as in transformers' generate and vLLM (Qwen ships e.g. temperature 0.7, top_p 0.8, top_k 20).
     sampling_defaults: dict[str, float] = field(default_factory=dict)
+    # Whether answers may open with <think>…</think>, split out as reasoning_content.
+    reasoning: bool = False
 
     @classmethod
     def load(cls, settings: LanguageSettings) -> "ServedModel":
@@ -43,7 +48,20 @@ class ServedModel:
             image_token=image_token,
             max_token_chars=_max_token_chars(tokenizer),
             sampling_defaults=_sampling_defaults(Path(settings.model)),
+            reasoning=_reasoning(settings.reasoning_parser, tokenizer),
         )
+
+
+def _reasoning(setting: str, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """qwen3 or none as set; auto: on when the chat template writes a think block, as Qwen3's
+    thinking templates do (Qwen3-VL-Instruct's does not)."""
+    if setting != "auto":
+        return setting == "qwen3"
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    thinks = "<think>" in template
+    logger.info("reasoning parser: %s (the chat template %s think blocks; set reasoning_parser to choose)",
+                "qwen3" if thinks else "none", "writes" if thinks else "has no")
+    return thinks
 
 
 def _max_token_chars(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -5,19 +5,15 @@ from __future__ import annotations
 from language_server.api.errors import bad_request
 from language_server.api.model_info import ServedModel
 from language_server.api.schemas import SamplingFields
-from language_server.protocol import SamplingParams
+from language_server.protocol import LOGIT_BIAS_LIMIT, SamplingParams
 
 _INT64 = 2**63
 
 
 # Field -> why it is refused. Each is a 400 naming the field, never an answer that ignored it.
 _UNSUPPORTED = {
-    "tools": "Tool calling is not supported by this service yet.",
-    "tool_choice": "tool_choice needs tools, and tool calling is not supported by this service yet.",
-    "parallel_tool_calls": "parallel_tool_calls needs tools, and tool calling is not supported by this service yet.",
-    "functions": "Function calling is not supported by this service yet.",
-    "function_call": "Function calling is not supported by this service yet.",
-    "logit_bias": "logit_bias is not supported by this service yet.",
+    "functions": "The deprecated 'functions' field is not supported; send 'tools' instead.",
+    "function_call": "The deprecated 'function_call' field is not supported; send 'tool_choice' instead.",
     "reasoning_effort": "reasoning_effort is not supported: this service has no control over reasoning length.",
     "verbosity": "verbosity is not supported by this service.",
     "audio": "Audio output is not supported: this model produces text only.",
@@ -29,16 +25,26 @@ _UNSUPPORTED = {
 def refuse_unsupported(req: SamplingFields) -> None:
     """Fields OpenAI has that we don't serve: an error beats an answer that ignored them."""
     for name, reason in _UNSUPPORTED.items():
-        if getattr(req, name) is not None:
+        if getattr(req, name, None) is not None:
             raise bad_request(reason, param=name, code="unsupported_parameter")
     if req.modalities is not None and req.modalities != ["text"]:
         raise bad_request("Only the 'text' output modality is supported.", param="modalities",
                           code="unsupported_parameter")
-    if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        raise bad_request("Only response_format type 'text' is supported.", param="response_format",
-                          code="unsupported_parameter")
     if req.service_tier not in (None, "auto", "default"):
         raise bad_request("service_tier may only be 'auto' or 'default' here (one tier).", param="service_tier")
+
+
+def logit_bias(req: SamplingFields, model: ServedModel) -> list[tuple[int, float]]:
+    """OpenAI's {"token id": bias} -> [(id, bias)], each id in the vocabulary, each bias in ±100."""
+    out = []
+    for key, bias in (req.logit_bias or {}).items():
+        if not key.isdigit() or not 0 <= int(key) < model.vocab_size:
+            raise bad_request(f"logit_bias key {key!r} is not a token id in [0, {model.vocab_size}).",
+                              param="logit_bias")
+        if not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT:
+            raise bad_request(f"logit_bias[{key}] is {bias}; biases must be from -100 to 100.", param="logit_bias")
+        out.append((int(key), float(bias)))
+    return out
 
 
 # Each generated token is checked against every stop string on the event loop; OpenAI allows 4.
@@ -108,6 +114,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         ignore_eos=bool(req.ignore_eos),
         min_tokens=req.min_tokens or 0,
         logprobs=logprobs,
+        logit_bias=logit_bias(req, model),
     )
 
 

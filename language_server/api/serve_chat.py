@@ -10,6 +10,8 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from language_server.api.chat import chat_prompt, message_texts
+from language_server.api.chat_output import ChoiceOutput
+from language_server.api.constraints import check_tools, request_constraint
 from language_server.api.detokenizer import TokenBytes
 from language_server.api.errors import bad_request
 from language_server.api.generation import Generation, Piece
@@ -31,8 +33,14 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true.", param="stream_options")
     stops = stop_strings(req)
+    check_tools(req)
     refuse_oversized_text(message_texts(req.messages), state.model, state.max_model_len, "messages")
-    prompt = await state.offload(chat_prompt, req.messages, state.model, state.settings)
+    # tool_choice "none": the model cannot call tools, so they are not in its prompt either.
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools and req.tool_choice != "none" else None
+    prompt = await state.offload(chat_prompt, req.messages, state.model, state.settings, tools,
+                                 req.chat_template_kwargs)
+    constraint = await state.offload(request_constraint, req, in_reasoning=prompt.in_reasoning,
+                                     reasoning=state.model.reasoning)
     top_n = req.top_logprobs or 0
     params = sampling_params(req, req.max_completion_tokens or req.max_tokens, top_n if req.logprobs else None,
                              len(prompt.token_ids), state.model, state.max_model_len, prompt_param="messages")
@@ -41,30 +49,36 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
     arrival = time.monotonic()
     generations = [
         Generation(state.client, GenerateRequest(f"{request_id}-{i}", prompt.token_ids, for_choice(params, i),
-                                                 prompt.images),
+                                                 prompt.images, constraint),
                    state.token_bytes, stops, req.skip_special_tokens is not False, state.metrics, arrival)
         for i in range(n)
     ]
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    def output() -> ChoiceOutput:
+        return ChoiceOutput(tools=tools is not None, parallel_tool_calls=req.parallel_tool_calls is not False,
+                            reasoning=state.model.reasoning, in_reasoning=prompt.in_reasoning)
+
     fmt = _ChatFormat(request_id, state.model.name, n, state.token_bytes if req.logprobs else None, top_n,
-                      include_usage, bool(req.return_token_ids))
+                      include_usage, bool(req.return_token_ids), output)
     return await respond(request, generations, n, fmt, bool(req.stream), include_usage, release)
 
 
 class _ChatFormat:
     def __init__(self, request_id: str, model: str, n: int, token_bytes: TokenBytes | None, top_n: int,
-                 include_usage: bool, return_token_ids: bool = False) -> None:
+                 include_usage: bool, return_token_ids: bool, output: Callable[[], ChoiceOutput]) -> None:
         self._return_token_ids = return_token_ids
         self._head = {"id": request_id, "created": int(time.time()), "model": model}
         self._n = n
         self._token_bytes = token_bytes  # None: logprobs not requested
         self._top_n = top_n
         self._include_usage = include_usage
+        self._output = output
+        self._streams = [output() for _ in range(n)]  # each choice's parsers, while streaming
 
-    def _logprobs(self, piece: Piece) -> dict | None:
+    def _logprobs(self, entries: list) -> dict | None:
         if self._token_bytes is None:
             return None
-        return {"content": chat_logprobs(piece.logprobs, self._token_bytes, self._top_n), "refusal": None}
+        return {"content": chat_logprobs(entries, self._token_bytes, self._top_n), "refusal": None}
 
     def _chunk(self, choices: list[dict]) -> dict:
         chunk = {**self._head, "object": "chat.completion.chunk", "choices": choices}
@@ -76,12 +90,23 @@ class _ChatFormat:
         return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}]) for i in range(self._n)]
 
-    def chunk(self, index: int, piece: Piece) -> dict | None:
-        if not piece.text and not piece.logprobs and piece.finish_reason is None:
-            return None
-        delta = {"content": piece.text} if piece.text else {}
-        return self._chunk([{"index": index, "delta": delta, "logprobs": self._logprobs(piece),
-                             "finish_reason": piece.finish_reason}])
+    def chunks(self, index: int, piece: Piece) -> list[dict]:
+        """One chunk per delta (content, reasoning, a tool call's fragments); a piece's logprobs
+        ride on its first chunk, or on an empty delta while the parsers hold its text back."""
+        out = self._streams[index]
+        deltas = out.feed(piece.text) if piece.text else []
+        if piece.finish_reason is not None:
+            deltas += out.finish()
+        if not deltas and (piece.logprobs or piece.finish_reason is not None):
+            deltas = [{}]
+        chunks = []
+        for i, delta in enumerate(deltas):
+            last = i == len(deltas) - 1
+            finish = _finish_reason(piece.finish_reason, out) if last else None
+            logprobs = self._logprobs(piece.logprobs) if i == 0 and piece.logprobs else None
+            chunks.append(self._chunk([{"index": index, "delta": delta, "logprobs": logprobs,
+                                        "finish_reason": finish}]))
+        return chunks
 
     def usage_chunk(self, usage: dict) -> dict:
         return {**self._head, "object": "chat.completion.chunk", "choices": [], "usage": usage}
@@ -91,15 +116,18 @@ class _ChatFormat:
         for index, parts in enumerate(pieces):
             logprobs = None
             if self._token_bytes is not None:
-                entries = [e for p in parts for e in p.logprobs]
-                logprobs = {"content": chat_logprobs(entries, self._token_bytes, self._top_n), "refusal": None}
-            choice = {
-                "index": index,
-                "message": {"role": "assistant", "content": "".join(p.text for p in parts)},
-                "logprobs": logprobs,
-                "finish_reason": parts[-1].finish_reason,
-            }
+                logprobs = self._logprobs([e for p in parts for e in p.logprobs])
+            out = self._output()
+            out.feed("".join(p.text for p in parts))
+            out.finish()
+            choice = {"index": index, "message": out.message(), "logprobs": logprobs,
+                      "finish_reason": _finish_reason(parts[-1].finish_reason, out)}
             if self._return_token_ids:
                 choice["token_ids"] = [t for p in parts for t in p.token_ids]
             choices.append(choice)
         return {**self._head, "object": "chat.completion", "choices": choices, "usage": usage}
+
+
+def _finish_reason(reason: str | None, out: ChoiceOutput) -> str | None:
+    """"tool_calls" when the answer called a tool and ended on its own (a cut one stays "length")."""
+    return "tool_calls" if reason == "stop" and out.called else reason

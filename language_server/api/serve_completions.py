@@ -13,6 +13,7 @@ from language_server.api.detokenizer import TokenBytes
 from language_server.api.errors import bad_request
 from language_server.api.generation import Generation, Piece
 from language_server.api.logprobs import CompletionLogprobs, merge_completion_logprobs
+from language_server.api.constraints import request_constraint
 from language_server.api.sampling import check_choices, for_choice, refuse_unsupported, sampling_params, stop_strings
 from language_server.api.schemas import CompletionRequest
 from language_server.api.serving import respond
@@ -42,6 +43,7 @@ async def create_completion(req: CompletionRequest, request: Request, state: App
     batch = isinstance(req.prompt, list) and bool(req.prompt) and not isinstance(req.prompt[0], int)
     check_choices(len(req.prompt) if batch else 1, n)
     prompts = await state.offload(_prompt_ids, req.prompt, state)
+    constraint = await state.offload(request_constraint, req)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     arrival = time.monotonic()
     generations, echoes = [], []
@@ -51,7 +53,8 @@ async def create_completion(req: CompletionRequest, request: Request, state: App
         echo = state.model.tokenizer.decode(ids, skip_special_tokens=False) if req.echo else ""
         for i in range(n):
             sampling = for_choice(params, i)
-            generations.append(Generation(state.client, GenerateRequest(f"{request_id}-{p * n + i}", ids, sampling),
+            generations.append(Generation(state.client, GenerateRequest(f"{request_id}-{p * n + i}", ids, sampling,
+                                                                          constraint=constraint),
                                           state.token_bytes, stops, req.skip_special_tokens is not False,
                                           state.metrics, arrival))
             echoes.append(echo)
@@ -107,16 +110,16 @@ class _CompletionFormat:
     def start_chunks(self) -> list[dict]:
         return []
 
-    def chunk(self, index: int, piece: Piece) -> dict | None:
+    def chunks(self, index: int, piece: Piece) -> list[dict]:
         text = self._text(index, piece)
         if not text and not piece.logprobs and piece.finish_reason is None:
-            return None
+            return []
         chunk = {**self._head, "object": "text_completion",
                  "choices": [{"index": index, "text": text, "logprobs": self._chunk_logprobs(index, piece),
                               "finish_reason": piece.finish_reason}]}
         if self._include_usage:
             chunk["usage"] = None
-        return chunk
+        return [chunk]
 
     def usage_chunk(self, usage: dict) -> dict:
         return {**self._head, "object": "text_completion", "choices": [], "usage": usage}

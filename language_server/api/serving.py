@@ -26,7 +26,7 @@ logger = logging.getLogger("splitvl.api")
 
 class ResponseFormat(Protocol):
     def start_chunks(self) -> list[dict]: ...
-    def chunk(self, index: int, piece: Piece) -> dict | None: ...
+    def chunks(self, index: int, piece: Piece) -> list[dict]: ...
     def usage_chunk(self, usage: dict) -> dict: ...
     def response(self, pieces: list[list[Piece]], usage: dict) -> dict: ...
 
@@ -90,8 +90,7 @@ async def _stream_body(first: tuple[int, Piece], events: AsyncIterator[tuple[int
             yield sse(chunk)
         index, piece = first
         while True:
-            chunk = fmt.chunk(index, piece)
-            if chunk is not None:
+            for chunk in fmt.chunks(index, piece):
                 yield sse(chunk)
             try:
                 index, piece = await anext(events)

@@ -36,10 +36,10 @@ class AppState:
     def __post_init__(self) -> None:
         self.workers = ThreadPoolExecutor(self.settings.tokenizer_workers, thread_name_prefix="prompt")
 
-    async def offload(self, fn: Callable[..., T], *args: object) -> T:
-        """fn(*args) on a worker thread. The tokenizer releases the GIL while it works; the
-        template and JSON parsing hold it, but only for a fraction of a second per request."""
-        return await asyncio.get_running_loop().run_in_executor(self.workers, functools.partial(fn, *args))
+    async def offload(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        """fn(*args, **kwargs) on a worker thread. The tokenizer releases the GIL while it works;
+        the template and JSON parsing hold it, but only for a fraction of a second per request."""
+        return await asyncio.get_running_loop().run_in_executor(self.workers, functools.partial(fn, *args, **kwargs))
 
     def check_model(self, name: str) -> None:
         if name != self.model.name:

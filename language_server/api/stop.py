@@ -36,10 +36,13 @@ class StopMatcher:
 
     def _longest_partial(self, text: str) -> int:
         """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
-        best = 0
-        for stop in self._stops:
-            for n in range(min(len(stop) - 1, len(text)), best, -1):
-                if text.endswith(stop[:n]):
-                    best = n
-                    break
-        return best
+        return max(partial_marker(text, stop) for stop in self._stops)
+
+
+def partial_marker(text: str, marker: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `marker`: text that may
+    be the start of a marker whose rest has not arrived yet (stop strings, <tool_call>, </think>)."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0

@@ -1,9 +1,11 @@
 """The engine: requests in, token outputs out, one model step at a time.
 
-An image request first waits in AWAITING_ENCODE while its jobs are out at encoders; other
+An image request first waits in AWAITING_ENCODE while its jobs are out at encoders, and a
+constrained one (structured output) while its grammar compiles on the grammar workers; other
 requests keep running meanwhile. When all its images are back, each placeholder is expanded
-to the image's N tokens, the M-RoPE positions are computed from the grids, and it joins the
-scheduler's queue like any text request.
+to the image's N tokens, the M-RoPE positions are computed from the grids; once its grammar
+is compiled too, it joins the scheduler's queue like any text request, with a grammar matcher
+that each of its sampled tokens advances.
 """
 
 from __future__ import annotations
@@ -15,18 +17,18 @@ import torch
 
 from language_server.engine.block_manager import BlockManager
 from language_server.engine.encoder_client import EncodeOutcome, EncoderClient
+from language_server.engine.grammar import KINDS, Grammars
 from language_server.engine.model_runner import ModelRunner, RunnerOptions, ScheduledChunk
 from language_server.engine.request import EngineRequest, ImageState, Status
 from language_server.engine.sampler import make_generator
 from language_server.engine.scheduler import Scheduler
-from language_server.protocol import EngineStats, GenerateRequest, RequestOutput
+from language_server.protocol import LOGIT_BIAS_LIMIT, Constraint, EngineStats, GenerateRequest, RequestOutput
 from language_server.settings import LanguageSettings
 from models.config import load_eos_ids
 from models.device import resolve_device
 from models.mrope import mrope_positions
 
 log = logging.getLogger(__name__)
-
 
 class EngineCore:
     def __init__(self, settings: LanguageSettings) -> None:
@@ -53,8 +55,12 @@ class EngineCore:
         self.eos_ids = set(load_eos_ids(settings.model, self.config))
         # The longest sequence the cache can hold bounds max_model_len.
         self.max_model_len = min(settings.max_model_len, self.runner.num_kv_blocks * settings.block_size)
+        # Cheap until the first constrained request: it loads xgrammar and the tokenizer then.
+        self.grammars = Grammars(settings.model, self.config.text.vocab_size, sorted(self.eos_ids),
+                                 settings.grammar_compile_timeout_s)
         self.requests: dict[str, EngineRequest] = {}
-        self.awaiting: dict[str, EngineRequest] = {}
+        self.awaiting: dict[str, EngineRequest] = {}  # image jobs out at encoders
+        self.compiling: dict[str, EngineRequest] = {}  # constraint compiling
         self.steps = 0
         self.failed_steps = 0
         self.encode_wait_total = 0.0
@@ -77,8 +83,12 @@ class EngineCore:
             req.min_tokens_banned = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
                                                                          else frozenset(self.eos_ids))
         self.requests[rid] = req
+        if request.constraint is not None:
+            req.status = Status.AWAITING_GRAMMAR
+            self.compiling[rid] = req
+            self.grammars.submit(rid, request.constraint)
         if not request.images:
-            return self._ready(req)
+            return [] if rid in self.compiling else self._ready(req)
         req.status = Status.AWAITING_ENCODE
         self.awaiting[rid] = req
         failures = []
@@ -94,6 +104,9 @@ class EngineCore:
             return "the prompt is empty"
         if any(not 0 <= t < vocab for t in request.prompt_token_ids):
             return f"prompt token ids must be in [0, {vocab})"
+        problem = _constraint_problem(request.constraint) or self._logit_bias_problem(request.sampling.logit_bias)
+        if problem:
+            return problem
         if request.sampling.max_tokens < 1:
             return "max_tokens must be at least 1"
         if not 0 <= request.sampling.min_tokens <= request.sampling.max_tokens:
@@ -105,6 +118,18 @@ class EngineCore:
         if self.config.is_vl and request.prompt_token_ids.count(self.config.image_token_id) != len(request.images):
             return "the prompt's image placeholders do not match the number of images"
         return self._length_problem(len(request.prompt_token_ids))
+
+    def _logit_bias_problem(self, logit_bias: list) -> str | None:
+        vocab = self.config.text.vocab_size
+        for pair in logit_bias:
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                return "logit_bias entries must be (token id, bias) pairs"
+            tok, bias = pair
+            if not isinstance(tok, int) or not 0 <= tok < vocab:
+                return f"logit_bias token ids must be in [0, {vocab})"
+            if not isinstance(bias, (int, float)) or not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT:
+                return f"logit_bias values must be from -{LOGIT_BIAS_LIMIT:g} to {LOGIT_BIAS_LIMIT:g}"
+        return None
 
     def _length_problem(self, prompt_len: int) -> str | None:
         if prompt_len >= self.max_model_len:
@@ -147,8 +172,29 @@ class EngineCore:
             req.encode_wait_s = time.monotonic() - req.arrival
             self.encode_wait_total += req.encode_wait_s
             self.encode_waits += 1
+            if req.request_id in self.compiling:
+                req.status = Status.AWAITING_GRAMMAR
+                return []
             return self._ready(req)
         return []
+
+    # ----- grammars ------------------------------------------------------------------------
+
+    def poll_grammars(self) -> list[RequestOutput]:
+        """Requests whose constraint finished compiling (or failed, or ran past the limit)."""
+        outputs = []
+        for outcome in self.grammars.poll():
+            req = self.compiling.pop(outcome.request_id, None)
+            if req is None:
+                continue
+            if outcome.matcher is None:
+                outputs.append(self._finish(req, "error", outcome.error_code, outcome.error_message,
+                                            outcome.error_status))
+                continue
+            req.matcher = outcome.matcher
+            if req.request_id not in self.awaiting:
+                outputs.extend(self._ready(req))
+        return outputs
 
     def _ready(self, req: EngineRequest) -> list[RequestOutput]:
         """Expand image placeholders, compute positions, and queue the request."""
@@ -183,6 +229,8 @@ class EngineCore:
     # ----- stepping ------------------------------------------------------------------------
 
     def has_work(self) -> bool:
+        """Is there a model step to run? Requests awaiting encodes or compiles are not work for a
+        step: the engine loop's idle poll comes back for them within milliseconds."""
         return self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
@@ -203,12 +251,24 @@ class EngineCore:
         outputs = []
         for chunk, tok, lp in zip([c for c in chunks if c.samples], tokens, logprobs):
             req = chunk.request
+            # Matchers advance only here, after the step succeeded: a failed step's rerun is exact.
+            if req.matcher is not None and not req.matcher.accept_token(tok):
+                outputs.append(self._refused(req, tok))
+                continue
             req.append_token(tok)
             if lp is not None:
                 req.pending_logprobs.append(lp)
             reason = self._stop_reason(req, tok)
             outputs.append(self._finish(req, reason) if reason else self._flush(req))
         return outputs
+
+    def _refused(self, req: EngineRequest, tok: int) -> RequestOutput:
+        """The grammar refused a token drawn under its own mask: a bug, never the client's doing.
+        The token is not sent; the request ends rather than break its format."""
+        log.error("request %s: its grammar refused token %d, drawn under the grammar's mask", req.request_id, tok)
+        return self._finish(req, "error", "internal_error",
+                            "the structured output could not be continued (an internal error); the server keeps "
+                            "running", 500)
 
     def _isolate_failure(self, chunks: list[ScheduledChunk], exc: Exception) -> list[RequestOutput]:
         """A model step raised (a bug one request's data triggers, or memory running out). The
@@ -231,6 +291,8 @@ class EngineCore:
 
     def _stop_reason(self, req: EngineRequest, tok: int) -> str | None:
         params = req.request.sampling
+        if req.matcher is not None and req.matcher.is_terminated():
+            return "stop"  # the grammar is complete and took its end token: nothing may follow, ignore_eos or not
         if tok in params.stop_token_ids or (tok in self.eos_ids and not params.ignore_eos):
             return "stop"
         if len(req.output_ids) >= params.max_tokens or req.num_tokens >= self.max_model_len:
@@ -258,6 +320,8 @@ class EngineCore:
         self.scheduler.finish(req)
         self.awaiting.pop(req.request_id, None)
         self.encoders.cancel(req.request_id)
+        if self.compiling.pop(req.request_id, None) is not None:
+            self.grammars.cancel(req.request_id)
         self.requests.pop(req.request_id, None)
         req.image_rows = req.image_mask = None
         out = self._flush(req, finished=True)
@@ -288,6 +352,7 @@ class EngineCore:
 
     def close(self) -> None:
         self.encoders.close()
+        self.grammars.close()
 
 
 def device_is_broken(exc: BaseException) -> bool:
@@ -299,6 +364,16 @@ def device_is_broken(exc: BaseException) -> bool:
     if accelerator_error is not None and isinstance(exc, accelerator_error):
         return True
     return isinstance(exc, RuntimeError) and ("CUDA error" in str(exc) or "CUBLAS_STATUS" in str(exc))
+
+
+def _constraint_problem(constraint: Constraint | None) -> str | None:
+    if constraint is None:
+        return None
+    if constraint.kind not in KINDS:
+        return f"unknown constraint kind {constraint.kind!r}; one of {', '.join(KINDS)}"
+    if not isinstance(constraint.source, str):
+        return "a constraint's source must be text"
+    return None
 
 
 def _error(request_id: str, code: str, message: str, status: int) -> RequestOutput:

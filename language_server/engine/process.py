@@ -1,9 +1,9 @@
 """The engine process: a loop that never waits on HTTP work.
 
 Each turn drains requests from the HTTP process (non-blocking while there is work to run),
-collects encode results that arrived, runs one model step, and pushes the outputs back.
-When there is nothing to run it sleeps in a short poll so new requests and encode results
-are picked up within milliseconds.
+collects encode results that arrived and grammars that finished compiling, runs one model step,
+and pushes the outputs back. When there is nothing to run it sleeps in a short poll so new
+requests, encode results and compiled grammars are picked up within milliseconds.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from language_server.settings import LanguageSettings
 
 log = logging.getLogger(__name__)
 
+# Idle, the loop wakes this often: encodes and grammar compiles in flight are not step work
+# (has_work is False while only they are pending), and are picked up on the next wake.
 _IDLE_POLL_MS = 2
 
 
@@ -75,6 +77,7 @@ def run_engine_process(settings: dict, request_address: str, output_address: str
                         break
                     _send_all(out, _handle(core, unpack(raw)))
             _send_all(out, core.poll_encoders())
+            _send_all(out, core.poll_grammars())
             if core.has_work():
                 _send_all(out, core.step())
     except Exception as exc:  # noqa: BLE001 - tell the HTTP process why we are going away

@@ -1,8 +1,10 @@
 """One request's state inside the engine.
 
-Life: AWAITING_ENCODE (image jobs out at encoders) -> WAITING (ready, not yet admitted) ->
-RUNNING (prefilling in chunks, then decoding) -> FINISHED. Preemption sends a RUNNING
-request back to WAITING with its KV dropped; it is recomputed from its tokens when readmitted.
+Life: AWAITING_ENCODE (image jobs out at encoders) and/or AWAITING_GRAMMAR (its constraint
+compiling; both may be pending at once, and the status stays AWAITING_ENCODE until the images are
+back) -> WAITING (ready, not yet admitted) -> RUNNING (prefilling in chunks, then decoding) ->
+FINISHED. Preemption sends a RUNNING request back to WAITING with its KV dropped; it is recomputed
+from its tokens when readmitted (its grammar matcher stays: the tokens it accepted are the same).
 """
 
 from __future__ import annotations
@@ -11,14 +13,19 @@ import enum
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from language_server.protocol import GenerateRequest, TokenLogprob
 
+if TYPE_CHECKING:  # xgrammar is imported only once a request is constrained
+    import xgrammar as xgr
+
 
 class Status(enum.Enum):
     AWAITING_ENCODE = "awaiting_encode"
+    AWAITING_GRAMMAR = "awaiting_grammar"
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
@@ -53,6 +60,8 @@ class EngineRequest:
     num_cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     generator: torch.Generator | None = None
     min_tokens_banned: frozenset[int] = frozenset()  # stop tokens held back until min_tokens are out
+    # Structured output: the constraint's matcher, advanced by each token once its step succeeded.
+    matcher: xgr.GrammarMatcher | None = None
     pending_tokens: list[int] = field(default_factory=list)  # generated, not yet sent out
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
