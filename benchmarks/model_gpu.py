@@ -205,6 +205,43 @@ def build_engine(ckpt: Path, plan: Plan, num_kv_blocks: int) -> EngineCore:
 SPECIAL_IDS = frozenset(tiny_tokenizer.token_ids().values())  # image placeholders and the like
 
 
+def wide_tokenizer(ckpt: Path, tokenizer_json: Path) -> int:
+    """Put a large byte-level BPE vocabulary in a benchmark checkpoint, Qwen's added tokens after
+    it at their real ids, so text, detokenizing and grammar masks see a vocabulary of Qwen's size
+    (the tiny tokenizer covers 448 of the model's 151,936 ids). The special ids the checkpoint's
+    files name (image token, EOS, ...) move with their tokens. Returns the base vocabulary size."""
+    from tokenizers import AddedToken, Tokenizer
+
+    from models import tiny_tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    base = tok.get_vocab_size(with_added_tokens=False)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tiny_tokenizer.SPECIAL_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in tiny_tokenizer.ADDED_TOKENS])
+    tok.save(str(ckpt / "tokenizer.json"))
+    moved = {old: tok.token_to_id(text) for text, old in tiny_tokenizer.token_ids().items()}
+
+    def remap(value: object, key: str = "") -> object:
+        if isinstance(value, dict):
+            return {k: remap(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [remap(v, key) for v in value]
+        if isinstance(value, int) and not isinstance(value, bool) and key.endswith(("token_id", "token_ids")):
+            return moved.get(value, value)
+        return value
+
+    for name in ("config.json", "generation_config.json"):
+        path = ckpt / name
+        if path.is_file():
+            path.write_text(json.dumps(remap(json.loads(path.read_text())), indent=2))
+    config_path = ckpt / "tokenizer_config.json"
+    tok_config = json.loads(config_path.read_text())
+    tok_config["added_tokens_decoder"] = {str(moved.get(int(k), int(k))): v
+                                          for k, v in tok_config.get("added_tokens_decoder", {}).items()}
+    config_path.write_text(json.dumps(tok_config, indent=2))
+    return base
+
+
 def random_prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
     """Random ordinary tokens (a stray image placeholder would make the engine expect an image)."""
     ids: list[int] = []
