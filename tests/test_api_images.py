@@ -127,6 +127,18 @@ def test_repeated_image_is_served_from_the_prefix_cache(image_service):
     assert float(waits.split()[-1]) >= 2  # both requests waited for (cached) encode results
 
 
+def test_a_constraint_holds_for_an_image_request(image_service):
+    # The grammar compile and the image encode are both awaited before the request is scheduled.
+    choices = ["a cat", "a dog", "a gradient"]
+    for seed in range(3):
+        reply = image_service.client().chat.completions.create(
+            model="tiny-vl", messages=[{"role": "user", "content": [image_part(png(32 + 8 * seed, 24, seed=seed)),
+                                                                     {"type": "text", "text": "What is it?"}]}],
+            max_tokens=16, temperature=1.0, seed=seed, extra_body={"guided_choice": choices})
+        assert reply.choices[0].message.content in choices and reply.choices[0].finish_reason == "stop"
+        assert reply.usage.prompt_tokens > 20  # the image's tokens are in the prompt
+
+
 def test_undecodable_image_is_a_client_error(image_service):
     not_an_image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}
     messages = [{"role": "user", "content": [not_an_image, {"type": "text", "text": "?"}]}]
