@@ -82,6 +82,13 @@ class LanguageService:
             time.sleep(0.2)
         raise AssertionError(f"the language service did not become healthy:\n{self.log.read_text()}")
 
+    def wait_encoder(self, timeout: float = 30.0) -> None:
+        """Until /health counts the configured encoder as healthy (its first ping answered)."""
+        deadline = time.monotonic() + timeout
+        while self.health()["encoders_healthy"] != 1:
+            assert time.monotonic() < deadline, "the encoder never became healthy"
+            time.sleep(0.2)
+
     def client(self, **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.api_key or "unused", max_retries=0, **kwargs)
 

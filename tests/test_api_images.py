@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 
 import httpx
 import pytest
@@ -40,10 +39,7 @@ def image_service(vl_ckpt, encode_service, tmp_path_factory):
                               "--served-model-name", "tiny-vl")
     try:
         service.wait_healthy()
-        deadline = time.monotonic() + 30
-        while service.health()["encoders_healthy"] != 1:
-            assert time.monotonic() < deadline, "the encoder never became healthy"
-            time.sleep(0.2)
+        service.wait_encoder()
         yield service
     finally:
         service.stop()

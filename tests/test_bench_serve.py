@@ -27,10 +27,7 @@ def service(vl_ckpt, tmp_path_factory):
                                "--served-model-name", MODEL)
     try:
         language.wait_healthy()
-        deadline = time.monotonic() + 30
-        while language.health()["encoders_healthy"] != 1:
-            assert time.monotonic() < deadline, "the encoder never became healthy"
-            time.sleep(0.2)
+        language.wait_encoder()
         yield language
     finally:
         language.stop()

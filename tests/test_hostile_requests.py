@@ -158,10 +158,7 @@ def service(vl_ckpt, encoder, tmp_path_factory) -> Iterator[LanguageService]:
                               "--served-model-name", MODEL)
     try:
         service.wait_healthy()
-        deadline = time.monotonic() + 30
-        while service.health()["encoders_healthy"] != 1:
-            assert time.monotonic() < deadline, "the encoder never became healthy"
-            time.sleep(0.2)
+        service.wait_encoder()
         yield service
     finally:
         service.stop()
