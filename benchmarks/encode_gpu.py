@@ -10,9 +10,11 @@ measures images/s and tokens/s (merged output tokens, what the language side rec
   splitvl tower         models.loader part=vision; pixel values already on the device
   transformers visual   Qwen3VLMoeForConditionalGeneration.from_pretrained(same dir).model.visual,
                         the same pixel values and grids
-  splitvl service path  encode_server.runner.VisionRunner.encode: host fp32 pixel values -> device
-                        -> forward -> one CPU tensor per image (the service's vision loop per batch)
-and CPU decode+preprocess per image (one thread; the service runs a pool of them). Before timing,
+  splitvl service path  encode_server.runner.VisionRunner.encode: host pixel values as the
+                        service's workers hand them over -> device -> forward -> one CPU tensor
+                        per image (the service's vision loop per batch)
+and CPU decode+preprocess per image (one thread, including the hand-over cast; the service runs a
+pool of them, beside the vision loop). Before timing,
 our rows are compared with transformers' on the batched input. Full numbers go to
 $OUT/encode_gpu.json when OUT is set (or to --out).
 
@@ -116,6 +118,7 @@ def main() -> int:
         del hf  # the text layer is not needed past loading
         settings = PreprocessSettings.from_pretrained(model_dir)
         runner = VisionRunner(ours, device)
+        host_pixel_values = getattr(runner, "host_pixel_values", lambda pv: pv)  # older trees: fp32
         print(f"card: {card}")
         print(f"torch {torch.__version__}, transformers {transformers.__version__}, dtype {str(dtype)[6:]}, "
               f"transformers attention: {visual.config._attn_implementation}; "
@@ -127,9 +130,12 @@ def main() -> int:
         print("-" * len(header))
         for side in SIZES:
             data = [jpeg(side, seed) for seed in range(args.batch)]
-            prep_ms = time_ms(lambda: preprocess(decode_image(data[0], max_pixels_decoded=MAX_DECODED_PIXELS), settings),
-                              lambda: None, budget, min_runs)
-            images = [preprocess(decode_image(d, max_pixels_decoded=MAX_DECODED_PIXELS), settings) for d in data]
+            def worker(d: bytes) -> tuple[torch.Tensor, tuple[int, int, int]]:  # what one encode worker does
+                pixel_values, grid = preprocess(decode_image(d, max_pixels_decoded=MAX_DECODED_PIXELS), settings)
+                return host_pixel_values(pixel_values), grid
+
+            prep_ms = time_ms(lambda: worker(data[0]), lambda: None, budget, min_runs)
+            images = [worker(d) for d in data]
             tokens = ours.tokens_per_image([images[0][1]])[0]
 
             # Correctness first: our rows against transformers' on the batched input.

@@ -24,7 +24,7 @@ from models.qwen3_vision import Grid
 @dataclass
 class VisionItem:
     key: str  # content key; the cache's waiters for it get the result
-    pixel_values: torch.Tensor  # [P, D] float32
+    pixel_values: torch.Tensor  # [P, D] in the model dtype (VisionRunner.host_pixel_values)
     grid: Grid
     queued_at: float = field(default_factory=time.monotonic)
 

@@ -245,7 +245,7 @@ class EncodeService:
             self.metrics.cache_misses.inc()
             image = decode_image(data, max_pixels_decoded=self.settings.max_decoded_pixels)
             pixel_values, grid = preprocess(image, settings)
-            self.batcher.put(VisionItem(key, pixel_values, grid))
+            self.batcher.put(VisionItem(key, self.runner.host_pixel_values(pixel_values), grid))
         except (EncodeFailure, ImageError) as exc:
             failure = from_image_error(exc) if isinstance(exc, ImageError) else exc
         except Exception:  # noqa: BLE001 - one job's bug must not take the worker down

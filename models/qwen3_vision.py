@@ -11,17 +11,28 @@ Legend: P patches, Hv vision hidden, N = P / merge² merged tokens, H text hidde
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention import varlen_full_attention
 from models.config import VisionConfig
-from models.ops import rotate_half
+from models.kernels.vision_ops import flash_segments, full_varlen_attention, vision_rotary
 
 Grid = tuple[int, int, int]
+_GRID_TABLES_KEPT = 16  # at 1024x1024 a grid's tables are ~12 MB in bf16
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin [P, D] fp32
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Where each image frame's patches start and end: one attention segment each."""
+
+    cu_seqlens: list[int]
+    cu_device: torch.Tensor | None  # the same on the device, where flash attention runs
 
 
 class PatchEmbed(nn.Module):
@@ -44,11 +55,11 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cu_seqlens: list[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, segments: Segments) -> torch.Tensor:
         p = x.shape[0]
         q, k, v = self.qkv(x).view(p, 3, self.num_heads, -1).unbind(1)  # each [P, heads, D]
-        q, k = _apply_vision_rotary(q, k, *rope)
-        out = varlen_full_attention(q, k, v, cu_seqlens)
+        q, k = vision_rotary(q, k, *rope)
+        out = full_varlen_attention(q, k, v, segments.cu_seqlens, segments.cu_device)
         return self.proj(out.reshape(p, -1))
 
 
@@ -62,7 +73,14 @@ class VisionMLP(nn.Module):
         self.linear_fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate=self.approximate))
+        fc1 = self.linear_fc1
+        if x.is_cuda and x.dim() == 2 and self.approximate == "tanh":
+            # cuBLASLt's GELU epilogue is the tanh form: bias and GELU ride in the GEMM instead of
+            # a pass over [P, intermediate] of their own (rounded once, not after fc1 and again).
+            hidden = torch._addmm_activation(fc1.bias, x, fc1.weight.t(), use_gelu=True)
+        else:
+            hidden = F.gelu(fc1(x), approximate=self.approximate)
+        return self.linear_fc2(hidden)
 
 
 class VisionBlock(nn.Module):
@@ -73,8 +91,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(config)
         self.mlp = VisionMLP(config)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cu_seqlens: list[int]) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope, cu_seqlens)
+    def forward(self, x: torch.Tensor, rope: Rope, segments: Segments) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope, segments)
         return x + self.mlp(self.norm2(x))
 
 
@@ -116,6 +134,7 @@ class Qwen3_VisionTransformer(nn.Module):  # noqa: N801 (the seed design's name,
         self.deepstack_merger_list = nn.ModuleList(
             PatchMerger(config, postshuffle_norm=True) for _ in config.deepstack_visual_indexes
         )
+        self._tables: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
 
     @property
     def output_width(self) -> int:
@@ -134,25 +153,45 @@ class Qwen3_VisionTransformer(nn.Module):  # noqa: N801 (the seed design's name,
                 f"pixel_values {tuple(pixel_values.shape)} do not match grids {grid_thw}: "
                 f"expected ({expected}, {self.config.patch_dim})"
             )
-        device = pixel_values.device
         x = self.patch_embed(pixel_values)
-        x = x + self._position_embeddings(grid_thw, device).to(x.dtype)
-        rope = self._rotary(grid_thw, device)
+        tables = [self._grid_tables(grid, x.device) for grid in grid_thw]
+        x = x + _cat([pos for pos, _, _ in tables]).to(x.dtype)
+        rope = _cat([cos for _, cos, _ in tables]), _cat([sin for _, _, sin in tables])
         # Each frame of each image attends only to itself.
-        seg_lens = [h * w for t, h, w in grid_thw for _ in range(t)]
         cu_seqlens = [0]
-        for n in seg_lens:
-            cu_seqlens.append(cu_seqlens[-1] + n)
+        for t, h, w in grid_thw:
+            for _ in range(t):
+                cu_seqlens.append(cu_seqlens[-1] + h * w)
+        segments = Segments(cu_seqlens, flash_segments(cu_seqlens, x.device, x.dtype))
 
         # Levels are emitted in block order (as transformers does), which is config order for
         # every real checkpoint, whose deepstack_visual_indexes are ascending.
         levels: list[torch.Tensor] = []
         ds_index = {block: j for j, block in enumerate(self.config.deepstack_visual_indexes)}
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, cu_seqlens)
+            x = block(x, rope, segments)
             if i in ds_index:
                 levels.append(self.deepstack_merger_list[ds_index[i]](x))
         return torch.cat([self.merger(x), *levels], dim=-1)
+
+    def _grid_tables(self, grid: Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Position embeddings [thw, Hv] and rotary cos, sin [thw, D] of one grid, kept for the
+        last few grids seen (under inference mode, as the encoder runs): each is ~50 small ops to
+        build, and images of one size recur."""
+        if not torch.is_inference_mode_enabled():  # tensors made here may be saved for backward
+            cos, sin = self._rotary([grid], device)
+            return self._position_embeddings([grid], device), cos, sin
+        weight = self.pos_embed.weight
+        key = (grid, device, weight.data_ptr(), weight._version)
+        tables = self._tables.get(key)
+        if tables is None:
+            cos, sin = self._rotary([grid], device)
+            tables = self._position_embeddings([grid], device), cos, sin
+            self._tables[key] = tables
+            while len(self._tables) > _GRID_TABLES_KEPT:
+                self._tables.popitem(last=False)
+        self._tables.move_to_end(key)
+        return tables
 
     def _patch_coords(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Row and column of each patch of an h×w frame, in merge-block order."""
@@ -200,12 +239,5 @@ def _bilinear_taps(index: torch.Tensor, size: int, side: int) -> tuple[torch.Ten
     return taps, weights
 
 
-def _apply_vision_rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    # Rotate in fp32 whatever the model dtype, as the reference does.
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    qf, kf = q.float(), k.float()
-    q_out = qf * cos + rotate_half(qf) * sin
-    k_out = kf * cos + rotate_half(kf) * sin
-    return q_out.to(q.dtype), k_out.to(k.dtype)
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

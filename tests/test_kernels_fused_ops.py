@@ -19,7 +19,7 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 import pytest
 
 from models import ops
-from models.kernels import availability, fused_ops
+from models.kernels import availability, fused_ops, vision_ops
 
 interpreted = pytest.mark.skipif(
     torch.cuda.is_available() or not availability.INTERPRET, reason="needs the Triton interpreter in this process (on CPU, test_kernels_dispatch.py runs it in a fresh one)"
@@ -91,6 +91,26 @@ def check_route(dtype, tokens, experts, top_k, normalize):
     probs = torch.softmax(logits.float(), dim=-1)
     assert torch.equal(probs.gather(1, ids), probs.gather(1, ref_ids))
     close(weights, ref_w, dtype)
+
+
+def check_vision_rotary(dtype, patches, heads, d):
+    # q and k as views into the vision qkv output [P, 3, heads, D]; cos and sin in fp32.
+    qkv = rand(patches, 3, heads, d, dtype=dtype, seed=9, scale=2)
+    q, k, _ = qkv.unbind(1)
+    angles = torch.rand(patches, d // 2, generator=torch.Generator().manual_seed(10)) * 30
+    emb = torch.cat((angles, angles), dim=-1)
+    cos, sin = emb.cos().to(DEVICE), emb.sin().to(DEVICE)
+    out_q, out_k = vision_ops.vision_rotary(q, k, cos, sin)
+    ref_q, ref_k = vision_ops.torch_vision_rotary(q, k, cos, sin)
+    assert out_q.is_contiguous() and out_k.is_contiguous()
+    close(out_q, ref_q, dtype)
+    close(out_k, ref_k, dtype)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_vision_rotary_interpreted(poisoned_empty, dtype):
+    check_vision_rotary(dtype, patches=5, heads=3, d=12)  # halves of 6 and 3 heads: masked lanes
 
 
 @interpreted
@@ -173,4 +193,17 @@ def test_fused_ops_gpu_real_shapes(dtype):
     check_norms(dtype, rows=33, hidden=2048)
     check_qk_norm_rope(dtype, tokens=10, hq=32, hk=4, d=128, with_norm=True, with_cache=True)
     check_route(dtype, tokens=33, experts=128, top_k=8, normalize=True)
+    check_vision_rotary(dtype, patches=37, heads=16, d=72)  # Qwen3-VL's vision heads
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cu", [[0, 64, 100, 356], [0, 1024, 2048, 3072, 3136, 4160]])
+def test_vision_attention_matches_per_frame_sdpa(cu):
+    """Short frames in one flash varlen call, long ones by runs of equal frames through SDPA:
+    both against the reference's SDPA per frame (bf16)."""
+    from models.attention import varlen_full_attention
+
+    q, k, v = (rand(cu[-1], 16, 72, dtype=torch.bfloat16, seed=s) for s in (11, 12, 13))
+    flash = vision_ops.flash_segments(cu, q.device, q.dtype)
+    assert flash is not None, "torch's varlen flash attention is missing on this GPU build"
+    close(vision_ops.full_varlen_attention(q, k, v, cu, flash), varlen_full_attention(q, k, v, cu), torch.bfloat16)
