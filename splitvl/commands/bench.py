@@ -63,6 +63,7 @@ def add_all_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: checks the wiring, not a benchmark")
     parser.add_argument("--out", default=None, help="folder for the JSON files (default $OUT or .)")
     parser.add_argument("--language-layers", type=int, default=48, help="layers of the language model in the TTFT part")
+    parser.add_argument("--parts", default=None, help="comma list of parts: model,encode,ttft,load (default: all)")
 
 
 def run_all(args: argparse.Namespace) -> int:
@@ -70,6 +71,7 @@ def run_all(args: argparse.Namespace) -> int:
     if module is None:
         return 2
     argv = (["--cpu-smoke"] if args.cpu_smoke else []) + (["--out", args.out] if args.out else [])
+    argv += ["--parts", args.parts] if args.parts else []
     return module.main(argv + ["--language-layers", str(args.language_layers)])
 
 
