@@ -1,1 +1,1 @@
-"""The language service (OpenAI API, engine, encoder client). Built in issue 5."""
+"""The language service (OpenAI API, engine, encoder client)."""

@@ -3,8 +3,9 @@
 Both processes belong to one service and trust each other, so this is a plain typed msgpack
 protocol (no tensors, no pickle): each message is a dataclass, sent as a msgpack map with a
 "type" key. Requests flow HTTP -> engine over one zmq PUSH/PULL pair; outputs flow back over
-another. Image bytes never pass through here: the engine's encoder client sends each image's
-source to an encode service, whose result goes straight to the engine process.
+another. Images cross as their sources: a URL, a local path, or a data URL's text (base64, up to
+`max_image_url_bytes`); the engine's encoder client sends each to an encode service, whose result
+goes straight to the engine process.
 """
 
 from __future__ import annotations

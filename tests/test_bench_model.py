@@ -35,16 +35,17 @@ def test_cpu_smoke_runs_every_section(tmp_path):
 
 
 def test_all_in_one_benchmark_runs_every_part_on_cpu(tmp_path):
-    """`splitvl bench all --cpu-smoke`: the model, vision-tower and TTFT parts each run and land
-    in one summary (tiny shapes; the numbers mean nothing on a CPU)."""
+    """`splitvl bench all --cpu-smoke`: the model, vision-tower and service-path, TTFT and load
+    parts each run and land in one summary (tiny shapes; the numbers mean nothing on a CPU)."""
     done = subprocess.run([sys.executable, "-m", "splitvl", "bench", "all", "--cpu-smoke", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=420)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = done.stdout[done.stdout.index("#### summary"):]
     assert "decode B=1 " in summary and "prefill " in summary and "teacher-forced agreement" in summary
-    assert "vision tower 448x448 x1" in summary
+    assert "tower 448x448 x1" in summary and "service path 448x448 x8" in summary
     assert "TTFT image chat, cpu_check" in summary
-    for name in ("model_gpu.json", "encode_gpu.json", "serve_gpu_smoke.json"):
+    assert "load c=64 half_images (text)" in summary and "load: text TPOT p50 with images / text only" in summary
+    for name in ("model_gpu.json", "encode_gpu.json", "serve_gpu_smoke.json", "serve_load_gpu.json"):
         assert (tmp_path / name).is_file(), name
 
 

@@ -750,6 +750,6 @@ def run(sizes: list[int], trials: int = 3, quick: bool = False, cpu_only: bool =
     print(f"\n{'transport':<26} {'size':>9} {'bandwidth':>14}   {'baseline (same run)':<24} {'bandwidth':>14}   ratio")
     for row in table:
         print(row.line())
-    print("\ntargets (issue 3): cuda_ipc >= 80% of the GPU copy at 16 MiB; zmq tcp >= 50% of the raw socket."
+    print("\ntargets: cuda_ipc >= 80% of the GPU copy at 16 MiB; zmq tcp >= 50% of the raw socket."
           f"\n'THP malloc': the receiving process started with GLIBC_TUNABLES={THP_MALLOC}")
     return 1 if failures else 0

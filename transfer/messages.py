@@ -29,7 +29,8 @@ class EncodeJob:
     """Language service -> encode service: encode one image and push the result to `reply_to`."""
 
     request_id: str
-    image_key: str  # content hash of bytes + preprocessing settings; the encoder's cache key
+    image_key: str  # the language service's key for this image (its prefix-cache identity), echoed back;
+    # the encoder keys its own cache by the bytes it reads and the settings it applies
     source: bytes | str  # raw image bytes (sent as a raw frame), or a URL / local path string
     reply_to: str  # transport address of the process that runs the language model
     options: dict[str, OptionValue] = field(default_factory=dict)  # min_pixels, max_pixels, ...

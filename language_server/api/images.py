@@ -50,7 +50,7 @@ def image_ref(image_url: ImageURL, settings: LanguageSettings, param: str) -> Im
     options = image_options(image_url, param)
     if url.startswith("data:"):
         identity = _data_url_bytes(url, settings.max_image_url_bytes, param)
-        source = url  # the encoder decodes data URLs itself
+        source = url  # as text; the engine's encoder client decodes it into the bytes it sends
     elif len(url) > MAX_SOURCE_CHARS:
         raise bad_request(f"{param} is longer than {MAX_SOURCE_CHARS} characters; only data URLs may be longer.",
                           param=param, code="invalid_image_url")

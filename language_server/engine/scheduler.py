@@ -1,8 +1,10 @@
 """Continuous batching: which tokens of which requests run in the next step.
 
-Each step fills a token budget: running requests first (a decode is one token; a prompt still
-prefilling gets up to chunk_size tokens, so a long prompt is spread over steps while others
-keep decoding), then waiting requests in arrival order, admitted with their prefix-cache hits.
+Each step fills a token budget in this order: running requests that decode (one token each),
+then running requests whose prompt is still prefilling (up to chunk_size tokens each, so a long
+prompt is spread over steps while others keep decoding), then waiting requests in arrival order,
+admitted with their prefix-cache hits. Decodes go first so that a prompt admitted earlier (or
+readmitted after a preemption) never takes the budget from requests already streaming.
 When the KV cache runs out, the most recently admitted running request is preempted: its
 blocks are released and it goes back to the front of the queue, to be recomputed later
 (cheaply, if its blocks are still in the prefix cache).
@@ -40,7 +42,9 @@ class Scheduler:
     def schedule(self) -> list[ScheduledChunk]:
         budget = self.token_budget
         chunks: list[ScheduledChunk] = []
-        for req in list(self.running):
+        decoding = [r for r in self.running if r.num_tokens - r.num_computed == 1]
+        prefilling = [r for r in self.running if r.num_tokens - r.num_computed != 1]
+        for req in decoding + prefilling:
             if budget == 0:
                 break
             if req.status is not Status.RUNNING:  # preempted earlier in this loop

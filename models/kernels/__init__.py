@@ -1,11 +1,12 @@
-"""GPU kernels (Triton) behind the model's two swap points, with torch fallbacks elsewhere.
+"""GPU kernels (Triton) behind the model's three swap points, with torch fallbacks elsewhere.
 
   experts:   models.moe.set_experts_impl(triton_fused_experts)
   attention: pass TritonAttentionBackend(kv_cache) where a TorchAttentionBackend would go
   small ops: models.ops.set_ops_impl(FUSED_OPS)   (norms, q/k norm + rotary, routing)
 
 Without CUDA (and outside TRITON_INTERPRET=1) every function here calls the torch reference, so
-both switches are safe on any machine. docs/kernels.md has the design and the performance notes.
+every switch is safe on any machine. The vision tower's kernels (vision_ops.py) need no switch: each
+checks where its tensors live. docs/kernels.md has the design and the performance notes.
 """
 
 from models.kernels.attention_backend import TritonAttentionBackend

@@ -107,8 +107,9 @@ BENCHMARKS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Call
         run_serve,
     ),
     "all": (
-        "issue 7's whole benchmark in one run: `bench model`, the vision tower against transformers, and the "
-        "time to first token of an image chat through both services (one GPU; two with cuda_ipc)",
+        "every speed figure in one run: `bench model`, the vision tower and the encode service path against "
+        "transformers, the time to first token of an image chat through both services (one GPU; two with "
+        "cuda_ipc), and both services under load",
         add_all_arguments,
         run_all,
     ),
