@@ -40,3 +40,49 @@ def test_region_results_get_a_lease_per_encoder_plus_one_of_the_set_size(caplog)
         for sender in senders:
             sender.close()
         client.close()
+
+
+def test_jobs_sent_to_an_encoder_that_restarted_are_sent_again_at_once() -> None:
+    """A supervisor restarts an encoder at the same address faster than pings miss it: the first
+    pong of the new instance (a new service_id) sends the jobs the old one took again, instead of
+    leaving them to wait out encode_timeout_s."""
+    from transfer.messages import EncodeJob, HealthPing, HealthPong
+    from transfer.registry import make_receiver, make_sender
+
+    encoder_address = free_tcp_address()
+    jobs_in = make_receiver("zmq", encoder_address)
+    client = EncoderClient([encoder_address], "zmq", free_tcp_address(), 30.0, 1, 0.2)
+    pong_out = make_sender("zmq", client.result_address)
+
+    def next_message(kind: type) -> object:
+        for _ in range(100):
+            client.poll()
+            msg = jobs_in.recv(timeout=0.05)
+            if isinstance(msg, kind):
+                return msg
+        raise AssertionError(f"no {kind.__name__} reached the encoder")
+
+    def answer(ping: HealthPing, service_id: str) -> None:
+        pong_out.send(HealthPong(seq=ping.seq, sent_at=ping.sent_at, service_id=service_id, queued=0, running=0,
+                                 ready=True), timeout=1)
+
+    try:
+        answer(next_message(HealthPing), "host:100")
+        client.poll()
+        assert client.submit("req-1", 0, "key-1", "data:image/png;base64,AAAA", {}) is None
+        first = next_message(EncodeJob)
+        # The instance that took the job dies without answering; its successor answers the pings.
+        answer(next_message(HealthPing), "host:200")
+        again = next_message(EncodeJob)
+        assert again.image_key == first.image_key and again.request_id != first.request_id
+        pong_out.send(EncodeResult(again.request_id, again.image_key, (1, 2, 2), torch.ones(1, 8)), timeout=1)
+        for _ in range(50):
+            outcomes = client.poll()
+            if outcomes:
+                break
+            jobs_in.recv(timeout=0.02)
+        assert [(o.request_id, o.error_code) for o in outcomes] == [("req-1", None)]
+    finally:
+        pong_out.close()
+        jobs_in.close()
+        client.close()

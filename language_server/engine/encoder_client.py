@@ -47,6 +47,7 @@ class EncoderState:
     in_flight: int = 0
     reported_load: int = 0  # queued + running images in its last pong
     last_pong: float = field(default_factory=time.monotonic)
+    service_id: str | None = None  # the instance that answered the last pong ("host:pid" by default)
 
 
 @dataclass
@@ -240,6 +241,22 @@ class EncoderClient:
         e.healthy = pong.ready
         e.reported_load = pong.queued + pong.running
         e.last_pong = time.monotonic()
+        if e.service_id is not None and pong.service_id != e.service_id:
+            self._restarted(e, pong.service_id)
+        e.service_id = pong.service_id
+
+    def _restarted(self, encoder: EncoderState, service_id: str) -> None:
+        """A new instance answers at this address (a supervisor restarted it before pings missed
+        the old one): the jobs sent to the old one died with it. Send them again at once, to the
+        new instance too (its cache joins a job it did receive; the first answer wins), or 503."""
+        lost = [j for j, job in self.jobs.items() if job.encoder is encoder]
+        log.warning("encoder %s restarted (%s -> %s); sending its %d jobs in flight again",
+                    encoder.address, encoder.service_id, service_id, len(lost))
+        for job_id in lost:
+            job = self.jobs[job_id]
+            job.tried.discard(encoder.address)  # the instance that took it is gone, not this address
+            job.attempts -= 1
+            self._move(job_id)
 
     def close(self) -> None:
         for e in self.encoders:
