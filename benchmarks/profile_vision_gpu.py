@@ -62,13 +62,15 @@ def attention_variants(patches_per_image: int, images: int = 8, heads: int = 16,
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from models.attention import varlen_full_attention
-    from models.kernels.vision_ops import flash_segments, full_varlen_attention
+    from models.kernels.vision_ops import Segments, full_varlen_attention
 
     cu = [i * patches_per_image for i in range(images + 1)]
     q, k, v = (torch.randn(cu[-1], heads, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    flash = flash_segments(cu, q.device, q.dtype)
+    lengths = [patches_per_image] * images
+    flash = Segments(cu, lengths, "flash", torch.tensor(cu, dtype=torch.int32, device="cuda"))  # both routes, whatever the size
     batched = [t.view(images, patches_per_image, heads, d).transpose(1, 2) for t in (q, k, v)]
-    cases = {"flash varlen, one call (ours)": lambda: full_varlen_attention(q, k, v, cu, flash),
+    cases = {"flash varlen, one call (ours below 1,024 patches a frame)": lambda: full_varlen_attention(q, k, v, flash),
+             "SDPA by runs of equal frames (ours from 1,024)": lambda: full_varlen_attention(q, k, v, Segments(cu, lengths, "runs")),
              "SDPA per frame (torch's pick; the reference)": lambda: varlen_full_attention(q, k, v, cu)}
     for name, backend in (("cuDNN", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
                           ("efficient", SDPBackend.EFFICIENT_ATTENTION)):

@@ -13,26 +13,17 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.config import VisionConfig
-from models.kernels.vision_ops import flash_segments, full_varlen_attention, vision_rotary
+from models.kernels.vision_ops import Segments, full_varlen_attention, segments, vision_rotary
 
 Grid = tuple[int, int, int]
 _GRID_TABLES_KEPT = 16  # at 1024x1024 a grid's tables are ~12 MB in bf16
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin [P, D] fp32
-
-
-@dataclass(frozen=True)
-class Segments:
-    """Where each image frame's patches start and end: one attention segment each."""
-
-    cu_seqlens: list[int]
-    cu_device: torch.Tensor | None  # the same on the device, where flash attention runs
 
 
 class PatchEmbed(nn.Module):
@@ -55,11 +46,11 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
 
-    def forward(self, x: torch.Tensor, rope: Rope, segments: Segments) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, frames: Segments) -> torch.Tensor:
         p = x.shape[0]
         q, k, v = self.qkv(x).view(p, 3, self.num_heads, -1).unbind(1)  # each [P, heads, D]
         q, k = vision_rotary(q, k, *rope)
-        out = full_varlen_attention(q, k, v, segments.cu_seqlens, segments.cu_device)
+        out = full_varlen_attention(q, k, v, frames)
         return self.proj(out.reshape(p, -1))
 
 
@@ -91,8 +82,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(config)
         self.mlp = VisionMLP(config)
 
-    def forward(self, x: torch.Tensor, rope: Rope, segments: Segments) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope, segments)
+    def forward(self, x: torch.Tensor, rope: Rope, frames: Segments) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope, frames)
         return x + self.mlp(self.norm2(x))
 
 
@@ -162,14 +153,14 @@ class Qwen3_VisionTransformer(nn.Module):  # noqa: N801 (the seed design's name,
         for t, h, w in grid_thw:
             for _ in range(t):
                 cu_seqlens.append(cu_seqlens[-1] + h * w)
-        segments = Segments(cu_seqlens, flash_segments(cu_seqlens, x.device, x.dtype))
+        frames = segments(cu_seqlens, x.device, x.dtype)
 
         # Levels are emitted in block order (as transformers does), which is config order for
         # every real checkpoint, whose deepstack_visual_indexes are ascending.
         levels: list[torch.Tensor] = []
         ds_index = {block: j for j, block in enumerate(self.config.deepstack_visual_indexes)}
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, segments)
+            x = block(x, rope, frames)
             if i in ds_index:
                 levels.append(self.deepstack_merger_list[ds_index[i]](x))
         return torch.cat([self.merger(x), *levels], dim=-1)
@@ -179,19 +170,15 @@ class Qwen3_VisionTransformer(nn.Module):  # noqa: N801 (the seed design's name,
         last few grids seen (under inference mode, as the encoder runs): each is ~50 small ops to
         build, and images of one size recur."""
         if not torch.is_inference_mode_enabled():  # tensors made here may be saved for backward
-            cos, sin = self._rotary([grid], device)
-            return self._position_embeddings([grid], device), cos, sin
+            return self._position_embeddings(grid, device), *self._rotary(grid, device)
         weight = self.pos_embed.weight
         key = (grid, device, weight.data_ptr(), weight._version)
-        tables = self._tables.get(key)
-        if tables is None:
-            cos, sin = self._rotary([grid], device)
-            tables = self._position_embeddings([grid], device), cos, sin
-            self._tables[key] = tables
+        if key not in self._tables:
+            self._tables[key] = self._position_embeddings(grid, device), *self._rotary(grid, device)
             while len(self._tables) > _GRID_TABLES_KEPT:
                 self._tables.popitem(last=False)
         self._tables.move_to_end(key)
-        return tables
+        return self._tables[key]
 
     def _patch_coords(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Row and column of each patch of an h×w frame, in merge-block order."""
@@ -201,30 +188,28 @@ class Qwen3_VisionTransformer(nn.Module):  # noqa: N801 (the seed design's name,
         shape = (h // m, m, w // m, m)
         return rows.reshape(shape).transpose(1, 2).flatten(), cols.reshape(shape).transpose(1, 2).flatten()
 
-    def _position_embeddings(self, grid_thw: list[Grid], device: torch.device) -> torch.Tensor:
-        """The learned side×side table bilinearly resampled (align_corners) to each grid: [P, Hv]."""
+    def _position_embeddings(self, grid: Grid, device: torch.device) -> torch.Tensor:
+        """The learned side×side table bilinearly resampled (align_corners) to the grid: [thw, Hv]."""
+        t, h, w = grid
         side = self.num_grid_per_side
-        out = []
-        for t, h, w in grid_thw:
-            rows, cols = self._patch_coords(h, w, device)
-            r_taps, r_wts = _bilinear_taps(rows, h, side)
-            c_taps, c_wts = _bilinear_taps(cols, w, side)
-            idx = (r_taps[:, :, None] * side + c_taps[:, None, :]).flatten(1)  # [h*w, 4]
-            wts = (r_wts[:, :, None] * c_wts[:, None, :]).flatten(1)
-            emb = (self.pos_embed(idx) * wts[:, :, None].to(self.pos_embed.weight.dtype)).sum(1)
-            out.append(emb.repeat(t, 1))
-        return torch.cat(out)
+        rows, cols = self._patch_coords(h, w, device)
+        r_taps, r_wts = _bilinear_taps(rows, h, side)
+        c_taps, c_wts = _bilinear_taps(cols, w, side)
+        idx = (r_taps[:, :, None] * side + c_taps[:, None, :]).flatten(1)  # [h*w, 4]
+        wts = (r_wts[:, :, None] * c_wts[:, None, :]).flatten(1)
+        emb = (self.pos_embed(idx) * wts[:, :, None].to(self.pos_embed.weight.dtype)).sum(1)
+        return emb.repeat(t, 1)
 
-    def _rotary(self, grid_thw: list[Grid], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rotary(self, grid: Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """2-D RoPE: the first half of each head's rotary dims follow the row, the second the column."""
+        t, h, w = grid
         head_dim = self.config.hidden_size // self.config.num_heads
         spatial = head_dim // 2
         inv_freq = 1.0 / (
             self.config.rope_theta ** (torch.arange(0, spatial, 2, dtype=torch.float, device=device) / spatial)
         )
-        coords = [torch.stack(self._patch_coords(h, w, device), -1).repeat(t, 1) for t, h, w in grid_thw]
-        pos = torch.cat(coords)  # [P, 2]
-        freqs = (pos[..., None].float() * inv_freq).flatten(1)  # [P, D/2]: rows' then columns'
+        pos = torch.stack(self._patch_coords(h, w, device), -1).repeat(t, 1)  # [thw, 2]
+        freqs = (pos[..., None].float() * inv_freq).flatten(1)  # [thw, D/2]: rows' then columns'
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 

@@ -42,9 +42,7 @@ class Scheduler:
     def schedule(self) -> list[ScheduledChunk]:
         budget = self.token_budget
         chunks: list[ScheduledChunk] = []
-        decoding = [r for r in self.running if r.num_tokens - r.num_computed == 1]
-        prefilling = [r for r in self.running if r.num_tokens - r.num_computed != 1]
-        for req in decoding + prefilling:
+        for req in sorted(self.running, key=lambda r: r.num_tokens - r.num_computed != 1):  # decodes first, stable
             if budget == 0:
                 break
             if req.status is not Status.RUNNING:  # preempted earlier in this loop

@@ -14,7 +14,9 @@ Legend: P patches, Hh heads, D head dim (72 in Qwen3-VL: halves of 36, padded to
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -109,12 +111,15 @@ def _flash_varlen() -> Callable | None:
     return varlen_attn
 
 
-def flash_segments(cu_seqlens: list[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
-    """cu_seqlens as the int32 device tensor the flash call takes, built once per forward (a
-    pageable copy per layer would wait for the device each time); None where flash does not run."""
-    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or _flash_varlen() is None:
-        return None
-    return torch.tensor(cu_seqlens, dtype=torch.int32).pin_memory().to(device, non_blocking=True)
+@dataclass(frozen=True)
+class Segments:
+    """The image frames of one vision forward (one attention segment each), and how the blocks
+    attend over them, decided once per forward."""
+
+    cu_seqlens: list[int]  # where each frame's patches start, and the total
+    lengths: list[int]
+    route: str  # "reference" (SDPA per frame), "flash" (one varlen call) or "runs" (SDPA per run)
+    cu_device: torch.Tensor | None = None  # cu_seqlens as int32 on the device, for "flash"
 
 
 # Frames at least this long on average go through SDPA, runs of equal frames batched, instead of
@@ -125,29 +130,36 @@ def flash_segments(cu_seqlens: list[int], device: torch.device, dtype: torch.dty
 SDPA_MIN_MEAN_FRAME = 1024
 
 
-def full_varlen_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int], cu_device: torch.Tensor | None
-) -> torch.Tensor:
-    """Bidirectional attention within each segment: [P, Hh, D] -> [P, Hh, D]."""
-    if cu_device is None:
-        return varlen_full_attention(q, k, v, cu_seqlens)
+def segments(cu_seqlens: list[int], device: torch.device, dtype: torch.dtype) -> Segments:
     lengths = [b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])]
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or _flash_varlen() is None:
+        return Segments(cu_seqlens, lengths, "reference")
     if cu_seqlens[-1] >= SDPA_MIN_MEAN_FRAME * len(lengths):
-        return _sdpa_by_runs(q, k, v, lengths)
-    return _flash_varlen()(q, k, v, cu_device, cu_device, max(lengths), max(lengths))
+        return Segments(cu_seqlens, lengths, "runs")
+    # Built once per forward: a pageable copy per block would wait for the device each time.
+    cu_device = torch.tensor(cu_seqlens, dtype=torch.int32).pin_memory().to(device, non_blocking=True)
+    return Segments(cu_seqlens, lengths, "flash", cu_device)
+
+
+def full_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: Segments) -> torch.Tensor:
+    """Bidirectional attention within each segment: [P, Hh, D] -> [P, Hh, D]."""
+    if frames.route == "reference":
+        return varlen_full_attention(q, k, v, frames.cu_seqlens)
+    if frames.route == "runs":
+        return _sdpa_by_runs(q, k, v, frames.lengths)
+    longest = max(frames.lengths)
+    return _flash_varlen()(q, k, v, frames.cu_device, frames.cu_device, longest, longest)
 
 
 def _sdpa_by_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     """One SDPA call per run of consecutive frames of equal length, the run as its batch."""
     heads, d = q.shape[1:]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    start, i = 0, 0
-    while i < len(lengths):
-        j = i
-        while j < len(lengths) and lengths[j] == lengths[i]:
-            j += 1
-        n, end = lengths[i], start + (j - i) * lengths[i]
-        run = [t[start:end].view(j - i, n, heads, d).transpose(1, 2) for t in (q, k, v)]  # [B, Hh, n, D]
-        out[start:end].view(j - i, n, heads, d).copy_(F.scaled_dot_product_attention(*run).transpose(1, 2))
-        start, i = end, j
+    start = 0
+    for n, run in itertools.groupby(lengths):
+        b = len(list(run))
+        end = start + b * n
+        views = [t[start:end].view(b, n, heads, d).transpose(1, 2) for t in (q, k, v)]  # [B, Hh, n, D]
+        out[start:end].view(b, n, heads, d).copy_(F.scaled_dot_product_attention(*views).transpose(1, 2))
+        start = end
     return out
