@@ -46,7 +46,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
-from unittest import mock
 
 import torch
 from torch import nn
@@ -188,18 +187,18 @@ def kv_blocks(plan: Plan, sizes: ModelSizes) -> int:
     return max(1, min(need, fits))
 
 
-def build_engine(ckpt: Path, plan: Plan, num_kv_blocks: int) -> EngineCore:
+def build_engine(ckpt: Path, plan: Plan, num_kv_blocks: int, graphs: bool = True) -> EngineCore:
+    """The engine as a user configures it: random weights at the real shapes (load_format dummy);
+    with graphs on the CPU the graph path runs uncaptured, so the smoke run still goes through its
+    buffers."""
     longest = max(max(plan.prefill_lens), plan.input_len + plan.output_len)
     settings = LanguageSettings(
         model=str(ckpt), device=plan.device, dtype=plan.dtype, block_size=BLOCK, num_kv_blocks=num_kv_blocks,
         max_num_seqs=max(plan.batches), max_num_batched_tokens=max(plan.prefill_lens),
         chunk_size=max(plan.prefill_lens), max_model_len=longest + 64, enable_prefix_caching=False,
+        load_format="dummy", cuda_graphs=("on" if plan.device == "cuda" else "nocapture") if graphs else "off",
     )
-    # EngineCore takes no runner options yet: the runner reads these switches from the environment.
-    # On the CPU the graph path runs uncaptured, so the smoke run still goes through its buffers.
-    switches = {"SPLITVL_LOAD_FORMAT": "dummy", "SPLITVL_CUDA_GRAPHS": "on" if plan.device == "cuda" else "nocapture"}
-    with mock.patch.dict(os.environ, switches):
-        return EngineCore(settings)
+    return EngineCore(settings)
 
 
 SPECIAL_IDS = frozenset(tiny_tokenizer.token_ids().values())  # image placeholders and the like
@@ -259,9 +258,9 @@ def submit(engine: EngineCore, requests: list[GenerateRequest]) -> None:
             raise RuntimeError(f"{req.request_id} refused: {errors[0].error_message}")
 
 
-def decode_run(engine: EngineCore, batch: int, plan: Plan, graphs: bool) -> dict:
+def decode_run(engine: EngineCore, batch: int, plan: Plan) -> dict:
     """Tok/s over the steps where all `batch` sequences decode (prefill and the tail excluded)."""
-    engine.runner.use_decode_graphs = graphs and engine.runner.decode_graphs is not None
+    graphs = engine.runner.decode_graphs is not None
     rng = random.Random(batch)  # the same prompts with graphs on and off
     vocab = engine.config.text.vocab_size
     params = SamplingParams(max_tokens=plan.output_len, temperature=0.0, ignore_eos=True)
@@ -289,7 +288,7 @@ def decode_run(engine: EngineCore, batch: int, plan: Plan, graphs: bool) -> dict
     steady = step_s[3:] or step_s  # the first replays still warm caches up
     last = [t[-1] for t in tokens.values() if t]
     return {
-        "batch": batch, "graphs": engine.runner.use_decode_graphs, "decode_steps": len(steady),
+        "batch": batch, "graphs": graphs, "decode_steps": len(steady),
         "step_ms_median": 1e3 * statistics.median(steady), "tok_s": batch * len(steady) / sum(steady),
         "preemptions": engine.scheduler.preemptions - preempted, "distinct_last_tokens": len(set(last)),
         "generated": [tokens[r.request_id] for r in reqs], "prompt0": reqs[0].prompt_token_ids,
@@ -407,26 +406,17 @@ def teacher_forced(ours: nn.Module, hf: nn.Module, prompt: list[int], generated:
     one rounding flip cannot derail the rest: at each generated position, does our argmax equal
     transformers' token, and how far apart are the logits? A robust check of the GPU path
     against transformers where free-running greedy comparison diverges after the first flip."""
-    from models.attention import AttentionMetadata, TorchAttentionBackend
-    from models.kernels import TritonAttentionBackend
-
-    from models import moe, ops
+    from models.backends import select_kernels, torch_kernels
+    from models.forward_context import prefill_context
 
     seq = prompt + generated[:-1]
     n = len(generated)
     ids = torch.tensor(seq, device=device)
-    positions, meta = torch.arange(len(seq), device=device), AttentionMetadata.prefill([len(seq)])
-    mine = ours.compute_logits(ours(positions, TritonAttentionBackend(None), meta, input_ids=ids)[-n:]).float()
-    # The same model on the torch reference ops and experts (transformers' arithmetic, in bf16):
-    # how far bf16 alone puts us from transformers, to judge the kernels' distance by.
-    kernels_ops, kernels_experts = ops.ops_impl(), moe._experts_impl
-    ops.set_ops_impl(ops.TORCH_OPS)
-    moe.set_experts_impl(moe.torch_fused_experts)
-    try:
-        plain = ours.compute_logits(ours(positions, TorchAttentionBackend(None), meta, input_ids=ids)[-n:]).float()
-    finally:
-        ops.set_ops_impl(kernels_ops)
-        moe.set_experts_impl(kernels_experts)
+    served = select_kernels("auto", "auto", None, torch.device(device))
+    mine = ours.compute_logits(ours(ids, prefill_context(served, [len(seq)], device))[-n:]).float()
+    # The same model on the torch reference kernels (transformers' arithmetic, in bf16): how far
+    # bf16 alone puts us from transformers, to judge the kernels' distance by.
+    plain = ours.compute_logits(ours(ids, prefill_context(torch_kernels(), [len(seq)], device))[-n:]).float()
     kwargs = {"input_ids": ids[None]}
     if "mm_token_type_ids" in inspect.signature(hf.forward).parameters:
         kwargs["mm_token_type_ids"] = torch.zeros_like(ids[None])
@@ -492,7 +482,7 @@ def decode_sections(report: Report, engine: EngineCore | None, plan: Plan, graph
     for batch in plan.batches:
         with report.section(f"engine decode B={batch} graphs={'on' if graphs else 'off'}", reserve_s) as go:
             if go and engine is not None:
-                row = decode_run(engine, batch, plan, graphs)
+                row = decode_run(engine, batch, plan)
                 report.data["decode"].append(row)
                 print(f"  {row['step_ms_median']:.2f} ms/step, {row['tok_s']:.1f} tok/s over {row['decode_steps']} "
                       f"steps; {row['distinct_last_tokens']} distinct last tokens; {row['preemptions']} preemptions")
@@ -560,17 +550,22 @@ def run(args: argparse.Namespace) -> int:
                 row = prefill_run(engine, length, reps=3)
                 data["prefill"].append(row)
                 print(f"  T={length}: {row['ms']:.1f} ms to the first token")
-    # The eager runs matter least: they leave time for transformers.
-    decode_sections(report, engine, plan, graphs=False, reserve_s=60.0 if args.quick else 120.0)
-
     ours = None
     if engine is not None:
-        ours = engine.runner.model
-        engine.close()
-        engine = None  # frees the KV cache and the graphs' memory for transformers
-        gc.collect()
-        if plan.device == "cuda":
-            torch.cuda.empty_cache()
+        ours = engine.runner.model  # for transformers, unless the eager engine replaces it
+        engine = close_engine(engine, plan)
+        # The eager runs matter least: they leave time for transformers. A second engine with
+        # cuda_graphs off, as a user would set it; same seed, so the same random weights.
+        reserve = 60.0 if args.quick else 120.0
+        with report.section("engine build, cuda_graphs off", reserve) as go:
+            if go:
+                ours = None  # two copies of the weights may not fit
+                gc.collect()
+                engine = build_engine(ckpt, plan, kv_blocks(plan, sizes), graphs=False)
+        decode_sections(report, engine, plan, graphs=False, reserve_s=reserve)
+        if engine is not None:
+            ours = engine.runner.model
+            engine = close_engine(engine, plan)
 
     with report.section("transformers on the same weights") as go:
         if go and ours is not None:
@@ -589,6 +584,14 @@ def run(args: argparse.Namespace) -> int:
     report.write()
     print(f"\nwrote {report.path}")
     return 1 if data["errors"] else 0
+
+
+def close_engine(engine: EngineCore, plan: Plan) -> None:
+    """Frees the KV cache and the graphs' memory for what runs next."""
+    engine.close()
+    gc.collect()
+    if plan.device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def summarize(data: dict, sizes: ModelSizes, plan: Plan) -> None:

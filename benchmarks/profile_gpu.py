@@ -96,8 +96,8 @@ def launch_overheads() -> str:
     return "\n".join(lines)
 
 
-def decode_profile(engine, graphs: bool, layers: int, steps: int) -> str:
-    engine.runner.use_decode_graphs = graphs and engine.runner.decode_graphs is not None
+def decode_profile(engine, layers: int, steps: int) -> str:
+    graphs = engine.runner.decode_graphs is not None
     vocab = engine.config.text.vocab_size
     req = GenerateRequest(f"prof-{graphs}", random_prompt(random.Random(0), 512, vocab),
                           SamplingParams(max_tokens=10 + 2 * steps, temperature=0.0, ignore_eos=True))
@@ -154,6 +154,22 @@ def prefill_profile(engine, length: int, layers: int) -> str:
             + "\n" + cpu_table(prof, 1, f"prefill {length}") + "\n== python, by own time\n" + buf.getvalue())
 
 
+def profile_engine(engine, graphs: bool, layers: int, args: argparse.Namespace, out: Path) -> None:
+    if graphs:
+        parts = (("launch", launch_overheads), ("decode_graphs", lambda: decode_profile(engine, layers, args.steps)),
+                 ("prefill", lambda: prefill_profile(engine, args.prefill, layers)))
+    else:
+        parts = (("decode_eager", lambda: decode_profile(engine, layers, 3)),)
+    for name, fn in parts:
+        try:
+            text = fn()
+        except Exception as exc:
+            text = f"{name} failed: {type(exc).__name__}: {exc}"
+        print(text, "\n")
+        (out / f"profile_{name}.txt").write_text(text + "\n")
+    engine.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8)
@@ -166,18 +182,11 @@ def main() -> int:
     write_tiny_checkpoint(ckpt, shapes=plan.shapes, num_layers=plan.layers, metadata_only=True)
     layers = load_config(ckpt).text.num_hidden_layers
     blocks = 2 * (-(-(args.prefill + 600) // BLOCK))
-    engine = build_engine(ckpt, plan, blocks)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, f"{layers} layers")
-    for name, fn in (("launch", launch_overheads), ("decode_graphs", lambda: decode_profile(engine, True, layers, args.steps)),
-                     ("decode_eager", lambda: decode_profile(engine, False, layers, 3)),
-                     ("prefill", lambda: prefill_profile(engine, args.prefill, layers))):
-        try:
-            text = fn()
-        except Exception as exc:
-            text = f"{name} failed: {type(exc).__name__}: {exc}"
-        print(text, "\n")
-        (out / f"profile_{name}.txt").write_text(text + "\n")
-    engine.close()
+    # Two engines in turn, as a user would configure them: cuda_graphs on, then off.
+    for graphs in (True, False):
+        profile_engine(build_engine(ckpt, plan, blocks, graphs=graphs), graphs, layers, args, out)
+        torch.cuda.empty_cache()
     return 0
 
 

@@ -104,12 +104,11 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
 def serve_and_ask(ckpt: Path, data_urls: list[str], enc_device: str, lang_device: str, result_transport: str,
                   log_dir: Path, dtype: str = "bfloat16", lang_ckpt: Path | None = None) -> dict:
     """`lang_ckpt`: a config-only checkpoint the language service builds with random weights on
-    its GPU (SPLITVL_LOAD_FORMAT=dummy), for the full 48 layers without 61 GB of files."""
+    its GPU (load_format: dummy), for the full 48 layers without 61 GB of files."""
     from openai import OpenAI
 
     enc_port, enc_http, api_port = free_port(), free_port(), free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    lang_env = {**env, "SPLITVL_LOAD_FORMAT": "dummy"} if lang_ckpt is not None else env
     enc_log = open(log_dir / f"encode_{result_transport}.log", "w")
     lang_log = open(log_dir / f"language_{result_transport}.log", "w")
     enc = subprocess.Popen([sys.executable, "-m", "splitvl", "encode", "--model", str(ckpt),
@@ -119,12 +118,13 @@ def serve_and_ask(ckpt: Path, data_urls: list[str], enc_device: str, lang_device
     cfg = log_dir / f"language_{result_transport}.yaml"
     # Over cuda_ipc, the lease configs/qwen3-vl-30b-a3b-2gpu.yaml ships with.
     lease = {"result_lease_mib": 512} if result_transport == "cuda_ipc" else {}
+    dummy = {"load_format": "dummy"} if lang_ckpt is not None else {}
     cfg.write_text(json.dumps({"result_transport": result_transport, "kv_cache_memory_fraction": 0.3,
-                               "max_model_len": 4096, **lease}))
+                               "max_model_len": 4096, **lease, **dummy}))
     lang = subprocess.Popen([sys.executable, "-m", "splitvl", "language", "--model", str(lang_ckpt or ckpt),
                              "--encoder", f"tcp://127.0.0.1:{enc_port}", "--port", str(api_port),
                              "--device", lang_device, "--dtype", dtype, "--config", str(cfg)],
-                            stdout=lang_log, stderr=subprocess.STDOUT, env=lang_env)
+                            stdout=lang_log, stderr=subprocess.STDOUT, env=env)
     try:
         wait_http(f"http://127.0.0.1:{enc_http}/health", enc)
         wait_http(f"http://127.0.0.1:{api_port}/health", lang)

@@ -46,13 +46,14 @@ def start_services(ckpt: Path, lang_ckpt: Path, device: str, dtype: str, logs: P
                             "--device", device, "--dtype", dtype],
                            stdout=open(logs / "encode.log", "w"), stderr=subprocess.STDOUT, env=env)
     cfg = logs / "language.yaml"
+    dummy = {"load_format": "dummy"} if device != "cpu" else {}  # random weights at the real shapes
     cfg.write_text(json.dumps({"kv_cache_memory_fraction": 0.5, "max_model_len": 4096,
-                               "max_num_seqs": max_num_seqs, "max_queued_requests": 1024}))
+                               "max_num_seqs": max_num_seqs, "max_queued_requests": 1024, **dummy}))
     lang = subprocess.Popen([sys.executable, "-m", "splitvl", "language", "--model", str(lang_ckpt),
                              "--encoder", f"tcp://127.0.0.1:{enc_port}", "--port", str(api_port),
                              "--device", device, "--dtype", dtype, "--config", str(cfg)],
                             stdout=open(logs / "language.log", "w"), stderr=subprocess.STDOUT,
-                            env={**env, "SPLITVL_LOAD_FORMAT": "dummy"} if device != "cpu" else env)
+                            env=env)
     wait_http(f"http://127.0.0.1:{enc_http}/health", enc)
     wait_http(f"http://127.0.0.1:{api_port}/health", lang)
     return enc, lang, f"http://127.0.0.1:{api_port}"

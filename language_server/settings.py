@@ -52,6 +52,21 @@ class LanguageSettings(BaseModel):
     max_num_seqs: int = Field(64, ge=1, description="most sequences decoding at once")
     chunk_size: int = Field(512, ge=1, description="most prompt tokens of one sequence per step")
     enable_prefix_caching: bool = True
+
+    # Kernels and execution: each choice is logged in one line at start.
+    attention_backend: str = Field("auto", pattern="^(auto|torch|triton)$",
+                                   description="attention kernels (and the norms beside them): triton (paged decode, "
+                                   "flash varlen prefill, fused rotary + KV store), torch (SDPA references), or "
+                                   "auto (triton on CUDA)")
+    moe_backend: str = Field("auto", pattern="^(auto|torch|triton)$",
+                             description="routing and expert kernels: triton (grouped GEMMs), torch, or auto")
+    cuda_graphs: str = Field("on", pattern="^(on|off|nocapture)$",
+                             description="replay decode-only steps from CUDA graphs (when both backends are triton); "
+                             "nocapture runs the graph path's static buffers eagerly, to tell capture bugs from "
+                             "padding bugs")
+    load_format: str = Field("safetensors", pattern="^(safetensors|dummy)$",
+                             description="dummy: random weights of trained-like scale drawn on the device from "
+                             "config.json alone (no weight files; for benchmarks at real shapes)")
     grammar_compile_timeout_s: float = Field(
         10.0, gt=0, description="structured outputs: the longest a constraint (JSON schema, regex, grammar, "
                                 "structural tag) may take to compile; past it the request ends with 400 "

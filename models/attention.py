@@ -1,49 +1,66 @@
 """The attention-backend interface between the models and whoever runs them.
 
-Models see a flat batch: T tokens from B sequences laid end to end (varlen, no padding). Each
-forward carries an `AttentionMetadata` that says where each sequence's new tokens sit in the
-batch, how long each sequence's context is, and (with a KV cache) where new keys and values go
-and which cache blocks hold the old ones. The engine fills it; models only pass it through.
+Models see a flat batch: T tokens from B sequences laid end to end (varlen, no padding). The
+runner asks the backend to `prepare` an `AttentionBatch` once per step (every device tensor the
+step's attention needs is built there, nothing later), puts it in the step's ForwardContext, and
+each layer hands its q, k, v to `backend.forward`, which owns the rest: q/k norm and rotary, the
+KV-cache write (fused with rotary on GPU), and the attention call.
 
-The KV cache is paged from the start: `[num_blocks, block_size, kv_heads, head_dim]` per layer,
-a block table per sequence, and a slot (block * block_size + offset) per new token. That is the
-layout a paged decode kernel and CUDA graphs with fixed decode shapes need later, so the engine
-and GPU kernels plug in without touching model code.
+The KV cache is paged: `[num_blocks, block_size, kv_heads, head_dim]` per layer, a block table
+per sequence, and a slot (block * block_size + offset) per new token. Decode steps replayed
+from CUDA graphs read their metadata from static buffers the backend owns (`init_graph_buffers`,
+`prepare_for_capture`, `prepare_for_replay`), so the graph runner needs no backend of its own.
 
-Legend: T tokens in the batch, B sequences, Hq query heads, Hkv kv heads, D head dim,
-N blocks, S block size.
+Backends by name: `torch` (here, runs anywhere) and `triton` (models/kernels/attention_backend.py);
+models/backends.py picks one.
+
+Legend: T tokens in the batch, B sequences, Bp a graph bucket (padded batch), Hq query heads,
+Hkv kv heads, D head dim, N blocks, S block size, W block-table width.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
+from models.ops import torch_qk_norm_rope
+
+BatchKind = Literal["prefill", "decode", "mixed"]  # nothing cached before / one new token each / the rest
+
 
 @dataclass
-class AttentionMetadata:
+class AttentionBatch:
+    """One step's attention metadata: host lists for planning, device tensors for the kernels."""
+
+    kind: BatchKind
     query_lens: list[int]  # new tokens per sequence; sums to T
-    context_lens: list[int]  # cached + new tokens per sequence after this forward
-    slot_mapping: torch.Tensor | None = None  # [T] cache slot of each new token
-    block_tables: torch.Tensor | None = None  # [B, max_blocks] cache blocks of each sequence
+    context_lens: list[int]  # cached + new tokens per sequence after this step
+    slot_mapping: torch.Tensor | None = None  # [T] cache slot of each new token (None: no cache)
+    block_tables: torch.Tensor | None = None  # [B, W] cache blocks of each sequence
+    max_context: int = 0
+    device_context_lens: torch.Tensor | None = None  # [B] on the device (decode kernel)
+    cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None = None  # queries', keys' [B + 1] int32 (varlen)
+    context_slots: torch.Tensor | None = None  # [C] cache slot of every context token (mixed steps)
+    split_len: int | None = None  # decode kernel: context tokens per program (fixed in graphs)
+    balance_splits: bool = False  # decode kernel: cut each context evenly over the fixed splits
 
     @property
     def num_tokens(self) -> int:
         return sum(self.query_lens)
 
-    @classmethod
-    def prefill(cls, seq_lens: list[int]) -> "AttentionMetadata":
-        """Whole sequences, no cache: causal attention over each sequence's own tokens."""
-        return cls(query_lens=list(seq_lens), context_lens=list(seq_lens))
+
+def batch_kind(query_lens: list[int], context_lens: list[int]) -> BatchKind:
+    if context_lens == query_lens:
+        return "prefill"
+    return "decode" if all(n == 1 for n in query_lens) else "mixed"
 
 
 @dataclass
 class KVWrite:
-    """Where a layer's new keys and values go: the caller writes them (the GPU fuses the write into
-    the rotary kernel) and tells `attend` so with kv_written=True."""
+    """Where a layer's new keys and values go (the GPU rotary kernel stores them in place)."""
 
     k_cache: torch.Tensor  # [N*S, Hkv, D] view of the layer's keys
     v_cache: torch.Tensor  # [N*S, Hkv, D]
@@ -52,25 +69,6 @@ class KVWrite:
     def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k_cache.index_copy_(0, self.slots, k)
         self.v_cache.index_copy_(0, self.slots, v)
-
-
-class AttentionBackend(Protocol):
-    """Causal self-attention for one decoder layer over a flat varlen batch.
-
-    A backend may also offer `kv_write(layer_idx, meta) -> KVWrite | None`: then the model writes
-    the new keys and values itself (fused with rotary on GPU) and passes kv_written=True."""
-
-    def attend(
-        self,
-        layer_idx: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        meta: AttentionMetadata,
-        kv_written: bool = False,
-    ) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hkv, D] (already rotated) -> [T, Hq, D]."""
-        ...
 
 
 class PagedKVCache:
@@ -92,12 +90,13 @@ class PagedKVCache:
             num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device
         )
 
+    @property
+    def num_kv_heads(self) -> int:
+        return self.data.shape[-2]
+
     def target(self, layer_idx: int, slot_mapping: torch.Tensor) -> KVWrite:
         flat = self.data[layer_idx].view(2, -1, *self.data.shape[-2:])  # [2, N*S, Hkv, D]
         return KVWrite(flat[0], flat[1], slot_mapping)
-
-    def write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        self.target(layer_idx, slot_mapping).write(k, v)
 
     def gather(self, layer_idx: int, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `length` keys and values of one sequence: two [length, Hkv, D] tensors."""
@@ -107,43 +106,144 @@ class PagedKVCache:
         return kv[0], kv[1]
 
 
-class TorchAttentionBackend:
-    """Reference backend on torch SDPA, one sequence at a time; runs anywhere torch runs.
+class AttentionBackend:
+    """Causal self-attention of every decoder layer over a flat varlen batch, with its KV cache.
 
-    Without a cache every sequence attends causally to its own new tokens. With a cache, new
-    keys/values are written to their slots first, then each sequence's queries attend to its
-    whole context (cached + new); query i of a sequence with q new tokens and context c sits at
-    absolute position c - q + i and sees keys 0 .. c - q + i. That one rule covers prefill,
-    chunked prefill and decode.
+    Subclasses give `attend` (and may extend `prepare` and `_graph_batch`); the rest is shared.
     """
+
+    name: ClassVar[str]
+    graph_capturable: ClassVar[bool] = False  # can its decode path be captured into a CUDA graph?
 
     def __init__(self, kv_cache: PagedKVCache | None = None) -> None:
         self.kv_cache = kv_cache
 
-    def attend(
+    # ----- once per step ---------------------------------------------------------------------
+
+    def prepare(
+        self,
+        query_lens: list[int],
+        context_lens: list[int],
+        slot_mapping: torch.Tensor | None = None,
+        block_tables: torch.Tensor | None = None,
+    ) -> AttentionBatch:
+        """The step's metadata, every device tensor built now. Without a cache, pass no slots."""
+        if (self.kv_cache is None) != (slot_mapping is None) or (slot_mapping is None) != (block_tables is None):
+            raise ValueError("a KV cache needs slot_mapping and block_tables, and only a KV cache takes them")
+        kind = batch_kind(query_lens, context_lens)
+        if self.kv_cache is None and kind != "prefill":
+            raise ValueError("context longer than the new tokens needs a KV cache")
+        return AttentionBatch(kind, list(query_lens), list(context_lens), slot_mapping, block_tables,
+                              max_context=max(context_lens, default=0))
+
+    # ----- once per layer --------------------------------------------------------------------
+
+    def forward(
         self,
         layer_idx: int,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        meta: AttentionMetadata,
-        kv_written: bool = False,
+        norm_weights: tuple[torch.Tensor, torch.Tensor] | None,
+        eps: float,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        batch: AttentionBatch,
     ) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] straight from the projections -> [T, Hq, D]: per-head
+        RMSNorm of q and k (when `norm_weights` are given), rotary, the KV write, attention."""
+        write = None
         if self.kv_cache is not None:
-            if meta.slot_mapping is None or meta.block_tables is None:
-                raise ValueError("a KV cache needs slot_mapping and block_tables in the metadata")
-            if not kv_written:
-                self.kv_cache.write(layer_idx, k, v, meta.slot_mapping)
+            write = self.kv_cache.target(layer_idx, batch.slot_mapping)
+        q_weight, k_weight = norm_weights if norm_weights is not None else (None, None)
+        q, k = self.qk_norm_rope(q, k, q_weight, k_weight, eps, *rope, v=v, kv_write=write)
+        return self.attend(layer_idx, q, k, v, batch)
+
+    qk_norm_rope = staticmethod(torch_qk_norm_rope)
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               batch: AttentionBatch) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D], rotated, new keys already in the cache -> [T, Hq, D]."""
+        raise NotImplementedError
+
+    # ----- decode steps from CUDA graphs -----------------------------------------------------
+
+    def init_graph_buffers(self, max_batch: int, max_blocks: int, scratch_block: int) -> None:
+        """Static metadata buffers for decode batches of up to `max_batch` sequences, each spanning
+        at most `max_blocks` blocks. Padding rows write their key to `scratch_block`, which no
+        sequence owns, and attend to that one key."""
+        cache = self._cache()
+        device = cache.data.device
+        pin = device.type == "cuda"  # pinned: the per-step copy is asynchronous
+        self._graph_max_blocks = max_blocks
+        self._scratch_block = scratch_block
+        self._pad = (scratch_block * cache.block_size, 1)  # (slot, context length) of a padding row
+        self._host_meta = torch.zeros(2, max_batch, dtype=torch.int64, pin_memory=pin)  # slots, context lens
+        self._host_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int64, pin_memory=pin)
+        self._meta = torch.zeros(2, max_batch, dtype=torch.int64, device=device)
+        self._tables = torch.zeros(max_batch, max_blocks, dtype=torch.int64, device=device)
+
+    def prepare_for_capture(self, bucket: int) -> AttentionBatch:
+        """Metadata of `bucket` padding rows, for warm-up and capture: no real KV is touched."""
+        meta, tables = self._host_meta.numpy(), self._host_tables.numpy()
+        meta[0, :bucket], meta[1, :bucket] = self._pad
+        tables[:bucket, 0] = self._scratch_block
+        self._meta.copy_(self._host_meta)
+        self._tables.copy_(self._host_tables)
+        return self._graph_batch(bucket, [1] * bucket)
+
+    def prepare_for_replay(self, bucket: int, slots: list[int], context_lens: list[int],
+                           block_tables: list[list[int]]) -> AttentionBatch:
+        """Copy one decode step's metadata into the static buffers; rows past len(slots) pad.
+        The copies are queued on the current stream from pinned host buffers: the caller makes
+        sure the previous step's copies have finished before calling again."""
+        batch = len(slots)
+        meta, tables = self._host_meta.numpy(), self._host_tables.numpy()
+        meta[0, :batch], meta[1, :batch] = slots, context_lens
+        meta[0, batch:bucket], meta[1, batch:bucket] = self._pad
+        for row, blocks in enumerate(block_tables):
+            tables[row, : len(blocks)] = blocks
+        # Later columns of a row keep stale block ids: nothing reads past a sequence's context.
+        tables[batch:bucket, 0] = self._scratch_block
+        self._meta[:, :bucket].copy_(self._host_meta[:, :bucket], non_blocking=True)
+        self._tables[:bucket].copy_(self._host_tables[:bucket], non_blocking=True)
+        return self._graph_batch(bucket, list(context_lens) + [1] * (bucket - batch))
+
+    def _graph_batch(self, bucket: int, context_lens: list[int]) -> AttentionBatch:
+        """Graph steps' metadata over the static buffers. The host lists serve backends that run
+        eagerly (they are frozen into a capture, so a capturable backend must not read them)."""
+        block_size = self._cache().block_size
+        return AttentionBatch("decode", [1] * bucket, context_lens, slot_mapping=self._meta[0, :bucket],
+                              block_tables=self._tables[:bucket], max_context=self._graph_max_blocks * block_size,
+                              device_context_lens=self._meta[1, :bucket])
+
+    def _cache(self) -> PagedKVCache:
+        if self.kv_cache is None:
+            raise ValueError("decode steps need a KV cache")
+        return self.kv_cache
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """Reference backend on torch SDPA, one sequence at a time; runs anywhere torch runs.
+
+    With a cache, new keys and values are written to their slots first, then each sequence's
+    queries attend to its whole context (cached + new); query i of a sequence with q new tokens
+    and context c sits at absolute position c - q + i and sees keys 0 .. c - q + i. That one rule
+    covers prefill, chunked prefill and decode. Without a cache every sequence attends causally
+    to its own new tokens.
+    """
+
+    name = "torch"
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               batch: AttentionBatch) -> torch.Tensor:
         out = torch.empty_like(q)
         start = 0
-        for b, (q_len, ctx_len) in enumerate(zip(meta.query_lens, meta.context_lens)):
+        for b, (q_len, ctx_len) in enumerate(zip(batch.query_lens, batch.context_lens)):
             end = start + q_len
             if self.kv_cache is None:
-                if ctx_len != q_len:
-                    raise ValueError("context longer than the new tokens needs a KV cache")
                 keys, values = k[start:end], v[start:end]
             else:
-                keys, values = self.kv_cache.gather(layer_idx, meta.block_tables[b], ctx_len)
+                keys, values = self.kv_cache.gather(layer_idx, batch.block_tables[b], ctx_len)
             out[start:end] = causal_attention(q[start:end], keys, values)
             start = end
         return out

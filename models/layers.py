@@ -1,5 +1,6 @@
 """Building blocks shared by the text models: RMSNorm, rotary tables, the dense MLP (the
-small ops themselves live in models/ops.py, where the GPU swaps in fused kernels).
+norm kernels themselves come from the step's OpsImpl: models/ops.py's references, or fused GPU
+kernels).
 
 Legend: T tokens, H hidden, D head dim.
 """
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import ops
+from models.ops import OpsImpl
 
 
 class RMSNorm(nn.Module):
@@ -19,10 +20,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: OpsImpl) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps)
 
-    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor, ops: OpsImpl) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the residual add and the next norm, one kernel on GPU."""
         return ops.add_rms_norm(x, residual, self.weight, self.eps)
 

@@ -100,12 +100,18 @@ def _build(config: ModelConfig, part: str) -> tuple[nn.Module, dict[str, str]]:
                 return Qwen3_VisionTransformer(config.vision), {"model.visual.": ""}
             text = {"model.language_model.": "model.", "lm_head.": "lm_head."}
             if part == "language":
-                return Qwen3MoeForCausalLMWithDeepStack(config.text), text
+                return language_model_class(config)(config.text), text
             return Qwen3VLMoeForConditionalGeneration(config), {"model.visual.": "visual.", **text}
         if part == "vision":
             raise CheckpointError(f"a {config.arch} checkpoint has no vision tower (part='vision')")
-        cls = Qwen2MoeForCausalLM if config.arch == "qwen2_moe" else Qwen3MoeForCausalLM
-        return cls(config.text), {"model.": "model.", "lm_head.": "lm_head."}
+        return language_model_class(config)(config.text), {"model.": "model.", "lm_head.": "lm_head."}
+
+
+def language_model_class(config: ModelConfig) -> type[nn.Module]:
+    """What runs the language side of `config`: the deepstack class for VL checkpoints."""
+    if config.is_vl:
+        return Qwen3MoeForCausalLMWithDeepStack
+    return Qwen2MoeForCausalLM if config.arch == "qwen2_moe" else Qwen3MoeForCausalLM
 
 
 def _retie(model: nn.Module, config: ModelConfig) -> None:

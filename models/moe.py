@@ -1,7 +1,8 @@
 """The mixture-of-experts block: softmax router, top-k, experts, optional shared expert.
 
-All expert arithmetic goes through one function, `fused_experts`, so a fused GPU kernel can
-replace the torch reference without touching the model (see `set_experts_impl`).
+Routing and expert arithmetic come from the step's `MoeBackend` (ctx.kernels.moe): the torch
+references here, or the Triton kernels (models/kernels/fused_moe.py), chosen by name in
+models/backends.py.
 
 In-memory expert layout (the same as transformers 5.x and vLLM's w13/w2):
   gate_up_proj [E, 2I, H]  (rows 0..I-1 gate, I..2I-1 up)
@@ -11,14 +12,18 @@ Legend: T tokens, H hidden, E experts, I expert intermediate, K experts per toke
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import ops
 from models.layers import DenseMLP
+from models.ops import torch_route
+
+if TYPE_CHECKING:
+    from models.forward_context import ForwardContext
 
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -54,23 +59,16 @@ def torch_fused_experts(
     return out
 
 
-_experts_impl: ExpertsFn = torch_fused_experts
+@dataclass(frozen=True)
+class MoeBackend:
+    name: str
+    route: Callable[[torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor]]  # logits -> (weights, ids)
+    experts: ExpertsFn
+    graph_capturable: bool  # no host sync inside, so a CUDA graph can hold it
 
 
-def set_experts_impl(fn: ExpertsFn) -> None:
-    """Swap the experts computation (e.g. a Triton fused-MoE kernel on GPU)."""
-    global _experts_impl
-    _experts_impl = fn
-
-
-def fused_experts(
-    x: torch.Tensor,
-    gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-) -> torch.Tensor:
-    return _experts_impl(x, gate_up_proj, down_proj, topk_weights, topk_ids)
+# The reference experts read per-expert counts on the host, so they cannot be captured.
+TORCH_MOE = MoeBackend("torch", torch_route, torch_fused_experts, graph_capturable=False)
 
 
 class Experts(nn.Module):
@@ -102,9 +100,10 @@ class SparseMoeBlock(nn.Module):
         else:
             self.shared_expert = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = ops.route(self.gate(x), self.top_k, self.norm_topk_prob)
-        out = fused_experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        moe = ctx.kernels.moe
+        weights, ids = moe.route(self.gate(x), self.top_k, self.norm_topk_prob)
+        out = moe.experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out

@@ -1,4 +1,4 @@
-"""The decoder layer's small ops, behind one swap point: torch references here, fused GPU kernels
+"""The decoder layer's small ops: torch references here, fused GPU kernels
 in models/kernels/fused_ops.py.
 
 At one decode token a layer's weights stream in ~30 us, while the norms, rotary, routing and
@@ -15,21 +15,22 @@ kernel that mimics the roundings gives the same tokens.
                                              kv_write, k and v are stored in the KV cache too
     route(logits, top_k, normalize)          softmax in fp32, top-k, optional renormalisation
 
-`set_ops_impl(FUSED_OPS)` switches every model in the process over (the runner does it when it
-runs the Triton kernels), like models.moe.set_experts_impl for the experts.
+A set of them is an `OpsImpl`; the step's ForwardContext carries the one models/backends.py
+chose (TORCH_OPS, or models.kernels.FUSED_OPS), so two models in one process can differ.
 
 Legend: T tokens, H hidden, Hq/Hkv heads, D head dim, E experts, K experts per token.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 
-from models.attention import KVWrite
+if TYPE_CHECKING:  # models.attention imports this module's torch references
+    from models.attention import KVWrite
 
 
 def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -66,7 +67,7 @@ def torch_qk_norm_rope(
     cos: torch.Tensor,
     sin: torch.Tensor,
     v: torch.Tensor | None = None,
-    kv_write: KVWrite | None = None,
+    kv_write: "KVWrite | None" = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [T, Hq, D], k [T, Hkv, D] -> both normalised per head (Qwen3) and rotated. With
     `kv_write`, the rotated k and `v` [T, Hkv, D] are also stored at their cache slots."""
@@ -96,45 +97,7 @@ class OpsImpl:
 
 
 TORCH_OPS = OpsImpl(torch_rms_norm, torch_add_rms_norm, torch_qk_norm_rope, torch_route)
-_impl: OpsImpl = TORCH_OPS
 
 
-def set_ops_impl(impl: OpsImpl) -> None:
-    """Swap every op at once (TORCH_OPS, or models.kernels.FUSED_OPS)."""
-    global _impl
-    _impl = impl
-
-
-def ops_impl() -> OpsImpl:
-    return _impl
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _impl.rms_norm(x, weight, eps)
-
-
-def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _impl.add_rms_norm(x, residual, weight, eps)
-
-
-def qk_norm_rope(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    q_weight: torch.Tensor | None,
-    k_weight: torch.Tensor | None,
-    eps: float,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    v: torch.Tensor | None = None,
-    kv_write: KVWrite | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _impl.qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin, v, kv_write)
-
-
-def route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _impl.route(router_logits, top_k, normalize)
-
-
-__all__ = [f.name for f in fields(OpsImpl)] + ["OpsImpl", "TORCH_OPS", "set_ops_impl", "ops_impl", "apply_rotary"]
+__all__ = ["OpsImpl", "TORCH_OPS", "apply_rotary", "torch_add_rms_norm", "torch_qk_norm_rope", "torch_rms_norm",
+           "torch_route"]

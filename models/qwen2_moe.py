@@ -1,8 +1,13 @@
 """Qwen2-MoE: the text-only base of every language model here.
 
-`Qwen2MoeModel` is embeddings, decoder layers and the final norm over a flat varlen batch.
-The Qwen3 text models reuse it with different attention/MoE options from the config (q/k norm,
-no qkv bias, no shared expert); nothing here knows about images or DeepStack.
+`Qwen2MoeModel` is embeddings, decoder layers and the final norm over a flat varlen batch. It owns
+the one decoder loop; a subclass changes what goes in through `embed_inputs` and adds a step
+after each layer through `after_layer` (the DeepStack models do both, models/deepstack.py). The
+Qwen3 text models reuse it with different attention/MoE options from the config (q/k norm, no
+qkv bias, no shared expert); nothing here knows about images or DeepStack.
+
+Every forward reads its step from a ForwardContext (models/forward_context.py): kernels,
+attention metadata, positions.
 
 Legend: T tokens, H hidden, Hq/Hkv query/kv heads, D head dim, V vocab.
 """
@@ -13,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import ops
-from models.attention import AttentionBackend, AttentionMetadata
 from models.config import TextConfig
+from models.forward_context import ForwardContext
 from models.layers import DenseMLP, RMSNorm, RotaryEmbedding
 from models.moe import SparseMoeBlock
 
@@ -58,13 +62,7 @@ class Attention(nn.Module):
                 p.bias = nn.Parameter(self.qkv_bias[start : start + rows], requires_grad=False)
             start += rows
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        attn: AttentionBackend,
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
         t, d = x.shape[0], self.head_dim
         if self.qkv_weight is not None:
             q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(
@@ -72,12 +70,8 @@ class Attention(nn.Module):
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q, k, v = q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d), v.view(t, self.num_kv_heads, d)
-        q_weight = self.q_norm.weight if self.q_norm is not None else None
-        k_weight = self.k_norm.weight if self.k_norm is not None else None
-        # Backends with a KV cache on GPU let the rotary kernel store k and v in place.
-        target = attn.kv_write(self.layer_idx, meta) if hasattr(attn, "kv_write") else None
-        q, k = ops.qk_norm_rope(q, k, q_weight, k_weight, self.eps, *rope, v=v, kv_write=target)
-        out = attn.attend(self.layer_idx, q, k, v, meta, kv_written=target is not None)  # [T, Hq, D]
+        norms = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else None
+        out = ctx.attn.forward(self.layer_idx, q, k, v, norms, self.eps, rope, ctx.batch)  # [T, Hq, D]
         return self.o_proj(out.reshape(t, -1))
 
 
@@ -86,7 +80,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.self_attn = Attention(config, layer_idx)
-        if config.is_moe_layer(layer_idx):
+        self.is_moe = config.is_moe_layer(layer_idx)
+        if self.is_moe:
             self.mlp = SparseMoeBlock(
                 config.hidden_size,
                 config.num_experts,
@@ -105,18 +100,18 @@ class DecoderLayer(nn.Module):
         h: torch.Tensor,
         residual: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor],
-        attn: AttentionBackend,
-        meta: AttentionMetadata,
+        ctx: ForwardContext,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream is carried as (h, residual), its value being h + residual (h alone
         when residual is None): each residual add happens inside the next norm, one fused kernel
         on GPU. Same numbers as `h = h + attn(norm(h)); h = h + mlp(norm(h))`."""
+        ops = ctx.ops
         if residual is None:
-            x, residual = self.input_layernorm(h), h
+            x, residual = self.input_layernorm(h, ops), h
         else:
-            x, residual = self.input_layernorm.add_forward(h, residual)
-        x, residual = self.post_attention_layernorm.add_forward(self.self_attn(x, rope, attn, meta), residual)
-        return self.mlp(x), residual
+            x, residual = self.input_layernorm.add_forward(h, residual, ops)
+        x, residual = self.post_attention_layernorm.add_forward(self.self_attn(x, rope, ctx), residual, ops)
+        return (self.mlp(x, ctx) if self.is_moe else self.mlp(x)), residual
 
 
 class Qwen2MoeModel(nn.Module):
@@ -130,25 +125,33 @@ class Qwen2MoeModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.mrope_section)
 
-    def embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        return self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """One GEMM for q, k and v in every layer (see Attention.fuse_qkv)."""
+        for layer in self.layers:
+            layer.self_attn.fuse_qkv()
 
-    def forward(
-        self,
-        positions: torch.Tensor,
-        attn: AttentionBackend,
-        meta: AttentionMetadata,
-        input_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        h = self.embed(input_ids, inputs_embeds)
-        rope = self.rotary(positions, h.dtype)
+    def embed_inputs(self, input_ids: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, object]:
+        """[T] token ids -> ([T, H] first hidden states, what `after_layer` needs; nothing here)."""
+        if ctx.image_rows is not None:
+            raise ValueError(f"{type(self).__name__} is a text-only stack: it takes no image rows")
+        return self.embed_tokens(input_ids), None
+
+    def after_layer(self, layer_idx: int, h: torch.Tensor, residual: torch.Tensor | None,
+                    extra: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A step after decoder layer `layer_idx` on the stream (h, residual); none here."""
+        return h, residual
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        h, extra = self.embed_inputs(input_ids, ctx)
+        rope = self.rotary(ctx.positions, h.dtype)
         residual = None
         for layer in self.layers:
-            h, residual = layer(h, residual, rope, attn, meta)
-        return self.norm.add_forward(h, residual)[0]
+            h, residual = layer(h, residual, rope, ctx)
+            h, residual = self.after_layer(layer.layer_idx, h, residual, extra)
+        if residual is None:
+            return self.norm(h, ctx.ops)
+        return self.norm.add_forward(h, residual, ctx.ops)[0]
 
 
 class Qwen2MoeForCausalLM(nn.Module):
@@ -164,16 +167,13 @@ class Qwen2MoeForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(
-        self,
-        positions: torch.Tensor,
-        attn: AttentionBackend,
-        meta: AttentionMetadata,
-        input_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """-> [T, H] final hidden states; `compute_logits` turns the rows you need into logits."""
-        return self.model(positions, attn, meta, input_ids=input_ids, inputs_embeds=inputs_embeds)
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """[T] token ids -> [T, H] final hidden states; `compute_logits` turns the rows you need
+        into logits."""
+        return self.model(input_ids, ctx)
+
+    def fuse_qkv(self) -> None:
+        self.model.fuse_qkv()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, H] -> [T, V]."""

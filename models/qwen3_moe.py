@@ -2,15 +2,13 @@
 
 `Qwen3MoeModel` is the Qwen2-MoE stack with Qwen3's options (q/k RMSNorm, no qkv bias, no
 shared expert), which come from the config. The *WithDeepStack classes are what the language
-service runs when the vision tower lives in another process: they take image embeddings
-already scattered into `inputs_embeds` plus `input_deepstack_embeds` [T, k·H].
+service runs when the vision tower lives in another process: token ids in, plus the encoder's
+rows in the ForwardContext (`image_mask`, `image_rows`), which they scatter in themselves
+(models/deepstack.py).
 """
 
 from __future__ import annotations
 
-import torch
-
-from models.attention import AttentionBackend, AttentionMetadata
 from models.config import TextConfig
 from models.deepstack import DeepStackMixin
 from models.qwen2_moe import Qwen2MoeForCausalLM, Qwen2MoeModel
@@ -35,21 +33,3 @@ class Qwen3MoeForCausalLMWithDeepStack(Qwen3MoeForCausalLM):
     """What the language service runs: text + image embeddings in, hidden states out."""
 
     model_class = Qwen3MoeModelWithDeepStack
-
-    def forward(
-        self,
-        positions: torch.Tensor,
-        attn: AttentionBackend,
-        meta: AttentionMetadata,
-        input_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        input_deepstack_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self.model(
-            positions,
-            attn,
-            meta,
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            input_deepstack_embeds=input_deepstack_embeds,
-        )

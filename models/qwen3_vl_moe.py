@@ -11,14 +11,15 @@ Legend: T tokens, P patches, N merged image tokens, H text hidden, k DeepStack l
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
 
-from models.attention import AttentionBackend, AttentionMetadata
 from models.config import ModelConfig
 from models.deepstack import DeepStackMixin
-from models.multimodal import scatter_vision_rows, split_vision_output
+from models.forward_context import ForwardContext
+from models.multimodal import split_vision_output
 from models.qwen3_moe import Qwen3MoeModel
 from models.qwen3_vision import Grid, Qwen3_VisionTransformer
 
@@ -45,23 +46,17 @@ class Qwen3VLMoeForConditionalGeneration(nn.Module):
 
     def forward(
         self,
-        positions: torch.Tensor,
-        attn: AttentionBackend,
-        meta: AttentionMetadata,
         input_ids: torch.Tensor,
+        ctx: ForwardContext,
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: Sequence[Grid] | None = None,
     ) -> torch.Tensor:
-        """input_ids [T] with each image's placeholder expanded to its N tokens -> [T, H]."""
-        inputs_embeds = self.model.embed_tokens(input_ids)
-        deepstack = None
+        """input_ids [T] with each image's placeholder expanded to its N tokens -> [T, H]. The
+        tower's rows go to the text half through the context, as the encode service's do."""
         if pixel_values is not None:
-            vision_output = self.visual(pixel_values, image_grid_thw)
-            image_mask = input_ids == self.config.image_token_id
-            inputs_embeds, deepstack = scatter_vision_rows(inputs_embeds, image_mask, vision_output)
-        return self.model(
-            positions, attn, meta, inputs_embeds=inputs_embeds, input_deepstack_embeds=deepstack
-        )
+            ctx = replace(ctx, image_mask=input_ids == self.config.image_token_id,
+                          image_rows=self.visual(pixel_values, image_grid_thw))
+        return self.model(input_ids, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -1,14 +1,11 @@
 """Random checkpoints in the Hugging Face Hub layout, written offline: tiny ones for tests and
 full-width ones (the real Qwen3-VL-30B-A3B shapes, few layers) for memory and speed work.
 
-The weights are random but not degenerate, so MoE and deepstack bugs change the outputs
-(HF's default init gives near-uniform routing and logits, which hides them):
-- linear weights ~ N(0, 1/fan_in); the projections that write into a residual stream get a gain
-  of 1.5/sqrt(depth) (expert down_proj x1.5 more, to make up for the gated activation), and the
-  mergers' last linear x1.5 (after the GELU), so activations stay unit-scale throughout;
-- norm weights 1 ± 0.1, biases ~ N(0, 0.1²), embeddings ~ N(0, 1);
-- router weights ~ N(0, 9/H): router logits have std ~3, so top-k picks are clear-cut;
-- lm_head ~ N(0, 36/H): logits have std ~6, so greedy decoding is not a coin flip.
+The weights are random but not degenerate, so MoE and deepstack bugs change the outputs: the
+language model's scales are models/random_weights.py's recipe (the one `load_format: dummy`
+draws too); the vision tower's follow the same rules (linear N(0, 1/fan_in), residual writers x
+1/sqrt(depth), norms 1 ± 0.1, biases N(0, 0.1²)) with the mergers' last linear x1.5 (after the
+GELU), so activations stay unit-scale throughout.
 
 Every tensor comes from its own generator, seeded by (seed, parameter name), so a file is a
 pure function of its arguments (same seed, same bytes), the expert layout only moves numbers
@@ -29,6 +26,7 @@ from typing import Callable, Iterator
 import torch
 
 from models import tiny_tokenizer
+from models.random_weights import residual_gain, text_weight_scale
 
 ARCHS = ("qwen3_vl_moe", "qwen3_moe", "qwen2_moe")
 SHAPES = ("tiny", "qwen3-vl-30b-a3b")
@@ -124,33 +122,38 @@ def _entries(arch: str, text: dict, vision: dict | None, layout: str, tie: bool,
     prefix = "model.language_model." if arch == "qwen3_vl_moe" else "model."
     L, d = text["num_hidden_layers"], text["head_dim"]
     nq, nkv = text["num_attention_heads"], text["num_key_value_heads"]
-    # Residual writers are scaled by 1/sqrt(depth of the shapes preset), not of --layers, so a
-    # short file's layers equal the long file's.
-    out_gain = 1.5 / math.sqrt(text["reference_layers"])
-    yield param(f"{prefix}embed_tokens.weight", (V, H), lambda n, s: init.normal(n, s, 1.0))
+    # Residual writers are scaled by the depth of the shapes preset, not of --layers, so a short
+    # file's layers equal the long file's.
+    gain = residual_gain(text["reference_layers"])
+
+    def weight(name: str, shape: tuple[int, ...]) -> TensorEntry:
+        mean, std = text_weight_scale(name, shape, H, gain)
+        return param(name, shape, lambda n, s: init.normal(n, s, std, mean=mean))
+
+    yield weight(f"{prefix}embed_tokens.weight", (V, H))
     for i in range(L):
         p = f"{prefix}layers.{i}."
-        yield param(p + "input_layernorm.weight", (H,), norm)
+        yield weight(p + "input_layernorm.weight", (H,))
         for proj, rows in (("q_proj", nq * d), ("k_proj", nkv * d), ("v_proj", nkv * d)):
-            yield param(p + f"self_attn.{proj}.weight", (rows, H), linear())
+            yield weight(p + f"self_attn.{proj}.weight", (rows, H))
             if arch == "qwen2_moe":
-                yield param(p + f"self_attn.{proj}.bias", (rows,), bias)
-        yield param(p + "self_attn.o_proj.weight", (H, nq * d), linear(out_gain))
+                yield weight(p + f"self_attn.{proj}.bias", (rows,))
+        yield weight(p + "self_attn.o_proj.weight", (H, nq * d))
         if arch != "qwen2_moe":
-            yield param(p + "self_attn.q_norm.weight", (d,), norm)
-            yield param(p + "self_attn.k_norm.weight", (d,), norm)
-        yield param(p + "post_attention_layernorm.weight", (H,), norm)
-        yield param(p + "mlp.gate.weight", (text["num_experts"], H), lambda n, s: init.normal(n, s, 3.0 / math.sqrt(H)))
-        yield from _expert_entries(p + "mlp.experts.", text, layout, init, out_gain)
+            yield weight(p + "self_attn.q_norm.weight", (d,))
+            yield weight(p + "self_attn.k_norm.weight", (d,))
+        yield weight(p + "post_attention_layernorm.weight", (H,))
+        yield weight(p + "mlp.gate.weight", (text["num_experts"], H))
+        yield from _expert_entries(p + "mlp.experts.", text, layout, init, gain)
         if arch == "qwen2_moe":
             Is = text["shared_expert_intermediate_size"]
-            yield param(p + "mlp.shared_expert.gate_proj.weight", (Is, H), linear())
-            yield param(p + "mlp.shared_expert.up_proj.weight", (Is, H), linear())
-            yield param(p + "mlp.shared_expert.down_proj.weight", (H, Is), linear(1.5 * out_gain))
-            yield param(p + "mlp.shared_expert_gate.weight", (1, H), linear())
-    yield param(f"{prefix}norm.weight", (H,), norm)
+            yield weight(p + "mlp.shared_expert.gate_proj.weight", (Is, H))
+            yield weight(p + "mlp.shared_expert.up_proj.weight", (Is, H))
+            yield weight(p + "mlp.shared_expert.down_proj.weight", (H, Is))
+            yield weight(p + "mlp.shared_expert_gate.weight", (1, H))
+    yield weight(f"{prefix}norm.weight", (H,))
     if not tie:
-        yield param("lm_head.weight", (V, H), lambda n, s: init.normal(n, s, 6.0 / math.sqrt(H)))
+        yield weight("lm_head.weight", (V, H))
 
 
 def _vision_entries(vision: dict, init: _Init, param, linear, norm, bias) -> Iterator[TensorEntry]:
@@ -187,20 +190,23 @@ def _vision_entries(vision: dict, init: _Init, param, linear, norm, bias) -> Ite
         yield param(p + "linear_fc2.bias", (out,), bias)
 
 
-def _expert_entries(prefix: str, text: dict, layout: str, init: _Init, out_gain: float) -> Iterator[TensorEntry]:
+def _expert_entries(prefix: str, text: dict, layout: str, init: _Init, gain: float) -> Iterator[TensorEntry]:
     """Experts in one of three layouts. The logical parameters are always the per-expert
     nn.Linear weights gate/up [I, H] and down [H, I]; fused layouts only rearrange them."""
     E, H, I = text["num_experts"], text["hidden_size"], text["moe_intermediate_size"]
 
+    def scaled(name: str, shape: tuple[int, int]) -> torch.Tensor:
+        mean, std = text_weight_scale(name, shape, H, gain)
+        return init.normal(name, shape, std, mean=mean)
+
     def gate(j):
-        return init.linear(f"{prefix}{j}.gate_proj.weight", (I, H))
+        return scaled(f"{prefix}{j}.gate_proj.weight", (I, H))
 
     def up(j):
-        return init.linear(f"{prefix}{j}.up_proj.weight", (I, H))
+        return scaled(f"{prefix}{j}.up_proj.weight", (I, H))
 
     def down(j):
-        # x1.5 more than attention: silu(gate) * up and the router weights shrink this branch.
-        return init.linear(f"{prefix}{j}.down_proj.weight", (H, I), 1.5 * out_gain)
+        return scaled(f"{prefix}{j}.down_proj.weight", (H, I))
 
     if layout == "per_expert":
         for j in range(E):

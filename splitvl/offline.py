@@ -9,18 +9,19 @@ Qwen3MoeForCausalLMWithDeepStack) generates from the decoded rows.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from encode_server.images import decode_image
 from encode_server.preprocess import PreprocessSettings, preprocess
-from models.attention import AttentionMetadata, PagedKVCache, TorchAttentionBackend
+from models.attention import PagedKVCache
+from models.backends import torch_kernels
 from models.config import load_eos_ids
+from models.forward_context import ForwardContext, forward_context
 from models.loader import load_model
 from models.mrope import generated_positions, mrope_positions
-from models.multimodal import scatter_vision_rows
 from transfer.codec import decode_message, encode_message
 from transfer.messages import EncodeResult
 
@@ -97,19 +98,14 @@ class OfflineGenerator:
         num_blocks = -(-(len(ids) + max_tokens) // _BLOCK_SIZE)
         cache = PagedKVCache(text.num_hidden_layers, num_blocks, _BLOCK_SIZE, text.num_key_value_heads,
                              text.head_dim, self.dtype, self.device)
-        attn = TorchAttentionBackend(cache)
+        kernels = torch_kernels(cache)
         block_table = torch.arange(num_blocks, device=self.device)[None, :]
 
-        def meta_for(start: int, count: int) -> AttentionMetadata:
-            return AttentionMetadata(
-                query_lens=[count],
-                context_lens=[start + count],
-                slot_mapping=torch.arange(start, start + count, device=self.device),
-                block_tables=block_table,
-            )
+        def context_for(start: int, count: int, positions: torch.Tensor) -> ForwardContext:
+            slots = torch.arange(start, start + count, device=self.device)
+            return forward_context(kernels, positions.to(self.device), [count], [start + count], slots, block_table)
 
-        hidden = self._prefill(torch.tensor(ids, device=self.device), positions.to(self.device), attn,
-                               meta_for(0, len(ids)), images)
+        hidden = self._prefill(torch.tensor(ids, device=self.device), context_for(0, len(ids), positions), images)
         out: list[int] = []
         while True:
             tok = int(self.model.compute_logits(hidden[-1:]).argmax())
@@ -118,20 +114,16 @@ class OfflineGenerator:
                 return out
             index = len(ids) + len(out) - 1  # this token's place in the sequence
             pos = generated_positions(index, index + 1, delta) if self.config.is_vl else torch.tensor([index])
-            hidden = self.model(pos.to(self.device), attn, meta_for(index, 1),
-                                input_ids=torch.tensor([tok], device=self.device))
+            hidden = self.model(torch.tensor([tok], device=self.device), context_for(index, 1, pos))
 
-    def _prefill(self, ids, positions, attn, meta, images: Sequence[ImageInput]) -> torch.Tensor:
+    def _prefill(self, ids: torch.Tensor, ctx: ForwardContext, images: Sequence[ImageInput]) -> torch.Tensor:
         if not images:
-            return self.model(positions, attn, meta, input_ids=ids)
+            return self.model(ids, ctx)
         if not self.disaggregated:
             pixel_values = torch.cat([im.pixel_values for im in images]).to(self.device)
-            return self.model(positions, attn, meta, input_ids=ids, pixel_values=pixel_values,
-                              image_grid_thw=[im.grid for im in images])
+            return self.model(ids, ctx, pixel_values=pixel_values, image_grid_thw=[im.grid for im in images])
         rows = self._encode_over_wire(images).to(self.device)
-        embeds, deepstack = scatter_vision_rows(self.model.model.embed_tokens(ids),
-                                                ids == self.config.image_token_id, rows)
-        return self.model(positions, attn, meta, inputs_embeds=embeds, input_deepstack_embeds=deepstack)
+        return self.model(ids, replace(ctx, image_mask=ids == self.config.image_token_id, image_rows=rows))
 
     def _encode_over_wire(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """All images in one varlen vision forward (as the encode service batches them), then one
@@ -164,7 +156,9 @@ def generate(
     disaggregated: bool = False,
 ) -> Generation:
     """One user message (images first, then the prompt) through the chat template, greedy."""
-    from transformers import AutoTokenizer  # tokenizer and chat template only; no modeling code
+    from transformers import (
+        AutoTokenizer,  # tokenizer and chat template only; no modeling code
+    )
 
     generator = OfflineGenerator(model_dir, device=device, dtype=dtype, disaggregated=disaggregated)
     if image_paths and not generator.config.is_vl:

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from models.attention import AttentionMetadata, TorchAttentionBackend
+from models.backends import torch_kernels
+from models.forward_context import prefill_context
 from models.mrope import mrope_positions
 
 
@@ -37,7 +38,6 @@ def hf_vl_inputs(ids: Sequence[int], images, image_token_id: int) -> dict:
 def our_prompt_logits(model, config, ids: Sequence[int], images=()) -> torch.Tensor:
     """All-position logits of one prompt through our model without a cache: [T, V]."""
     ids_t = torch.tensor(list(ids))
-    meta = AttentionMetadata.prefill([len(ids)])
     if config.is_vl:
         positions, _ = mrope_positions(ids, [im.grid for im in images], config.image_token_id,
                                        config.vision.spatial_merge_size)
@@ -45,7 +45,7 @@ def our_prompt_logits(model, config, ids: Sequence[int], images=()) -> torch.Ten
         if images:
             kwargs = {"pixel_values": torch.cat([im.pixel_values for im in images]),
                       "image_grid_thw": [im.grid for im in images]}
-        hidden = model(positions, TorchAttentionBackend(), meta, input_ids=ids_t, **kwargs)
+        hidden = model(ids_t, prefill_context(torch_kernels(), [len(ids)], positions=positions), **kwargs)
     else:
-        hidden = model(torch.arange(len(ids)), TorchAttentionBackend(), meta, input_ids=ids_t)
+        hidden = model(ids_t, prefill_context(torch_kernels(), [len(ids)]))
     return model.compute_logits(hidden)

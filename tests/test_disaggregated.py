@@ -4,6 +4,8 @@ for k = 2 DeepStack levels taken at other vision blocks."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -37,12 +39,13 @@ def test_disaggregated_logits_are_bitwise_equal(request, fixture, levels):
 
     mono_logits = our_prompt_logits(mono.model, cfg, ids, images)
     with torch.no_grad():
-        from models.attention import AttentionMetadata, TorchAttentionBackend
+        from models.backends import torch_kernels
+        from models.forward_context import prefill_context
         from models.mrope import mrope_positions
 
         positions, _ = mrope_positions(ids, grids, img, cfg.vision.spatial_merge_size)
-        hidden = split._prefill(torch.tensor(ids), positions, TorchAttentionBackend(),
-                                AttentionMetadata.prefill([len(ids)]), images)
+        hidden = split._prefill(torch.tensor(ids), prefill_context(torch_kernels(), [len(ids)], positions=positions),
+                                images)
         split_logits = split.model.compute_logits(hidden)
     assert torch.equal(mono_logits, split_logits)
     assert mono.generate_ids(ids, images, 12) == split.generate_ids(ids, images, 12)
@@ -55,19 +58,20 @@ def test_deepstack_changes_the_output(vl_ckpt):
     images = images_for([(1, 4, 4)])
     ids = split.expand_image_tokens([5, cfg.vision_start_token_id, cfg.image_token_id, cfg.vision_end_token_id, 6],
                                     [(1, 4, 4)])
-    from models.attention import AttentionMetadata, TorchAttentionBackend
+    from models.backends import torch_kernels
+    from models.forward_context import prefill_context
     from models.mrope import mrope_positions
-    from models.multimodal import scatter_vision_rows
 
     ids_t = torch.tensor(ids)
     positions, _ = mrope_positions(ids, [(1, 4, 4)], cfg.image_token_id, 2)
     rows = split._encode_over_wire(images)
-    embeds, deepstack = scatter_vision_rows(split.model.model.embed_tokens(ids_t), ids_t == cfg.image_token_id, rows)
-    meta = AttentionMetadata.prefill([len(ids)])
+    no_levels = rows.clone()
+    no_levels[:, cfg.text.hidden_size :] = 0  # the same image embeddings, every DeepStack level zero
+    ctx = prefill_context(torch_kernels(), [len(ids)], positions=positions)
+    mask = ids_t == cfg.image_token_id
     with torch.no_grad():
-        with_ds = split.model(positions, TorchAttentionBackend(), meta, inputs_embeds=embeds,
-                              input_deepstack_embeds=deepstack)
-        without = split.model(positions, TorchAttentionBackend(), meta, inputs_embeds=embeds)
+        with_ds = split.model(ids_t, replace(ctx, image_mask=mask, image_rows=rows))
+        without = split.model(ids_t, replace(ctx, image_mask=mask, image_rows=no_levels))
     assert (with_ds - without).abs().max().item() > 1e-3
 
 

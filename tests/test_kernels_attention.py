@@ -20,7 +20,7 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 
 import pytest
 
-from models.attention import AttentionMetadata, PagedKVCache, TorchAttentionBackend
+from models.attention import PagedKVCache, TorchAttentionBackend
 from models.kernels import availability
 from models.kernels.attention_backend import TritonAttentionBackend
 from models.kernels.paged_attention import _torch_paged_decode, paged_decode_attention
@@ -100,18 +100,16 @@ def run_schedule(backend_cls, steps, q_heads, kv_heads, head_dim, block_size, dt
             for s, first, n in step
             for p in range(first, first + n)
         ]
-        meta = AttentionMetadata(
-            query_lens=[n for _, _, n in step],
-            context_lens=[first + n for _, first, n in step],
-            slot_mapping=torch.tensor(slots, device=device),
-            block_tables=tables[seqs].to(device),
-        )
-        tokens = meta.num_tokens
-        for layer in range(layers):  # same metadata object for every layer, as the engine does
+        batch = backend.prepare([n for _, _, n in step], [first + n for _, first, n in step],
+                                torch.tensor(slots, device=device), tables[seqs].to(device))
+        tokens = batch.num_tokens
+        identity = (torch.ones(tokens, head_dim, device=device, dtype=dtype),
+                    torch.zeros(tokens, head_dim, device=device, dtype=dtype))  # rotary by angle 0
+        for layer in range(layers):  # one batch for every layer, as the engine does
             q = torch.randn(tokens, q_heads, head_dim, generator=gen).to(device, dtype)
             k = torch.randn(tokens, kv_heads, head_dim, generator=gen).to(device, dtype)
             v = torch.randn(tokens, kv_heads, head_dim, generator=gen).to(device, dtype)
-            outputs.append(backend.attend(layer, q, k, v, meta))
+            outputs.append(backend.forward(layer, q, k, v, None, 1e-6, identity, batch))
     return outputs, cache.data
 
 
@@ -140,27 +138,11 @@ def test_backend_matches_torch_backend(poisoned_empty, q_heads, kv_heads):
 def test_backend_without_cache_is_plain_causal_prefill():
     torch.manual_seed(4)
     q, k, v = torch.randn(9, 4, 16), torch.randn(9, 2, 16), torch.randn(9, 2, 16)
-    meta = AttentionMetadata.prefill([4, 5])
-    expected = TorchAttentionBackend().attend(0, q, k, v, meta)
-    torch.testing.assert_close(TritonAttentionBackend().attend(0, q, k, v, meta), expected)
+    torch_backend, triton_backend = TorchAttentionBackend(), TritonAttentionBackend()
+    expected = torch_backend.attend(0, q, k, v, torch_backend.prepare([4, 5], [4, 5]))
+    torch.testing.assert_close(triton_backend.attend(0, q, k, v, triton_backend.prepare([4, 5], [4, 5])), expected)
     with pytest.raises(ValueError, match="needs a KV cache"):
-        TritonAttentionBackend().attend(0, q, k, v, AttentionMetadata([4, 5], [6, 5]))
-
-
-def test_backend_sees_a_block_table_rewritten_in_place():
-    """An engine may refill one metadata object between forwards; derived tensors must follow."""
-    cache = PagedKVCache(1, 6, 4, 2, 16, torch.float32, "cpu")
-    cache.data.normal_()
-    backend = TritonAttentionBackend(cache)
-    # A 2-token chunk at positions 4..5 of a 6-token context: the gather path, whose slots are cached.
-    meta = AttentionMetadata([2], [6], torch.tensor([8, 9]), torch.tensor([[1, 2]]))
-    q, k, v = torch.randn(2, 4, 16), torch.randn(2, 2, 16), torch.randn(2, 2, 16)
-    backend.attend(0, q, k, v, meta)
-    meta.block_tables[0] = torch.tensor([4, 5])
-    meta.slot_mapping = torch.tensor([20, 21])
-    got = backend.attend(0, q, k, v, meta)
-    expected = TorchAttentionBackend(cache).attend(0, q, k, v, meta)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        triton_backend.prepare([4, 5], [6, 5])
 
 
 @pytest.mark.gpu

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = """
 import torch
-from models.attention import AttentionMetadata, PagedKVCache, TorchAttentionBackend
+from models.attention import PagedKVCache, TorchAttentionBackend
 from models.kernels import TritonAttentionBackend, paged_decode_attention, triton_fused_experts, use_triton
 from models.kernels.paged_attention import _torch_paged_decode
 from models.moe import torch_fused_experts
@@ -46,10 +46,12 @@ for backend_cls in (TorchAttentionBackend, TritonAttentionBackend):
     torch.manual_seed(1)
     cache = PagedKVCache(1, 6, 4, 2, 16, torch.float32, "cpu")
     backend = backend_cls(cache)
-    for meta in (AttentionMetadata([5, 3], [5, 3], torch.arange(8), torch.tensor([[0, 1], [2, 3]])),
-                 AttentionMetadata([1, 1], [6, 4], torch.tensor([5, 11]), torch.tensor([[0, 1], [2, 3]]))):
-        n = meta.num_tokens
-        outs.append(backend.attend(0, torch.randn(n, 4, 16), torch.randn(n, 2, 16), torch.randn(n, 2, 16), meta))
+    for step in (([5, 3], [5, 3], torch.tensor([0, 1, 2, 3, 4, 8, 9, 10])), ([1, 1], [6, 4], torch.tensor([5, 11]))):
+        batch = backend.prepare(*step, torch.tensor([[0, 1], [2, 3]]))
+        n = batch.num_tokens
+        rope = (torch.ones(n, 16), torch.zeros(n, 16))
+        outs.append(backend.forward(0, torch.randn(n, 4, 16), torch.randn(n, 2, 16), torch.randn(n, 2, 16), None,
+                                    1e-6, rope, batch))
 assert all(torch.equal(a, b) for a, b in zip(outs[:2], outs[2:]))
 
 from models import ops

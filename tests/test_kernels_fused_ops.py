@@ -138,22 +138,21 @@ def test_route_interpreted(poisoned_empty, normalize):
 def test_tiny_model_gives_the_reference_logits_with_fused_ops(request, ckpt):
     """A whole tiny model (Qwen3: q/k norm; Qwen2: qkv bias, no q/k norm), once on the
     references and once on the fused ops with fused qkv: the same logits up to fp32 rounding."""
-    from models.attention import AttentionMetadata, TorchAttentionBackend
+    from models.backends import torch_kernels
+    from models.forward_context import Kernels, prefill_context
+    from models.kernels import TritonAttentionBackend
     from models.loader import load_model
+    from models.moe import MoeBackend, torch_fused_experts
 
     model = load_model(request.getfixturevalue(ckpt), part="full", device="cpu", dtype=torch.float32).model
     ids = torch.randint(0, model.config.vocab_size, (7,), generator=torch.Generator().manual_seed(0))
-    meta = AttentionMetadata.prefill([4, 3])
-    positions = torch.cat([torch.arange(4), torch.arange(3)])
+    # Fused norms, rotary, attention and routing; the torch experts (test_kernels_moe.py has the Triton ones).
+    fused = Kernels(TritonAttentionBackend(), fused_ops.FUSED_OPS,
+                    MoeBackend("fused-route", fused_ops.route, torch_fused_experts, graph_capturable=False))
     with torch.no_grad():
-        ref = model.compute_logits(model(positions, TorchAttentionBackend(), meta, input_ids=ids))
-        ops.set_ops_impl(fused_ops.FUSED_OPS)
-        try:
-            for layer in model.model.layers:
-                layer.self_attn.fuse_qkv()
-            out = model.compute_logits(model(positions, TorchAttentionBackend(), meta, input_ids=ids))
-        finally:
-            ops.set_ops_impl(ops.TORCH_OPS)
+        ref = model.compute_logits(model(ids, prefill_context(torch_kernels(), [4, 3])))
+        model.fuse_qkv()
+        out = model.compute_logits(model(ids, prefill_context(fused, [4, 3])))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -161,28 +160,27 @@ def test_tiny_model_gives_the_reference_logits_with_fused_ops(request, ckpt):
 def test_engine_path_with_fused_kv_write_matches_reference(vl_ckpt):
     """Prefill then decode through the Triton backend's paged cache, with every fused op and the
     KV write inside the rotary kernel, against the torch reference backend: the same logits."""
-    from models.attention import AttentionMetadata, PagedKVCache, TorchAttentionBackend
-    from models.kernels import TritonAttentionBackend
+    from models.attention import PagedKVCache
+    from models.backends import select_kernels
+    from models.forward_context import forward_context
     from models.loader import load_model
 
     model = load_model(vl_ckpt, part="language", device="cpu", dtype=torch.float32).model
     vocab = model.config.vocab_size
     ids = torch.randint(0, 400, (6,), generator=torch.Generator().manual_seed(1)) % vocab
-    steps = [  # (token ids, positions, metadata): a 5-token prompt in blocks [2, 0], then one decode
-        (ids[:5], torch.arange(5), AttentionMetadata([5], [5], torch.tensor([8, 9, 10, 11, 0]), torch.tensor([[2, 0]]))),
-        (ids[5:], torch.tensor([5]), AttentionMetadata([1], [6], torch.tensor([1]), torch.tensor([[2, 0]]))),
+    steps = [  # (token ids, positions, query lens, context lens, slots): a 5-token prompt in blocks [2, 0], one decode
+        (ids[:5], torch.arange(5), [5], [5], torch.tensor([8, 9, 10, 11, 0])),
+        (ids[5:], torch.tensor([5]), [1], [6], torch.tensor([1])),
     ]
+    tables = torch.tensor([[2, 0]])
     results = []
-    for fused in (False, True):
+    for name in ("torch", "triton"):
         cache = PagedKVCache(model.config.num_hidden_layers, 4, 4, model.config.num_key_value_heads,
                              model.config.head_dim, torch.float32, "cpu")
-        backend = TritonAttentionBackend(cache) if fused else TorchAttentionBackend(cache)
-        ops.set_ops_impl(fused_ops.FUSED_OPS if fused else ops.TORCH_OPS)
-        try:
-            with torch.no_grad():
-                results.append([model.compute_logits(model(pos, backend, meta, input_ids=tok)) for tok, pos, meta in steps])
-        finally:
-            ops.set_ops_impl(ops.TORCH_OPS)
+        kernels = select_kernels(name, "torch", cache, torch.device("cpu"))
+        with torch.no_grad():
+            results.append([model.compute_logits(model(tok, forward_context(kernels, pos, q, c, slots, tables)))
+                            for tok, pos, q, c, slots in steps])
     for ref, out in zip(*results):
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 

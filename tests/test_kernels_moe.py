@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 
 import torch
 
@@ -21,9 +22,21 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 import pytest
 
 from models.kernels import availability
-from models.kernels.fused_moe import MOE_CONFIGS, PREFILL_CONFIG, MoeConfig, moe_config, triton_fused_experts
-from models.kernels.moe_align import _align_one_program, _align_torch, align_pairs_to_experts, max_padded_rows
-from models.moe import SparseMoeBlock, set_experts_impl, torch_fused_experts
+from models.kernels.fused_moe import (
+    MOE_CONFIGS,
+    PREFILL_CONFIG,
+    TRITON_MOE,
+    MoeConfig,
+    moe_config,
+    triton_fused_experts,
+)
+from models.kernels.moe_align import (
+    _align_one_program,
+    _align_torch,
+    align_pairs_to_experts,
+    max_padded_rows,
+)
+from models.moe import TORCH_MOE, SparseMoeBlock, torch_fused_experts
 
 interpreted = pytest.mark.skipif(
     torch.cuda.is_available() or not availability.INTERPRET, reason="needs the Triton interpreter in this process (on CPU, test_kernels_dispatch.py runs it in a fresh one)"
@@ -142,20 +155,20 @@ def test_kernel_path_is_taken(monkeypatch):
 
 
 @interpreted
-def test_moe_block_with_the_kernel_swapped_in():
+def test_moe_block_on_the_triton_backend():
     torch.manual_seed(3)
     block = SparseMoeBlock(hidden_size=32, num_experts=8, top_k=2, intermediate_size=16, norm_topk_prob=True)
     with torch.no_grad():
         for p in block.parameters():
             p.normal_(0, 0.3)
     x = torch.randn(9, 32)
+
+    def context(moe):  # the block reads only its MoE backend from the step's context
+        return types.SimpleNamespace(kernels=types.SimpleNamespace(moe=moe))
+
     with torch.no_grad():
-        expected = block(x)
-        set_experts_impl(triton_fused_experts)
-        try:
-            got = block(x)
-        finally:
-            set_experts_impl(torch_fused_experts)
+        expected = block(x, context(TORCH_MOE))
+        got = block(x, context(TRITON_MOE))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.attention import AttentionMetadata, PagedKVCache, TorchAttentionBackend
+from models.attention import PagedKVCache
+from models.backends import torch_kernels
+from models.forward_context import forward_context, prefill_context
 from models.loader import load_model
 from models.mrope import mrope_positions
-from models.multimodal import scatter_vision_rows
 
 TOL = 1e-4
 BLOCK = 4
@@ -26,40 +27,39 @@ def parts(vl_ckpt):
     return language.model, vision, language.config
 
 
-def build_sequence(lang, vision, cfg, text_before, grid, text_after, seed):
-    """Token ids, input embeddings, deepstack rows and M-RoPE positions of one sequence."""
+def build_sequence(vision, cfg, text_before, grid, text_after, seed):
+    """Token ids [T], image mask [T], vision rows [N, H·(1+k)] (or None) and M-RoPE positions of one sequence."""
     img = cfg.image_token_id
     n_img = grid[0] * grid[1] * grid[2] // 4 if grid else 0
     ids = text_before + [cfg.vision_start_token_id] + [img] * n_img + [cfg.vision_end_token_id] + text_after \
         if grid else text_before + text_after
     ids_t = torch.tensor(ids)
-    embeds = lang.model.embed_tokens(ids_t)
-    deepstack = None
+    rows = None
     if grid:
         gen = torch.Generator().manual_seed(seed)
         rows = vision(torch.randn(grid[0] * grid[1] * grid[2], 1536, generator=gen), [grid])
-        embeds, deepstack = scatter_vision_rows(embeds, ids_t == img, rows)
     positions, _ = mrope_positions(ids, [grid] if grid else [], img, 2)
-    return ids, embeds, deepstack, positions
+    return ids_t, ids_t == img, rows, positions
 
 
 @torch.no_grad()
 def test_chunked_and_batched_decode_equals_full_recompute(parts):
     lang, vision, cfg = parts
     seqs = [
-        build_sequence(lang, vision, cfg, [11, 12, 13], (1, 4, 8), [14, 15, 16, 17, 18, 19, 20, 21], seed=0),
-        build_sequence(lang, vision, cfg, [30, 31, 32, 33, 34, 35, 36, 37, 38], None, [40, 41, 42, 43], seed=1),
+        build_sequence(vision, cfg, [11, 12, 13], (1, 4, 8), [14, 15, 16, 17, 18, 19, 20, 21], seed=0),
+        build_sequence(vision, cfg, [30, 31, 32, 33, 34, 35, 36, 37, 38], None, [40, 41, 42, 43], seed=1),
     ]
     full = []
-    for ids, embeds, ds, pos in seqs:
-        meta = AttentionMetadata.prefill([len(ids)])
-        hidden = lang(pos, TorchAttentionBackend(), meta, inputs_embeds=embeds, input_deepstack_embeds=ds)
-        full.append(lang.compute_logits(hidden))
+    for ids, mask, rows, pos in seqs:
+        ctx = prefill_context(torch_kernels(), [len(ids)], positions=pos)
+        if rows is not None:
+            ctx.image_mask, ctx.image_rows = mask, rows
+        full.append(lang.compute_logits(lang(ids, ctx)))
 
     text = cfg.text
     cache = PagedKVCache(text.num_hidden_layers, 24, BLOCK, text.num_key_value_heads, text.head_dim,
                          torch.float32, "cpu")
-    attn = TorchAttentionBackend(cache)
+    kernels = torch_kernels(cache)
     # Scattered, interleaved blocks: sequence 0 gets odd blocks backwards, sequence 1 even ones.
     tables = torch.tensor([[23, 21, 19, 17, 15, 13, 11, 9], [0, 2, 4, 6, 8, 10, 12, 14]])
 
@@ -83,20 +83,22 @@ def test_chunked_and_batched_decode_equals_full_recompute(parts):
         steps.append(step)
 
     for step in steps:
-        embeds = torch.cat([seqs[s][1][a : a + n] for s, a, n in step])
-        deepstack = torch.cat([
-            seqs[s][2][a : a + n] if seqs[s][2] is not None else embeds.new_zeros(n, cfg.vision.num_deepstack_levels * text.hidden_size)
-            for s, a, n in step
-        ])
+        ids = torch.cat([seqs[s][0][a : a + n] for s, a, n in step])
+        mask = torch.cat([seqs[s][1][a : a + n] for s, a, n in step])
+        # Each part's rows: those of the image positions it covers, in batch order.
+        rows = [seqs[s][2][int(seqs[s][1][:a].sum()) : int(seqs[s][1][: a + n].sum())]
+                for s, a, n in step if seqs[s][2] is not None]
         positions = torch.cat([seqs[s][3][:, a : a + n] for s, a, n in step], dim=1)
-        meta = AttentionMetadata(
+        ctx = forward_context(
+            kernels, positions,
             query_lens=[n for _, _, n in step],
             context_lens=[a + n for _, a, n in step],
             slot_mapping=torch.tensor([slot(s, i) for s, a, n in step for i in range(a, a + n)]),
             block_tables=tables[[s for s, _, _ in step]],
+            image_mask=mask if mask.any() else None,
+            image_rows=torch.cat(rows) if mask.any() else None,
         )
-        logits = lang.compute_logits(lang(positions, attn, meta, inputs_embeds=embeds,
-                                          input_deepstack_embeds=deepstack))
+        logits = lang.compute_logits(lang(ids, ctx))
         for (s, a, n), part in zip(step, logits.split([n for _, _, n in step])):
             assert (part - full[s][a : a + n]).abs().max().item() <= TOL, (s, a, n)
     assert index0 == len0 and index1 == len1
@@ -109,5 +111,4 @@ def test_cache_without_slots_is_refused(parts):
     cache = PagedKVCache(text.num_hidden_layers, 4, BLOCK, text.num_key_value_heads, text.head_dim,
                          torch.float32, "cpu")
     with pytest.raises(ValueError, match="slot_mapping"):
-        lang(torch.arange(3), TorchAttentionBackend(cache), AttentionMetadata.prefill([3]),
-             input_ids=torch.tensor([1, 2, 3]))
+        prefill_context(torch_kernels(cache), [3])

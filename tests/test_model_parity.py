@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from models.attention import AttentionMetadata, TorchAttentionBackend
+from models.backends import torch_kernels
+from models.forward_context import prefill_context
 from models.loader import load_model
 from splitvl.offline import ImageInput, OfflineGenerator
 from tests.reference import hf_model, hf_vl_inputs, our_prompt_logits
@@ -98,10 +99,9 @@ def test_text_moe_matches_transformers(request, fixture):
     ]
     # Both prompts in one flat varlen batch: each must match transformers run on it alone.
     flat = torch.tensor(prompts[0] + prompts[1])
-    positions = torch.cat([torch.arange(len(p)) for p in prompts])
-    meta = AttentionMetadata.prefill([len(p) for p in prompts])
+    ctx = prefill_context(torch_kernels(), [len(p) for p in prompts])
     with torch.no_grad():
-        logits = loaded.model.compute_logits(loaded.model(positions, TorchAttentionBackend(), meta, input_ids=flat))
+        logits = loaded.model.compute_logits(loaded.model(flat, ctx))
     for ours, ids in zip(logits.split([len(p) for p in prompts]), prompts):
         with torch.no_grad():
             ref = hf(input_ids=torch.tensor([ids])).logits[0]

@@ -19,7 +19,11 @@ import torch
 
 from language_server.engine.block_manager import BlockManager
 from language_server.engine.cuda_graphs import bucket_sizes
-from language_server.engine.model_runner import ModelRunner, RunnerOptions, ScheduledChunk
+from language_server.engine.model_runner import (
+    ModelRunner,
+    RunnerOptions,
+    ScheduledChunk,
+)
 from language_server.engine.request import EngineRequest
 from language_server.engine.scheduler import Scheduler
 from language_server.protocol import GenerateRequest, SamplingParams
@@ -100,14 +104,16 @@ def test_bucket_sizes():
     assert bucket_sizes(256)[-3:] == [64, 128, 256]
 
 
-def test_options_from_env(monkeypatch):
-    monkeypatch.setenv("SPLITVL_CUDA_GRAPHS", "NoCapture")
-    monkeypatch.setenv("SPLITVL_KERNELS", "torch")
-    opts = RunnerOptions.from_env(max_num_seqs=8)
-    assert (opts.cuda_graphs, opts.kernels, opts.load_format, opts.max_num_seqs) == ("nocapture", "torch", "safetensors", 8)
-    monkeypatch.setenv("SPLITVL_CUDA_GRAPHS", "maybe")
-    with pytest.raises(ValueError, match="SPLITVL_CUDA_GRAPHS"):
-        RunnerOptions.from_env()
+def test_backends_are_chosen_by_name(qwen3_text_ckpt):
+    with pytest.raises(ValueError, match="cuda_graphs='maybe'"):
+        RunnerOptions(cuda_graphs="maybe")
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
+        runner(qwen3_text_ckpt, attention_backend="cuda")
+    auto = runner(qwen3_text_ckpt)
+    assert auto.kernels.describe() == "attention=torch moe=torch"  # auto on a CPU
+    pytest.importorskip("triton")
+    named = runner(qwen3_text_ckpt, attention_backend="triton", moe_backend="triton")
+    assert named.kernels.describe() == "attention=triton moe=triton" and named.kernels.graph_capturable
 
 
 def test_cpu_default_has_no_graphs(qwen3_text_ckpt):
@@ -214,7 +220,7 @@ from models.kernels import availability
 assert availability.INTERPRET
 normal = runner({ckpt!r}, cuda_graphs="off")
 # max_model_len 1024: the graph plan splits the context into 256-token pieces, most of them empty.
-graphs = runner({ckpt!r}, cuda_graphs="nocapture", max_num_seqs=4, max_model_len=1024)
+graphs = runner({ckpt!r}, cuda_graphs="nocapture", attention_backend="triton", max_num_seqs=4, max_model_len=1024)
 rng = random.Random(3)
 reqs = [make_request("long", [rng.randrange(1, 400) for _ in range(254)], 5),
         make_request("short", [rng.randrange(1, 400) for _ in range(7)], 4)]
@@ -245,12 +251,12 @@ def test_capture_and_replay_bookkeeping_with_a_stand_in_for_cuda(monkeypatch, qw
     largest first on one pool, replays read the static buffers, capture touches no real block."""
     from language_server.engine import cuda_graphs
 
-    captured: list[tuple[cuda_graphs.DecodeGraphRunner, int, torch.Tensor]] = []
+    captured: list[tuple] = []
     original_forward = cuda_graphs.DecodeGraphRunner._forward
 
-    def recording_forward(self, size):
-        out = original_forward(self, size)
-        captured.append((self, size, out))
+    def recording_forward(self, size, attn_batch):
+        out = original_forward(self, size, attn_batch)
+        captured.append((self, size, attn_batch, out))
         return out
 
     pools = []
@@ -259,14 +265,14 @@ def test_capture_and_replay_bookkeeping_with_a_stand_in_for_cuda(monkeypatch, qw
         def pool(self):
             return ("pool", id(self))
 
-        def replay(self):
-            self.out.copy_(original_forward(self.runner, self.size))
+        def replay(self):  # the captured batch: a replay sees only what the static buffers hold
+            self.out.copy_(original_forward(self.runner, self.size, self.batch))
 
     @contextlib.contextmanager
     def capture(graph, pool=None):
         pools.append(pool)
         yield
-        graph.runner, graph.size, graph.out = captured[-1]
+        graph.runner, graph.size, graph.batch, graph.out = captured[-1]
 
     monkeypatch.setattr(cuda_graphs.DecodeGraphRunner, "_forward", recording_forward)
     stream = types.SimpleNamespace(wait_stream=lambda other: None)
@@ -275,13 +281,14 @@ def test_capture_and_replay_bookkeeping_with_a_stand_in_for_cuda(monkeypatch, qw
                             current_stream=lambda device=None: stream).items():
         monkeypatch.setattr(torch.cuda, name, value)
     normal = runner(qwen3_text_ckpt, cuda_graphs="off")
-    graphs_runner = runner(qwen3_text_ckpt, cuda_graphs="nocapture")
+    # The triton backend (its torch fallbacks on a CPU): a captured step may read device buffers only.
+    graphs_runner = runner(qwen3_text_ckpt, cuda_graphs="nocapture", attention_backend="triton")
     before = graphs_runner.kv_cache.data.clone()
     graphs_runner.decode_graphs = cuda_graphs.DecodeGraphRunner(
-        graphs_runner.model, graphs_runner.kv_cache, max_batch=8, max_blocks=16, scratch_block=NUM_BLOCKS,
+        graphs_runner.model, graphs_runner.kernels, max_batch=8, max_blocks=16, scratch_block=NUM_BLOCKS,
         mrope=False, capture=True)
     g = graphs_runner.decode_graphs
-    assert sorted(g.graphs) == [1, 2, 4, 8] and [size for _, size, _ in captured[1::2]] == [8, 4, 2, 1]
+    assert sorted(g.graphs) == [1, 2, 4, 8] and [size for _, size, _, _ in captured[1::2]] == [8, 4, 2, 1]
     assert pools[0] is None and pools[1:] == [p.pool() for p in (g.graphs[8], g.graphs[4], g.graphs[2])]
     assert torch.equal(graphs_runner.kv_cache.data[:, :, :NUM_BLOCKS], before[:, :, :NUM_BLOCKS])
     sizes = count_graph_runs(graphs_runner)

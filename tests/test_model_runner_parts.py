@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import torch
 
-from language_server.engine.model_runner import random_language_model
 from language_server.engine.request import EngineRequest
-from language_server.engine.sampler import _apply_penalties, _pick, make_generator, sample
+from language_server.engine.sampler import (
+    _apply_penalties,
+    _pick,
+    make_generator,
+    sample,
+)
 from language_server.protocol import GenerateRequest, SamplingParams
-from models.attention import AttentionMetadata, TorchAttentionBackend
+from models.backends import torch_kernels
+from models.forward_context import prefill_context
+from models.random_weights import random_language_model
 from models.tiny_checkpoint import write_tiny_checkpoint
 
 
@@ -58,10 +64,10 @@ def test_random_weights_are_unit_scale_and_decisive(tmp_path):
     assert all(torch.equal(params[n], again[n]) for n in params)
     ids = torch.randint(1, 400, (24,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        hidden = model(torch.arange(24).expand(3, -1), TorchAttentionBackend(), AttentionMetadata.prefill([24]),
-                       input_ids=ids)
+        ctx = prefill_context(torch_kernels(), [24], positions=torch.arange(24).expand(3, -1))
+        hidden = model(ids, ctx)
         logits = model.compute_logits(hidden)
-        router = model.model.layers[1].mlp.gate(model.model.layers[1].post_attention_layernorm(hidden))
+        router = model.model.layers[1].mlp.gate(model.model.layers[1].post_attention_layernorm(hidden, ctx.ops))
     assert torch.isfinite(logits).all() and 0.5 < hidden.std().item() < 3  # unit-scale activations
     top2 = logits.topk(2).values
     assert (top2[:, 0] - top2[:, 1]).median() > 1  # greedy is not a coin flip

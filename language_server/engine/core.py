@@ -18,11 +18,21 @@ import torch
 from language_server.engine.block_manager import BlockManager
 from language_server.engine.encoder_client import EncodeOutcome, EncoderClient
 from language_server.engine.grammar import KINDS, Grammars
-from language_server.engine.model_runner import ModelRunner, RunnerOptions, ScheduledChunk
+from language_server.engine.model_runner import (
+    ModelRunner,
+    RunnerOptions,
+    ScheduledChunk,
+)
 from language_server.engine.request import EngineRequest, ImageState, Status
 from language_server.engine.sampler import make_generator
 from language_server.engine.scheduler import Scheduler
-from language_server.protocol import LOGIT_BIAS_LIMIT, Constraint, EngineStats, GenerateRequest, RequestOutput
+from language_server.protocol import (
+    LOGIT_BIAS_LIMIT,
+    Constraint,
+    EngineStats,
+    GenerateRequest,
+    RequestOutput,
+)
 from language_server.settings import LanguageSettings
 from models.config import load_eos_ids
 from models.device import resolve_device
@@ -42,7 +52,9 @@ class EngineCore:
                                       device, settings.result_lease_mib, settings.encoder_token)
         try:
             # Graphs are captured up to the largest decode batch and sized for the longest sequence.
-            options = RunnerOptions.from_env(max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len)
+            options = RunnerOptions(attention_backend=settings.attention_backend, moe_backend=settings.moe_backend,
+                                    cuda_graphs=settings.cuda_graphs, load_format=settings.load_format,
+                                    max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len)
             self.runner = ModelRunner(settings.model, device, settings.dtype, settings.block_size,
                                       settings.num_kv_blocks, settings.kv_cache_memory_fraction, options)
         except BaseException:

@@ -1,14 +1,14 @@
 """Runs one engine step on the model: flat varlen inputs in, one sampled token per finished row out.
 
-Builds what models/ needs through the attention-backend interface: token ids (or, when image
-tokens are in the batch, embeddings with the encoder's rows scattered in plus the DeepStack
-rows), positions ([3, T] M-RoPE for VL models, [T] otherwise) and AttentionMetadata with the
-paged KV cache's slots and block tables.
+Before each forward the runner builds the step's ForwardContext (models/forward_context.py): the
+positions ([3, T] M-RoPE for VL models, [T] otherwise), the attention metadata its backend
+prepares from the paged KV cache's slots and block tables, and, when image tokens are in the
+step, the encoder's rows with the mask of the positions they go to. The model embeds and
+scatters them itself.
 
-On CUDA the model runs on the Triton kernels (fused MoE, paged decode attention, flash varlen
-prefill, fused norm / rotary / routing ops, one qkv GEMM; models/kernels/) and decode-only steps replay CUDA graphs (cuda_graphs.py); prefill and
-mixed steps run eagerly. Elsewhere it runs the torch references. `RunnerOptions` switches each
-part off for debugging.
+Kernels are chosen by name once, at start (models/backends.py; `attention_backend` and
+`moe_backend`, "auto" = Triton on CUDA). Decode-only steps replay CUDA graphs (cuda_graphs.py)
+when the backends can be captured; prefill and mixed steps run eagerly.
 
 Legend: T tokens in the step, B sequences, H hidden, k DeepStack levels, V vocab.
 """
@@ -16,29 +16,24 @@ Legend: T tokens in the step, B sequences, H hidden, k DeepStack levels, V vocab
 from __future__ import annotations
 
 import logging
-import math
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from language_server.engine.cuda_graphs import DecodeGraphRunner, DecodeStep
 from language_server.engine.request import EngineRequest
 from language_server.engine.sampler import sample
 from language_server.protocol import TokenLogprob
-from models.attention import AttentionBackend, AttentionMetadata, PagedKVCache, TorchAttentionBackend
-from models.config import ModelConfig, dtype_from_name, load_config
+from models.attention import PagedKVCache
+from models.backends import select_kernels
+from models.config import ModelConfig, dtype_from_name
 from models.device import resolve_device
-from models.loader import LoadedModel, load_model
+from models.forward_context import ForwardContext, forward_context
+from models.loader import load_model
 from models.mrope import generated_positions
-from models.multimodal import scatter_vision_rows
-from models.qwen2_moe import Qwen2MoeForCausalLM
-from models.qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeForCausalLMWithDeepStack
-
-if TYPE_CHECKING:  # imported lazily at run time: cuda_graphs imports triton, which CPU runs do without
-    from language_server.engine.cuda_graphs import DecodeGraphRunner, DecodeStep
+from models.random_weights import random_language_model
 
 log = logging.getLogger(__name__)
 
@@ -47,29 +42,22 @@ _CPU_KV_BYTES = 1 << 30  # default KV budget without a GPU
 
 @dataclass(frozen=True)
 class RunnerOptions:
-    """How the runner executes. EngineCore passes none yet, so `from_env` reads the switches
-    from SPLITVL_KERNELS, SPLITVL_CUDA_GRAPHS and SPLITVL_LOAD_FORMAT."""
+    """How the runner executes: the engine settings of the same names (language_server/settings.py)."""
 
-    kernels: str = "auto"  # "auto": Triton kernels on CUDA; "torch": the torch references
-    cuda_graphs: str = "on"  # "on": decode graphs on CUDA; "off"; "nocapture": the graph path without graphs
-    load_format: str = "safetensors"  # "dummy": random weights drawn on the device (benchmarks)
+    attention_backend: str = "auto"  # "auto" (triton on CUDA), "torch", "triton"
+    moe_backend: str = "auto"
+    cuda_graphs: str = "on"  # "on": decode graphs when the backends capture; "off"; "nocapture": the
+    # graph path's static buffers run eagerly (any device; separates capture bugs from padding bugs)
+    load_format: str = "safetensors"  # "dummy": random weights drawn on the device, config.json only
     max_num_seqs: int = 256  # largest decode batch with a graph
     max_model_len: int = 8192  # sets the graphs' block-table width; longer sequences decode eagerly
 
-    CHOICES = {"kernels": ("auto", "torch"), "cuda_graphs": ("on", "off", "nocapture"),
-               "load_format": ("safetensors", "dummy")}
+    CHOICES = {"cuda_graphs": ("on", "off", "nocapture"), "load_format": ("safetensors", "dummy")}
 
     def __post_init__(self) -> None:
         for name, allowed in self.CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)} "
-                                 f"(environment variable SPLITVL_{name.upper()})")
-
-    @classmethod
-    def from_env(cls, **overrides: object) -> "RunnerOptions":
-        env = {name: os.environ[f"SPLITVL_{name.upper()}"].lower() for name in cls.CHOICES
-               if f"SPLITVL_{name.upper()}" in os.environ}
-        return replace(cls(**env), **overrides)
+                raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
 
 
 @dataclass
@@ -87,7 +75,7 @@ class ScheduledChunk:
 class ModelRunner:
     def __init__(self, model_dir: str, device: str, dtype: str, block_size: int,
                  num_kv_blocks: int | None, kv_memory_fraction: float, options: RunnerOptions | None = None) -> None:
-        self.options = options or RunnerOptions.from_env()
+        self.options = options or RunnerOptions()
         self.device = resolve_device(device)  # a GPU is made current: the engine process works on one
         self.dtype = dtype_from_name(dtype)
         if self.options.load_format == "dummy":
@@ -106,9 +94,14 @@ class ModelRunner:
         # One block more than the scheduler hands out: padding rows of graph steps write there.
         self.kv_cache = PagedKVCache(text.num_hidden_layers, num_kv_blocks + 1, block_size, text.num_key_value_heads,
                                      text.head_dim, self.dtype, self.device)
-        self.attn = self._select_kernels()
+        opts = self.options
+        self.kernels = select_kernels(opts.attention_backend, opts.moe_backend, self.kv_cache, self.device)
+        if self.kernels.attn.name == "triton":
+            self.model.fuse_qkv()  # one GEMM for q, k and v
         self.decode_graphs = self._decode_graphs()
-        self.use_decode_graphs = self.decode_graphs is not None  # benchmarks flip it to time both paths
+        log.info("kernels: %s, cuda_graphs=%s (%s), load_format=%s", self.kernels.describe(), opts.cuda_graphs,
+                 "captured" if self.decode_graphs is not None and self.decode_graphs.graphs else "not captured",
+                 opts.load_format)
 
     def _kv_budget_bytes(self, fraction: float) -> int:
         if self.device.type == "cuda":
@@ -116,37 +109,13 @@ class ModelRunner:
             return int(free * fraction)
         return _CPU_KV_BYTES
 
-    def _select_kernels(self) -> AttentionBackend:
-        """Swap the experts implementation, set `uses_triton`, and return the attention backend."""
-        self.uses_triton = False
-        if self.device.type != "cuda":
-            return TorchAttentionBackend(self.kv_cache)
-        # Imported here: the kernels import triton, which CPU processes do not need.
-        from models.kernels import FUSED_OPS, HAS_TRITON, TritonAttentionBackend, triton_fused_experts
-        from models.moe import set_experts_impl, torch_fused_experts
-        from models.ops import TORCH_OPS, set_ops_impl
-
-        self.uses_triton = self.options.kernels == "auto" and HAS_TRITON
-        if self.options.kernels == "auto" and not HAS_TRITON:
-            log.warning("triton is not installed: running the torch reference kernels (pip install triton)")
-        set_experts_impl(triton_fused_experts if self.uses_triton else torch_fused_experts)
-        set_ops_impl(FUSED_OPS if self.uses_triton else TORCH_OPS)
-        if self.uses_triton:
-            for layer in self.model.model.layers:
-                layer.self_attn.fuse_qkv()  # one GEMM for q, k and v
-        return TritonAttentionBackend(self.kv_cache) if self.uses_triton else TorchAttentionBackend(self.kv_cache)
-
     def _decode_graphs(self) -> DecodeGraphRunner | None:
         mode = self.options.cuda_graphs
-        # The torch reference experts sync with the host (per-expert counts), so only the Triton
-        # path can be captured.
-        capture = mode == "on" and self.uses_triton
+        capture = mode == "on" and self.device.type == "cuda" and self.kernels.graph_capturable
         if not capture and mode != "nocapture":
             return None
-        from language_server.engine.cuda_graphs import DecodeGraphRunner
-
         return DecodeGraphRunner(
-            self.model, self.kv_cache,
+            self.model, self.kernels,
             max_batch=self.options.max_num_seqs,
             max_blocks=-(-self.options.max_model_len // self.block_size),
             scratch_block=self.num_kv_blocks,
@@ -177,7 +146,7 @@ class ModelRunner:
 
     def _graph_step(self, chunks: Sequence[ScheduledChunk]) -> bool:
         graphs = self.decode_graphs
-        if not self.use_decode_graphs or graphs is None or not graphs.fits(len(chunks), 0):
+        if graphs is None or not graphs.fits(len(chunks), 0):
             return False
         longest = 0
         for c in chunks:
@@ -188,8 +157,6 @@ class ModelRunner:
         return graphs.fits(len(chunks), longest // self.block_size + 1)
 
     def _decode_step(self, chunks: Sequence[ScheduledChunk]) -> DecodeStep:
-        from language_server.engine.cuda_graphs import DecodeStep
-
         bs = self.block_size
         mrope = self.config.is_vl
         ids, slots, lens, tables = [], [], [], []
@@ -213,17 +180,7 @@ class ModelRunner:
 
     def _eager_logits(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor | None:
         ids = torch.tensor([t for c in chunks for t in c.request.token_ids[c.start : c.start + c.count]])
-        positions = torch.cat([self._positions(c) for c in chunks], dim=-1)
-        meta = self._metadata(chunks)
-        ids = ids.to(self.device)
-        positions = positions.to(self.device)
-        vision = self._vision_inputs(chunks)
-        if vision is None:
-            hidden = self.model(positions, self.attn, meta, input_ids=ids)
-        else:
-            mask, rows = vision
-            embeds, deepstack = scatter_vision_rows(self.model.model.embed_tokens(ids), mask, rows)
-            hidden = self.model(positions, self.attn, meta, inputs_embeds=embeds, input_deepstack_embeds=deepstack)
+        hidden = self.model(ids.to(self.device), self._context(chunks))
         ends, end = [], 0
         for c in chunks:
             end += c.count
@@ -232,6 +189,15 @@ class ModelRunner:
         if not ends:
             return None
         return self.model.compute_logits(hidden[torch.tensor(ends, device=self.device)])
+
+    def _context(self, chunks: Sequence[ScheduledChunk]) -> ForwardContext:
+        """The step's ForwardContext: positions, attention metadata, image rows."""
+        positions = torch.cat([self._positions(c) for c in chunks], dim=-1).to(self.device)
+        slots, tables = self._slots_and_tables(chunks)
+        vision = self._vision_inputs(chunks)
+        mask, rows = vision if vision is not None else (None, None)
+        return forward_context(self.kernels, positions, [c.count for c in chunks],
+                               [c.start + c.count for c in chunks], slots, tables, image_mask=mask, image_rows=rows)
 
     def _positions(self, chunk: ScheduledChunk) -> torch.Tensor:
         req, a, n = chunk.request, chunk.start, chunk.count
@@ -242,7 +208,8 @@ class ModelRunner:
         tail = generated_positions(max(a, req.num_prompt_tokens), a + n, req.rope_delta)  # empty inside the prompt
         return torch.cat([prompt, tail], dim=1)
 
-    def _metadata(self, chunks: Sequence[ScheduledChunk]) -> AttentionMetadata:
+    def _slots_and_tables(self, chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T] cache slot of each new token, [B, W] block table of each sequence, on the device."""
         bs = self.block_size
         slots: list[int] = []
         for c in chunks:
@@ -255,12 +222,8 @@ class ModelRunner:
         tables = np.zeros((len(chunks), width), dtype=np.int64)
         for row, c in enumerate(chunks):
             tables[row, : len(c.request.block_ids)] = c.request.block_ids
-        return AttentionMetadata(
-            query_lens=[c.count for c in chunks],
-            context_lens=[c.start + c.count for c in chunks],
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            block_tables=torch.from_numpy(tables).to(self.device),
-        )
+        return (torch.tensor(slots, dtype=torch.long, device=self.device),
+                torch.from_numpy(tables).to(self.device))
 
     def _vision_inputs(self, chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(mask [T] of the step's positions that take an encoder row, those rows in batch order),
@@ -283,45 +246,3 @@ class ModelRunner:
             return None
         return torch.cat(masks).to(self.device), torch.cat(parts)
 
-
-def random_language_model(model_dir: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> LoadedModel:
-    """The language model of `model_dir`'s config.json with random weights drawn on `device`
-    (vLLM's --load-format dummy): benchmarks at the real shapes without 60 GB of files.
-
-    Scales follow models/tiny_checkpoint.py, so activations stay unit-scale and routing and
-    logits are decisive: linear weights ~ N(0, 1/fan_in), residual writers x1.5/sqrt(layers)
-    (expert down_proj x1.5 more), norms 1 +- 0.1, biases and embeddings N(0, 0.1^2) / N(0, 1),
-    router N(0, 9/H), lm_head N(0, 36/H).
-    """
-    config = load_config(model_dir)
-    text = config.text
-    cls = Qwen3MoeForCausalLMWithDeepStack if config.is_vl else (
-        Qwen2MoeForCausalLM if text.arch == "qwen2_moe" else Qwen3MoeForCausalLM)
-    with torch.device("meta"):
-        model = cls(text)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    if text.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    gen = torch.Generator(device=device).manual_seed(seed)
-    residual = 1.5 / math.sqrt(text.num_hidden_layers)
-    inv_sqrt_h = 1 / math.sqrt(text.hidden_size)
-    for name, param in model.named_parameters():
-        mean, std = 0.0, 1 / math.sqrt(param.shape[-1])  # a linear weight [out, in] or experts [E, out, in]
-        if name.endswith("norm.weight"):
-            mean, std = 1.0, 0.1
-        elif name.endswith("embed_tokens.weight"):
-            std = 1.0
-        elif name == "lm_head.weight":
-            std = 6 * inv_sqrt_h
-        elif name.endswith("mlp.gate.weight"):
-            std = 3 * inv_sqrt_h
-        elif name.endswith(".bias"):
-            std = 0.1
-        elif name.endswith(("experts.down_proj", "shared_expert.down_proj.weight")):
-            std *= 1.5 * residual
-        elif name.endswith(("o_proj.weight", "down_proj.weight")):
-            std *= residual
-        with torch.no_grad():
-            param.normal_(mean, std, generator=gen)
-    model.eval()
-    return LoadedModel(model=model, config=config)

@@ -13,8 +13,8 @@ active expert's weight tile is read once per block: in decode that is once in to
 the whole cost (weight-bandwidth-bound); in prefill the blocks of one expert run side by side and
 share its tiles through L2.
 
-`triton_fused_experts` has the signature of models.moe.torch_fused_experts, so
-`models.moe.set_experts_impl(triton_fused_experts)` switches the model over; without CUDA (and
+`triton_fused_experts` has the signature of models.moe.torch_fused_experts; TRITON_MOE (with the
+fused routing kernel) is the `triton` MoE backend of models/backends.py. Without CUDA (and
 outside the Triton interpreter) it calls the torch reference.
 
 Legend: T tokens, H hidden, E experts, I expert intermediate, K experts per token, P = T*K pairs,
@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import torch
 
 from models.kernels.availability import HAS_TRITON, use_triton
+from models.kernels.fused_ops import route
 from models.kernels.launch import cached_launch
 from models.kernels.moe_align import ExpertAlignment, align_pairs_to_experts
-from models.moe import torch_fused_experts
+from models.moe import MoeBackend, torch_fused_experts
 
 if HAS_TRITON:
     import triton
@@ -311,3 +312,6 @@ def triton_fused_experts(
     h = _launch_gate_up(x, gate_up_proj, align, top_k, config)  # [P, I]
     y = _launch_down(h, down_proj, topk_weights.reshape(-1).contiguous(), align, config)  # [P, H]
     return _combine(y, num_tokens, top_k)
+
+
+TRITON_MOE = MoeBackend("triton", route, triton_fused_experts, graph_capturable=True)
