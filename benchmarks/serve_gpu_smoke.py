@@ -1,4 +1,4 @@
-"""GPU smoke of the two services (issue 5): real Qwen3-VL-30B-A3B shapes, random bf16 weights.
+"""GPU smoke of the two services: real Qwen3-VL-30B-A3B shapes, random bf16 weights.
 
 1. Writes `make-tiny --shapes qwen3-vl-30b-a3b --layers 4` to local disk (unless it exists).
 2. Greedy reference on the CPU in fp32 (splitvl's offline generator on the same weights).

@@ -1,8 +1,8 @@
-"""The mixture-of-experts block: softmax router, top-k, experts, optional shared expert.
+"""The MoE kernels' interface and references: `MoeBackend` (routing + experts) and the torch one.
 
-Routing and expert arithmetic come from the step's `MoeBackend` (ctx.kernels.moe): the torch
-references here, or the Triton kernels (models/kernels/fused_moe.py), chosen by name in
-models/backends.py.
+The MoE block (models/qwen2_moe.py) takes its routing and expert arithmetic from the step's
+`MoeBackend` (ctx.kernels.moe): TORCH_MOE here, or the Triton kernels (models/kernels/fused_moe.py),
+chosen by name in models/backends.py.
 
 In-memory expert layout (the same as transformers 5.x and vLLM's w13/w2):
   gate_up_proj [E, 2I, H]  (rows 0..I-1 gate, I..2I-1 up)
@@ -13,17 +13,12 @@ Legend: T tokens, H hidden, E experts, I expert intermediate, K experts per toke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from models.layers import DenseMLP
 from models.ops import torch_route
-
-if TYPE_CHECKING:
-    from models.forward_context import ForwardContext
 
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -69,41 +64,3 @@ class MoeBackend:
 
 # The reference experts read per-expert counts on the host, so they cannot be captured.
 TORCH_MOE = MoeBackend("torch", torch_route, torch_fused_experts, graph_capturable=False)
-
-
-class Experts(nn.Module):
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
-        super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-
-
-class SparseMoeBlock(nn.Module):
-    def __init__(
-        self,
-        hidden_size: int,
-        num_experts: int,
-        top_k: int,
-        intermediate_size: int,
-        norm_topk_prob: bool,
-        shared_expert_intermediate_size: int = 0,
-    ) -> None:
-        super().__init__()
-        self.top_k = top_k
-        self.norm_topk_prob = norm_topk_prob
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
-        self.experts = Experts(num_experts, hidden_size, intermediate_size)
-        # Qwen2-MoE only: an always-on expert scaled by a sigmoid gate.
-        if shared_expert_intermediate_size:
-            self.shared_expert = DenseMLP(hidden_size, shared_expert_intermediate_size)
-            self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
-        else:
-            self.shared_expert = None
-
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        moe = ctx.kernels.moe
-        weights, ids = moe.route(self.gate(x), self.top_k, self.norm_topk_prob)
-        out = moe.experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
-        if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out

@@ -1,13 +1,14 @@
 """Qwen2-MoE: the text-only base of every language model here.
 
+Everything the decoder stack is made of lives here, top to bottom: RMSNorm, rotary tables, the
+dense and MoE MLPs, attention, the decoder layer and the stack itself (the kernels they call come
+from the step's ForwardContext: models/attention.py's backends, models/ops.py, models/moe.py).
+
 `Qwen2MoeModel` is embeddings, decoder layers and the final norm over a flat varlen batch. It owns
 the one decoder loop; a subclass changes what goes in through `embed_inputs` and adds a step
 after each layer through `after_layer` (the DeepStack models do both, models/deepstack.py). The
 Qwen3 text models reuse it with different attention/MoE options from the config (q/k norm, no
 qkv bias, no shared expert); nothing here knows about images or DeepStack.
-
-Every forward reads its step from a ForwardContext (models/forward_context.py): kernels,
-attention metadata, positions.
 
 Legend: T tokens, H hidden, Hq/Hkv query/kv heads, D head dim, V vocab.
 """
@@ -20,8 +21,110 @@ from torch import nn
 
 from models.config import TextConfig
 from models.forward_context import ForwardContext
-from models.layers import DenseMLP, RMSNorm, RotaryEmbedding
-from models.moe import SparseMoeBlock
+from models.ops import OpsImpl
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, ops: OpsImpl) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor, ops: OpsImpl) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual add and the next norm, one kernel on GPU."""
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for 1-D RoPE or Qwen3-VL's interleaved M-RoPE.
+
+    positions is [T] (1-D RoPE) or [3, T] (M-RoPE: temporal, height, width). With M-RoPE the
+    D/2 frequencies are assigned round-robin T,H,W,T,H,W,... (stride 3) for as many as each
+    axis's mrope_section allows; the rest stay temporal. A [T] position on an M-RoPE model means
+    text only (all three axes equal).
+    """
+
+    def __init__(self, head_dim: int, theta: float, mrope_section: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        self.mrope_section = mrope_section
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        # Recomputed per call rather than kept as a buffer: loading builds modules on the meta
+        # device, and a D/2-element pow is free next to any forward.
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        return 1.0 / (self.theta**exponents)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq(positions.device)
+        if self.mrope_section is not None and positions.dim() == 2:
+            freqs = positions[..., None].float() * inv_freq  # [3, T, D/2]
+            combined = freqs[0].clone()
+            for axis, offset in ((1, 1), (2, 2)):
+                idx = slice(offset, self.mrope_section[axis] * 3, 3)
+                combined[..., idx] = freqs[axis][..., idx]
+            freqs = combined
+        else:
+            if positions.dim() != 1:
+                raise ValueError(f"positions must be [T] for 1-D RoPE, got {tuple(positions.shape)}")
+            freqs = positions[:, None].float() * inv_freq  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        intermediate_size: int,
+        norm_topk_prob: bool,
+        shared_expert_intermediate_size: int = 0,
+    ) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.experts = Experts(num_experts, hidden_size, intermediate_size)
+        # Qwen2-MoE only: an always-on expert scaled by a sigmoid gate.
+        if shared_expert_intermediate_size:
+            self.shared_expert = DenseMLP(hidden_size, shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+        else:
+            self.shared_expert = None
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        moe = ctx.kernels.moe
+        weights, ids = moe.route(self.gate(x), self.top_k, self.norm_topk_prob)
+        out = moe.experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
 
 
 class Attention(nn.Module):

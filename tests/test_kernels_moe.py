@@ -36,7 +36,8 @@ from models.kernels.moe_align import (
     align_pairs_to_experts,
     max_padded_rows,
 )
-from models.moe import TORCH_MOE, SparseMoeBlock, torch_fused_experts
+from models.moe import TORCH_MOE, torch_fused_experts
+from models.qwen2_moe import SparseMoeBlock
 
 interpreted = pytest.mark.skipif(
     torch.cuda.is_available() or not availability.INTERPRET, reason="needs the Triton interpreter in this process (on CPU, test_kernels_dispatch.py runs it in a fresh one)"
