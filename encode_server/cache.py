@@ -2,9 +2,10 @@
 table of waiters, so an image that is asked for again while it is still being encoded is
 encoded once and answered to everyone who asked.
 
-The key is encode_server.preprocess.image_key (bytes + every preprocessing setting), computed
-here from the bytes the service actually read, never taken from the job: a peer cannot make
-the cache serve one image's embeddings for another.
+The key is transfer.content_key (the bytes + the job's preprocessing options), computed from
+the bytes the service actually read, never taken from the job: a peer cannot make the cache
+serve one image's embeddings for another. It goes back in each EncodeResult, so the language
+side keys its prefix cache with the same identity.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Waiter:
 
 @dataclass(frozen=True)
 class Encoded:
+    key: str  # the content key (reported to the language side as EncodeResult.content_key)
     grid: Grid
     embeddings: torch.Tensor  # [N, H*(1+k)] on the CPU, its own storage (so its size is its cost)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -24,10 +23,6 @@ import torch
 from PIL import Image
 
 from encode_server.images import ImageError, to_rgb
-
-# Bump when decoding or preprocessing changes its output for the same bytes and settings,
-# so cached encodings made by the old code are never served for the new.
-_KEY_VERSION = "splitvl-image-v1"
 
 # transformers' Qwen2VLImageProcessor defaults, used for keys a config leaves out.
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -208,16 +203,6 @@ def preprocess(
     patches = patches.permute(0, 3, 1, 4, 6, 2, 5)  # [gh/M, gw/M, M, M, C, P, P]
     patches = patches.unsqueeze(5).expand(*patches.shape[:5], t, p, p)  # [..., C, T, P, P]
     return patches.reshape(gh * gw, 3 * t * p * p), (1, gh, gw)
-
-
-def image_key(data: bytes, settings: PreprocessSettings) -> str:
-    """Content key of an encoded image: sha256 over the code version, every setting that shapes
-    the pixel values, and the raw bytes. Equal keys mean equal pixel_values."""
-    header = json.dumps({"version": _KEY_VERSION, **dataclasses.asdict(settings)}, sort_keys=True)
-    digest = hashlib.sha256(header.encode())
-    digest.update(b"\0")  # the JSON header never contains NUL, so header and bytes cannot blur
-    digest.update(data)
-    return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=32)

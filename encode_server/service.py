@@ -35,7 +35,7 @@ from encode_server.errors import EncodeFailure, from_image_error
 from encode_server.images import ImageError, decode_image
 from encode_server.metrics import EncodeMetrics
 from encode_server.outbox import Outboxes
-from encode_server.preprocess import PreprocessSettings, image_key, preprocess
+from encode_server.preprocess import PreprocessSettings, preprocess
 from encode_server.runner import VisionRunner
 from encode_server.settings import EncodeSettings
 from encode_server.fetch_pool import FetchPool
@@ -45,6 +45,7 @@ from models.config import dtype_from_name
 from models.device import resolve_device
 from models.loader import load_model
 from transfer.base import Receiver
+from transfer.content_key import content_key
 from transfer.messages import EncodeError, EncodeJob, EncodeResult, HealthPing, HealthPong, Message
 from transfer.registry import make_receiver
 
@@ -232,7 +233,8 @@ class EncodeService:
             settings = self.preprocess_settings.with_overrides(job.options, max_pixels_limit=limit)
             if data is None:
                 data = self.sources.read(job.source)
-            key = image_key(data, settings)
+            # The job's options as sent (checked above): the key the language side computes too.
+            key = content_key(data, job.options)
             claim = self.cache.claim(key, waiter)
             if claim.hit is not None:
                 self.metrics.cache_hits.inc()
@@ -278,7 +280,7 @@ class EncodeService:
             self.metrics.batch_images.observe(len(batch))
             self.metrics.batch_patches.observe(sum(item.patches for item in batch))
             for item, rows in zip(batch, outputs):
-                encoded = Encoded(item.grid, rows)
+                encoded = Encoded(item.key, item.grid, rows)
                 for waiter in self.cache.complete(item.key, encoded):
                     self._answer(waiter, encoded)
 
@@ -286,7 +288,8 @@ class EncodeService:
 
     def _answer(self, waiter: Waiter, outcome: Encoded | EncodeFailure) -> None:
         if isinstance(outcome, Encoded):
-            msg: Message = EncodeResult(waiter.request_id, waiter.image_key, outcome.grid, outcome.embeddings)
+            msg: Message = EncodeResult(waiter.request_id, waiter.image_key, outcome.grid, outcome.embeddings,
+                                        content_key=outcome.key)
             self.metrics.jobs.labels("ok").inc()
         else:
             msg = EncodeError(waiter.request_id, waiter.image_key, outcome.code, outcome.message[:_MAX_MESSAGE_CHARS])

@@ -3,9 +3,10 @@
 Both processes belong to one service and trust each other, so this is a plain typed msgpack
 protocol (no tensors, no pickle): each message is a dataclass, sent as a msgpack map with a
 "type" key. Requests flow HTTP -> engine over one zmq PUSH/PULL pair; outputs flow back over
-another. Images cross as their sources: a URL, a local path, or a data URL's text (base64, up to
-`max_image_url_bytes`); the engine's encoder client sends each to an encode service, whose result
-goes straight to the engine process.
+another. Images cross as their sources: a data URL's bytes, decoded once by the HTTP process
+(msgpack binary, up to `max_image_url_bytes`), or an http(s) URL / local path as a string. The
+engine's encoder client sends each, as it came, to an encode service, whose result goes straight
+to the engine process.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ class Constraint:
 class ImageRef:
     """One image of a request, in prompt order."""
 
-    source: str  # "data:image/...;base64,...", "http(s)://..." or a local file path
-    key: str  # content identity (hash of bytes or URL + preprocessing options); prefix-cache key
+    source: bytes | str  # a data URL's decoded bytes, or "http(s)://..." / a local file path
+    # transfer.content_key of the bytes (+ options) where the HTTP process has them; "" for a URL
+    # or path: the encoder reports the key of the content it read with the result.
+    key: str
     options: dict[str, int] = field(default_factory=dict)  # min_pixels / max_pixels overrides
 
 

@@ -94,7 +94,7 @@ def waiter(n: int) -> Waiter:
 
 
 def encoded(rows: int, cols: int = 8) -> Encoded:
-    return Encoded((1, 2, rows * 2), torch.randn(rows, cols))  # rows*cols*4 bytes
+    return Encoded(f"key-{rows}", (1, 2, rows * 2), torch.randn(rows, cols))  # rows*cols*4 bytes
 
 
 def test_first_asker_leads_later_askers_join_then_hit():

@@ -8,6 +8,7 @@ AutoImageProcessor (PIL backend) -> model.visual -> cat([pooler_output, *deepsta
 
 from __future__ import annotations
 
+import base64
 import io
 import time
 
@@ -20,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from encode_server.service import EncodeService
 from encode_server.settings import load_settings
 from tests.net import free_tcp_address
+from transfer.content_key import content_key
 from transfer.messages import EncodeError, EncodeJob, EncodeResult, HealthPing, HealthPong
 from transfer.registry import make_receiver, make_sender
 
@@ -138,6 +140,24 @@ def test_identical_images_in_flight_are_encoded_once(start):
     assert metric(registry, "splitvl_encode_cache_misses_total") == 1
     assert (metric(registry, "splitvl_encode_cache_joins_total")
             + metric(registry, "splitvl_encode_cache_hits_total")) == 4
+
+
+def test_results_report_the_content_key_of_the_bytes_read(start, tmp_path):
+    """Bytes, a data URL and a file of the same image are one cache entry, and every answer names
+    its content key, the identity the language side keys its prefix cache with; the job's own
+    image_key is echoed untouched."""
+    service, reply_to, send, receive = start(allowed_local_roots=[str(tmp_path)])
+    data = image_bytes(24, 36, 8)  # small: a data URL string must fit the wire's 8192 characters
+    (tmp_path / "image.png").write_bytes(data)
+    sources = [data, "data:image/png;base64," + base64.b64encode(data).decode(), str(tmp_path / "image.png")]
+    for i, source in enumerate(sources):
+        send(EncodeJob(f"kind-{i}", f"echo-{i}", source, reply_to, {"max_pixels": 4096}))
+        msg = receive()
+        assert isinstance(msg, EncodeResult), msg
+        assert (msg.image_key, msg.content_key) == (f"echo-{i}", content_key(data, {"max_pixels": 4096}))
+    assert metric(service.metrics.registry, "splitvl_encode_cache_misses_total") == 1
+    send(EncodeJob("other-options", "echo", data, reply_to, {"max_pixels": 8192}))
+    assert receive().content_key == content_key(data, {"max_pixels": 8192})
 
 
 def test_jobs_past_the_pending_limit_are_refused_as_overloaded(start):

@@ -6,6 +6,7 @@ service-level tests."""
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -178,7 +179,7 @@ def test_image_requests_wait_for_encodes_and_match_offline(vl_ckpt):
     ids = [5, 6, cfg.vision_start_token_id, cfg.image_token_id, cfg.vision_end_token_id, 7, 8]
     expanded = ref.expand_image_tokens(ids, [image.grid])
     expected = ref.generate_ids(expanded, [image], max_tokens=8)
-    source = "data:image/png;base64,AA=="
+    source = b"\x00"  # a data URL's bytes, as the HTTP process sends them
 
     with make_receiver("zmq", "tcp://127.0.0.1:0") as jobs:
         engine = make_engine(vl_ckpt, block_size=4, encoders=[jobs.address])
@@ -192,7 +193,7 @@ def test_image_requests_wait_for_encodes_and_match_offline(vl_ckpt):
             assert any(o.request_id == f"text-{rid}" for o in text_outs)
             assert rid in engine.awaiting
             job = next(m for m in iter(lambda: jobs.recv(timeout=5), None) if isinstance(m, EncodeJob))
-            # A data URL crosses the wire as its decoded bytes.
+            # The bytes go on to the encoder as bytes, with the HTTP process's key.
             assert (job.source, job.image_key, job.options) == (b"\x00", "key-A", {"max_pixels": 4096})
             with torch.no_grad():
                 rows = vision(image.pixel_values, [image.grid])
@@ -211,6 +212,43 @@ def test_image_requests_wait_for_encodes_and_match_offline(vl_ckpt):
     # The second identical image prompt reused the first one's blocks, image tokens included.
     assert outputs["img-again"][-1].cached_tokens == (len(expanded) - 1) // 4 * 4
     assert engine.encoders.bytes_received == 2 * rows.numel() * 4
+
+
+def test_url_images_are_prefix_cached_by_the_content_key_the_encoder_reports(vl_ckpt):
+    """A URL has no key until the encoder reads it: the engine keys the image's tokens by the
+    content key in the result, so the same content at another request hits the cache, and changed
+    content at the same URL recomputes and answers as a fresh run on the new image."""
+    ref = OfflineGenerator(vl_ckpt)
+    vision = load_model(vl_ckpt, part="vision").model
+    cfg = ref.config
+    gen = torch.Generator().manual_seed(1)
+    old, new = (ImageInput(torch.randn(4 * 6, 1536, generator=gen), (1, 4, 6)) for _ in range(2))
+    ids = [5, 6, cfg.vision_start_token_id, cfg.image_token_id, cfg.vision_end_token_id, 7, 8]
+    expanded = ref.expand_image_tokens(ids, [old.grid])
+    url = "http://images.example/photo.png"
+    outputs: dict[str, list] = {}
+    with make_receiver("zmq", "tcp://127.0.0.1:0") as jobs:
+        engine = make_engine(vl_ckpt, block_size=4, encoders=[jobs.address])
+        for rid, image, key in (("first", old, "a" * 64), ("same", old, "a" * 64), ("changed", new, "b" * 64)):
+            assert engine.add_request(GenerateRequest(rid, ids, greedy(8), images=[ImageRef(url, "")])) == []
+            job = next(m for m in iter(lambda: jobs.recv(timeout=5), None) if isinstance(m, EncodeJob))
+            assert job.source == url
+            with torch.no_grad():
+                rows = vision(image.pixel_values, [image.grid])
+            with make_sender("zmq", job.reply_to) as reply:
+                reply.send(EncodeResult(job.request_id, job.image_key, image.grid, rows, content_key=key), timeout=5)
+            deadline = time.monotonic() + 60  # each request ends before the next starts
+            while not (outputs.get(rid) and outputs[rid][-1].finished):
+                assert time.monotonic() < deadline, f"{rid} did not finish"
+                for o in engine.poll_encoders() + (engine.step() if engine.has_work() else []):
+                    outputs.setdefault(o.request_id, []).append(o)
+        engine.close()
+    assert outputs["same"][-1].cached_tokens == (len(expanded) - 1) // 4 * 4
+    assert outputs["changed"][-1].cached_tokens == 0  # its first block already holds image tokens
+    want_old, want_new = (ref.generate_ids(expanded, [im], max_tokens=8) for im in (old, new))
+    assert want_old != want_new  # else a stale reuse could not show
+    assert tokens_of(outputs["first"]) == tokens_of(outputs["same"]) == want_old
+    assert tokens_of(outputs["changed"]) == want_new
 
 
 def test_image_request_without_encoder_fails_cleanly(vl_ckpt):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 
+import msgpack
 import pytest
 import zmq
 
@@ -14,6 +15,7 @@ from language_server.protocol import (
     EngineReady,
     EngineStats,
     GenerateRequest,
+    ImageRef,
     RequestOutput,
     SamplingParams,
     StatsRequest,
@@ -48,6 +50,19 @@ class EngineHandle:
         self.proc.terminate()
         self.proc.join(10)
         self.ctx.destroy(linger=0)
+
+
+def test_image_bytes_cross_to_the_engine_as_msgpack_binary():
+    """A data URL's bytes (decoded by the HTTP process) travel as themselves, not as base64 text;
+    a URL stays a string and has no key until the encoder reads it."""
+    data = bytes(range(256)) * 64
+    request = GenerateRequest("img", [1, 2, 3], SamplingParams(max_tokens=1), images=[
+        ImageRef(data, "ab" * 32, {"max_pixels": 4096}), ImageRef("http://images.example/a.png", "")])
+    raw = pack(request)
+    assert data in raw and len(raw) < len(data) + 1024  # base64 would add a third
+    sources = [image["source"] for image in msgpack.unpackb(raw, raw=False)["images"]]
+    assert [type(s) for s in sources] == [bytes, str]
+    assert unpack(raw) == request
 
 
 @pytest.fixture

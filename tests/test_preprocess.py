@@ -19,7 +19,8 @@ from transformers import AutoImageProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
 from encode_server.images import ImageError, decode_image
-from encode_server.preprocess import PreprocessSettings, image_key, preprocess, smart_resize
+from encode_server.preprocess import PreprocessSettings, preprocess, smart_resize
+from transfer.content_key import content_key, is_content_key
 
 QWEN3_VL = {  # Qwen3-VL's preprocessor_config.json
     "image_processor_type": "Qwen2VLImageProcessorFast",
@@ -252,13 +253,13 @@ def test_request_overrides_outside_the_limits_are_refused(pair, overrides: dict)
     assert info.value.code == "invalid_settings"
 
 
-def test_image_key_covers_bytes_and_settings(pair) -> None:
-    settings, _ = pair("qwen3_vl")
+def test_content_key_covers_bytes_and_options() -> None:
     data = _encode(Image.fromarray(_noise(8, 8)))
-    key = image_key(data, settings)
-    assert len(key) == 64 and int(key, 16) >= 0  # sha256 hex
-    assert image_key(data, PreprocessSettings.from_dict(QWEN3_VL)) == key
-    assert image_key(data + b"\0", settings) != key
-    smaller = settings.with_overrides({"max_pixels": 65536}, max_pixels_limit=10**8)
-    assert image_key(data, smaller) != key
-    assert image_key(data, pair("tiny")[0]) != key
+    key = content_key(data, {})
+    assert is_content_key(key) and not is_content_key("unkeyed")
+    assert content_key(bytes(data), {}) == key and content_key(memoryview(data), {}) == key
+    assert content_key(data + b"\0", {}) != key
+    assert content_key(data, {"max_pixels": 65536}) != key
+    assert content_key(data, {"max_pixels": 65536, "min_pixels": 4096}) == content_key(
+        data, {"min_pixels": 4096, "max_pixels": 65536})  # order does not matter
+    assert content_key(data, {"min_pixels": 65536}) != content_key(data, {"max_pixels": 65536})

@@ -17,7 +17,8 @@ from typing import ClassVar, Union
 
 import torch
 
-PROTOCOL_VERSION: int = 3  # 2: DATA names its write fence (cuda_ipc device fences); 3: job and ping tokens
+PROTOCOL_VERSION: int = 4  # 2: DATA names its write fence (cuda_ipc device fences); 3: job and ping tokens;
+# 4: EncodeResult.content_key
 
 # Option values an EncodeJob may carry (min_pixels, max_pixels, ...): plain scalars only, so a
 # job never smuggles structure the encoder would have to interpret.
@@ -59,6 +60,9 @@ class EncodeResult:
     image_key: str
     grid_thw: tuple[int, int, int]
     embeddings: torch.Tensor  # [N, H*(1+k)] bf16 / fp16 / fp32
+    # transfer.content_key of the bytes the encoder read (a URL's content, not its text); the
+    # language side's prefix-cache identity of the image. Senders that key nothing keep the default.
+    content_key: str = "unkeyed"
 
     WIRE_TYPE: ClassVar[str] = "encode_result"
     WIRE_FIELDS: ClassVar[dict[str, str]] = {
@@ -66,6 +70,7 @@ class EncodeResult:
         "image_key": "id",
         "grid_thw": "grid",
         "embeddings": "matrix",
+        "content_key": "id",
     }
 
 

@@ -2,25 +2,26 @@
 
 The HTTP process never decodes pixels (the encode service does), but it checks what it cheaply
 can so bad input fails fast with a 400/413 instead of a trip through the engine and an encoder:
-data URL syntax, base64, size, and that local paths lie under an allowed root.
+data URL syntax, media type, base64, size, and that local paths lie under an allowed root.
 
-The key is the image's identity for the encoder's cache and the engine's prefix cache: the same
-bytes (or URL) with the same preprocessing options give the same key, so a repeated image is
-encoded once and its prompt tokens are shared.
+A data URL is base64-decoded here, once (callers run this on a worker thread, off the event
+loop); its bytes go on to the engine and the encoder as binary, with their content key
+(transfer.content_key: the bytes + the preprocessing options), the image's identity in the
+encoder's cache and the engine's prefix cache. A URL or a local path goes on as a string: only the
+encoder reads its content, so the encoder computes its key and reports it with the result.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import json
 from pathlib import Path
 
 from language_server.api.errors import bad_request, too_large
 from language_server.api.schemas import ImageURL
 from language_server.protocol import ImageRef
 from language_server.settings import LanguageSettings
+from transfer.content_key import content_key
 
 # URLs and paths cross to the encoder as strings, which the wire caps at this length.
 MAX_SOURCE_CHARS = 8192
@@ -49,30 +50,28 @@ def image_ref(image_url: ImageURL, settings: LanguageSettings, param: str) -> Im
     url = image_url.url
     options = image_options(image_url, param)
     if url.startswith("data:"):
-        identity = _data_url_bytes(url, settings.max_image_url_bytes, param)
-        source = url  # as text; the engine's encoder client decodes it into the bytes it sends
-    elif len(url) > MAX_SOURCE_CHARS:
+        data = _data_url_bytes(url, settings.max_image_url_bytes, param)
+        return ImageRef(source=data, key=content_key(data, options), options=options)
+    if len(url) > MAX_SOURCE_CHARS:
         raise bad_request(f"{param} is longer than {MAX_SOURCE_CHARS} characters; only data URLs may be longer.",
                           param=param, code="invalid_image_url")
-    elif url.startswith(("http://", "https://")):
-        identity = url.encode("utf-8")
-        source = url
-    else:
-        path = _allowed_local_path(url, settings.allowed_local_image_roots, param)
-        if path.stat().st_size > settings.max_image_url_bytes:
-            raise too_large(f"The image at {param} is larger than {settings.max_image_url_bytes} bytes.", param=param)
-        identity = path.read_bytes()
-        source = str(path)
-    digest = hashlib.sha256(identity)
-    digest.update(json.dumps(options, sort_keys=True).encode())
-    return ImageRef(source=source, key=digest.hexdigest(), options=options)
+    if url.startswith(("http://", "https://")):
+        return ImageRef(source=url, key="", options=options)
+    path = _allowed_local_path(url, settings.allowed_local_image_roots, param)
+    if path.stat().st_size > settings.max_image_url_bytes:
+        raise too_large(f"The image at {param} is larger than {settings.max_image_url_bytes} bytes.", param=param)
+    return ImageRef(source=str(path), key="", options=options)
 
 
 def _data_url_bytes(url: str, limit: int, param: str) -> bytes:
     header, comma, payload = url.partition(",")
-    if not comma or not header.startswith("data:image/") or not header.endswith(";base64"):
+    if not comma or not header.endswith(";base64"):
         raise bad_request(f"{param} must be a base64 data URL: 'data:image/<format>;base64,<data>'.",
                           param=param, code="invalid_image_url")
+    media_type = header.removeprefix("data:").removesuffix(";base64")
+    if not media_type.lower().startswith("image/"):
+        raise bad_request(f"{param} has media type {media_type[:64]!r}, not an image; send "
+                          "'data:image/<format>;base64,<data>'.", param=param, code="invalid_image_url")
     # Refuse an oversized payload before decoding it (base64 carries 3 bytes per 4 characters).
     if len(payload) // 4 * 3 > limit + 3:
         raise too_large(f"The image at {param} is larger than {limit} bytes.", param=param)

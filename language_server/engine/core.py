@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 
 import torch
 
@@ -37,6 +38,7 @@ from language_server.settings import LanguageSettings
 from models.config import load_eos_ids
 from models.device import resolve_device
 from models.mrope import mrope_positions
+from transfer.content_key import is_content_key
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +181,11 @@ class EngineCore:
                                  "the encode service serves a different model than this language service", 500)]
         image.grid = tuple(result.grid_thw)
         image.rows = result.embeddings.to(self.runner.device, self.runner.dtype)
+        image.key = _image_identity(result.content_key, image.key)
         if all(im.rows is not None for im in req.images):
             del self.awaiting[req.request_id]
+            for ref in req.request.images:
+                ref.source = b""  # only a retry needed the bytes, and every result is in
             req.encode_wait_s = time.monotonic() - req.arrival
             self.encode_wait_total += req.encode_wait_s
             self.encode_waits += 1
@@ -209,7 +214,9 @@ class EngineCore:
         return outputs
 
     def _ready(self, req: EngineRequest) -> list[RequestOutput]:
-        """Expand image placeholders, compute positions, and queue the request."""
+        """Expand image placeholders, compute positions, and queue the request. Called only once
+        every image's result is in, so the prefix cache, matched at admission, sees each image as
+        the content key of what the encoder read (a URL's current content, not its text)."""
         cfg = self.config
         ids: list[int] = []
         cache_tokens: list = []
@@ -386,6 +393,15 @@ def _constraint_problem(constraint: Constraint | None) -> str | None:
     if not isinstance(constraint.source, str):
         return "a constraint's source must be text"
     return None
+
+
+def _image_identity(reported: str, sent: str) -> str:
+    """An image's prefix-cache identity: the content key the encoder reports (of the bytes it
+    read), else the key the HTTP process sent with the bytes; a result keyed by neither (a peer
+    that keys nothing) gets a key of its own, so its blocks are never shared."""
+    if is_content_key(reported):
+        return reported
+    return sent or f"unkeyed-{uuid.uuid4().hex}"
 
 
 def _error(request_id: str, code: str, message: str, status: int) -> RequestOutput:

@@ -6,11 +6,14 @@ that gets no answer within the timeout is retried on another encoder (the slow o
 unhealthy); health pings every few seconds take silent or unreachable encoders out and bring
 them back once they answer again. An encoder taken out hands its jobs on at once, to a healthy
 encoder not yet tried or to a 503, so they do not wait out their timeout on a dead peer.
+
+A source goes out as it came from the HTTP process: a data URL's bytes (decoded there, once) as
+a raw frame, a URL or local path as a string the encoder fetches or reads; a retry resends the
+same object, with no work on the engine loop.
 """
 
 from __future__ import annotations
 
-import base64
 import itertools
 import logging
 import time
@@ -25,6 +28,9 @@ log = logging.getLogger(__name__)
 
 _SEND_TIMEOUT_S = 0.5  # an encoder that can't take a job this fast is down or saturated
 _UNHEALTHY_AFTER_MISSED_PINGS = 3
+# EncodeJob.image_key may not be empty; a URL or path has no key before the encoder reads it
+# (its content key comes back in EncodeResult.content_key).
+_NO_KEY_YET = "unkeyed"
 
 # EncodeError.code -> HTTP status the API answers with.
 ENCODE_ERROR_STATUS = {
@@ -54,8 +60,8 @@ class EncoderState:
 class _Job:
     request_id: str
     image_index: int
-    key: str
-    source: str
+    key: str  # the HTTP process's content key ("" for a URL or path), echoed back by the encoder
+    source: bytes | str
     options: dict[str, int]
     encoder: EncoderState | None  # None until sent
     sent_at: float
@@ -71,16 +77,6 @@ class EncodeOutcome:
     error_code: str | None = None
     error_message: str | None = None
     error_status: int = 500
-
-
-def _wire_source(source: str) -> bytes | str:
-    """Data URLs travel as their decoded bytes (a raw frame): the wire caps string sources at a
-    few KB, and the encoder then skips a second base64 pass. URLs and paths stay strings."""
-    if source.startswith("data:"):
-        header, _, payload = source.partition(",")
-        if header.endswith(";base64"):
-            return base64.b64decode(payload, validate=False)
-    return source
 
 
 def _region_options(transport: str, device: str, lease_mib: int, encoders: int) -> dict[str, object]:
@@ -121,7 +117,7 @@ class EncoderClient:
     def num_healthy(self) -> int:
         return sum(e.healthy for e in self.encoders)
 
-    def submit(self, request_id: str, image_index: int, key: str, source: str,
+    def submit(self, request_id: str, image_index: int, key: str, source: bytes | str,
                options: dict[str, int]) -> EncodeOutcome | None:
         """Send one image job; an immediate failure (no encoder) comes back as an outcome."""
         return self._dispatch(_Job(request_id, image_index, key, source, options, encoder=None, sent_at=0.0,
@@ -142,7 +138,7 @@ class EncoderClient:
             if now - job.sent_at > self.timeout_s:
                 # Slow, maybe not dead (its pongs decide that): later jobs prefer other encoders,
                 # and its other jobs stay where they are.
-                log.warning("encoder %s gave no answer for %s in %.1fs", job.encoder.address, job.key, self.timeout_s)
+                log.warning("encoder %s gave no answer for %s in %.1fs", job.encoder.address, job_id, self.timeout_s)
                 job.encoder.healthy = False
                 self._move(job_id)
         if now >= self._next_ping:
@@ -175,7 +171,7 @@ class EncoderClient:
             job.attempts += 1
             job.tried.add(encoder.address)
             job_id = f"{job.request_id}/{job.image_index}/{next(self._ids)}"
-            msg = EncodeJob(request_id=job_id, image_key=job.key, source=_wire_source(job.source),
+            msg = EncodeJob(request_id=job_id, image_key=job.key or _NO_KEY_YET, source=job.source,
                             reply_to=self.receiver.address, options=dict(job.options), token=self.token)
             try:
                 encoder.sender.send(msg, timeout=_SEND_TIMEOUT_S)

@@ -33,6 +33,8 @@ class Status(enum.Enum):
 
 @dataclass
 class ImageState:
+    # The HTTP process's content key ("" for a URL or path), replaced by the one the encoder
+    # reports with the result: what the prefix cache keys the image's tokens by.
     key: str
     grid: tuple[int, int, int] | None = None
     rows: torch.Tensor | None = None  # [N, H·(1+k)] on the model's device once encoded
