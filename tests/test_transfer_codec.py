@@ -13,24 +13,9 @@ import pytest
 import torch
 
 from transfer import codec
-from transfer.codec import (
-    DEFAULT_LIMITS,
-    Limits,
-    ProtocolError,
-    decode_message,
-    encode_message,
-)
-from transfer.messages import (
-    MESSAGE_TYPES,
-    PROTOCOL_VERSION,
-    EncodeError,
-    EncodeJob,
-    EncodeResult,
-    HealthPing,
-    HealthPong,
-    Id,
-    Text,
-)
+from transfer.codec import DEFAULT_LIMITS, Limits, ProtocolError, decode_message, encode_message
+from transfer.messages import (MESSAGE_TYPES, PROTOCOL_VERSION, EncodeError, EncodeJob, EncodeResult, HealthPing,
+                               HealthPong, Id, Text)
 
 FLOAT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}

@@ -6,17 +6,14 @@
     frame i   the raw little-endian bytes of frames[i-1], C order
 
 One generic codec for every message class: each field's wire kind comes from its annotation
-(see transfer/messages.py). Tensors are sent zero-copy (a memoryview over the tensor's own
-memory) and received zero-copy where the buffer allows. No pickle: the header is plain msgpack
-(no ext types), and tensors are rebuilt from a dtype whitelist and a shape whose byte size must
-equal the frame length.
+(see transfer/messages.py). Tensors are sent zero-copy and received zero-copy where the buffer
+allows. No pickle: the header is plain msgpack (no ext types), and tensors are rebuilt from a
+dtype whitelist and a shape whose byte size must equal the frame length. Everything a peer sends
+is checked before it is used; a bad message raises ProtocolError with the reason, which
+receivers log before they drop the message and keep serving.
 
-Everything a peer sends is checked before it is used; a bad message raises ProtocolError with
-the reason, which receivers log before they drop the message and keep serving.
-
-The layers are public so cuda_ipc can reuse them with tensors that arrive through GPU memory
-instead of frames: split_message / pack_header on the way out, parse_header / assemble on the
-way in.
+The layers are public for cuda_ipc, whose tensors travel through GPU memory instead of frames:
+split_message / pack_header on the way out, parse_header / assemble on the way in.
 """
 
 from __future__ import annotations
@@ -31,20 +28,10 @@ from typing import Any
 import msgpack
 import torch
 
-from transfer.messages import (
-    MESSAGE_TYPES,
-    PROTOCOL_VERSION,
-    Message,
-    OptionValue,
-    Text,
-)
+from transfer.messages import MESSAGE_TYPES, PROTOCOL_VERSION, Message, OptionValue, Text
 
 # The one dtype table: tensors may only carry these; the wire name is the torch name.
-DTYPES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
-}
+DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 BYTES = "bytes"  # frame "dtype" of a byte-string field (e.g. EncodeJob.source)
 
@@ -88,19 +75,11 @@ DEFAULT_LIMITS = Limits()
 @dataclass(frozen=True)
 class Kind:
     """How one field travels: `name` is matrix, source, text, grid, options, count, time or
-    flag; `text` holds a text field's limits."""
+    flag; `text` holds a text field's limits. Matrices travel as frames, sources as frames when
+    they are bytes, everything else in the header."""
 
     name: str
     text: Text | None = None
-
-    @property
-    def framed(self) -> bool:
-        """Travels as a raw frame (a source only when it is bytes)."""
-        return self.name in ("matrix", "source")
-
-    @property
-    def in_header(self) -> bool:
-        return self.name != "matrix"
 
 
 _PLAIN_KINDS: dict[Any, Kind] = {
@@ -147,9 +126,6 @@ class FrameSpec:
     shape: tuple[int, ...]
     nbytes: int
 
-    def to_wire(self) -> dict[str, Any]:
-        return {"field": self.field, "dtype": self.dtype, "shape": list(self.shape)}
-
 
 @dataclass
 class Header:
@@ -173,8 +149,7 @@ def _check_str(name: str, value: Any, text: Text) -> str:
     return value
 
 
-def _is_int(value: Any) -> bool:
-    # bool is an int subclass; a flag where a count belongs is a peer bug, not a count.
+def _is_int(value: Any) -> bool:  # bool is an int subclass, but a flag where a count belongs is a bug
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -308,13 +283,8 @@ def split_message(
             checked = _check_header_field(kind, name, value)
             header_fields[name] = list(checked) if kind.name == "grid" else checked
     _check_total([spec for spec, _ in payloads], limits)
-    header = {
-        "v": PROTOCOL_VERSION,
-        "type": cls.WIRE_TYPE,
-        "fields": header_fields,
-        "frames": [spec.to_wire() for spec, _ in payloads],
-    }
-    return header, payloads
+    frames = [{"field": spec.field, "dtype": spec.dtype, "shape": list(spec.shape)} for spec, _ in payloads]
+    return {"v": PROTOCOL_VERSION, "type": cls.WIRE_TYPE, "fields": header_fields, "frames": frames}, payloads
 
 
 def pack_header(header: dict[str, Any]) -> bytes:
@@ -373,7 +343,7 @@ def _frame_spec(wire_type: str, kinds: dict[str, Kind], item: Any, seen: list[Fr
         raise ProtocolError(f"bad frame description {item!r:.200}")
     name, dtype = item["field"], item["dtype"]
     kind = kinds.get(name) if isinstance(name, str) else None
-    if kind is None or not kind.framed:
+    if kind is None or kind.name not in ("matrix", "source"):
         raise ProtocolError(f"{wire_type}: field {name!r:.80} cannot travel as a frame")
     if any(spec.field == name for spec in seen):
         raise ProtocolError(f"{wire_type}: frame for {name!r} given twice")

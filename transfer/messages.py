@@ -1,15 +1,11 @@
 """Typed messages that cross the wire between the language and encode services.
 
 Each class names its wire type (`WIRE_TYPE`); transfer.codec derives each field's wire kind from
-its annotation, so the annotation is the whole contract:
-
-    torch.Tensor                  a 2-D tensor, sent as a raw frame (dtype whitelist in the codec)
-    bytes | str                   an image source: bytes as a raw frame, a URL or path in the header
-    tuple[int, int, int]          a (t, h, w) grid of positive integers
-    dict[str, OptionValue]        a small map of plain scalars
-    Annotated[str, Text(...)]     a string with its length limit (a bare str is refused: an id,
-                                  an address and a client message need different limits)
-    int / float / bool            a non-negative count / a finite number / a flag
+its annotation: torch.Tensor (a 2-D tensor, a raw frame), bytes | str (an image source: bytes as
+a raw frame, a URL or path in the header), tuple[int, int, int] (a grid), dict[str, OptionValue]
+(a small map of plain scalars), int / float / bool (a count / a finite number / a flag), and
+Annotated[str, Text(...)] for strings: a bare str is refused, as an id, an address and a client
+message need different limits.
 
 Change a field, its meaning or a limit in a way an old peer would misread -> bump
 PROTOCOL_VERSION. Peers with different versions refuse each other's messages (with a logged
