@@ -6,12 +6,12 @@ on one node). Backends are imported only when asked for.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transfer.base import Receiver, Sender
+if TYPE_CHECKING:  # settings validate names through this module without importing torch
+    from transfer.base import Receiver, Sender
 
-# name -> ("module:Sender class", "module:Receiver class")
-_BACKENDS: dict[str, tuple[str, str]] = {
+_BACKENDS: dict[str, tuple[str, str]] = {  # name -> ("module:Sender class", "module:Receiver class")
     "zmq": ("transfer.zmq_transport:ZmqSender", "transfer.zmq_transport:ZmqReceiver"),
     "cuda_ipc": ("transfer.cuda_ipc_sender:CudaIpcSender", "transfer.cuda_ipc_receiver:CudaIpcReceiver"),
 }
