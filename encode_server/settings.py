@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -22,7 +23,10 @@ from pydantic import (
     ValidationError,
 )
 
+from transfer.registry import check_transport
+
 MiB = 1 << 20
+Transport = Annotated[str, AfterValidator(check_transport)]  # a name transfer.registry knows
 
 
 class SettingsError(ValueError):
@@ -35,8 +39,8 @@ class EncodeSettings(BaseModel):
     # --- where and what
     model: Path = Field(description="checkpoint directory; only model.visual.* is read")
     listen: str = Field(description="transport address jobs arrive at, e.g. tcp://0.0.0.0:5600")
-    transport: str = Field("zmq", description="transfer backend jobs arrive by")
-    result_transport: str = Field(
+    transport: Transport = Field("zmq", description="transfer backend jobs arrive by")
+    result_transport: Transport = Field(
         "zmq", description="transfer backend results leave by: zmq, or cuda_ipc when the language model runs on "
         "another GPU of this node (results then stay on the GPU and are copied device to device)"
     )

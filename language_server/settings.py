@@ -7,9 +7,14 @@ typo never silently falls back to a default.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from transfer.registry import check_transport
+
+Transport = Annotated[str, AfterValidator(check_transport)]  # a name transfer.registry knows
 
 
 class LanguageSettings(BaseModel):
@@ -25,19 +30,17 @@ class LanguageSettings(BaseModel):
 
     # Encoders: addresses of encode services' job receivers, and the transport to reach them.
     encoders: list[str] = Field(default_factory=list)
-    transport: str = Field("zmq", description="transfer backend jobs go to encoders by")
-    result_transport: str = Field("zmq", description="backend results come back by: zmq, or cuda_ipc when the "
+    transport: Transport = Field("zmq", description="transfer backend jobs go to encoders by")
+    result_transport: Transport = Field("zmq", description="backend results come back by: zmq, or cuda_ipc when the "
                                   "encoder runs on another GPU of this node")
     # Where encode results come back: the engine process binds it. tcp://host:0 picks a port.
     result_address: str = "tcp://127.0.0.1:0"
     result_lease_mib: int = Field(
         64, ge=1, le=16384,
-        description="cuda_ipc / shm / nixl results: memory each encoder may fill ahead of this service (its lease of the "
-                    "receive region; one lease per encoder, plus one so a restarted encoder need not wait for its "
-                    "old lease to expire). With cuda_ipc the region is on this service's GPU, taken before the KV "
-                    "cache is sized. Results are taken between model steps, so this is how far an encoder can run "
-                    "ahead; in the transfer benchmark batches of 16 MiB results (one 1024x1024 image) moved at link "
-                    "speed from 512 MiB (docs/transfer.md)")
+        description="cuda_ipc results: memory each encoder may fill ahead of this service (its lease of the "
+                    "receive region on this service's GPU, taken before the KV cache is sized; one lease per "
+                    "encoder, plus one so a restarted encoder need not wait for its old lease to expire). Results "
+                    "are taken between model steps, so this is how far an encoder can run ahead")
     encoder_token: str | None = Field(None, description="shared secret sent with every encode job and health "
                                       "ping (the encoders' job_token)")
     encode_timeout_s: float = Field(30.0, gt=0, description="per image job; then retry elsewhere or fail")

@@ -9,7 +9,6 @@ from encode_server import outbox
 from encode_server.metrics import EncodeMetrics
 from encode_server.outbox import _Outbox
 from tests.net import free_tcp_address
-from tests.region_hooks import count_data_messages
 from transfer.messages import HealthPong
 
 
@@ -29,24 +28,39 @@ def test_a_pong_to_a_vanished_peer_gives_up_within_a_second():
 
 
 def test_queued_results_leave_together_in_order_and_pongs_alone(monkeypatch):
-    """Results queued while the outbox thread was busy go out through one send_many (one
-    control message on a region transport), in order; a pong between them goes on its own."""
+    """Results queued while the outbox thread was busy go out through one send_many, in order;
+    a pong between them goes on its own."""
     import torch
 
     from transfer.messages import EncodeResult
     from transfer.registry import make_receiver, make_sender
 
-    with make_receiver("shm", "tcp://127.0.0.1:*", lease_bytes=1 << 20, max_senders=1) as receiver:
+    with make_receiver("zmq", "tcp://127.0.0.1:*") as receiver:
         metrics = EncodeMetrics(lambda: 0.0, lambda: 0.0, lambda: 0.0)
-        datas = count_data_messages(receiver)
         queued = threading.Event()  # the outbox thread opens its sender only once all is queued
+        calls: list[tuple[str, int]] = []  # (sender method, messages in the call)
+
+        class Recording:  # a real zmq sender that notes the outbox's calls
+            def __init__(self, sender) -> None:
+                self.sender = sender
+
+            def send(self, msg, timeout=None) -> None:
+                calls.append(("send", 1))
+                self.sender.send(msg, timeout)
+
+            def send_many(self, msgs, timeout=None) -> None:
+                calls.append(("send_many", len(msgs)))
+                self.sender.send_many(msgs, timeout)
+
+            def close(self) -> None:
+                self.sender.close()
 
         def make_sender_later(*args, **kwargs):
             queued.wait(10)
-            return make_sender(*args, **kwargs)
+            return Recording(make_sender(*args, **kwargs))
 
         monkeypatch.setattr(outbox, "make_sender", make_sender_later)
-        box = _Outbox("shm", receiver.address, send_timeout_s=20.0, metrics=metrics)
+        box = _Outbox("zmq", receiver.address, send_timeout_s=20.0, metrics=metrics)
         results = [EncodeResult(f"r-{i}", "k", (1, 1, 1), torch.full((4, 8), float(i))) for i in range(6)]
         sent = [*results[:3], HealthPong(1, 0.0, "encoder", 0, 0, True), *results[3:]]
         for msg in sent:  # queued together: the thread takes them as one batch
@@ -58,5 +72,5 @@ def test_queued_results_leave_together_in_order_and_pongs_alone(monkeypatch):
     assert [type(m).__name__ for m in got] == [type(m).__name__ for m in sent]
     assert [m.request_id for m in got if isinstance(m, EncodeResult)] == [m.request_id for m in results]
     assert all(torch.equal(a.embeddings, b.embeddings) for a, b in zip(got[:3] + got[4:], results, strict=True))
-    assert datas[0] == 3, f"{datas[0]} DATA messages: 2 runs of 3 results and a pong should take 3"
+    assert calls == [("send_many", 3), ("send", 1), ("send_many", 3)], calls
     assert metrics.registry.get_sample_value("splitvl_encode_send_failures_total") == 0

@@ -14,15 +14,8 @@ import torch
 
 from transfer import codec
 from transfer.codec import DEFAULT_LIMITS, Limits, ProtocolError, decode_message, encode_message
-from transfer.messages import (
-    MESSAGE_TYPES,
-    PROTOCOL_VERSION,
-    EncodeError,
-    EncodeJob,
-    EncodeResult,
-    HealthPing,
-    HealthPong,
-)
+from transfer.messages import (MESSAGE_TYPES, PROTOCOL_VERSION, EncodeError, EncodeJob, EncodeResult, HealthPing,
+                               HealthPong, Id, Text)
 
 FLOAT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
@@ -128,15 +121,14 @@ def test_every_message_type_round_trips(msg) -> None:
 
 @dataclass
 class _TwoTensors:
-    """A test-only message type: the codec is generic over WIRE_FIELDS and frame count."""
+    """A test-only message type: the codec is generic over the annotations and frame count."""
 
-    request_id: str
+    request_id: Id
     first: torch.Tensor
-    blob: bytes
+    blob: bytes | str
     second: torch.Tensor
 
     WIRE_TYPE: ClassVar[str] = "test_two_tensors"
-    WIRE_FIELDS: ClassVar[dict[str, str]] = {"request_id": "id", "first": "matrix", "blob": "source", "second": "matrix"}
 
 
 def test_several_tensors_per_message(monkeypatch) -> None:
@@ -146,6 +138,27 @@ def test_several_tensors_per_message(monkeypatch) -> None:
     assert len(frames) == 4
     back = decode_message([bytes(f) for f in frames])
     assert same_bits(back.first, a) and same_bits(back.second, b) and back.blob == b"\x00\x01\x02"
+
+
+def test_wire_kinds_come_from_the_annotations() -> None:
+    assert {name: kind.name for name, kind in codec.wire_fields(EncodeJob).items()} == {
+        "request_id": "text", "image_key": "text", "source": "source", "reply_to": "text", "options": "options",
+        "token": "text"}
+    assert codec.wire_fields(EncodeJob)["reply_to"].text == Text(1024)
+    assert {name: kind.name for name, kind in codec.wire_fields(HealthPong).items()} == {
+        "seq": "count", "sent_at": "time", "service_id": "text", "queued": "count", "running": "count", "ready": "flag"}
+
+
+@dataclass
+class _BareString:
+    name: str  # no limit: an id, an address and a message need different ones
+    WIRE_TYPE: ClassVar[str] = "test_bare_string"
+
+
+def test_a_field_without_a_wire_kind_cannot_be_sent(monkeypatch) -> None:
+    monkeypatch.setitem(MESSAGE_TYPES, _BareString.WIRE_TYPE, _BareString)
+    with pytest.raises(TypeError, match="_BareString.name: annotation .* has no wire kind"):
+        encode_message(_BareString("x"))
 
 
 # ---------------------------------------------------------------------------- send-side checks
@@ -266,7 +279,7 @@ def test_limits_are_enforced_before_allocation() -> None:
 
 def test_no_pickle_in_transfer() -> None:
     """The wire must never unpickle: no module of transfer/ may use pickle or torch.multiprocessing."""
-    banned = re.compile(r"^\s*(import|from)\s+(pickle|cloudpickle|dill|torch\.multiprocessing)\b|pickle\.loads|\bmultiprocessing\.reductions", re.M)
+    banned = re.compile(r"^\s*(import|from)\s+(pickle|cloudpickle|dill|torch\.multiprocessing)\b|pickle\.loads|\bmultiprocessing\.reductions", re.MULTILINE)
     root = pathlib.Path(codec.__file__).parent
     for path in root.glob("*.py"):
         assert not banned.search(path.read_text()), f"{path.name} uses pickle"

@@ -1,5 +1,6 @@
-"""cuda_ipc: bit-exact between two processes on two GPUs, dead senders reclaimed; and, on any
-machine, the clear errors for a missing GPU."""
+"""cuda_ipc with its real GPU memory: bit-exact between two processes on two GPUs (or one), write fences,
+dead senders reclaimed; and, on any machine, the clear errors for a missing GPU. The lease
+protocol itself is tested on any machine in test_transfer_leases.py."""
 
 from __future__ import annotations
 
@@ -14,40 +15,79 @@ import torch
 from transfer.base import TransportError
 from transfer.messages import EncodeResult
 
-TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+# Sender on cuda:0, receiver on cuda:1; on a machine with one GPU both on cuda:0 (CUDA IPC between
+# two processes of one GPU: the same protocol, the copy without the link).
+GPUS = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+RECEIVER = "cuda:1" if torch.cuda.device_count() >= 2 else "cuda:0"
 SPAWN = mp.get_context("spawn")
+WIDTH = 8192  # H*(1+k) of the real model: 2048 * (1 + 3)
+BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+
+
+def payload(rows: int, device: str = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+            cols: int = WIDTH) -> torch.Tensor:
+    """Random bits (NaNs, infs and subnormals included): the wire must move bits, not values."""
+    g = torch.Generator().manual_seed(seed)
+    info = torch.iinfo(BITS[dtype])
+    bits = torch.randint(info.min, info.max, (rows, cols), generator=g, dtype=BITS[dtype])
+    return bits.view(dtype).to(device)
+
+
+# (rows, cols): empty, odd sizes that leave spans unaligned to the element, 16 MiB and 64 MiB in bf16.
+EXACT_CASES = [(f"{str(dtype)[6:]}-{r}x{c}", dtype, r, c) for dtype in BITS
+               for r, c in [(0, WIDTH), (1, 1), (7, 13), (1024, WIDTH), (4096, WIDTH)]]
+
+
+def _send_exact_cases(address: str, go) -> None:
+    from transfer.cuda_ipc_sender import CudaIpcSender
+
+    torch.cuda.set_device(0)
+    with CudaIpcSender(address) as sender:
+        for seed, (name, dtype, rows, cols) in enumerate(EXACT_CASES):
+            sender.send(EncodeResult(name, "k", (1, 1, 1), payload(rows, "cuda:0", dtype, seed, cols)), timeout=120)
+        go.get()
 
 
 def test_receiver_without_gpu_says_what_to_use_instead() -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    from transfer.cuda_ipc import CudaIpcReceiver
+    from transfer.cuda_ipc_receiver import CudaIpcReceiver
 
-    with pytest.raises(TransportError, match="zmq or shm"):
+    with pytest.raises(TransportError, match="use the zmq transport"):
         CudaIpcReceiver("tcp://127.0.0.1:*")
 
 
 def test_invisible_receiver_gpu_is_a_clear_error() -> None:
-    from transfer.cuda_ipc import _device_with_uuid
+    from transfer.cuda_ipc_sender import device_with_uuid
 
     with pytest.raises(TransportError, match="CUDA_VISIBLE_DEVICES"):
-        _device_with_uuid("GPU-00000000-0000-0000-0000-000000000000")
+        device_with_uuid("GPU-00000000-0000-0000-0000-000000000000")
 
 
 @pytest.mark.gpu
-@TWO_GPUS
-def test_cuda_ipc_is_bit_exact_between_processes_on_two_gpus() -> None:
-    from transfer.bench import cuda_ipc_exact
+@GPUS
+def test_cuda_ipc_is_bit_exact_between_processes() -> None:
+    from transfer.cuda_ipc_receiver import CudaIpcReceiver
 
-    results = cuda_ipc_exact("ipc:///tmp/splitvl-test-cuda-exact.sock")
-    assert len(results) == 15
-    bad = [(name, detail) for name, ok, detail in results if not ok]
-    assert not bad, f"not bit-exact: {bad}"
+    with CudaIpcReceiver("ipc:///tmp/splitvl-test-cuda-exact.sock", device=RECEIVER, lease_bytes=256 << 20,
+                         max_senders=1) as receiver:
+        go = SPAWN.Queue()
+        proc = SPAWN.Process(target=_send_exact_cases, args=(receiver.address, go), daemon=True)
+        proc.start()
+        try:
+            for seed, (name, dtype, rows, cols) in enumerate(EXACT_CASES):
+                msg = receiver.recv(timeout=120)
+                assert msg is not None and msg.request_id == name
+                got, want = msg.embeddings, payload(rows, "cpu", dtype, seed, cols)
+                assert (got.device, got.dtype, got.shape) == (torch.device(RECEIVER), dtype, want.shape), name
+                assert torch.equal(got.cpu().view(BITS[dtype]), want.view(BITS[dtype])), f"{name} is not bit-exact"
+        finally:
+            go.put(1)
+            proc.join(30)
 
 
 def _send_forever(address: str, tag: str) -> None:
-    from transfer.bench import payload
-    from transfer.cuda_ipc import CudaIpcSender
+    from transfer.cuda_ipc_sender import CudaIpcSender
 
     torch.cuda.set_device(0)
     sender = CudaIpcSender(address)
@@ -58,12 +98,11 @@ def _send_forever(address: str, tag: str) -> None:
 
 
 @pytest.mark.gpu
-@TWO_GPUS
+@GPUS
 def test_dead_sender_does_not_leak_or_corrupt_the_region() -> None:
-    from transfer.bench import payload
-    from transfer.cuda_ipc import CudaIpcReceiver
+    from transfer.cuda_ipc_receiver import CudaIpcReceiver
 
-    with CudaIpcReceiver("ipc:///tmp/splitvl-test-cuda-dead.sock", device="cuda:1", lease_bytes=16 << 20,
+    with CudaIpcReceiver("ipc:///tmp/splitvl-test-cuda-dead.sock", device=RECEIVER, lease_bytes=16 << 20,
                          max_senders=1, lease_timeout=2.0) as receiver:
         first = SPAWN.Process(target=_send_forever, args=(receiver.address, "a"), daemon=True)
         first.start()
@@ -83,7 +122,7 @@ def test_dead_sender_does_not_leak_or_corrupt_the_region() -> None:
                     continue
                 i = int(msg.request_id[2:])
                 want = payload(256, "cpu", torch.bfloat16, i)
-                assert msg.embeddings.device == torch.device("cuda:1")
+                assert msg.embeddings.device == torch.device(RECEIVER)
                 assert torch.equal(msg.embeddings.cpu().view(torch.int16), want.view(torch.int16))
                 checked += 1
             assert receiver.leases_held == 1
@@ -92,10 +131,9 @@ def test_dead_sender_does_not_leak_or_corrupt_the_region() -> None:
 
 
 def _receive_forever(address: str, seen) -> None:
-    from transfer.bench import payload
-    from transfer.cuda_ipc import CudaIpcReceiver
+    from transfer.cuda_ipc_receiver import CudaIpcReceiver
 
-    with CudaIpcReceiver(address, device="cuda:1", lease_bytes=16 << 20, max_senders=1) as receiver:
+    with CudaIpcReceiver(address, device=RECEIVER, lease_bytes=16 << 20, max_senders=1) as receiver:
         while True:
             msg = receiver.recv()
             want = payload(256, "cpu", torch.bfloat16, int(msg.request_id[2:]))
@@ -103,13 +141,12 @@ def _receive_forever(address: str, seen) -> None:
 
 
 @pytest.mark.gpu
-@TWO_GPUS
+@GPUS
 def test_sender_survives_receiver_death_and_reattaches(tmp_path) -> None:
     """The receiver process dies with the sender's mapping of its region open; the sender must
     neither crash nor corrupt anything, and must resume with the restarted receiver."""
     from transfer.base import TransportTimeout
-    from transfer.bench import payload
-    from transfer.cuda_ipc import CudaIpcSender
+    from transfer.cuda_ipc_sender import CudaIpcSender
 
     address = f"ipc://{tmp_path}/cuda-restart.sock"
     seen = SPAWN.Queue()
@@ -151,8 +188,7 @@ INLINE_CASES = [(torch.bfloat16, 0, 8192), (torch.float32, 0, 8192), (torch.floa
 
 
 def _send_inline_cases(address: str, go) -> None:
-    from transfer.bench import payload
-    from transfer.cuda_ipc import CudaIpcSender
+    from transfer.cuda_ipc_sender import CudaIpcSender
 
     torch.cuda.set_device(0)
     with CudaIpcSender(address) as sender:
@@ -162,12 +198,11 @@ def _send_inline_cases(address: str, go) -> None:
 
 
 @pytest.mark.gpu
-@TWO_GPUS
+@GPUS
 def test_empty_and_oversized_tensors_arrive_on_the_receivers_gpu() -> None:
-    from transfer.bench import BITS, payload
-    from transfer.cuda_ipc import CudaIpcReceiver
+    from transfer.cuda_ipc_receiver import CudaIpcReceiver
 
-    with CudaIpcReceiver("ipc:///tmp/splitvl-test-cuda-inline.sock", device="cuda:1", lease_bytes=1 << 20,
+    with CudaIpcReceiver("ipc:///tmp/splitvl-test-cuda-inline.sock", device=RECEIVER, lease_bytes=1 << 20,
                          max_senders=1) as receiver:
         go = SPAWN.Queue()
         proc = SPAWN.Process(target=_send_inline_cases, args=(receiver.address, go), daemon=True)
@@ -176,7 +211,7 @@ def test_empty_and_oversized_tensors_arrive_on_the_receivers_gpu() -> None:
             msg = receiver.recv(timeout=120)
             assert msg is not None and msg.request_id == f"m-{i}"
             got, want = msg.embeddings, payload(rows, "cpu", dtype, i, cols)
-            assert (got.device, got.dtype, got.shape) == (torch.device("cuda:1"), dtype, want.shape)
+            assert (got.device, got.dtype, got.shape) == (torch.device(RECEIVER), dtype, want.shape)
             assert torch.equal(got.cpu().view(BITS[dtype]), want.view(BITS[dtype]))
         go.put(1)
         proc.join(30)
@@ -186,8 +221,7 @@ SLOW_WRITE_CYCLES = 400_000_000  # ~0.2 s of torch.cuda._sleep on an H100 before
 
 
 def _send_after_slow_kernel(address: str, go, sent_at, cycles: int, die: bool) -> None:
-    from transfer.bench import payload
-    from transfer.cuda_ipc import CudaIpcSender
+    from transfer.cuda_ipc_sender import CudaIpcSender
 
     torch.cuda.set_device(0)
     with CudaIpcSender(address) as sender:
@@ -208,15 +242,14 @@ def _send_after_slow_kernel(address: str, go, sent_at, cycles: int, die: bool) -
 
 
 @pytest.mark.gpu
-@TWO_GPUS
+@GPUS
 def test_device_fence_sends_at_once_and_delivery_waits_for_the_write() -> None:
     """The DATA goes out while the sender's copy is still queued (send() does not wait for it),
     and the receiver delivers the message only once the copy has landed: the tensor holds the
     new bytes, never what the span held before."""
-    from transfer.bench import payload
-    from transfer.cuda_ipc import CudaIpcReceiver
+    from transfer.cuda_ipc_receiver import CudaIpcReceiver
 
-    with CudaIpcReceiver("ipc:///tmp/splitvl-test-cuda-fence.sock", device="cuda:1", lease_bytes=16 << 20,
+    with CudaIpcReceiver("ipc:///tmp/splitvl-test-cuda-fence.sock", device=RECEIVER, lease_bytes=16 << 20,
                          max_senders=1) as receiver:
         go, sent_at = SPAWN.Queue(), SPAWN.Queue()
         proc = SPAWN.Process(target=_send_after_slow_kernel, daemon=True,
@@ -240,15 +273,14 @@ def test_device_fence_sends_at_once_and_delivery_waits_for_the_write() -> None:
 
 
 @pytest.mark.gpu
-@TWO_GPUS
+@GPUS
 def test_sender_killed_before_its_copy_ran_neither_hangs_nor_corrupts(caplog) -> None:
     """The sender dies with its DATA sent and its copy still queued, so its write fence never
     completes. The receiver must not deliver that message (its span holds old bytes), must not
     hang on it, and must serve the next sender once the dead one's lease is reclaimed."""
-    from transfer.bench import payload
-    from transfer.cuda_ipc import CudaIpcReceiver
+    from transfer.cuda_ipc_receiver import CudaIpcReceiver
 
-    with CudaIpcReceiver("ipc:///tmp/splitvl-test-cuda-fence-dead.sock", device="cuda:1", lease_bytes=16 << 20,
+    with CudaIpcReceiver("ipc:///tmp/splitvl-test-cuda-fence-dead.sock", device=RECEIVER, lease_bytes=16 << 20,
                          max_senders=1, lease_timeout=2.0) as receiver:
         go, sent_at = SPAWN.Queue(), SPAWN.Queue()
         doomed = SPAWN.Process(target=_send_after_slow_kernel, daemon=True,
@@ -271,47 +303,3 @@ def test_sender_killed_before_its_copy_ran_neither_hangs_nor_corrupts(caplog) ->
             assert "the lease was reclaimed before its writes landed" in caplog.text
         finally:
             second.kill()
-
-
-BATCH_CASES = [(torch.bfloat16, 1024, 8192), (torch.float16, 7, 13), (torch.float32, 300, 1024), (torch.bfloat16, 0, 8192),
-               (torch.float32, 1, 1), (torch.bfloat16, 4096, 8192), (torch.float16, 513, 2048), (torch.bfloat16, 1, 8192)]
-
-
-def _send_batches(address: str, go) -> None:
-    from transfer.bench import payload
-    from transfer.cuda_ipc import CudaIpcSender
-
-    torch.cuda.set_device(0)
-    with CudaIpcSender(address) as sender:
-        for round_ in range(3):  # the spans of each batch land at other places of the ring
-            sender.send_many([EncodeResult(f"m-{round_}-{i}", "k", (1, 1, 1), payload(rows, "cuda:0", dtype, 10 * round_ + i, cols))
-                              for i, (dtype, rows, cols) in enumerate(BATCH_CASES)], timeout=60)
-        go.get()
-
-
-@pytest.mark.gpu
-@TWO_GPUS
-def test_send_many_is_bit_exact_between_processes_on_two_gpus() -> None:
-    """Batches mixing dtypes and sizes (an empty tensor and one bigger than half the lease among
-    them): the receiver copies each batch's span out in one piece and hands out views of it;
-    every tensor must be exact, on the receiver's GPU, in order."""
-    from transfer.bench import BITS, payload
-    from transfer.cuda_ipc import CudaIpcReceiver
-
-    with CudaIpcReceiver("ipc:///tmp/splitvl-test-cuda-batch.sock", device="cuda:1", lease_bytes=96 << 20,
-                         max_senders=1) as receiver:
-        go = SPAWN.Queue()
-        proc = SPAWN.Process(target=_send_batches, args=(receiver.address, go), daemon=True)
-        proc.start()
-        try:
-            for round_ in range(3):
-                for i, (dtype, rows, cols) in enumerate(BATCH_CASES):
-                    msg = receiver.recv(timeout=120)
-                    assert msg is not None and msg.request_id == f"m-{round_}-{i}"
-                    got, want = msg.embeddings, payload(rows, "cpu", dtype, 10 * round_ + i, cols)
-                    assert (got.device, got.dtype, got.shape) == (torch.device("cuda:1"), dtype, want.shape)
-                    assert torch.equal(got.cpu().view(BITS[dtype]), want.view(BITS[dtype])), msg.request_id
-            assert receiver.stats.rejected == 0
-        finally:
-            go.put(1)
-            proc.join(30)

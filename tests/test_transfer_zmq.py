@@ -23,7 +23,7 @@ from transfer.zmq_transport import ZmqReceiver, ZmqSender
 # Peers start from a clean forkserver (nothing inherited from pytest) that has torch imported
 # already, so each one costs ~0.1 s instead of a fresh interpreter's ~1.5 s.
 SPAWN = mp.get_context("forkserver")
-SPAWN.set_forkserver_preload(["torch", "zmq", "msgpack", "transfer.region", "transfer.zmq_transport"])
+SPAWN.set_forkserver_preload(["torch", "zmq", "msgpack", "transfer.zmq_transport"])
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 

@@ -41,8 +41,7 @@ class Sender(abc.ABC):
 
     def send_many(self, msgs: list[Message], timeout: float | None = None) -> None:
         """Queue `msgs` for delivery, in order, as send() does for each (`timeout` applies to each
-        message's wait). Region transports send them under one control message, which costs
-        far less per message than one send() each; others send one at a time."""
+        message's wait)."""
         for msg in msgs:
             self.send(msg, timeout)
 

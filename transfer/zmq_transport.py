@@ -9,11 +9,10 @@ Why these choices:
   caller's own tensor memory (zero-copy), so this bound is also the memory bound.
 - IMMEDIATE: while the receiver is down nothing is queued for it; send() pushes back at once,
   so a caller can fail over instead of filling a queue for a peer that may never return.
-- zmq reconnects by itself (every reconnect_ivl), and ZMTP heartbeats drop a connection whose
-  peer vanished without closing it (after a minute; see HEARTBEAT_TIMEOUT_MS), so a restarted
-  peer is picked up and no socket hangs on a dead one. A half-sent message of a dying peer is discarded by zmq, never delivered in part.
-- MAXMSGSIZE makes zmq drop (and disconnect) any single frame larger than the codec's limits
-  before it is buffered whole.
+- zmq reconnects by itself, and ZMTP heartbeats drop a connection whose peer vanished without
+  closing it (see HEARTBEAT_TIMEOUT_MS), so a restarted peer is picked up and no socket hangs on
+  a dead one. A half-sent message of a dying peer is discarded by zmq, never delivered in part.
+- MAXMSGSIZE makes zmq drop (and disconnect) any frame larger than the codec's limits.
 """
 
 from __future__ import annotations

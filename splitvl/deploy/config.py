@@ -86,7 +86,7 @@ class DeployConfig(BaseModel):
     gpus: GpuPlacement = Field(default_factory=GpuPlacement)
     transport: str = Field("zmq", description="transfer backend encode jobs travel by")
     result_transport: str = Field("zmq", description="transfer backend encode results travel by: zmq (tcp, any two "
-                                  "hosts), cuda_ipc (two GPUs of one node), nixl (RDMA across nodes)")
+                                  "hosts), cuda_ipc (two GPUs of one node)")
     api_key: str | None = Field(None, description="if set, every /v1 request needs 'Authorization: Bearer <key>'")
     encode_token: str | None = Field(None, description="a shared secret the language service sends with every "
                                      "encode job and the encode service requires: for encoders on other hosts "
