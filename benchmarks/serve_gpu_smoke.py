@@ -4,7 +4,8 @@
 2. Greedy reference on the CPU in fp32 (splitvl's offline generator on the same weights).
 3. Serves image chats through the real processes, in bf16:
    a. encode and language on one GPU (zmq results);
-   b. encode on GPU 0, language on GPU 1, results by cuda_ipc (needs two GPUs).
+   b. encode on GPU 0, language on GPU 1, results by cuda_ipc (with one GPU: both on it, still
+      through cuda_ipc).
    Each answers through the official openai client; we compare the first greedy token ids to
    the fp32 reference and time the time-to-first-token of the image request.
 
@@ -203,6 +204,8 @@ def main() -> int:
     setups = [("cpu_check", "cpu", "cpu", "zmq")] if args.cpu_check else [("one_gpu", "cuda:0", "cuda:0", "zmq")]
     if torch.cuda.device_count() >= 2 and not args.cpu_check:
         setups.append(("two_gpus_cuda_ipc", "cuda:0", "cuda:1", "cuda_ipc"))
+    elif not args.cpu_check:  # one GPU: cuda_ipc between the two processes on it, the same code path
+        setups.append(("one_gpu_cuda_ipc", "cuda:0", "cuda:0", "cuda_ipc"))
     for name, enc_dev, lang_dev, transport in setups:
         t0 = time.time()
         try:

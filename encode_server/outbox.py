@@ -55,8 +55,7 @@ class _Outbox:
         last_sent = 0.0
         stopping = False
         while not stopping and (msg := self.queue.get()) is not _STOP:
-            # Everything queued behind it goes too, results together through send_many: one
-            # control message for a batch (cuda_ipc and shm), far cheaper per result.
+            # Everything queued behind it goes too, in order, before the next wait on the queue.
             waiting = [msg]
             while len(waiting) < _MAX_BATCH:
                 try:

@@ -11,6 +11,10 @@ to the engine process.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Union
 
@@ -163,18 +167,29 @@ def unpack(data: bytes) -> Message:
 
 
 def _build(cls: type, body: dict[str, Any]) -> Any:
-    kwargs = {}
-    for f in fields(cls):
-        if f.name not in body:
-            continue
-        value = body[f.name]
-        if cls is GenerateRequest and f.name == "sampling":
-            value = SamplingParams(**value)
-        elif cls is GenerateRequest and f.name == "images":
-            value = [ImageRef(**v) for v in value]
-        elif cls is GenerateRequest and f.name == "constraint" and value is not None:
-            value = Constraint(**value)
-        elif cls is RequestOutput and f.name == "logprobs" and value is not None:
-            value = [TokenLogprob(v["token_id"], v["logprob"], [tuple(t) for t in v["top"]]) for v in value]
-        kwargs[f.name] = value
-    return cls(**kwargs)
+    """The dataclass `cls` from its msgpack map, nested values rebuilt from the annotations."""
+    hints = _hints(cls)
+    return cls(**{f.name: _value(hints[f.name], body[f.name]) for f in fields(cls) if f.name in body})
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _value(hint: Any, value: Any) -> Any:
+    """`value` as msgpack gave it back (maps, lists) turned into what `hint` names: dataclasses,
+    lists and tuples of them, optional ones; scalars, bytes and str come back as they are."""
+    if value is None:
+        return None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value)
+    if origin is list:
+        return [_value(args[0], v) for v in value]
+    if origin is tuple:
+        return tuple(_value(a, v) for a, v in zip(args, value))
+    if origin in (Union, types.UnionType):
+        classes = [a for a in args if dataclasses.is_dataclass(a) or typing.get_origin(a) in (list, tuple)]
+        return _value(classes[0], value) if len(classes) == 1 else value
+    return value

@@ -80,15 +80,12 @@ class EncodeOutcome:
 
 
 def _region_options(transport: str, device: str, lease_mib: int, encoders: int) -> dict[str, object]:
-    """The receive region of the region transports: cuda_ipc's on the model's GPU, which the
-    encoders copy into; one lease per encoder, plus one so a restarted encoder attaches at once
-    instead of waiting for its old lease to expire."""
-    if transport not in ("cuda_ipc", "shm", "nixl"):
+    """cuda_ipc's receive ring on the model's GPU, which the encoders copy into: one lease per
+    encoder, plus one so a restarted encoder attaches at once instead of waiting for its old
+    lease to expire."""
+    if transport != "cuda_ipc":
         return {}
-    options: dict[str, object] = {"lease_bytes": lease_mib << 20, "max_senders": encoders + 1}
-    if transport == "cuda_ipc":
-        options["device"] = device
-    return options
+    return {"lease_bytes": lease_mib << 20, "max_senders": encoders + 1, "device": device}
 
 
 class EncoderClient:
