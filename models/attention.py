@@ -9,7 +9,8 @@ KV-cache write (fused with rotary on GPU), and the attention call.
 The KV cache is paged: `[num_blocks, block_size, kv_heads, head_dim]` per layer, a block table
 per sequence, and a slot (block * block_size + offset) per new token. Decode steps replayed
 from CUDA graphs read their metadata from static buffers the backend owns (`init_graph_buffers`,
-`prepare_for_capture`, `prepare_for_replay`), so the graph runner needs no backend of its own.
+`prepare_for_capture`, `prepare_for_replay`, `graph_batch`), so the graph runner needs no
+backend of its own.
 
 Backends by name: `torch` (here, runs anywhere) and `triton` (models/kernels/attention_backend.py);
 models/backends.py picks one.
@@ -109,7 +110,7 @@ class PagedKVCache:
 class AttentionBackend:
     """Causal self-attention of every decoder layer over a flat varlen batch, with its KV cache.
 
-    Subclasses give `attend` (and may extend `prepare` and `_graph_batch`); the rest is shared.
+    Subclasses give `attend` (and may extend `prepare` and `graph_batch`); the rest is shared.
     """
 
     name: ClassVar[str]
@@ -189,13 +190,14 @@ class AttentionBackend:
         tables[:bucket, 0] = self._scratch_block
         self._meta.copy_(self._host_meta)
         self._tables.copy_(self._host_tables)
-        return self._graph_batch(bucket, [1] * bucket)
+        return self.graph_batch(bucket, [1] * bucket)
 
     def prepare_for_replay(self, bucket: int, slots: list[int], context_lens: list[int],
-                           block_tables: list[list[int]]) -> AttentionBatch:
+                           block_tables: list[list[int]]) -> None:
         """Copy one decode step's metadata into the static buffers; rows past len(slots) pad.
-        The copies are queued on the current stream from pinned host buffers: the caller makes
-        sure the previous step's copies have finished before calling again."""
+        The copies are queued on the current stream from pinned host buffers (whole buffers:
+        a strided slice would be staged through pageable memory): the caller makes sure the
+        previous step's copies have finished before calling again."""
         batch = len(slots)
         meta, tables = self._host_meta.numpy(), self._host_tables.numpy()
         meta[0, :batch], meta[1, :batch] = slots, context_lens
@@ -204,13 +206,13 @@ class AttentionBackend:
             tables[row, : len(blocks)] = blocks
         # Later columns of a row keep stale block ids: nothing reads past a sequence's context.
         tables[batch:bucket, 0] = self._scratch_block
-        self._meta[:, :bucket].copy_(self._host_meta[:, :bucket], non_blocking=True)
-        self._tables[:bucket].copy_(self._host_tables[:bucket], non_blocking=True)
-        return self._graph_batch(bucket, list(context_lens) + [1] * (bucket - batch))
+        self._meta.copy_(self._host_meta, non_blocking=True)
+        self._tables[:bucket].copy_(self._host_tables[:bucket], non_blocking=True)  # whole rows: contiguous
 
-    def _graph_batch(self, bucket: int, context_lens: list[int]) -> AttentionBatch:
-        """Graph steps' metadata over the static buffers. The host lists serve backends that run
-        eagerly (they are frozen into a capture, so a capturable backend must not read them)."""
+    def graph_batch(self, bucket: int, context_lens: list[int]) -> AttentionBatch:
+        """Graph steps' metadata over the static buffers, for a capture or an uncaptured run. The
+        host lists serve backends that run eagerly (they would be frozen into a capture, so a
+        capturable backend must not read them)."""
         block_size = self._cache().block_size
         return AttentionBatch("decode", [1] * bucket, context_lens, slot_mapping=self._meta[0, :bucket],
                               block_tables=self._tables[:bucket], max_context=self._graph_max_blocks * block_size,

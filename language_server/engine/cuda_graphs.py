@@ -17,7 +17,7 @@ What a graph fixes at capture time, and how each is handled:
 - attention metadata (slots, context lengths, block tables, and whatever the backend plans per
   bucket, such as the decode kernel's grid): the attention backend keeps it in static buffers of
   its own, through its graph hooks (models/attention.py: init_graph_buffers, prepare_for_capture,
-  prepare_for_replay). This file knows no backend.
+  prepare_for_replay, graph_batch). This file knows no backend.
 
 With `capture=False` the same static-buffer path runs without graphs, on any device (the
 `nocapture` setting): tests compare it with the runner's normal path on CPU, and on a GPU it
@@ -104,15 +104,16 @@ class DecodeGraphRunner:
         host[0, :batch] = step.token_ids
         host[1:, :batch] = step.positions
         host[:, batch:size] = 0
-        self._inputs[:, :size].copy_(self._host[:, :size], non_blocking=True)
-        attn_batch = self.kernels.attn.prepare_for_replay(size, step.slots, step.context_lens, step.block_tables)
+        self._inputs.copy_(self._host, non_blocking=True)  # the whole pinned block: one async copy
+        attn = self.kernels.attn
+        attn.prepare_for_replay(size, step.slots, step.context_lens, step.block_tables)
         if self._copied is not None:
             self._copied.record()
         if size in self.graphs:
             self.graphs[size].replay()
             logits = self._graph_logits[size]
         else:
-            logits = self._forward(size, attn_batch)
+            logits = self._forward(size, attn.graph_batch(size, step.context_lens + [1] * (size - batch)))
         return logits[:batch]
 
     def _forward(self, size: int, attn_batch: AttentionBatch) -> torch.Tensor:

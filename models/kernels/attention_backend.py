@@ -63,11 +63,11 @@ class TritonAttentionBackend(AttentionBackend):
         keys, values = gather_context(self.kv_cache, layer_idx, batch.context_slots)  # [C, Hkv, D]
         return varlen_causal_attention(q, keys, values, batch.query_lens, batch.context_lens, batch.cu_seqlens)
 
-    def _graph_batch(self, bucket: int, context_lens: list[int]) -> AttentionBatch:
+    def graph_batch(self, bucket: int, context_lens: list[int]) -> AttentionBatch:
         # The decode kernel's grid must be the same on every replay: the number of context splits
         # is planned once per bucket for the longest context the graphs serve, and each sequence's
         # actual context is cut evenly over them on the device (balance_splits).
-        batch = super()._graph_batch(bucket, context_lens)
+        batch = super().graph_batch(bucket, context_lens)
         batch.split_len = choose_split_len(bucket, self.kv_cache.num_kv_heads, batch.max_context,
                                            num_sms(self.kv_cache.data.device))
         batch.balance_splits = True
