@@ -63,23 +63,31 @@ def summary(out: Path) -> list[str]:
         if not ours:
             lines.append(f"decode B={row['batch']:<3} not measured (see above)")
             continue
-        lines.append(f"decode B={row['batch']:<3} {ours:9.1f} tok/s   {row.get('pct_floor') or 0:3.0f}% of the floor   "
-                     + (f"transformers {hf:.1f} tok/s ({ours / hf:.1f}x)" if hf else "transformers -"))
+        lines.append(
+            f"decode B={row['batch']:<3} {ours:9.1f} tok/s   {row.get('pct_floor') or 0:3.0f}% of the floor   "
+            + (f"transformers {hf:.1f} tok/s ({ours / hf:.1f}x)" if hf else "transformers -")
+        )
     for row in model.get("prefill_summary", []):
         if not row.get("ms"):
             continue
         hf = row.get("hf_ms")
-        lines.append(f"prefill {row['tokens']:>5} tokens {row['ms']:8.1f} ms   floor {row['floor_ms']:.1f} ms"
-                     + (f"   transformers {hf:.1f} ms" if hf else ""))
+        lines.append(
+            f"prefill {row['tokens']:>5} tokens {row['ms']:8.1f} ms   floor {row['floor_ms']:.1f} ms"
+            + (f"   transformers {hf:.1f} ms" if hf else "")
+        )
     forced = model.get("hf", {}).get("teacher_forced")
     if forced:
-        lines.append(f"teacher-forced agreement with transformers: {forced['top1_agree']:.0%} "
-                     f"(torch reference ops: {forced['reference_ops_top1_agree']:.0%})")
+        lines.append(
+            f"teacher-forced agreement with transformers: {forced['top1_agree']:.0%} "
+            f"(torch reference ops: {forced['reference_ops_top1_agree']:.0%})"
+        )
     encode = load(out / "encode_gpu.json") or {}
     for row in encode.get("rows", []):
         if row.get("implementation") in ("splitvl tower", "splitvl service path"):
-            lines.append(f"{row['implementation'].removeprefix('splitvl ')} {row['image']} x{row['per_forward']}: "
-                         f"{row['ms']:.2f} ms/forward, {row['speedup_vs_transformers']:.2f}x transformers")
+            lines.append(
+                f"{row['implementation'].removeprefix('splitvl ')} {row['image']} x{row['per_forward']}: "
+                f"{row['ms']:.2f} ms/forward, {row['speedup_vs_transformers']:.2f}x transformers"
+            )
     serve = load(out / "serve_gpu_smoke.json") or {}
     for name in ("one_gpu", "two_gpus_cuda_ipc", "cpu_check"):
         runs = serve.get(name, {}).get("runs", [])
@@ -92,21 +100,33 @@ def summary(out: Path) -> list[str]:
         for group in ("all", "text", "image") if name == "half_images" else ("all",):
             g = groups.get(group)
             if g:
-                lines.append(f"load c={load_run['concurrency']} {name} ({group}): {g['output_throughput']:.0f} out tok/s, "
-                             f"TPOT p50 {(g['tpot_ms'] or {}).get('p50') or 0:.1f} ms, "
-                             f"TTFT p50 {(g['ttft_ms'] or {}).get('p50') or 0:.0f} ms, failed {g['failed']}")
+                lines.append(
+                    f"load c={load_run['concurrency']} {name} ({group}): {g['output_throughput']:.0f} out tok/s, "
+                    f"TPOT p50 {(g['tpot_ms'] or {}).get('p50') or 0:.1f} ms, "
+                    f"TTFT p50 {(g['ttft_ms'] or {}).get('p50') or 0:.0f} ms, failed {g['failed']}"
+                )
     if load_run.get("text_tpot_p50_ratio"):
-        lines.append(f"load: text TPOT p50 with images / text only = {load_run['text_tpot_p50_ratio']:.2f}x (target <= 1.25x)")
+        lines.append(
+            f"load: text TPOT p50 with images / text only = {load_run['text_tpot_p50_ratio']:.2f}x (target <= 1.25x)"
+        )
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: checks the wiring, not a benchmark")
-    parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON files (default $OUT or .)")
+    parser.add_argument(
+        "--cpu-smoke", action="store_true", help="tiny shapes on the CPU: checks the wiring, not a benchmark"
+    )
+    parser.add_argument(
+        "--out", default=os.environ.get("OUT", "."), help="folder for the JSON files (default $OUT or .)"
+    )
     parser.add_argument("--language-layers", type=int, default=48, help="layers of the language model in the TTFT part")
-    parser.add_argument("--quick", action="store_true", help="the model part with fewer generated tokens (model_gpu.py --quick)")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of parts to run (default: all of {','.join(PARTS)})")
+    parser.add_argument(
+        "--quick", action="store_true", help="the model part with fewer generated tokens (model_gpu.py --quick)"
+    )
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), help=f"comma list of parts to run (default: all of {','.join(PARTS)})"
+    )
     args = parser.parse_args(argv)
     wanted = args.parts.split(",")
     if unknown := set(wanted) - set(PARTS):
@@ -116,20 +136,53 @@ def main(argv: list[str] | None = None) -> int:
     smoke = ["--cpu-smoke"] if args.cpu_smoke else []
     tokenizer = out / "wide-tokenizer.json"
     parts = {
-        "model": [("model", [str(HERE / "model_gpu.py"), *smoke, *(["--quick"] if args.quick else []),
-                             "--out", str(out / "model_gpu.json")], 600)],
-        "encode": [("vision tower and service path",
-                    [str(HERE / "encode_gpu.py"), *smoke, "--out", str(out / "encode_gpu.json")], 300)],
-        "ttft": [("TTFT through both services",
-                  [str(HERE / "serve_gpu_smoke.py"), "--out", str(out), "--language-layers",
-                   str(3 if args.cpu_smoke else args.language_layers)]
-                  + (["--cpu-check", "--ckpt", str(out / "smoke-tiny-ckpt")] if args.cpu_smoke else []), 600)],
-        "load": ([] if args.cpu_smoke or tokenizer.exists() else
-                 [("Qwen-sized tokenizer", [str(HERE / "train_tokenizer.py"), str(tokenizer)], 300)])
-                + [("both services under load",
-                    [str(HERE / "serve_load_gpu.py"), "--out", str(out)]
-                    + (["--cpu-check", "--num-prompts", "16"] if args.cpu_smoke else ["--tokenizer-json", str(tokenizer)]),
-                    900)],
+        "model": [
+            (
+                "model",
+                [
+                    str(HERE / "model_gpu.py"),
+                    *smoke,
+                    *(["--quick"] if args.quick else []),
+                    "--out",
+                    str(out / "model_gpu.json"),
+                ],
+                600,
+            )
+        ],
+        "encode": [
+            (
+                "vision tower and service path",
+                [str(HERE / "encode_gpu.py"), *smoke, "--out", str(out / "encode_gpu.json")],
+                300,
+            )
+        ],
+        "ttft": [
+            (
+                "TTFT through both services",
+                [
+                    str(HERE / "serve_gpu_smoke.py"),
+                    "--out",
+                    str(out),
+                    "--language-layers",
+                    str(3 if args.cpu_smoke else args.language_layers),
+                ]
+                + (["--cpu-check", "--ckpt", str(out / "smoke-tiny-ckpt")] if args.cpu_smoke else []),
+                600,
+            )
+        ],
+        "load": (
+            []
+            if args.cpu_smoke or tokenizer.exists()
+            else [("Qwen-sized tokenizer", [str(HERE / "train_tokenizer.py"), str(tokenizer)], 300)]
+        )
+        + [
+            (
+                "both services under load",
+                [str(HERE / "serve_load_gpu.py"), "--out", str(out)]
+                + (["--cpu-check", "--num-prompts", "16"] if args.cpu_smoke else ["--tokenizer-json", str(tokenizer)]),
+                900,
+            )
+        ],
     }
     failed = []
     for name, part_argv, timeout_s in [step for part in wanted for step in parts[part]]:

@@ -40,11 +40,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from encode_server.images import decode_image  # noqa: E402
-from encode_server.preprocess import PreprocessSettings, preprocess  # noqa: E402
-from encode_server.runner import VisionRunner  # noqa: E402
-from models.loader import load_model  # noqa: E402
-from models.tiny_checkpoint import write_tiny_checkpoint  # noqa: E402
+from encode_server.images import decode_image
+from encode_server.preprocess import PreprocessSettings, preprocess
+from encode_server.runner import VisionRunner
+from models.loader import load_model
+from models.tiny_checkpoint import write_tiny_checkpoint
 
 SIZES = (448, 1024)
 MAX_DECODED_PIXELS = 1 << 26
@@ -95,7 +95,7 @@ def main() -> int:
 
     if args.cpu_smoke:
         device, dtype, shapes, budget, min_runs = torch.device("cpu"), torch.float32, "tiny", 0.05, 2
-        sync = lambda: None  # noqa: E731
+        sync = lambda: None
         card = "CPU (smoke run; numbers are not a benchmark)"
     else:
         if not torch.cuda.is_available():
@@ -120,9 +120,11 @@ def main() -> int:
         runner = VisionRunner(ours, device)
         host_pixel_values = getattr(runner, "host_pixel_values", lambda pv: pv)  # older trees: fp32
         print(f"card: {card}")
-        print(f"torch {torch.__version__}, transformers {transformers.__version__}, dtype {str(dtype)[6:]}, "
-              f"transformers attention: {visual.config._attn_implementation}; "
-              f"checkpoint written in {written:.0f}s" + (f" ({model_dir})" if args.model else ""))
+        print(
+            f"torch {torch.__version__}, transformers {transformers.__version__}, dtype {str(dtype)[6:]}, "
+            f"transformers attention: {visual.config._attn_implementation}; "
+            f"checkpoint written in {written:.0f}s" + (f" ({model_dir})" if args.model else "")
+        )
 
         rows_out: list[dict] = []
         header = f"{'image':>9} {'per fwd':>7}  {'implementation':<22}{'ms/fwd':>9}{'images/s':>10}{'tokens/s':>11}{'vs hf':>7}"
@@ -130,6 +132,7 @@ def main() -> int:
         print("-" * len(header))
         for side in SIZES:
             data = [jpeg(side, seed) for seed in range(args.batch)]
+
             def worker(d: bytes) -> tuple[torch.Tensor, tuple[int, int, int]]:  # what one encode worker does
                 pixel_values, grid = preprocess(decode_image(d, max_pixels_decoded=MAX_DECODED_PIXELS), settings)
                 return host_pixel_values(pixel_values), grid
@@ -142,7 +145,9 @@ def main() -> int:
             pv = torch.cat([p for p, _ in images]).to(device)
             grids = [g for _, g in images]
             with torch.inference_mode():
-                diff = (ours(pv, grids).float() - hf_rows(visual(pv, grid_thw=torch.tensor(grids, device=device))).float())
+                diff = (
+                    ours(pv, grids).float() - hf_rows(visual(pv, grid_thw=torch.tensor(grids, device=device))).float()
+                )
             max_diff = diff.abs().max().item()
 
             for per_fwd in (1, args.batch):
@@ -152,23 +157,40 @@ def main() -> int:
                 host = images[:per_fwd]
                 with torch.inference_mode():
                     timings = {
-                        "transformers visual": time_ms(lambda: visual(pv, grid_thw=grid_tensor), sync, budget, min_runs),
+                        "transformers visual": time_ms(
+                            lambda: visual(pv, grid_thw=grid_tensor), sync, budget, min_runs
+                        ),
                         "splitvl tower": time_ms(lambda: ours(pv, grids), sync, budget, min_runs),
                         "splitvl service path": time_ms(lambda: runner.encode(host), sync, budget, min_runs),
                     }
                 for impl, ms in timings.items():
-                    row = {"image": f"{side}x{side}", "per_forward": per_fwd, "implementation": impl, "ms": ms,
-                           "images_per_s": per_fwd / ms * 1e3, "tokens_per_s": per_fwd * tokens / ms * 1e3,
-                           "speedup_vs_transformers": timings["transformers visual"] / ms}
+                    row = {
+                        "image": f"{side}x{side}",
+                        "per_forward": per_fwd,
+                        "implementation": impl,
+                        "ms": ms,
+                        "images_per_s": per_fwd / ms * 1e3,
+                        "tokens_per_s": per_fwd * tokens / ms * 1e3,
+                        "speedup_vs_transformers": timings["transformers visual"] / ms,
+                    }
                     rows_out.append(row)
-                    print(f"{row['image']:>9} {per_fwd:>7}  {impl:<22}{ms:>9.2f}{row['images_per_s']:>10.1f}"
-                          f"{row['tokens_per_s']:>11.0f}{row['speedup_vs_transformers']:>6.2f}x")
-            prep = {"image": f"{side}x{side}", "implementation": "decode+preprocess (CPU, 1 thread)",
-                    "ms": prep_ms, "images_per_s": 1e3 / prep_ms, "tokens_per_image": tokens,
-                    "max_abs_diff_vs_transformers": max_diff}
+                    print(
+                        f"{row['image']:>9} {per_fwd:>7}  {impl:<22}{ms:>9.2f}{row['images_per_s']:>10.1f}"
+                        f"{row['tokens_per_s']:>11.0f}{row['speedup_vs_transformers']:>6.2f}x"
+                    )
+            prep = {
+                "image": f"{side}x{side}",
+                "implementation": "decode+preprocess (CPU, 1 thread)",
+                "ms": prep_ms,
+                "images_per_s": 1e3 / prep_ms,
+                "tokens_per_image": tokens,
+                "max_abs_diff_vs_transformers": max_diff,
+            }
             rows_out.append(prep)
-            print(f"{prep['image']:>9} {'':>7}  {'decode+preprocess CPU':<22}{prep_ms:>9.2f}{prep['images_per_s']:>10.1f}"
-                  f"{'':>11}{'':>7}   ({tokens} tokens/image; max |ours - hf| = {max_diff:.3g})")
+            print(
+                f"{prep['image']:>9} {'':>7}  {'decode+preprocess CPU':<22}{prep_ms:>9.2f}{prep['images_per_s']:>10.1f}"
+                f"{'':>11}{'':>7}   ({tokens} tokens/image; max |ours - hf| = {max_diff:.3g})"
+            )
 
     out = args.out or (Path(os.environ["OUT"]) / "encode_gpu.json" if os.environ.get("OUT") else None)
     if out is not None:

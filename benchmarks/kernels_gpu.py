@@ -25,24 +25,24 @@ import os
 import statistics
 import sys
 import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.kernels.fused_moe import MoeConfig, moe_config, triton_fused_experts  # noqa: E402
-from models.kernels.moe_align import _align_chunked, _align_one_program, align_pairs_to_experts  # noqa: E402
-from models.kernels.paged_attention import _torch_paged_decode, paged_decode_attention  # noqa: E402
-from models.kernels.prefill_attention import (  # noqa: E402
+from models.kernels.fused_moe import MoeConfig, moe_config, triton_fused_experts
+from models.kernels.moe_align import _align_chunked, _align_one_program, align_pairs_to_experts
+from models.kernels.paged_attention import _torch_paged_decode, paged_decode_attention
+from models.kernels.prefill_attention import (
     context_slots,
     flash_varlen_available,
     varlen_causal_attention,
 )
-from models.moe import torch_fused_experts  # noqa: E402
+from models.moe import torch_fused_experts
 
-E, K, H, I = 128, 8, 2048, 768  # noqa: E741  (Qwen3-VL-30B-A3B experts)
+E, K, H, I = 128, 8, 2048, 768  # Qwen3-VL-30B-A3B experts
 HQ, HKV, D, S = 32, 4, 128, 16  # its attention, and the cache block size
 DT = torch.bfloat16
 DEVICE = "cuda"  # tests/test_kernels_benchmark.py runs this file small on CPU (interpreter, fp32)
@@ -77,7 +77,7 @@ def time_ms(calls: list[Callable[[], object]], graph: bool = False, budget_s: fl
         for call in calls:
             call()
     torch.cuda.synchronize()
-    run: Callable[[], object] = lambda: [call() for call in calls]  # noqa: E731
+    run: Callable[[], object] = lambda: [call() for call in calls]
     if graph:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -180,7 +180,7 @@ def bench_moe(token_counts: list[int], sweep: bool, bandwidth: float, peak: floa
         bytes_moved = active * 3 * H * I * DT.itemsize + 2 * tokens * H * DT.itemsize
         flops = 2 * tokens * K * 3 * H * I
         floor_ms = max(bytes_moved / bandwidth / 1e6, flops / peak / 1e9)
-        calls = lambda fn: [lambda s=s: fn(*s) for s in sets]  # noqa: E731
+        calls = lambda fn: [lambda s=s: fn(*s) for s in sets]
         row = {
             "T": tokens,
             "active_experts": active,
@@ -197,21 +197,27 @@ def bench_moe(token_counts: list[int], sweep: bool, bandwidth: float, peak: floa
             [lambda s=s: align_pairs_to_experts(s[2], E, block_m) for s in sets], graph=True
         )
         # Both Triton alignments at every size: where SMALL_PAIRS should sit.
-        row["align_one_program_graph_ms"] = try_time(
-            [lambda s=s: _align_one_program(s[2], E, block_m) for s in sets], graph=True
-        ) if tokens * K <= 16384 else None
+        row["align_one_program_graph_ms"] = (
+            try_time([lambda s=s: _align_one_program(s[2], E, block_m) for s in sets], graph=True)
+            if tokens * K <= 16384
+            else None
+        )
         row["align_chunked_graph_ms"] = try_time(
             [lambda s=s: _align_chunked(s[2], E, block_m) for s in sets], graph=True
         )
-        print(f"  T={tokens} align (graph): one program {fmt(row['align_one_program_graph_ms'])} us, "
-              f"chunked {fmt(row['align_chunked_graph_ms'])} us")
+        print(
+            f"  T={tokens} align (graph): one program {fmt(row['align_one_program_graph_ms'])} us, "
+            f"chunked {fmt(row['align_chunked_graph_ms'])} us"
+        )
         row["torch_ms"] = time_ms(calls(lambda x, w, ids: torch_fused_experts(x, gate_up, down, w, ids)))
         row["hf_grouped_mm_ms"] = try_time(calls(hf)) if hf_ok else None
         row["config"] = dataclasses.asdict(moe_config(tokens))
         if sweep:
             regime = "decode" if tokens <= 64 else "mid" if tokens <= 512 else "prefill"
-            best = (row["triton_graph_ms"] if tokens <= 256 and row["triton_graph_ms"] else row["triton_ms"],
-                    moe_config(tokens))
+            best = (
+                row["triton_graph_ms"] if tokens <= 256 and row["triton_graph_ms"] else row["triton_ms"],
+                moe_config(tokens),
+            )
             for config in SWEEP[regime]:
                 if config == moe_config(tokens):
                     continue
@@ -343,9 +349,7 @@ def bench_prefill(token_counts: list[int], peak: float) -> Iterator[dict]:
             flops = 4 * HQ * D * (tokens * prefix + tokens * (tokens + 1) / 2)
             row = {"T": tokens, "prefix": prefix, "floor_ms": flops / peak / 1e9}
             # As the backend runs it: slots built once per forward, the gather once per layer.
-            row["gather_ms"] = time_ms(
-                [lambda: (flat[0, slots], flat[1, slots])]
-            )
+            row["gather_ms"] = time_ms([lambda: (flat[0, slots], flat[1, slots])])
             row["attention_ms"] = time_ms([lambda: varlen_causal_attention(q, keys, values, [tokens], [ctx])])
             # The reference backend's call; with a prefix it takes an explicit mask, and SDPA's
             # math fallback for 8k x 32k would need tens of GB, so that case is not run.

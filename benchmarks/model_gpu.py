@@ -42,22 +42,22 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from language_server.engine.core import EngineCore  # noqa: E402
-from language_server.protocol import GenerateRequest, SamplingParams  # noqa: E402
-from language_server.settings import LanguageSettings  # noqa: E402
-from models import tiny_tokenizer  # noqa: E402
-from models.config import ModelConfig, load_config  # noqa: E402
-from models.tiny_checkpoint import write_tiny_checkpoint  # noqa: E402
+from language_server.engine.core import EngineCore
+from language_server.protocol import GenerateRequest, SamplingParams
+from language_server.settings import LanguageSettings
+from models import tiny_tokenizer
+from models.config import ModelConfig, load_config
+from models.tiny_checkpoint import write_tiny_checkpoint
 
 BLOCK = 16
 
@@ -82,8 +82,20 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.cpu_smoke:
         # Batch 3 pads to the graph bucket 4 (the graph path runs uncaptured on the CPU).
         return Plan("cpu", "float32", "tiny", args.layers, (1, 3, 4), 12, 8, (32, 64), (1, 2), 8, 16, 256)
-    return Plan("cuda", "bfloat16", "qwen3-vl-30b-a3b", args.layers, (1, 16, 64, 256), 512,
-                64 if args.quick else 256, (1024, 8192), (1, 16), 16 if args.quick else 64, 1024, 8192)
+    return Plan(
+        "cuda",
+        "bfloat16",
+        "qwen3-vl-30b-a3b",
+        args.layers,
+        (1, 16, 64, 256),
+        512,
+        64 if args.quick else 256,
+        (1024, 8192),
+        (1, 16),
+        16 if args.quick else 64,
+        1024,
+        8192,
+    )
 
 
 # ----- timing ---------------------------------------------------------------------------------
@@ -138,7 +150,7 @@ class ModelSizes:
     itemsize: int
 
     @classmethod
-    def of(cls, config: ModelConfig, dtype: torch.dtype) -> "ModelSizes":
+    def of(cls, config: ModelConfig, dtype: torch.dtype) -> ModelSizes:
         from models.qwen3_moe import Qwen3MoeForCausalLMWithDeepStack
 
         text = config.text
@@ -147,9 +159,19 @@ class ModelSizes:
         total = sum(p.numel() for p in model.parameters())
         experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
         embed = model.model.embed_tokens.weight.numel()
-        return cls(total, total - experts - embed, 3 * text.hidden_size * text.moe_intermediate_size,
-                   text.num_hidden_layers, text.num_experts, text.num_experts_per_tok, text.hidden_size,
-                   text.num_attention_heads, text.num_key_value_heads, text.head_dim, dtype.itemsize)
+        return cls(
+            total,
+            total - experts - embed,
+            3 * text.hidden_size * text.moe_intermediate_size,
+            text.num_hidden_layers,
+            text.num_experts,
+            text.num_experts_per_tok,
+            text.hidden_size,
+            text.num_attention_heads,
+            text.num_key_value_heads,
+            text.head_dim,
+            dtype.itemsize,
+        )
 
     def kv_bytes_per_token(self) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * self.itemsize
@@ -160,12 +182,16 @@ class ModelSizes:
 
     def decode_step_bytes(self, batch: int, mean_context: float) -> float:
         weights = self.dense_params + self.layers * self.active_experts(batch) * self.expert_params
-        return weights * self.itemsize + batch * (mean_context * self.kv_bytes_per_token() + self.hidden * self.itemsize)
+        return weights * self.itemsize + batch * (
+            mean_context * self.kv_bytes_per_token() + self.hidden * self.itemsize
+        )
 
     def prefill_floor_s(self, tokens: int, ceilings: dict) -> float:
         active = self.dense_params + self.layers * self.top_k * self.expert_params  # per token (lm_head: 1 row)
         flops = 2 * tokens * active + 2 * self.layers * tokens**2 * self.q_heads * self.head_dim  # causal QK, PV
-        weight_bytes = (self.dense_params + self.layers * self.active_experts(tokens) * self.expert_params) * self.itemsize
+        weight_bytes = (
+            self.dense_params + self.layers * self.active_experts(tokens) * self.expert_params
+        ) * self.itemsize
         return max(flops / ceilings["matmul_flops_per_s"], weight_bytes / ceilings["copy_bytes_per_s"])
 
 
@@ -174,7 +200,9 @@ class ModelSizes:
 
 def kv_blocks(plan: Plan, sizes: ModelSizes) -> int:
     """Blocks for the largest decode batch at full length plus one longest prefill, capped by memory."""
-    need = max(plan.batches) * -(-(plan.input_len + plan.output_len) // BLOCK) + -(-(max(plan.prefill_lens) + 1) // BLOCK)
+    need = max(plan.batches) * -(-(plan.input_len + plan.output_len) // BLOCK) + -(
+        -(max(plan.prefill_lens) + 1) // BLOCK
+    )
     if plan.device != "cuda":
         return need
     torch.cuda.empty_cache()  # the ceilings' buffers
@@ -193,10 +221,18 @@ def build_engine(ckpt: Path, plan: Plan, num_kv_blocks: int, graphs: bool = True
     buffers."""
     longest = max(max(plan.prefill_lens), plan.input_len + plan.output_len)
     settings = LanguageSettings(
-        model=str(ckpt), device=plan.device, dtype=plan.dtype, block_size=BLOCK, num_kv_blocks=num_kv_blocks,
-        max_num_seqs=max(plan.batches), max_num_batched_tokens=max(plan.prefill_lens),
-        chunk_size=max(plan.prefill_lens), max_model_len=longest + 64, enable_prefix_caching=False,
-        load_format="dummy", cuda_graphs=("on" if plan.device == "cuda" else "nocapture") if graphs else "off",
+        model=str(ckpt),
+        device=plan.device,
+        dtype=plan.dtype,
+        block_size=BLOCK,
+        num_kv_blocks=num_kv_blocks,
+        max_num_seqs=max(plan.batches),
+        max_num_batched_tokens=max(plan.prefill_lens),
+        chunk_size=max(plan.prefill_lens),
+        max_model_len=longest + 64,
+        enable_prefix_caching=False,
+        load_format="dummy",
+        cuda_graphs=("on" if plan.device == "cuda" else "nocapture") if graphs else "off",
     )
     return EngineCore(settings)
 
@@ -235,8 +271,9 @@ def wide_tokenizer(ckpt: Path, tokenizer_json: Path) -> int:
             path.write_text(json.dumps(remap(json.loads(path.read_text())), indent=2))
     config_path = ckpt / "tokenizer_config.json"
     tok_config = json.loads(config_path.read_text())
-    tok_config["added_tokens_decoder"] = {str(moved.get(int(k), int(k))): v
-                                          for k, v in tok_config.get("added_tokens_decoder", {}).items()}
+    tok_config["added_tokens_decoder"] = {
+        str(moved.get(int(k), int(k))): v for k, v in tok_config.get("added_tokens_decoder", {}).items()
+    }
     config_path.write_text(json.dumps(tok_config, indent=2))
     return base
 
@@ -264,8 +301,10 @@ def decode_run(engine: EngineCore, batch: int, plan: Plan) -> dict:
     rng = random.Random(batch)  # the same prompts with graphs on and off
     vocab = engine.config.text.vocab_size
     params = SamplingParams(max_tokens=plan.output_len, temperature=0.0, ignore_eos=True)
-    reqs = [GenerateRequest(f"b{batch}-{'g' if graphs else 'e'}-{i}", random_prompt(rng, plan.input_len, vocab), params)
-            for i in range(batch)]
+    reqs = [
+        GenerateRequest(f"b{batch}-{'g' if graphs else 'e'}-{i}", random_prompt(rng, plan.input_len, vocab), params)
+        for i in range(batch)
+    ]
     preempted = engine.scheduler.preemptions
     tokens: dict[str, list[int]] = {r.request_id: [] for r in reqs}
     step_s: list[float] = []
@@ -273,8 +312,11 @@ def decode_run(engine: EngineCore, batch: int, plan: Plan) -> dict:
     try:
         submit(engine, reqs)
         while engine.has_work():
-            full = not sched.waiting and len(sched.running) == batch and all(
-                r.num_tokens - r.num_computed == 1 for r in sched.running)
+            full = (
+                not sched.waiting
+                and len(sched.running) == batch
+                and all(r.num_tokens - r.num_computed == 1 for r in sched.running)
+            )
             t0 = time.perf_counter()
             outs = engine.step()  # ends in the sampler's device sync
             elapsed = time.perf_counter() - t0
@@ -288,10 +330,15 @@ def decode_run(engine: EngineCore, batch: int, plan: Plan) -> dict:
     steady = step_s[3:] or step_s  # the first replays still warm caches up
     last = [t[-1] for t in tokens.values() if t]
     return {
-        "batch": batch, "graphs": graphs, "decode_steps": len(steady),
-        "step_ms_median": 1e3 * statistics.median(steady), "tok_s": batch * len(steady) / sum(steady),
-        "preemptions": engine.scheduler.preemptions - preempted, "distinct_last_tokens": len(set(last)),
-        "generated": [tokens[r.request_id] for r in reqs], "prompt0": reqs[0].prompt_token_ids,
+        "batch": batch,
+        "graphs": graphs,
+        "decode_steps": len(steady),
+        "step_ms_median": 1e3 * statistics.median(steady),
+        "tok_s": batch * len(steady) / sum(steady),
+        "preemptions": engine.scheduler.preemptions - preempted,
+        "distinct_last_tokens": len(set(last)),
+        "generated": [tokens[r.request_id] for r in reqs],
+        "prompt0": reqs[0].prompt_token_ids,
     }
 
 
@@ -301,8 +348,11 @@ def prefill_run(engine: EngineCore, length: int, reps: int) -> dict:
     vocab = engine.config.text.vocab_size
     times = []
     for rep in range(reps + 1):
-        req = GenerateRequest(f"p{length}-{rep}", random_prompt(rng, length, vocab),
-                              SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+        req = GenerateRequest(
+            f"p{length}-{rep}",
+            random_prompt(rng, length, vocab),
+            SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
+        )
         t0 = time.perf_counter()
         submit(engine, [req])
         while engine.has_work():
@@ -345,7 +395,7 @@ def transformers_model(ours: nn.Module, ckpt: Path, device: str, dtype: torch.dt
     for name, param in list(hf.named_parameters()):
         owner, leaf = name.rsplit(".", 1)
         if name.startswith("model.language_model."):
-            src = mine["model." + name[len("model.language_model."):]]
+            src = mine["model." + name[len("model.language_model.") :]]
         elif name == "lm_head.weight":
             src = mine[name]
         else:
@@ -357,19 +407,26 @@ def transformers_model(ours: nn.Module, ckpt: Path, device: str, dtype: torch.dt
 
 
 def hf_generate(hf: nn.Module, ids: torch.Tensor, new_tokens: int, device: str) -> tuple[torch.Tensor, float]:
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
     if "mm_token_type_ids" in inspect.signature(hf.forward).parameters:
         kwargs["mm_token_type_ids"] = torch.zeros_like(ids)  # all text
     sync(device)
     t0 = time.perf_counter()
     out = hf.generate(**kwargs)
     sync(device)
-    return out[:, ids.shape[1]:], time.perf_counter() - t0
+    return out[:, ids.shape[1] :], time.perf_counter() - t0
 
 
-def transformers_runs(hf: nn.Module, plan: Plan, vocab: int, prompt0: list[int] | None, result: dict,
-                      ours: nn.Module | None = None) -> None:
+def transformers_runs(
+    hf: nn.Module, plan: Plan, vocab: int, prompt0: list[int] | None, result: dict, ours: nn.Module | None = None
+) -> None:
     """Fills result["prefill"] and result["decode"] as it goes (a failure keeps what was measured)."""
     dev = plan.device
     rng = random.Random(7)
@@ -389,15 +446,18 @@ def transformers_runs(hf: nn.Module, plan: Plan, vocab: int, prompt0: list[int] 
         one = statistics.median(hf_generate(hf, ids, 1, dev)[1] for _ in range(2))
         new, many = hf_generate(hf, ids, n, dev)
         step = (many - one) / (n - 1)
-        result["decode"].append({"batch": batch, "step_ms": 1e3 * step, "tok_s": batch / step,
-                                 "tokens0": new[0].tolist()})
+        result["decode"].append(
+            {"batch": batch, "step_ms": 1e3 * step, "tok_s": batch / step, "tokens0": new[0].tolist()}
+        )
         print(f"  transformers decode B={batch}: {1e3 * step:.1f} ms/step, {batch / step:.1f} tok/s")
         if batch == 1 and ours is not None:
             result["teacher_forced"] = teacher_forced(ours, hf, rows[0], new[0].tolist(), dev)
             tf = result["teacher_forced"]
-            print(f"  teacher-forced over transformers' {tf['positions']} greedy tokens: ours picks the same token at "
-                  f"{tf['top1_agree']:.0%} of positions, logits rel. error {tf['logits_rel_err']:.2e} (our model on "
-                  f"the torch reference ops: {tf['reference_ops_top1_agree']:.0%}, {tf['reference_ops_logits_rel_err']:.2e})")
+            print(
+                f"  teacher-forced over transformers' {tf['positions']} greedy tokens: ours picks the same token at "
+                f"{tf['top1_agree']:.0%} of positions, logits rel. error {tf['logits_rel_err']:.2e} (our model on "
+                f"the torch reference ops: {tf['reference_ops_top1_agree']:.0%}, {tf['reference_ops_logits_rel_err']:.2e})"
+            )
 
 
 @torch.no_grad()
@@ -429,8 +489,14 @@ def teacher_forced(ours: nn.Module, hf: nn.Module, prompt: list[int], generated:
     def rel(logits: torch.Tensor) -> float:
         return ((logits - theirs).norm() / theirs.norm()).item()
 
-    return {"positions": n, "top1_agree": agree(mine), "hf_top1_self": agree(theirs), "logits_rel_err": rel(mine),
-            "reference_ops_top1_agree": agree(plain), "reference_ops_logits_rel_err": rel(plain)}
+    return {
+        "positions": n,
+        "top1_agree": agree(mine),
+        "hf_top1_self": agree(theirs),
+        "logits_rel_err": rel(mine),
+        "reference_ops_top1_agree": agree(plain),
+        "reference_ops_logits_rel_err": rel(plain),
+    }
 
 
 # ----- the run ----------------------------------------------------------------------------------
@@ -478,14 +544,18 @@ def _without_bulk(value: object) -> object:
     return value
 
 
-def decode_sections(report: Report, engine: EngineCore | None, plan: Plan, graphs: bool, reserve_s: float = 0.0) -> None:
+def decode_sections(
+    report: Report, engine: EngineCore | None, plan: Plan, graphs: bool, reserve_s: float = 0.0
+) -> None:
     for batch in plan.batches:
         with report.section(f"engine decode B={batch} graphs={'on' if graphs else 'off'}", reserve_s) as go:
             if go and engine is not None:
                 row = decode_run(engine, batch, plan)
                 report.data["decode"].append(row)
-                print(f"  {row['step_ms_median']:.2f} ms/step, {row['tok_s']:.1f} tok/s over {row['decode_steps']} "
-                      f"steps; {row['distinct_last_tokens']} distinct last tokens; {row['preemptions']} preemptions")
+                print(
+                    f"  {row['step_ms_median']:.2f} ms/step, {row['tok_s']:.1f} tok/s over {row['decode_steps']} "
+                    f"steps; {row['distinct_last_tokens']} distinct last tokens; {row['preemptions']} preemptions"
+                )
 
 
 def prefix_agreement(a: list[int], b: list[int]) -> int:
@@ -516,20 +586,30 @@ def run(args: argparse.Namespace) -> int:
     write_tiny_checkpoint(ckpt, shapes=plan.shapes, num_layers=plan.layers, metadata_only=True)
     config = load_config(ckpt)
     sizes = ModelSizes.of(config, dtype)
-    data["model"] = {"layers": sizes.layers, "params": sizes.total_params, "weight_bytes": sizes.total_params * sizes.itemsize}
-    print(f"{card} | torch {torch.__version__} | transformers {data.get('transformers_version')} | "
-          f"triton {data.get('triton')}")
-    print(f"model: {sizes.layers} layers, {sizes.total_params / 1e9:.2f} B params, {plan.dtype}, random weights "
-          f"(what ran: batches {plan.batches}, input {plan.input_len}, output {plan.output_len}, "
-          f"prefill {plan.prefill_lens})")
+    data["model"] = {
+        "layers": sizes.layers,
+        "params": sizes.total_params,
+        "weight_bytes": sizes.total_params * sizes.itemsize,
+    }
+    print(
+        f"{card} | torch {torch.__version__} | transformers {data.get('transformers_version')} | "
+        f"triton {data.get('triton')}"
+    )
+    print(
+        f"model: {sizes.layers} layers, {sizes.total_params / 1e9:.2f} B params, {plan.dtype}, random weights "
+        f"(what ran: batches {plan.batches}, input {plan.input_len}, output {plan.output_len}, "
+        f"prefill {plan.prefill_lens})"
+    )
 
     ceilings = None
     with report.section("ceilings") as go:
         if go:
             ceilings = measure_ceilings(plan)
             data["ceilings"] = ceilings
-            print(f"  copy {ceilings['copy_bytes_per_s'] / 1e9:.4g} GB/s (read + write), "
-                  f"matmul {ceilings['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s")
+            print(
+                f"  copy {ceilings['copy_bytes_per_s'] / 1e9:.4g} GB/s (read + write), "
+                f"matmul {ceilings['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s"
+            )
 
     engine = None
     with report.section("engine build (random weights on the device, KV cache, CUDA graph capture)") as go:
@@ -539,8 +619,10 @@ def run(args: argparse.Namespace) -> int:
             data["engine_build_s"] = time.perf_counter() - t0
             mem = torch.cuda.memory_allocated() / 2**30 if plan.device == "cuda" else 0.0
             data["graph_buckets"] = engine.runner.decode_graphs.sizes if engine.runner.decode_graphs else []
-            print(f"  {data['engine_build_s']:.1f} s, {engine.runner.num_kv_blocks} KV blocks, "
-                  f"graph buckets {data['graph_buckets']}, {mem:.1f} GiB allocated")
+            print(
+                f"  {data['engine_build_s']:.1f} s, {engine.runner.num_kv_blocks} KV blocks, "
+                f"graph buckets {data['graph_buckets']}, {mem:.1f} GiB allocated"
+            )
 
     data["decode"], data["prefill"] = [], []
     decode_sections(report, engine, plan, graphs=True)
@@ -600,14 +682,22 @@ def summarize(data: dict, sizes: ModelSizes, plan: Plan) -> None:
     hf = data.get("hf", {})
     hf_decode = {r["batch"]: r for r in hf.get("decode", [])}
     runs = {(r["batch"], r["graphs"]): r for r in data["decode"]}
-    fmt = lambda v, spec=".1f": "-" if v is None else format(v, spec)  # noqa: E731
-    print(f"\n#### {data['card']} | torch {data['torch']} | triton {data.get('triton')} | transformers "
-          f"{data.get('transformers_version')} | {sizes.layers} layers, {plan.dtype}, random weights")
+    fmt = lambda v, spec=".1f": "-" if v is None else format(v, spec)
+    print(
+        f"\n#### {data['card']} | torch {data['torch']} | triton {data.get('triton')} | transformers "
+        f"{data.get('transformers_version')} | {sizes.layers} layers, {plan.dtype}, random weights"
+    )
     if ceilings:
-        print(f"copy {ceilings['copy_bytes_per_s'] / 1e9:.4g} GB/s (read+write) | matmul "
-              f"{ceilings['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s | engine build {fmt(data.get('engine_build_s'))} s")
-    print(f"\ndecode tok/s (input {plan.input_len}, output {plan.output_len}, greedy; steps where the whole batch decodes)")
-    print("    B | ours graphs | ours eager | graph/eager | transformers | ours/hf | floor tok/s | % floor | ms/step | graph=eager tokens")
+        print(
+            f"copy {ceilings['copy_bytes_per_s'] / 1e9:.4g} GB/s (read+write) | matmul "
+            f"{ceilings['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s | engine build {fmt(data.get('engine_build_s'))} s"
+        )
+    print(
+        f"\ndecode tok/s (input {plan.input_len}, output {plan.output_len}, greedy; steps where the whole batch decodes)"
+    )
+    print(
+        "    B | ours graphs | ours eager | graph/eager | transformers | ours/hf | floor tok/s | % floor | ms/step | graph=eager tokens"
+    )
     summary = []
     for batch in plan.batches:
         g, e, h = runs.get((batch, True)), runs.get((batch, False)), hf_decode.get(batch)
@@ -619,20 +709,26 @@ def summarize(data: dict, sizes: ModelSizes, plan: Plan) -> None:
         agree = None
         if g and e:
             agree = sum(prefix_agreement(a, b) for a, b in zip(g["generated"], e["generated"])) / sum(
-                len(a) for a in g["generated"])
+                len(a) for a in g["generated"]
+            )
         row = {
-            "batch": batch, "graphs_tok_s": g and g["tok_s"], "eager_tok_s": e and e["tok_s"],
-            "hf_tok_s": h and h["tok_s"], "floor_tok_s": floor,
+            "batch": batch,
+            "graphs_tok_s": g and g["tok_s"],
+            "eager_tok_s": e and e["tok_s"],
+            "hf_tok_s": h and h["tok_s"],
+            "floor_tok_s": floor,
             "graph_over_eager": g and e and g["tok_s"] / e["tok_s"],
             "ours_over_hf": best and h and best["tok_s"] / h["tok_s"],
             "pct_floor": best and floor and 100 * best["tok_s"] / floor,
             "graph_eager_token_agreement": agree,
         }
         summary.append(row)
-        print(f"{batch:5d} | {fmt(row['graphs_tok_s']):>11} | {fmt(row['eager_tok_s']):>10} | "
-              f"{fmt(row['graph_over_eager'], '.2f'):>11} | {fmt(row['hf_tok_s']):>12} | {fmt(row['ours_over_hf'], '.2f'):>7} | "
-              f"{fmt(floor):>11} | {fmt(row['pct_floor'], '.0f'):>7} | {fmt(best and best['step_ms_median'], '.2f'):>7} | "
-              f"{fmt(agree, '.0%'):>6}")
+        print(
+            f"{batch:5d} | {fmt(row['graphs_tok_s']):>11} | {fmt(row['eager_tok_s']):>10} | "
+            f"{fmt(row['graph_over_eager'], '.2f'):>11} | {fmt(row['hf_tok_s']):>12} | {fmt(row['ours_over_hf'], '.2f'):>7} | "
+            f"{fmt(floor):>11} | {fmt(row['pct_floor'], '.0f'):>7} | {fmt(best and best['step_ms_median'], '.2f'):>7} | "
+            f"{fmt(agree, '.0%'):>6}"
+        )
     data["decode_summary"] = summary
     print("\nprefill: time to the first token of one prompt")
     print("     T | ours ms | transformers ms | hf/ours | floor ms | % floor")
@@ -642,11 +738,19 @@ def summarize(data: dict, sizes: ModelSizes, plan: Plan) -> None:
         t = row["tokens"]
         h = hf_prefill.get(t)
         floor = 1e3 * sizes.prefill_floor_s(t, ceilings) if ceilings else None
-        entry = {"tokens": t, "ms": row["ms"], "hf_ms": h and h["ms"], "floor_ms": floor,
-                 "hf_over_ours": h and h["ms"] / row["ms"], "pct_floor": floor and 100 * floor / row["ms"]}
+        entry = {
+            "tokens": t,
+            "ms": row["ms"],
+            "hf_ms": h and h["ms"],
+            "floor_ms": floor,
+            "hf_over_ours": h and h["ms"] / row["ms"],
+            "pct_floor": floor and 100 * floor / row["ms"],
+        }
         prefill_summary.append(entry)
-        print(f"{t:6d} | {row['ms']:7.1f} | {fmt(entry['hf_ms']):>15} | {fmt(entry['hf_over_ours'], '.2f'):>7} | "
-              f"{fmt(floor):>8} | {fmt(entry['pct_floor'], '.0f'):>7}")
+        print(
+            f"{t:6d} | {row['ms']:7.1f} | {fmt(entry['hf_ms']):>15} | {fmt(entry['hf_over_ours'], '.2f'):>7} | "
+            f"{fmt(floor):>8} | {fmt(entry['pct_floor'], '.0f'):>7}"
+        )
     data["prefill_summary"] = prefill_summary
     b1, h1 = runs.get((1, True)), hf_decode.get(1)
     if b1 and h1:

@@ -56,8 +56,7 @@ def cpu_table(prof, steps: int, title: str) -> str:
     """Host time by op (self time: where the host is actually busy), per step."""
     rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in rows)
-    lines = [f"== {title}: host self time {total / steps:.0f} us per step",
-             f"{'us/step':>9} {'calls/step':>10}  op"]
+    lines = [f"== {title}: host self time {total / steps:.0f} us per step", f"{'us/step':>9} {'calls/step':>10}  op"]
     for evt in rows[:25]:
         lines.append(f"{evt.self_cpu_time_total / steps:>9.1f} {evt.count / steps:>10.1f}  {evt.key[:100]}")
     return "\n".join(lines)
@@ -99,8 +98,11 @@ def launch_overheads() -> str:
 def decode_profile(engine, layers: int, steps: int) -> str:
     graphs = engine.runner.decode_graphs is not None
     vocab = engine.config.text.vocab_size
-    req = GenerateRequest(f"prof-{graphs}", random_prompt(random.Random(0), 512, vocab),
-                          SamplingParams(max_tokens=10 + 2 * steps, temperature=0.0, ignore_eos=True))
+    req = GenerateRequest(
+        f"prof-{graphs}",
+        random_prompt(random.Random(0), 512, vocab),
+        SamplingParams(max_tokens=10 + 2 * steps, temperature=0.0, ignore_eos=True),
+    )
     submit(engine, [req])
     for _ in range(6):  # prefill + warm replays
         engine.step()
@@ -117,18 +119,27 @@ def decode_profile(engine, layers: int, steps: int) -> str:
     while engine.has_work():
         engine.step()
     name = "graphs" if graphs else "eager"
-    return (f"decode B=1 {name}: wall {wall * 1e3:.3f} ms/step\n" + kernel_table(prof, layers, steps, f"decode B=1 {name}")
-            + "\n" + cpu_table(prof, steps, f"decode B=1 {name}"))
+    return (
+        f"decode B=1 {name}: wall {wall * 1e3:.3f} ms/step\n"
+        + kernel_table(prof, layers, steps, f"decode B=1 {name}")
+        + "\n"
+        + cpu_table(prof, steps, f"decode B=1 {name}")
+    )
 
 
 def prefill_profile(engine, length: int, layers: int) -> str:
     vocab = engine.config.text.vocab_size
+
     def one(tag: str) -> None:
-        req = GenerateRequest(f"pf-{tag}", random_prompt(random.Random(tag), length, vocab),
-                              SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+        req = GenerateRequest(
+            f"pf-{tag}",
+            random_prompt(random.Random(tag), length, vocab),
+            SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
+        )
         submit(engine, [req])
         while engine.has_work():
             engine.step()
+
     one("warm")
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -150,14 +161,23 @@ def prefill_profile(engine, length: int, layers: int) -> str:
     py.disable()
     buf = io.StringIO()
     pstats.Stats(py, stream=buf).sort_stats("tottime").print_stats(30)
-    return (f"prefill T={length}: wall {wall * 1e3:.2f} ms\n" + kernel_table(prof, layers, 1, f"prefill {length}")
-            + "\n" + cpu_table(prof, 1, f"prefill {length}") + "\n== python, by own time\n" + buf.getvalue())
+    return (
+        f"prefill T={length}: wall {wall * 1e3:.2f} ms\n"
+        + kernel_table(prof, layers, 1, f"prefill {length}")
+        + "\n"
+        + cpu_table(prof, 1, f"prefill {length}")
+        + "\n== python, by own time\n"
+        + buf.getvalue()
+    )
 
 
 def profile_engine(engine, graphs: bool, layers: int, args: argparse.Namespace, out: Path) -> None:
     if graphs:
-        parts = (("launch", launch_overheads), ("decode_graphs", lambda: decode_profile(engine, layers, args.steps)),
-                 ("prefill", lambda: prefill_profile(engine, args.prefill, layers)))
+        parts = (
+            ("launch", launch_overheads),
+            ("decode_graphs", lambda: decode_profile(engine, layers, args.steps)),
+            ("prefill", lambda: prefill_profile(engine, args.prefill, layers)),
+        )
     else:
         parts = (("decode_eager", lambda: decode_profile(engine, layers, 3)),)
     for name, fn in parts:

@@ -24,13 +24,13 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from encode_gpu import jpeg  # noqa: E402
-from profile_gpu import cpu_table, kernel_table  # noqa: E402
+from encode_gpu import jpeg
+from profile_gpu import cpu_table, kernel_table
 
-from encode_server.images import decode_image  # noqa: E402
-from encode_server.preprocess import PreprocessSettings, preprocess  # noqa: E402
-from models.loader import load_model  # noqa: E402
-from models.tiny_checkpoint import write_tiny_checkpoint  # noqa: E402
+from encode_server.images import decode_image
+from encode_server.preprocess import PreprocessSettings, preprocess
+from models.loader import load_model
+from models.tiny_checkpoint import write_tiny_checkpoint
 
 
 def wall_ms(fn, runs: int = 10) -> float:
@@ -67,16 +67,27 @@ def attention_variants(patches_per_image: int, images: int = 8, heads: int = 16,
     cu = [i * patches_per_image for i in range(images + 1)]
     q, k, v = (torch.randn(cu[-1], heads, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     lengths = [patches_per_image] * images
-    flash = Segments(cu, lengths, "flash", torch.tensor(cu, dtype=torch.int32, device="cuda"))  # both routes, whatever the size
+    flash = Segments(
+        cu, lengths, "flash", torch.tensor(cu, dtype=torch.int32, device="cuda")
+    )  # both routes, whatever the size
     batched = [t.view(images, patches_per_image, heads, d).transpose(1, 2) for t in (q, k, v)]
-    cases = {"flash varlen, one call (ours below 1,024 patches a frame)": lambda: full_varlen_attention(q, k, v, flash),
-             "SDPA by runs of equal frames (ours from 1,024)": lambda: full_varlen_attention(q, k, v, Segments(cu, lengths, "runs")),
-             "SDPA per frame (torch's pick; the reference)": lambda: varlen_full_attention(q, k, v, cu)}
-    for name, backend in (("cuDNN", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
-                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+    cases = {
+        "flash varlen, one call (ours below 1,024 patches a frame)": lambda: full_varlen_attention(q, k, v, flash),
+        "SDPA by runs of equal frames (ours from 1,024)": lambda: full_varlen_attention(
+            q, k, v, Segments(cu, lengths, "runs")
+        ),
+        "SDPA per frame (torch's pick; the reference)": lambda: varlen_full_attention(q, k, v, cu),
+    }
+    for name, backend in (
+        ("cuDNN", SDPBackend.CUDNN_ATTENTION),
+        ("flash", SDPBackend.FLASH_ATTENTION),
+        ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+    ):
+
         def run(backend=backend):
             with sdpa_kernel(backend):
                 return torch.nn.functional.scaled_dot_product_attention(*batched)
+
         cases[f"SDPA {name}, equal frames batched"] = run
     lines = [f"== attention, {images} frames of {patches_per_image} patches, {heads} heads of {d}"]
     for name, fn in cases.items():
@@ -91,10 +102,16 @@ def mlp_variants(patches: int, hidden: int = 1152, inter: int = 4304) -> str:
     x = torch.randn(patches, hidden, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(inter, hidden, device="cuda", dtype=torch.bfloat16) * 0.02
     b = torch.randn(inter, device="cuda", dtype=torch.bfloat16) * 0.02
-    cases = {"fc1 then gelu(tanh)": lambda: torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b), approximate="tanh"),
-             "fc1 with the GELU epilogue (ours)": lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True)}
-    return "\n".join([f"== vision fc1 + gelu at {patches} patches"]
-                      + [f"{wall_ms(fn):9.3f} ms  {name}" for name, fn in cases.items()])
+    cases = {
+        "fc1 then gelu(tanh)": lambda: torch.nn.functional.gelu(
+            torch.nn.functional.linear(x, w, b), approximate="tanh"
+        ),
+        "fc1 with the GELU epilogue (ours)": lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True),
+    }
+    return "\n".join(
+        [f"== vision fc1 + gelu at {patches} patches"]
+        + [f"{wall_ms(fn):9.3f} ms  {name}" for name, fn in cases.items()]
+    )
 
 
 def main() -> int:
@@ -117,11 +134,18 @@ def main() -> int:
                     tower(pv, grids)
                 torch.cuda.synchronize()
         n_out = sum(tower.tokens_per_image(grids))
-        text = (f"vision 8x{side}x{side} ({host.shape[0]} patches): wall {ms:.2f} ms/forward\n"
-                + kernel_table(prof, len(tower.blocks), 3, f"vision 8x{side}")
-                + "\n" + cpu_table(prof, 3, f"vision 8x{side}")
-                + "\n== copies of this batch\n" + copies(host, n_out, tower.output_width)
-                + "\n" + attention_variants(host.shape[0] // 8) + "\n" + mlp_variants(host.shape[0]))
+        text = (
+            f"vision 8x{side}x{side} ({host.shape[0]} patches): wall {ms:.2f} ms/forward\n"
+            + kernel_table(prof, len(tower.blocks), 3, f"vision 8x{side}")
+            + "\n"
+            + cpu_table(prof, 3, f"vision 8x{side}")
+            + "\n== copies of this batch\n"
+            + copies(host, n_out, tower.output_width)
+            + "\n"
+            + attention_variants(host.shape[0] // 8)
+            + "\n"
+            + mlp_variants(host.shape[0])
+        )
         print(text, "\n")
         texts.append(text)
     (out / "profile_vision.txt").write_text("\n\n".join(texts) + "\n")

@@ -68,8 +68,11 @@ def reference(ckpt: Path, image_path: Path) -> tuple[list[int], list[float]]:
     gen = OfflineGenerator(ckpt, device="cpu", dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(ckpt)
     image = load_image(ckpt, image_path)
-    text = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}],
-                                   add_generation_prompt=True, tokenize=False)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     ids = gen.expand_image_tokens(tok(text, add_special_tokens=False)["input_ids"], [image.grid])
     margins: list[float] = []
     model = gen.model
@@ -96,14 +99,22 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
                     return
-        except Exception:  # noqa: BLE001 - not up yet
+        except Exception:  # not up yet
             pass
         time.sleep(1)
     raise TimeoutError(url)
 
 
-def serve_and_ask(ckpt: Path, data_urls: list[str], enc_device: str, lang_device: str, result_transport: str,
-                  log_dir: Path, dtype: str = "bfloat16", lang_ckpt: Path | None = None) -> dict:
+def serve_and_ask(
+    ckpt: Path,
+    data_urls: list[str],
+    enc_device: str,
+    lang_device: str,
+    result_transport: str,
+    log_dir: Path,
+    dtype: str = "bfloat16",
+    lang_ckpt: Path | None = None,
+) -> dict:
     """`lang_ckpt`: a config-only checkpoint the language service builds with random weights on
     its GPU (load_format: dummy), for the full 48 layers without 61 GB of files."""
     from openai import OpenAI
@@ -112,20 +123,67 @@ def serve_and_ask(ckpt: Path, data_urls: list[str], enc_device: str, lang_device
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     enc_log = open(log_dir / f"encode_{result_transport}.log", "w")
     lang_log = open(log_dir / f"language_{result_transport}.log", "w")
-    enc = subprocess.Popen([sys.executable, "-m", "splitvl", "encode", "--model", str(ckpt),
-                            "--listen", f"tcp://127.0.0.1:{enc_port}", "--http-port", str(enc_http),
-                            "--device", enc_device, "--dtype", dtype, "--result-transport", result_transport],
-                           stdout=enc_log, stderr=subprocess.STDOUT, env=env)
+    enc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "splitvl",
+            "encode",
+            "--model",
+            str(ckpt),
+            "--listen",
+            f"tcp://127.0.0.1:{enc_port}",
+            "--http-port",
+            str(enc_http),
+            "--device",
+            enc_device,
+            "--dtype",
+            dtype,
+            "--result-transport",
+            result_transport,
+        ],
+        stdout=enc_log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     cfg = log_dir / f"language_{result_transport}.yaml"
     # Over cuda_ipc, the lease configs/qwen3-vl-30b-a3b-2gpu.yaml ships with.
     lease = {"result_lease_mib": 512} if result_transport == "cuda_ipc" else {}
     dummy = {"load_format": "dummy"} if lang_ckpt is not None else {}
-    cfg.write_text(json.dumps({"result_transport": result_transport, "kv_cache_memory_fraction": 0.3,
-                               "max_model_len": 4096, **lease, **dummy}))
-    lang = subprocess.Popen([sys.executable, "-m", "splitvl", "language", "--model", str(lang_ckpt or ckpt),
-                             "--encoder", f"tcp://127.0.0.1:{enc_port}", "--port", str(api_port),
-                             "--device", lang_device, "--dtype", dtype, "--config", str(cfg)],
-                            stdout=lang_log, stderr=subprocess.STDOUT, env=env)
+    cfg.write_text(
+        json.dumps(
+            {
+                "result_transport": result_transport,
+                "kv_cache_memory_fraction": 0.3,
+                "max_model_len": 4096,
+                **lease,
+                **dummy,
+            }
+        )
+    )
+    lang = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "splitvl",
+            "language",
+            "--model",
+            str(lang_ckpt or ckpt),
+            "--encoder",
+            f"tcp://127.0.0.1:{enc_port}",
+            "--port",
+            str(api_port),
+            "--device",
+            lang_device,
+            "--dtype",
+            dtype,
+            "--config",
+            str(cfg),
+        ],
+        stdout=lang_log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     try:
         wait_http(f"http://127.0.0.1:{enc_http}/health", enc)
         wait_http(f"http://127.0.0.1:{api_port}/health", lang)
@@ -133,18 +191,34 @@ def serve_and_ask(ckpt: Path, data_urls: list[str], enc_device: str, lang_device
         results = []
         for attempt in range(3):  # the first warms up; later ones hit the encoder cache (same image)
             data_url = data_urls[attempt % len(data_urls)]
-            messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}},
-                                                      {"type": "text", "text": PROMPT}]}]
+            messages = [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": data_url}},
+                        {"type": "text", "text": PROMPT},
+                    ],
+                }
+            ]
             start = time.perf_counter()
-            stream = client.chat.completions.create(model=client.models.list().data[0].id, messages=messages,
-                                                    max_tokens=MAX_TOKENS, temperature=0, stream=True)
+            stream = client.chat.completions.create(
+                model=client.models.list().data[0].id,
+                messages=messages,
+                max_tokens=MAX_TOKENS,
+                temperature=0,
+                stream=True,
+            )
             ttft = None
             for chunk in stream:
                 if ttft is None and chunk.choices and chunk.choices[0].delta.content is not None:
                     ttft = time.perf_counter() - start
-            resp = client.chat.completions.create(model=client.models.list().data[0].id, messages=messages,
-                                                  max_tokens=MAX_TOKENS, temperature=0,
-                                                  extra_body={"return_token_ids": True})
+            resp = client.chat.completions.create(
+                model=client.models.list().data[0].id,
+                messages=messages,
+                max_tokens=MAX_TOKENS,
+                temperature=0,
+                extra_body={"return_token_ids": True},
+            )
             token_ids = (resp.choices[0].model_extra or {}).get("token_ids")
             results.append({"ttft_s": ttft, "token_ids": token_ids, "text": resp.choices[0].message.content})
         return {"runs": results}
@@ -163,9 +237,13 @@ def main() -> int:
     parser.add_argument("--ckpt", default="/tmp/qwen3-vl-30b-a3b-4layers")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     parser.add_argument("--cpu-check", action="store_true", help="tiny checkpoint, fp32, CPU: checks the script")
-    parser.add_argument("--language-layers", type=int, default=None,
-                        help="TTFT at scale: the language service runs this many layers with random weights "
-                             "built on its GPU (no reference comparison: a different model)")
+    parser.add_argument(
+        "--language-layers",
+        type=int,
+        default=None,
+        help="TTFT at scale: the language service runs this many layers with random weights "
+        "built on its GPU (no reference comparison: a different model)",
+    )
     args = parser.parse_args()
     out_dir = Path(args.out)
     ckpt = Path(args.ckpt)
@@ -189,8 +267,12 @@ def main() -> int:
         from models.tiny_checkpoint import write_tiny_checkpoint
 
         lang_ckpt = Path(f"{ckpt}-language-{args.language_layers}layers")
-        write_tiny_checkpoint(lang_ckpt, shapes="tiny" if args.cpu_check else "qwen3-vl-30b-a3b",
-                              num_layers=args.language_layers, metadata_only=True)
+        write_tiny_checkpoint(
+            lang_ckpt,
+            shapes="tiny" if args.cpu_check else "qwen3-vl-30b-a3b",
+            num_layers=args.language_layers,
+            metadata_only=True,
+        )
         ref, margins = [], []
     else:
         t0 = time.time()
@@ -198,8 +280,12 @@ def main() -> int:
         print(f"fp32 CPU reference in {time.time() - t0:.0f}s: {ref}", flush=True)
         print("fp32 top-2 margins per step:", [round(m, 3) for m in margins], flush=True)
 
-    report = {"reference": ref, "margins": margins, "language_layers": args.language_layers,
-              "cards": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
+    report = {
+        "reference": ref,
+        "margins": margins,
+        "language_layers": args.language_layers,
+        "cards": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+    }
     dtype = "float32" if args.cpu_check else "bfloat16"
     setups = [("cpu_check", "cpu", "cpu", "zmq")] if args.cpu_check else [("one_gpu", "cuda:0", "cuda:0", "zmq")]
     if torch.cuda.device_count() >= 2 and not args.cpu_check:
@@ -210,7 +296,7 @@ def main() -> int:
         t0 = time.time()
         try:
             result = serve_and_ask(ckpt, data_urls, enc_dev, lang_dev, transport, out_dir, dtype, lang_ckpt)
-        except Exception as exc:  # noqa: BLE001 - report and go on to the next setup
+        except Exception as exc:  # report and go on to the next setup
             result = {"error": f"{type(exc).__name__}: {exc}"}
         result["wall_s"] = time.time() - t0
         report[name] = result
@@ -221,10 +307,12 @@ def main() -> int:
             run["agreeing_prefix"] = agree if ref else None
         print(name, json.dumps(result), flush=True)
     (out_dir / "serve_gpu_smoke.json").write_text(json.dumps(report, indent=1))
-    print("\nsetup               agreeing prefix (of %d)   TTFT image request (s)" % MAX_TOKENS)
+    print(f"\nsetup               agreeing prefix (of {MAX_TOKENS})   TTFT image request (s)")
     for name, *_ in setups:
         runs = report[name].get("runs", [])
-        print(f"{name:20s} {[r.get('agreeing_prefix') for r in runs]!s:26s} {[round(r['ttft_s'] or -1, 3) for r in runs]}")
+        print(
+            f"{name:20s} {[r.get('agreeing_prefix') for r in runs]!s:26s} {[round(r['ttft_s'] or -1, 3) for r in runs]}"
+        )
     return 0
 
 

@@ -41,27 +41,76 @@ from splitvl.loadgen.load import Pacing, Target, run  # noqa: E402
 def start_services(ckpt: Path, lang_ckpt: Path, device: str, dtype: str, logs: Path, max_num_seqs: int):
     enc_port, enc_http, api_port = free_port(), free_port(), free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    enc = subprocess.Popen([sys.executable, "-m", "splitvl", "encode", "--model", str(ckpt),
-                            "--listen", f"tcp://127.0.0.1:{enc_port}", "--http-port", str(enc_http),
-                            "--device", device, "--dtype", dtype],
-                           stdout=open(logs / "encode.log", "w"), stderr=subprocess.STDOUT, env=env)
+    enc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "splitvl",
+            "encode",
+            "--model",
+            str(ckpt),
+            "--listen",
+            f"tcp://127.0.0.1:{enc_port}",
+            "--http-port",
+            str(enc_http),
+            "--device",
+            device,
+            "--dtype",
+            dtype,
+        ],
+        stdout=open(logs / "encode.log", "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     cfg = logs / "language.yaml"
     dummy = {"load_format": "dummy"} if device != "cpu" else {}  # random weights at the real shapes
-    cfg.write_text(json.dumps({"kv_cache_memory_fraction": 0.5, "max_model_len": 4096,
-                               "max_num_seqs": max_num_seqs, "max_queued_requests": 1024, **dummy}))
-    lang = subprocess.Popen([sys.executable, "-m", "splitvl", "language", "--model", str(lang_ckpt),
-                             "--encoder", f"tcp://127.0.0.1:{enc_port}", "--port", str(api_port),
-                             "--device", device, "--dtype", dtype, "--config", str(cfg)],
-                            stdout=open(logs / "language.log", "w"), stderr=subprocess.STDOUT,
-                            env=env)
+    cfg.write_text(
+        json.dumps(
+            {
+                "kv_cache_memory_fraction": 0.5,
+                "max_model_len": 4096,
+                "max_num_seqs": max_num_seqs,
+                "max_queued_requests": 1024,
+                **dummy,
+            }
+        )
+    )
+    lang = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "splitvl",
+            "language",
+            "--model",
+            str(lang_ckpt),
+            "--encoder",
+            f"tcp://127.0.0.1:{enc_port}",
+            "--port",
+            str(api_port),
+            "--device",
+            device,
+            "--dtype",
+            dtype,
+            "--config",
+            str(cfg),
+        ],
+        stdout=open(logs / "language.log", "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     wait_http(f"http://127.0.0.1:{enc_http}/health", enc)
     wait_http(f"http://127.0.0.1:{api_port}/health", lang)
     return enc, lang, f"http://127.0.0.1:{api_port}"
 
 
 def load(base: str, requests: list, concurrency: int) -> tuple[dict, float]:
-    target = Target(url=f"{base}/v1/chat/completions", model=_model(base), api_key=None, timeout_s=600,
-                    body=lambda r: request_body(target.model, r, ignore_eos=True, temperature=1.0))
+    target = Target(
+        url=f"{base}/v1/chat/completions",
+        model=_model(base),
+        api_key=None,
+        timeout_s=600,
+        body=lambda r: request_body(target.model, r, ignore_eos=True, temperature=1.0),
+    )
     outcomes, duration = asyncio.run(run(target, requests, Pacing(concurrency=concurrency), progress=False))
     return report.report(outcomes, duration, {}), duration
 
@@ -77,9 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--num-prompts", type=int, default=192)
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--tokenizer-json", default=None,
-                   help="a ~151k byte-level BPE tokenizer.json for the language checkpoint (see structured_gpu.py): "
-                        "without one, most of the random model's tokens are ids the tiny tokenizer has no text for")
+    p.add_argument(
+        "--tokenizer-json",
+        default=None,
+        help="a ~151k byte-level BPE tokenizer.json for the language checkpoint (see structured_gpu.py): "
+        "without one, most of the random model's tokens are ids the tiny tokenizer has no text for",
+    )
     p.add_argument("--cpu-check", action="store_true")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
@@ -104,16 +156,31 @@ def main(argv: list[str] | None = None) -> int:
     card = torch.cuda.get_device_name() if torch.cuda.is_available() and not cpu else "cpu"
     words, image = (24, "64x64") if cpu else (150, "448x448")
     text = dataset.random_requests(args.num_prompts, words, args.output_len, seed=1)
-    mixed = dataset.random_requests(args.num_prompts, words, args.output_len, image_sizes=dataset.parse_sizes(image),
-                                    images_per_request=1, image_fraction=0.5, seed=2)
-    result: dict = {"card": card, "concurrency": args.concurrency, "num_prompts": args.num_prompts,
-                    "output_len": args.output_len, "words": words, "image": image}
-    enc, lang, base = start_services(ckpt, lang_ckpt, "cpu" if cpu else "cuda:0", "float32" if cpu else "bfloat16",
-                                     work, args.concurrency)
+    mixed = dataset.random_requests(
+        args.num_prompts,
+        words,
+        args.output_len,
+        image_sizes=dataset.parse_sizes(image),
+        images_per_request=1,
+        image_fraction=0.5,
+        seed=2,
+    )
+    result: dict = {
+        "card": card,
+        "concurrency": args.concurrency,
+        "num_prompts": args.num_prompts,
+        "output_len": args.output_len,
+        "words": words,
+        "image": image,
+    }
+    enc, lang, base = start_services(
+        ckpt, lang_ckpt, "cpu" if cpu else "cuda:0", "float32" if cpu else "bfloat16", work, args.concurrency
+    )
     try:
         # Warm-up with other prompts and images: first-use compiles and graph replays, no cache hits later.
-        warm = dataset.random_requests(8, words, 8, image_sizes=dataset.parse_sizes(image), images_per_request=1,
-                                       image_fraction=0.5, seed=99)
+        warm = dataset.random_requests(
+            8, words, 8, image_sizes=dataset.parse_sizes(image), images_per_request=1, image_fraction=0.5, seed=99
+        )
         load(base, warm, 8)
         for name, requests in (("text_only", text), ("half_images", mixed)):
             groups, duration = load(base, requests, args.concurrency)
@@ -131,8 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     mixed_tpot = (result["half_images"].get("text", result["half_images"]["all"])["tpot_ms"] or {}).get("p50")
     if base_tpot and mixed_tpot:
         result["text_tpot_p50_ratio"] = mixed_tpot / base_tpot
-        print(f"\n{card}: text requests' TPOT p50 {mixed_tpot:.1f} ms with half the requests carrying an image, "
-              f"{base_tpot:.1f} ms text only: {mixed_tpot / base_tpot:.2f}x (target <= 1.25x)")
+        print(
+            f"\n{card}: text requests' TPOT p50 {mixed_tpot:.1f} ms with half the requests carrying an image, "
+            f"{base_tpot:.1f} ms text only: {mixed_tpot / base_tpot:.2f}x (target <= 1.25x)"
+        )
     errors = sum(result[n]["all"]["failed"] for n in ("text_only", "half_images"))
     print(f"errors: {errors}")
     Path(args.out, "serve_load_gpu.json").write_text(json.dumps(result, indent=2))

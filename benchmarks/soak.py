@@ -40,8 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="deployment file for `splitvl up` (default: the tiny demo)")
     p.add_argument("--model", default=None)
     p.add_argument("--phases", default="32:300,128:60", help="CLIENTS:SECONDS,... (default %(default)s)")
-    p.add_argument("--warmup-s", type=float, default=60.0,
-                   help="memory is compared from this many seconds into the first phase (default %(default)s)")
+    p.add_argument(
+        "--warmup-s",
+        type=float,
+        default=60.0,
+        help="memory is compared from this many seconds into the first phase (default %(default)s)",
+    )
     p.add_argument("--output-len", default="16:64", help="MIN:MAX output tokens (default %(default)s)")
     p.add_argument("--input-len", type=int, default=48, help="text tokens per request (about; default %(default)s)")
     p.add_argument("--out", default=None, help="result JSON (default: print only)")
@@ -49,8 +53,16 @@ def main(argv: list[str] | None = None) -> int:
 
     low, high = (int(v) for v in args.output_len.split(":"))
     requests = dataset.random_requests(
-        512, args.input_len, (low + high) // 2, range_ratio=(high - low) / (high + low), image_sizes=dataset.parse_sizes(IMAGE_SIZES),
-        images_per_request=1, image_fraction=0.5, stream_fraction=0.5, seed=0)
+        512,
+        args.input_len,
+        (low + high) // 2,
+        range_ratio=(high - low) / (high + low),
+        image_sizes=dataset.parse_sizes(IMAGE_SIZES),
+        images_per_request=1,
+        image_fraction=0.5,
+        stream_fraction=0.5,
+        seed=0,
+    )
     phases = [(int(c), float(s)) for c, s in (item.split(":") for item in args.phases.split(","))]
 
     port = _free_port()
@@ -64,15 +76,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _wait_healthy(base, up, log)
         model = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
-        target = Target(url=f"{base}/v1/chat/completions", model=model, api_key=None, timeout_s=300,
-                        body=lambda r: request_body(model, r, ignore_eos=True, temperature=1.0))
+        target = Target(
+            url=f"{base}/v1/chat/completions",
+            model=model,
+            api_key=None,
+            timeout_s=300,
+            body=lambda r: request_body(model, r, ignore_eos=True, temperature=1.0),
+        )
         memory = _MemorySampler(up.pid)
         memory.start()
         results = []
         for clients, seconds in phases:
             print(f"phase: {clients} clients for {seconds:g} s", file=sys.stderr)
-            outcomes, duration = asyncio.run(run(target, requests, Pacing(concurrency=clients, duration_s=seconds),
-                                                progress=sys.stderr.isatty()))
+            outcomes, duration = asyncio.run(
+                run(target, requests, Pacing(concurrency=clients, duration_s=seconds), progress=sys.stderr.isatty())
+            )
             groups = report.report(outcomes, duration, {})
             print(report.format_table(f"{clients} clients", groups, duration))
             idle = _wait_idle(base)
@@ -85,9 +103,15 @@ def main(argv: list[str] | None = None) -> int:
             up.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(up.pid, signal.SIGKILL)
-    summary = {"date": datetime.date.today().isoformat(), "commit": _commit(), "host": _host(),
-               "config": args.config or "tiny demo", "phases": results, "memory": memory.samples_summary(args.warmup_s),
-               "verdict": verdict}
+    summary = {
+        "date": datetime.date.today().isoformat(),
+        "commit": _commit(),
+        "host": _host(),
+        "config": args.config or "tiny demo",
+        "phases": results,
+        "memory": memory.samples_summary(args.warmup_s),
+        "verdict": verdict,
+    }
     print(json.dumps({"verdict": verdict, "memory": summary["memory"]}, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=2))
@@ -128,8 +152,14 @@ class _MemorySampler(threading.Thread):
             for name, rss in sample.items():
                 peak[name] = max(peak.get(name, 0), rss)
         mib = 1 << 20
-        return {name: {"after_warmup_mib": warm[name] / mib, "end_mib": last.get(name, 0) / mib,
-                       "peak_mib": peak[name] / mib} for name in warm}
+        return {
+            name: {
+                "after_warmup_mib": warm[name] / mib,
+                "end_mib": last.get(name, 0) / mib,
+                "peak_mib": peak[name] / mib,
+            }
+            for name in warm
+        }
 
 
 def _tree_rss(root: int) -> dict[str, int]:
@@ -191,7 +221,9 @@ def _verdict(results: list[dict], growth: dict[str, float], failed_steps: float)
     problems = []
     for phase in results:
         if phase["all"]["failed"]:
-            problems.append(f"{phase['all']['failed']} requests failed at {phase['clients']} clients: {phase['all']['errors']}")
+            problems.append(
+                f"{phase['all']['failed']} requests failed at {phase['clients']} clients: {phase['all']['errors']}"
+            )
         idle = phase["idle_after"]
         if idle["running"] or idle["waiting"] or idle["kv_blocks_free"] != idle["kv_blocks_total"]:
             problems.append(f"not idle after {phase['clients']} clients: {idle}")
@@ -223,8 +255,13 @@ def _free_port() -> int:
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).parent).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

@@ -28,14 +28,21 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import model_gpu  # noqa: E402  (the engine build and prompts shared with the model benchmark)
-import torch  # noqa: E402
+import model_gpu  # the engine build and prompts shared with the model benchmark
+import torch
 
-from language_server.protocol import Constraint, GenerateRequest, SamplingParams  # noqa: E402
+from language_server.protocol import Constraint, GenerateRequest, SamplingParams
 
-SCHEMA = {"type": "array", "minItems": 1000, "items": {
-    "type": "object", "properties": {"name": {"type": "string"}, "count": {"type": "integer"}},
-    "required": ["name", "count"], "additionalProperties": False}}
+SCHEMA = {
+    "type": "array",
+    "minItems": 1000,
+    "items": {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "count": {"type": "integer"}},
+        "required": ["name", "count"],
+        "additionalProperties": False,
+    },
+}
 
 
 def decode(engine, batch: int, constrained: int, output_len: int, input_len: int, tag: str) -> dict:
@@ -44,15 +51,25 @@ def decode(engine, batch: int, constrained: int, output_len: int, input_len: int
     vocab = engine.config.text.vocab_size
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     constraint = Constraint("json_schema", json.dumps(SCHEMA))
-    reqs = [GenerateRequest(f"{tag}-{i}", model_gpu.random_prompt(rng, input_len, vocab), params,
-                            constraint=constraint if i < constrained else None) for i in range(batch)]
+    reqs = [
+        GenerateRequest(
+            f"{tag}-{i}",
+            model_gpu.random_prompt(rng, input_len, vocab),
+            params,
+            constraint=constraint if i < constrained else None,
+        )
+        for i in range(batch)
+    ]
     model_gpu.submit(engine, reqs)
     sched, step_s, finished, errors = engine.scheduler, [], 0, []
     deadline = time.monotonic() + 120
     while finished < batch and time.monotonic() < deadline:
         outs = engine.poll_grammars()
-        full = not sched.waiting and len(sched.running) == batch and all(
-            r.num_tokens - r.num_computed == 1 for r in sched.running)
+        full = (
+            not sched.waiting
+            and len(sched.running) == batch
+            and all(r.num_tokens - r.num_computed == 1 for r in sched.running)
+        )
         t0 = time.perf_counter()
         outs += engine.step() if engine.has_work() else []
         elapsed = time.perf_counter() - t0
@@ -67,9 +84,14 @@ def decode(engine, batch: int, constrained: int, output_len: int, input_len: int
     for r in reqs:
         engine.abort(r.request_id)
     steady = step_s[3:] or step_s
-    return {"batch": batch, "constrained": constrained, "steps": len(steady), "errors": errors[:3],
-            "step_ms_median": 1e3 * statistics.median(steady) if steady else None,
-            "tok_s": batch * len(steady) / sum(steady) if steady else None}
+    return {
+        "batch": batch,
+        "constrained": constrained,
+        "steps": len(steady),
+        "errors": errors[:3],
+        "step_ms_median": 1e3 * statistics.median(steady) if steady else None,
+        "tok_s": batch * len(steady) / sum(steady) if steady else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,8 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     plan_args = argparse.Namespace(cpu_smoke=smoke, layers=args.layers, quick=True)
     plan = model_gpu.make_plan(plan_args)
     batches = tuple(int(b) for b in args.batches.split(","))
-    plan = model_gpu.Plan(**{**plan.__dict__, "batches": batches, "output_len": args.output_len,
-                             "input_len": 32 if smoke else 256, "prefill_lens": (64,) if smoke else (1024,)})
+    plan = model_gpu.Plan(
+        **{
+            **plan.__dict__,
+            "batches": batches,
+            "output_len": args.output_len,
+            "input_len": 32 if smoke else 256,
+            "prefill_lens": (64,) if smoke else (1024,),
+        }
+    )
     card = torch.cuda.get_device_name() if plan.device == "cuda" else "cpu"
     ckpt = Path(tempfile.mkdtemp(prefix="splitvl-structured-"))
     model_gpu.write_tiny_checkpoint(ckpt, shapes=plan.shapes, num_layers=plan.layers, metadata_only=True)
@@ -94,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     config = model_gpu.load_config(ckpt)
     sizes = model_gpu.ModelSizes.of(config, getattr(torch, plan.dtype))
     engine = model_gpu.build_engine(ckpt, plan, model_gpu.kv_blocks(plan, sizes))
-    print(f"{card} | {sizes.layers} layers | tokenizer vocabulary {vocab_words or 'tiny'} | xgrammar masks "
-          f"over {config.text.vocab_size} logits", flush=True)
+    print(
+        f"{card} | {sizes.layers} layers | tokenizer vocabulary {vocab_words or 'tiny'} | xgrammar masks "
+        f"over {config.text.vocab_size} logits",
+        flush=True,
+    )
     rows = []
     try:
         for batch in batches:
@@ -103,19 +135,31 @@ def main(argv: list[str] | None = None) -> int:
                 decode(engine, batch, constrained, 24, plan.input_len, f"warm-{batch}-{constrained}")  # compile, graphs
                 row = decode(engine, batch, constrained, plan.output_len, plan.input_len, f"b{batch}-c{constrained}")
                 rows.append(row)
-                print(f"B={batch:<3} constrained {constrained:<2} {row['tok_s'] or 0:8.1f} tok/s "
-                      f"({row['step_ms_median'] or 0:.2f} ms/step over {row['steps']} steps) {row['errors'] or ''}",
-                      flush=True)
+                print(
+                    f"B={batch:<3} constrained {constrained:<2} {row['tok_s'] or 0:8.1f} tok/s "
+                    f"({row['step_ms_median'] or 0:.2f} ms/step over {row['steps']} steps) {row['errors'] or ''}",
+                    flush=True,
+                )
     finally:
         engine.close()
         shutil.rmtree(ckpt, ignore_errors=True)
     for batch in batches:
-        free, held = (next(r for r in rows if r["batch"] == batch and (r["constrained"] > 0) == c) for c in (False, True))
+        free, held = (
+            next(r for r in rows if r["batch"] == batch and (r["constrained"] > 0) == c) for c in (False, True)
+        )
         if free["tok_s"] and held["tok_s"]:
-            print(f"B={batch}: half constrained at {held['tok_s'] / free['tok_s']:.1%} of unconstrained "
-                  f"({held['step_ms_median'] - free['step_ms_median']:+.2f} ms/step)")
-    result = {"card": card, "layers": sizes.layers, "tokenizer_vocab": vocab_words, "schema": SCHEMA, "rows": rows,
-              "torch": torch.__version__}
+            print(
+                f"B={batch}: half constrained at {held['tok_s'] / free['tok_s']:.1%} of unconstrained "
+                f"({held['step_ms_median'] - free['step_ms_median']:+.2f} ms/step)"
+            )
+    result = {
+        "card": card,
+        "layers": sizes.layers,
+        "tokenizer_vocab": vocab_words,
+        "schema": SCHEMA,
+        "rows": rows,
+        "torch": torch.__version__,
+    }
     out = Path(args.out) if args.out else Path(os.environ.get("OUT", ".")) / "structured_gpu.json"
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")

@@ -26,8 +26,8 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the checkout's packages, for this process and the senders it spawns
@@ -94,8 +94,17 @@ def _sender(transport: str, address: str, device: str, rows: int, n: int, trials
         go.get()  # close only once the receiver has everything: send() returns before delivery
 
 
-def measure(transport: str, rows: int, n: int, trials: int, *, sender_device: str = "cpu",
-            receiver_device: str = "cpu", receiver_options: dict | None = None, alone: int = 20) -> tuple[float, float]:
+def measure(
+    transport: str,
+    rows: int,
+    n: int,
+    trials: int,
+    *,
+    sender_device: str = "cpu",
+    receiver_device: str = "cpu",
+    receiver_options: dict | None = None,
+    alone: int = 20,
+) -> tuple[float, float]:
     """(stream GB/s, median seconds of one message alone) of `transport`, sender in its own
     process; each tensor counts as received once it is usable on `receiver_device`."""
     address = "ipc:///tmp/splitvl-bench-cuda.sock" if transport == "cuda_ipc" else "tcp://127.0.0.1:*"
@@ -111,8 +120,9 @@ def measure(transport: str, rows: int, n: int, trials: int, *, sender_device: st
 
     with make_receiver(transport, address, **(receiver_options or {})) as receiver:
         go = SPAWN.Queue()
-        proc = SPAWN.Process(target=_sender, daemon=True,
-                             args=(transport, receiver.address, sender_device, rows, n, trials, alone, go))
+        proc = SPAWN.Process(
+            target=_sender, daemon=True, args=(transport, receiver.address, sender_device, rows, n, trials, alone, go)
+        )
         proc.start()
         try:
             for _ in range(3):
@@ -169,22 +179,31 @@ def run(args: argparse.Namespace) -> int:
         n_zmq = max(4, int(1024 // mib * scale))  # ~1 GiB per trial at full scale
         n_gpu = max(8, int(8192 // mib * scale))  # ~8 GiB: a stream's fill and drain stay small beside it
         cases: list[tuple[str, Callable[[], tuple[float, float]], tuple[float, float] | None]] = [
-            ("zmq tcp, host -> host", functools.partial(measure, "zmq", rows, n_zmq, args.trials), None)]
+            ("zmq tcp, host -> host", functools.partial(measure, "zmq", rows, n_zmq, args.trials), None)
+        ]
         if gpus >= 2:
             floor = gpu_copy_floor(nbytes, n_gpu, args.trials)
             print(_line("floor: copy_ cuda:0 -> cuda:1", mib, floor[0], floor[1], None), flush=True)
             on_gpus = {"sender_device": "cuda:0", "receiver_device": "cuda:1"}
             region = {"device": "cuda:1", "lease_bytes": 4 * nbytes, "max_senders": 1}  # 4 messages in flight
             cases += [
-                ("zmq tcp, cuda:0 -> cuda:1", functools.partial(measure, "zmq", rows, n_zmq, args.trials, **on_gpus),
-                 floor),
-                ("cuda_ipc cuda:0 -> cuda:1", functools.partial(measure, "cuda_ipc", rows, n_gpu, args.trials, **on_gpus,
-                                                               receiver_options=region), floor),
+                (
+                    "zmq tcp, cuda:0 -> cuda:1",
+                    functools.partial(measure, "zmq", rows, n_zmq, args.trials, **on_gpus),
+                    floor,
+                ),
+                (
+                    "cuda_ipc cuda:0 -> cuda:1",
+                    functools.partial(
+                        measure, "cuda_ipc", rows, n_gpu, args.trials, **on_gpus, receiver_options=region
+                    ),
+                    floor,
+                ),
             ]
         for name, run_case, floor in cases:
             try:
                 print(_line(name, mib, *run_case(), floor), flush=True)
-            except Exception:  # noqa: BLE001 - report and go on with the other rows
+            except Exception:  # report and go on with the other rows
                 failures += 1
                 print(f"FAILED: {name} {mib} MiB\n{traceback.format_exc()}", flush=True)
     return 1 if failures else 0

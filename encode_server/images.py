@@ -59,10 +59,8 @@ def decode_image(data: bytes, *, max_pixels_decoded: int) -> Image.Image:
             # PIL refuses past twice its MAX_IMAGE_PIXELS, which may be below our limit.
             raise _too_large(None, min(max_pixels_decoded, 2 * Image.MAX_IMAGE_PIXELS)) from None
         except UnidentifiedImageError:
-            raise ImageError(
-                "invalid_image", "The payload is not an image PIL can identify."
-            ) from None
-        except Exception as e:  # noqa: BLE001 - header parsers raise many types on bad bytes
+            raise ImageError("invalid_image", "The payload is not an image PIL can identify.") from None
+        except Exception as e:  # header parsers raise many types on bad bytes
             raise ImageError("invalid_image", f"Could not read the image header: {e}") from None
 
         if image.format not in SUPPORTED_FORMATS:
@@ -78,10 +76,8 @@ def decode_image(data: bytes, *, max_pixels_decoded: int) -> Image.Image:
             image.load()  # first frame only; later frames of GIF/WebP/MPO are never decoded
             image = ImageOps.exif_transpose(image)
             return to_rgb(image)
-        except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError...
-            raise ImageError(
-                "invalid_image", f"The image data is truncated or corrupt: {e}"
-            ) from None
+        except Exception as e:  # decoders raise OSError, SyntaxError, ValueError...
+            raise ImageError("invalid_image", f"The image data is truncated or corrupt: {e}") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

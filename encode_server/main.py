@@ -35,7 +35,7 @@ def serve(settings: EncodeSettings) -> int:
         signal.signal(sig, on_signal)
     try:
         service.start()
-    except Exception as exc:  # noqa: BLE001 - any startup failure ends the process with its reason
+    except Exception as exc:  # any startup failure ends the process with its reason
         log.error("encode service failed to start: %s", exc, exc_info=settings.log_level == "debug")
         side_port.close()
         return 1

@@ -49,7 +49,7 @@ class _Outbox:
     def _run(self) -> None:
         try:
             sender: Sender | None = make_sender(self.transport, self.address)
-        except Exception as exc:  # noqa: BLE001 - backends raise their own types for a bad address
+        except Exception as exc:  # backends raise their own types for a bad address
             log.error("cannot open a sender to reply address %s: %s; its answers are dropped", self.address, exc)
             sender = None
         last_sent = 0.0

@@ -58,8 +58,7 @@ class PreprocessSettings:
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or 0 in self.image_std:
             raise ImageError(
                 "invalid_settings",
-                "image_mean/image_std need 3 values and a non-zero std, "
-                f"got {self.image_mean} / {self.image_std}.",
+                f"image_mean/image_std need 3 values and a non-zero std, got {self.image_mean} / {self.image_std}.",
             )
         if self.resample not in {int(r) for r in Image.Resampling}:
             raise ImageError("invalid_settings", f"resample {self.resample} is not a PIL filter.")
@@ -116,9 +115,7 @@ class PreprocessSettings:
             "'image_processor' entry; copy the one from the model's Hub repository."
         )
 
-    def with_overrides(
-        self, overrides: Mapping[str, int], *, max_pixels_limit: int
-    ) -> PreprocessSettings:
+    def with_overrides(self, overrides: Mapping[str, int], *, max_pixels_limit: int) -> PreprocessSettings:
         """A request's `min_pixels`/`max_pixels`, checked against the server's pixel limit.
 
         Only the pixel bounds are per request: patch, merge and normalisation belong to the model.
@@ -127,8 +124,7 @@ class PreprocessSettings:
         if unknown:
             raise ImageError(
                 "invalid_settings",
-                f"Unknown preprocessing options {sorted(unknown)}; "
-                "a request may set only min_pixels and max_pixels.",
+                f"Unknown preprocessing options {sorted(unknown)}; a request may set only min_pixels and max_pixels.",
             )
         values = {k: overrides[k] for k in ("min_pixels", "max_pixels") if k in overrides}
         for name, value in values.items():
@@ -141,9 +137,7 @@ class PreprocessSettings:
         return dataclasses.replace(self, **values)
 
 
-def smart_resize(
-    height: int, width: int, factor: int, min_pixels: int, max_pixels: int
-) -> tuple[int, int]:
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """Target (height, width): multiples of `factor`, about [min_pixels, max_pixels] pixels, same
     aspect ratio. A line-for-line copy of transformers' Qwen2-VL `smart_resize`, including its
     Python `round` (ties to even: 80 / 32 = 2.5 rounds to 2) and its aspect-ratio refusal.
@@ -170,9 +164,7 @@ def smart_resize(
     return h_bar, w_bar
 
 
-def preprocess(
-    image: Image.Image, settings: PreprocessSettings
-) -> tuple[torch.Tensor, tuple[int, int, int]]:
+def preprocess(image: Image.Image, settings: PreprocessSettings) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """One image to (pixel_values [N, C*T*P*P] float32, grid_thw (1, gh, gw)) in patches.
 
     Rows are ordered merge-group by merge-group (the M x M patches one merged token covers are
@@ -183,15 +175,12 @@ def preprocess(
         image = to_rgb(image)
     factor = settings.factor
     if settings.do_resize:
-        height, width = smart_resize(
-            image.height, image.width, factor, settings.min_pixels, settings.max_pixels
-        )
+        height, width = smart_resize(image.height, image.width, factor, settings.min_pixels, settings.max_pixels)
         image = image.resize((width, height), resample=settings.resample)
     elif image.height % factor or image.width % factor:
         raise ImageError(
             "invalid_image",
-            f"do_resize is off, so both sides must be multiples of {factor}; "
-            f"got {image.width}x{image.height}.",
+            f"do_resize is off, so both sides must be multiples of {factor}; got {image.width}x{image.height}.",
         )
 
     pixels = np.asarray(image)  # [H, W, C] uint8

@@ -32,13 +32,13 @@ from PIL import Image
 from encode_server.batcher import Batcher, VisionItem
 from encode_server.cache import Encoded, ResultCache, Waiter
 from encode_server.errors import EncodeFailure, from_image_error
+from encode_server.fetch_pool import FetchPool
 from encode_server.images import ImageError, decode_image
 from encode_server.metrics import EncodeMetrics
 from encode_server.outbox import Outboxes
 from encode_server.preprocess import PreprocessSettings, preprocess
 from encode_server.runner import VisionRunner
 from encode_server.settings import EncodeSettings
-from encode_server.fetch_pool import FetchPool
 from encode_server.sources import SourceReader, url_host
 from encode_server.trust import ReplyPolicy
 from models.config import dtype_from_name
@@ -105,8 +105,14 @@ class EncodeService:
         for thread in self._threads:
             thread.start()
         self.state = "ready"
-        log.info("encode service %s ready: %s on %s (%s), jobs at %s", self.service_id, self.settings.model,
-                 device, self.runner.dtype, self.receiver.address)
+        log.info(
+            "encode service %s ready: %s on %s (%s), jobs at %s",
+            self.service_id,
+            self.settings.model,
+            device,
+            self.runner.dtype,
+            self.receiver.address,
+        )
 
     def stop(self) -> None:
         """Stop taking jobs, answer every job already taken, then close. Bounded by
@@ -154,8 +160,10 @@ class EncodeService:
         [rows] = self.runner.encode([(pixel_values, grid)])
         expected = (self.runner.model.tokens_per_image([grid])[0], self.runner.model.output_width)
         if tuple(rows.shape) != expected or not torch.isfinite(rows).all():
-            raise RuntimeError(f"the vision tower failed its probe: output {tuple(rows.shape)}, expected "
-                               f"{expected} and finite values; check the checkpoint and --dtype")
+            raise RuntimeError(
+                f"the vision tower failed its probe: output {tuple(rows.shape)}, expected "
+                f"{expected} and finite values; check the checkpoint and --dtype"
+            )
 
     # ------------------------------------------------------------------------------ intake
 
@@ -185,8 +193,10 @@ class EncodeService:
             return
         if isinstance(msg, HealthPing):
             ready = self.state == "ready"
-            self.outboxes.post(msg.reply_to, HealthPong(msg.seq, msg.sent_at, self.service_id,
-                                                        self.batcher.depth, self._running, ready))
+            self.outboxes.post(
+                msg.reply_to,
+                HealthPong(msg.seq, msg.sent_at, self.service_id, self.batcher.depth, self._running, ready),
+            )
             return
         if not isinstance(msg, EncodeJob):
             log.warning("ignored a %s: the encode service takes encode jobs and health pings", type(msg).__name__)
@@ -198,9 +208,15 @@ class EncodeService:
                 self._in_flight += 1
         if not admitted:
             self.metrics.jobs.labels("overloaded").inc()
-            self.outboxes.post(waiter.reply_to, EncodeError(
-                waiter.request_id, waiter.image_key, "overloaded",
-                f"The encoder has {self.settings.max_pending_jobs} jobs in flight; retry later or on another encoder."))
+            self.outboxes.post(
+                waiter.reply_to,
+                EncodeError(
+                    waiter.request_id,
+                    waiter.image_key,
+                    "overloaded",
+                    f"The encoder has {self.settings.max_pending_jobs} jobs in flight; retry later or on another encoder.",
+                ),
+            )
             return
         host = url_host(msg.source)
         if host is None:
@@ -216,7 +232,7 @@ class EncodeService:
         except EncodeFailure as exc:
             self._answer(waiter, exc)
             return
-        except Exception:  # noqa: BLE001 - one job's bug must not take the fetcher down
+        except Exception:  # one job's bug must not take the fetcher down
             log.exception("job %s failed", waiter.request_id)
             self._answer(waiter, EncodeFailure("internal", "The encoder failed on this image; see its log."))
             return
@@ -250,7 +266,7 @@ class EncodeService:
             self.batcher.put(VisionItem(key, self.runner.host_pixel_values(pixel_values), grid))
         except (EncodeFailure, ImageError) as exc:
             failure = from_image_error(exc) if isinstance(exc, ImageError) else exc
-        except Exception:  # noqa: BLE001 - one job's bug must not take the worker down
+        except Exception:  # one job's bug must not take the worker down
             log.exception("job %s failed", waiter.request_id)
             failure = EncodeFailure("internal", "The encoder failed on this image; see its log.")
         else:
@@ -267,7 +283,7 @@ class EncodeService:
             started = time.perf_counter()
             try:
                 outputs = self.runner.encode([(item.pixel_values, item.grid) for item in batch])
-            except Exception:  # noqa: BLE001 - e.g. device out of memory; the loop must go on
+            except Exception:  # e.g. device out of memory; the loop must go on
                 log.exception("vision forward of %d images failed", len(batch))
                 failure = EncodeFailure("internal", "The encoder's vision forward failed; retry the request.")
                 for item in batch:
@@ -288,8 +304,9 @@ class EncodeService:
 
     def _answer(self, waiter: Waiter, outcome: Encoded | EncodeFailure) -> None:
         if isinstance(outcome, Encoded):
-            msg: Message = EncodeResult(waiter.request_id, waiter.image_key, outcome.grid, outcome.embeddings,
-                                        content_key=outcome.key)
+            msg: Message = EncodeResult(
+                waiter.request_id, waiter.image_key, outcome.grid, outcome.embeddings, content_key=outcome.key
+            )
             self.metrics.jobs.labels("ok").inc()
         else:
             msg = EncodeError(waiter.request_id, waiter.image_key, outcome.code, outcome.message[:_MAX_MESSAGE_CHARS])

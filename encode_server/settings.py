@@ -41,8 +41,9 @@ class EncodeSettings(BaseModel):
     listen: str = Field(description="transport address jobs arrive at, e.g. tcp://0.0.0.0:5600")
     transport: Transport = Field("zmq", description="transfer backend jobs arrive by")
     result_transport: Transport = Field(
-        "zmq", description="transfer backend results leave by: zmq, or cuda_ipc when the language model runs on "
-        "another GPU of this node (results then stay on the GPU and are copied device to device)"
+        "zmq",
+        description="transfer backend results leave by: zmq, or cuda_ipc when the language model runs on "
+        "another GPU of this node (results then stay on the GPU and are copied device to device)",
     )
     service_id: str | None = Field(None, description="name in health pongs; default host:pid")
     http_host: str = Field("127.0.0.1", description="address of the /health and /metrics port")
@@ -54,19 +55,18 @@ class EncodeSettings(BaseModel):
 
     # --- batching and concurrency
     batch_token_budget: PositiveInt = Field(
-        16384, description="most patches (vision tokens before the 2x2 merge) in one forward; "
-        "a larger single image still runs, alone"
+        16384,
+        description="most patches (vision tokens before the 2x2 merge) in one forward; "
+        "a larger single image still runs, alone",
     )
-    max_wait_ms: NonNegativeFloat = Field(
-        5.0, description="longest an image waits for others to share its forward"
+    max_wait_ms: NonNegativeFloat = Field(5.0, description="longest an image waits for others to share its forward")
+    workers: PositiveInt = Field(
+        8, description="threads that decode and preprocess images (downloads run on fetch_workers)"
     )
-    workers: PositiveInt = Field(8, description="threads that decode and preprocess images (downloads run on fetch_workers)")
     max_pending_jobs: PositiveInt = Field(
         1024, description="jobs accepted and not yet answered; more are refused as overloaded"
     )
-    send_timeout_s: PositiveFloat = Field(
-        30.0, description="how long a result may wait for a slow language service"
-    )
+    send_timeout_s: PositiveFloat = Field(30.0, description="how long a result may wait for a slow language service")
     shutdown_timeout_s: PositiveFloat = Field(
         30.0, description="graceful shutdown finishes in-flight jobs for at most this long"
     )
@@ -80,41 +80,45 @@ class EncodeSettings(BaseModel):
         64 * MiB, description="largest width*height decoded (checked from the header first)"
     )
     max_pixels_limit: PositiveInt | None = Field(
-        None, description="highest min_pixels/max_pixels a job may ask for; "
-        "default: the checkpoint's max_pixels"
+        None, description="highest min_pixels/max_pixels a job may ask for; default: the checkpoint's max_pixels"
     )
 
     # --- sources
     url_allow_list: list[IPvAnyNetwork] = Field(
-        default_factory=list, description="networks URLs may reach although private, loopback, "
-        "link-local or reserved (public addresses are always allowed)"
+        default_factory=list,
+        description="networks URLs may reach although private, loopback, "
+        "link-local or reserved (public addresses are always allowed)",
     )
     allowed_local_roots: list[Path] = Field(
         default_factory=list, description="directories local paths may be read from; empty = none"
     )
     reply_to_allow_list: list[str] | None = Field(
-        None, description="shell-style patterns of the addresses results and health pongs may be sent to (a "
+        None,
+        description="shell-style patterns of the addresses results and health pongs may be sent to (a "
         "job's reply_to), e.g. ['tcp://10.0.0.*:*', 'tcp://language:*']. A job or ping naming any other address "
         "is dropped unanswered (logged and counted), so nobody can make this service connect to hosts of their "
         "choosing. Default: this host's own addresses (loopback, its host name and addresses, ipc://) or, with "
-        "job_token set, any address"
+        "job_token set, any address",
     )
     job_token: str | None = Field(
-        None, description="a shared secret every job and health ping must carry (the language service's "
+        None,
+        description="a shared secret every job and health ping must carry (the language service's "
         "encoder_token); for language services on other hosts. It keeps strangers out on a private network; it "
-        "is not encryption"
+        "is not encryption",
     )
     fetch_workers: PositiveInt = Field(
-        16, description="threads that download http(s) images (apart from the workers, so slow URLs never hold "
-        "back inline images)"
+        16,
+        description="threads that download http(s) images (apart from the workers, so slow URLs never hold "
+        "back inline images)",
     )
     fetch_per_host: PositiveInt = Field(4, description="most downloads from one host at once; the rest queue")
     fetch_connect_timeout_s: PositiveFloat = 3.0
     fetch_read_timeout_s: PositiveFloat = Field(5.0, description="longest silence while downloading")
     fetch_total_timeout_s: PositiveFloat = Field(
-        10.0, description="a job's whole download from its arrival, queueing and redirects included (stops "
+        10.0,
+        description="a job's whole download from its arrival, queueing and redirects included (stops "
         "slow-drip servers); keep it well under the language service's encode_timeout_s, so a slow URL is "
-        "the client's error (400) and never looks like a dead encoder"
+        "the client's error (400) and never looks like a dead encoder",
     )
     fetch_max_redirects: NonNegativeInt = 3
 
@@ -137,8 +141,6 @@ def load_settings(config_file: str | Path | None, overrides: Mapping[str, Any]) 
     try:
         return EncodeSettings(**values)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in exc.errors())
         where = f" (from {config_file} and flags)" if config_file else ""
         raise SettingsError(f"invalid encode settings{where}: {problems}") from None

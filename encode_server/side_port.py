@@ -22,10 +22,11 @@ log = logging.getLogger(__name__)
 class SidePort:
     """`health()` returns (ready, body): 200 with the body when ready, else 503."""
 
-    def __init__(self, host: str, port: int, health: Callable[[], tuple[bool, dict[str, Any]]],
-                 registry: CollectorRegistry) -> None:
+    def __init__(
+        self, host: str, port: int, health: Callable[[], tuple[bool, dict[str, Any]]], registry: CollectorRegistry
+    ) -> None:
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_GET(self) -> None:  # http.server's naming
                 path = self.path.split("?", 1)[0]
                 if path == "/health":
                     ready, body = health()
@@ -42,7 +43,7 @@ class SidePort:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (base signature)
+            def log_message(self, format: str, *args: Any) -> None:  # base signature
                 log.debug("http %s: " + format, self.address_string(), *args)
 
         self._server = ThreadingHTTPServer((host, port), Handler)

@@ -115,8 +115,10 @@ class _CheckedTransport(httpx.BaseTransport):
 
     def __init__(self, policy: AddressPolicy) -> None:
         self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(), network_backend=_CheckedBackend(policy),
-            max_connections=64, keepalive_expiry=5.0,
+            ssl_context=httpx.create_ssl_context(),
+            network_backend=_CheckedBackend(policy),
+            max_connections=64,
+            keepalive_expiry=5.0,
         )
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
@@ -124,12 +126,18 @@ class _CheckedTransport(httpx.BaseTransport):
         core_request = httpcore.Request(
             method=request.method,
             url=httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path),
-            headers=request.headers.raw, content=request.stream, extensions=request.extensions,
+            headers=request.headers.raw,
+            content=request.stream,
+            extensions=request.extensions,
         )
         with _as_httpx_errors(request):
             response = self._pool.handle_request(core_request)
-        return httpx.Response(status_code=response.status, headers=response.headers,
-                              stream=_Body(response.stream, request), extensions=response.extensions)
+        return httpx.Response(
+            status_code=response.status,
+            headers=response.headers,
+            stream=_Body(response.stream, request),
+            extensions=response.extensions,
+        )
 
     def close(self) -> None:
         self._pool.close()
@@ -184,8 +192,7 @@ class SourceReader:
             return self._local(source)
         raise EncodeFailure(
             "invalid_request",
-            "An image source must be a data: URL, an http(s) URL or an absolute local path; "
-            f"got {source[:64]!r}.",
+            f"An image source must be a data: URL, an http(s) URL or an absolute local path; got {source[:64]!r}.",
         )
 
     def close(self) -> None:
@@ -205,7 +212,7 @@ class SourceReader:
         return EncodeFailure("image_too_large", f"{what} is larger than {self.max_bytes} bytes, this service's limit.")
 
     def _data_url(self, url: str) -> bytes:
-        meta, comma, payload = url[len("data:"):].partition(",")
+        meta, comma, payload = url[len("data:") :].partition(",")
         if not comma or not meta.lower().endswith(";base64"):
             raise EncodeFailure("invalid_request", "Data URLs must be base64: data:image/png;base64,<data>.")
         if len(payload) * 3 // 4 > self.max_bytes + 3:  # refuse before decoding
@@ -262,27 +269,38 @@ class SourceReader:
                     response.close()
                 if urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
                     raise EncodeFailure("forbidden_source", f"The image URL {shown} redirects to a non-http(s) URL.")
-            raise EncodeFailure("fetch_failed", f"The image URL {shown} redirects more than {self.max_redirects} times.")
+            raise EncodeFailure(
+                "fetch_failed", f"The image URL {shown} redirects more than {self.max_redirects} times."
+            )
         except _Forbidden as exc:
-            raise EncodeFailure("forbidden_source", f"The image URL {shown} is not reachable from this service: {exc} "
-                                "(private, loopback and link-local networks are refused unless the encode service's "
-                                "url_allow_list setting, encode.url_allow_list in splitvl up, allows them).") from None
+            raise EncodeFailure(
+                "forbidden_source",
+                f"The image URL {shown} is not reachable from this service: {exc} "
+                "(private, loopback and link-local networks are refused unless the encode service's "
+                "url_allow_list setting, encode.url_allow_list in splitvl up, allows them).",
+            ) from None
         except httpx.ConnectTimeout:
-            raise EncodeFailure("fetch_failed", f"The image URL {shown} did not accept a connection within "
-                                f"{self.connect_timeout_s:g} s.") from None
+            raise EncodeFailure(
+                "fetch_failed",
+                f"The image URL {shown} did not accept a connection within {self.connect_timeout_s:g} s.",
+            ) from None
         except httpx.TimeoutException:
             if time.monotonic() > deadline:
                 raise self._too_slow(shown) from None
-            raise EncodeFailure("fetch_failed", f"The image URL {shown} did not answer within "
-                                f"{self.read_timeout_s:g} s.") from None
+            raise EncodeFailure(
+                "fetch_failed", f"The image URL {shown} did not answer within {self.read_timeout_s:g} s."
+            ) from None
         except httpx.InvalidURL as exc:
             raise EncodeFailure("invalid_request", f"The image URL {shown} is invalid: {exc}.") from None
         except httpx.HTTPError as exc:
             raise EncodeFailure("fetch_failed", f"Fetching the image URL {shown} failed: {exc}.") from None
 
     def _too_slow(self, shown: str) -> EncodeFailure:
-        return EncodeFailure("fetch_failed", f"Fetching the image URL {shown} took over {self.total_timeout_s:g} s, "
-                             "this service's limit for a download; send the image inline as a data URL instead.")
+        return EncodeFailure(
+            "fetch_failed",
+            f"Fetching the image URL {shown} took over {self.total_timeout_s:g} s, "
+            "this service's limit for a download; send the image inline as a data URL instead.",
+        )
 
     def _body(self, response: httpx.Response, deadline: float, shown: str) -> bytes:
         if response.status_code != 200:

@@ -14,8 +14,8 @@ Shared by the HTTP process (tool calls and schemas inside structural tags) and t
 from __future__ import annotations
 
 # The bounded-length string class xgrammar writes, and the one JSON allows (its unbounded strings').
-_LOOSE_CLASS = r'[^\"\\\r\n]'
-_JSON_CLASS = r'[^\0-\x1f\"\\\r\n]'
+_LOOSE_CLASS = r"[^\"\\\r\n]"
+_JSON_CLASS = r"[^\0-\x1f\"\\\r\n]"
 
 
 def json_schema_grammar(schema: str) -> str:

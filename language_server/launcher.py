@@ -76,7 +76,9 @@ class _Service:
         request_address, output_address = f"ipc://{ipc_dir}/requests", f"ipc://{ipc_dir}/outputs"
         client = EngineClient(request_address, output_address)
         process = multiprocessing.get_context("spawn").Process(
-            target=_engine_main, name="splitvl-engine", daemon=True,
+            target=_engine_main,
+            name="splitvl-engine",
+            daemon=True,
             args=(self.settings.model_dump(), request_address, output_address, os.getpid()),
         )
         with _engine_malloc_env():
@@ -91,8 +93,9 @@ class _Service:
             max_model_len = ready.max_model_len  # the engine caps the setting by its KV cache
             state = AppState(self.settings, model, token_bytes, client, Metrics(), max_model_len)
             # Our own access log (api/access_log.py) records how each request really ended.
-            config = uvicorn.Config(create_app(state), lifespan="off", log_level="info", access_log=False,
-                                    timeout_graceful_shutdown=5)
+            config = uvicorn.Config(
+                create_app(state), lifespan="off", log_level="info", access_log=False, timeout_graceful_shutdown=5
+            )
             server = DrainingServer(config, state)
             watchdog = asyncio.create_task(self._watch_engine(process, client, server))
             await server.serve(sockets=[listener])
@@ -117,15 +120,21 @@ class _Service:
                     # An EngineFatal sent just before the exit may still be in flight.
                     await asyncio.wait({ready}, timeout=1.0)
                     if not ready.done():
-                        raise ServiceError(f"the engine process exited with code {process.exitcode} before it "
-                                           "was ready; see its log above")
+                        raise ServiceError(
+                            f"the engine process exited with code {process.exitcode} before it "
+                            "was ready; see its log above"
+                        )
                 await asyncio.wait({ready}, timeout=0.1)
             try:
                 info = ready.result()
             except EngineUnavailable as exc:
                 raise ServiceError(f"the engine failed to start: {exc}") from None
-            logger.info("engine ready: %d KV blocks of %d tokens; encode results arrive at %s",
-                        info.num_kv_blocks, info.block_size, info.result_address)
+            logger.info(
+                "engine ready: %d KV blocks of %d tokens; encode results arrive at %s",
+                info.num_kv_blocks,
+                info.block_size,
+                info.result_address,
+            )
             return info
         finally:
             ready.cancel()
@@ -153,8 +162,10 @@ def _bind(host: str, port: int) -> socket.socket:
         listener.bind((host, port))
     except OSError as exc:
         listener.close()
-        raise ServiceError(f"cannot listen on {host}:{port}: {exc.strerror}; another process may be using the port "
-                           "(stop it, or choose another with --port)") from None
+        raise ServiceError(
+            f"cannot listen on {host}:{port}: {exc.strerror}; another process may be using the port "
+            "(stop it, or choose another with --port)"
+        ) from None
     listener.listen(2048)
     listener.set_inheritable(True)
     return listener

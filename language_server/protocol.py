@@ -20,7 +20,6 @@ from typing import Any, Union
 
 import msgpack
 
-
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for logit_bias values, checked on both sides
 
 
@@ -147,7 +146,7 @@ class EngineFatal:
     message: str
 
 
-Message = Union[GenerateRequest, AbortRequest, StatsRequest, RequestOutput, EngineStats, EngineReady, EngineFatal]
+Message = GenerateRequest | AbortRequest | StatsRequest | RequestOutput | EngineStats | EngineReady | EngineFatal
 _TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (GenerateRequest, AbortRequest, StatsRequest, RequestOutput, EngineStats, EngineReady, EngineFatal)

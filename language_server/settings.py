@@ -31,18 +31,24 @@ class LanguageSettings(BaseModel):
     # Encoders: addresses of encode services' job receivers, and the transport to reach them.
     encoders: list[str] = Field(default_factory=list)
     transport: Transport = Field("zmq", description="transfer backend jobs go to encoders by")
-    result_transport: Transport = Field("zmq", description="backend results come back by: zmq, or cuda_ipc when the "
-                                  "encoder runs on another GPU of this node")
+    result_transport: Transport = Field(
+        "zmq",
+        description="backend results come back by: zmq, or cuda_ipc when the encoder runs on another GPU of this node",
+    )
     # Where encode results come back: the engine process binds it. tcp://host:0 picks a port.
     result_address: str = "tcp://127.0.0.1:0"
     result_lease_mib: int = Field(
-        64, ge=1, le=16384,
+        64,
+        ge=1,
+        le=16384,
         description="cuda_ipc results: memory each encoder may fill ahead of this service (its lease of the "
-                    "receive region on this service's GPU, taken before the KV cache is sized; one lease per "
-                    "encoder, plus one so a restarted encoder need not wait for its old lease to expire). Results "
-                    "are taken between model steps, so this is how far an encoder can run ahead")
-    encoder_token: str | None = Field(None, description="shared secret sent with every encode job and health "
-                                      "ping (the encoders' job_token)")
+        "receive region on this service's GPU, taken before the KV cache is sized; one lease per "
+        "encoder, plus one so a restarted encoder need not wait for its old lease to expire). Results "
+        "are taken between model steps, so this is how far an encoder can run ahead",
+    )
+    encoder_token: str | None = Field(
+        None, description="shared secret sent with every encode job and health ping (the encoders' job_token)"
+    )
     encode_timeout_s: float = Field(30.0, gt=0, description="per image job; then retry elsewhere or fail")
     encode_retries: int = Field(1, ge=0, description="extra attempts on other encoders")
     encoder_health_interval_s: float = Field(2.0, gt=0)
@@ -57,35 +63,61 @@ class LanguageSettings(BaseModel):
     enable_prefix_caching: bool = True
 
     # Kernels and execution: each choice is logged in one line at start.
-    attention_backend: str = Field("auto", pattern="^(auto|torch|triton)$",
-                                   description="attention kernels (and the norms beside them): triton (paged decode, "
-                                   "flash varlen prefill, fused rotary + KV store), torch (SDPA references), or "
-                                   "auto (triton on CUDA)")
-    moe_backend: str = Field("auto", pattern="^(auto|torch|triton)$",
-                             description="routing and expert kernels: triton (grouped GEMMs), torch, or auto")
-    cuda_graphs: str = Field("on", pattern="^(on|off|nocapture)$",
-                             description="replay decode-only steps from CUDA graphs (when both backends are triton); "
-                             "nocapture runs the graph path's static buffers eagerly, to tell capture bugs from "
-                             "padding bugs")
-    load_format: str = Field("safetensors", pattern="^(safetensors|dummy)$",
-                             description="dummy: random weights of trained-like scale drawn on the device from "
-                             "config.json alone (no weight files; for benchmarks at real shapes)")
+    attention_backend: str = Field(
+        "auto",
+        pattern="^(auto|torch|triton)$",
+        description="attention kernels (and the norms beside them): triton (paged decode, "
+        "flash varlen prefill, fused rotary + KV store), torch (SDPA references), or "
+        "auto (triton on CUDA)",
+    )
+    moe_backend: str = Field(
+        "auto",
+        pattern="^(auto|torch|triton)$",
+        description="routing and expert kernels: triton (grouped GEMMs), torch, or auto",
+    )
+    cuda_graphs: str = Field(
+        "on",
+        pattern="^(on|off|nocapture)$",
+        description="replay decode-only steps from CUDA graphs (when both backends are triton); "
+        "nocapture runs the graph path's static buffers eagerly, to tell capture bugs from "
+        "padding bugs",
+    )
+    load_format: str = Field(
+        "safetensors",
+        pattern="^(safetensors|dummy)$",
+        description="dummy: random weights of trained-like scale drawn on the device from "
+        "config.json alone (no weight files; for benchmarks at real shapes)",
+    )
     grammar_compile_timeout_s: float = Field(
-        10.0, gt=0, description="structured outputs: the longest a constraint (JSON schema, regex, grammar, "
-                                "structural tag) may take to compile; past it the request ends with 400 "
-                                "grammar_too_complex. Compiles run beside the engine loop and repeated "
-                                "constraints come from a cache, so this bounds only pathological ones")
+        10.0,
+        gt=0,
+        description="structured outputs: the longest a constraint (JSON schema, regex, grammar, "
+        "structural tag) may take to compile; past it the request ends with 400 "
+        "grammar_too_complex. Compiles run beside the engine loop and repeated "
+        "constraints come from a cache, so this bounds only pathological ones",
+    )
 
     # HTTP process.
-    tokenizer_workers: int = Field(4, ge=1, description="threads that parse bodies, render chat templates and "
-                                   "tokenize, off the event loop")
-    shutdown_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM: how long running requests may finish "
-                                      "(new ones get 503 with Retry-After); the rest then end with a 503")
-    cors_allow_origins: list[str] = Field(default_factory=list, description="origins browsers may call the API "
-                                          "from (CORS), e.g. ['https://app.example.com'] or ['*']; empty: none")
-    reasoning_parser: str = Field("auto", pattern="^(auto|qwen3|none)$",
-                                  description="split <think>…</think> into reasoning_content: qwen3, none, or auto "
-                                  "(qwen3 when the chat template thinks; logged at start)")
+    tokenizer_workers: int = Field(
+        4, ge=1, description="threads that parse bodies, render chat templates and tokenize, off the event loop"
+    )
+    shutdown_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="on SIGTERM: how long running requests may finish "
+        "(new ones get 503 with Retry-After); the rest then end with a 503",
+    )
+    cors_allow_origins: list[str] = Field(
+        default_factory=list,
+        description="origins browsers may call the API "
+        "from (CORS), e.g. ['https://app.example.com'] or ['*']; empty: none",
+    )
+    reasoning_parser: str = Field(
+        "auto",
+        pattern="^(auto|qwen3|none)$",
+        description="split <think>…</think> into reasoning_content: qwen3, none, or auto "
+        "(qwen3 when the chat template thinks; logged at start)",
+    )
 
     # Limits.
     max_model_len: int = Field(8192, ge=16, description="prompt (after image expansion) + completion tokens")
@@ -95,7 +127,7 @@ class LanguageSettings(BaseModel):
     allowed_local_image_roots: list[str] = Field(default_factory=list, description="local image paths allowed under")
 
     @classmethod
-    def load(cls, path: str | Path | None, **overrides: object) -> "LanguageSettings":
+    def load(cls, path: str | Path | None, **overrides: object) -> LanguageSettings:
         """File values, then every override that is not None."""
         values: dict[str, object] = {}
         if path is not None:

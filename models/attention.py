@@ -134,8 +134,14 @@ class AttentionBackend:
         kind = batch_kind(query_lens, context_lens)
         if self.kv_cache is None and kind != "prefill":
             raise ValueError("context longer than the new tokens needs a KV cache")
-        return AttentionBatch(kind, list(query_lens), list(context_lens), slot_mapping, block_tables,
-                              max_context=max(context_lens, default=0))
+        return AttentionBatch(
+            kind,
+            list(query_lens),
+            list(context_lens),
+            slot_mapping,
+            block_tables,
+            max_context=max(context_lens, default=0),
+        )
 
     # ----- once per layer --------------------------------------------------------------------
 
@@ -161,8 +167,9 @@ class AttentionBackend:
 
     qk_norm_rope = staticmethod(torch_qk_norm_rope)
 
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               batch: AttentionBatch) -> torch.Tensor:
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch
+    ) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D], rotated, new keys already in the cache -> [T, Hq, D]."""
         raise NotImplementedError
 
@@ -192,8 +199,9 @@ class AttentionBackend:
         self._tables.copy_(self._host_tables)
         return self.graph_batch(bucket, [1] * bucket)
 
-    def prepare_for_replay(self, bucket: int, slots: list[int], context_lens: list[int],
-                           block_tables: list[list[int]]) -> None:
+    def prepare_for_replay(
+        self, bucket: int, slots: list[int], context_lens: list[int], block_tables: list[list[int]]
+    ) -> None:
         """Copy one decode step's metadata into the static buffers; rows past len(slots) pad.
         The copies are queued on the current stream from pinned host buffers (whole buffers:
         a strided slice would be staged through pageable memory): the caller makes sure the
@@ -214,9 +222,15 @@ class AttentionBackend:
         host lists serve backends that run eagerly (they would be frozen into a capture, so a
         capturable backend must not read them)."""
         block_size = self._cache().block_size
-        return AttentionBatch("decode", [1] * bucket, context_lens, slot_mapping=self._meta[0, :bucket],
-                              block_tables=self._tables[:bucket], max_context=self._graph_max_blocks * block_size,
-                              device_context_lens=self._meta[1, :bucket])
+        return AttentionBatch(
+            "decode",
+            [1] * bucket,
+            context_lens,
+            slot_mapping=self._meta[0, :bucket],
+            block_tables=self._tables[:bucket],
+            max_context=self._graph_max_blocks * block_size,
+            device_context_lens=self._meta[1, :bucket],
+        )
 
     def _cache(self) -> PagedKVCache:
         if self.kv_cache is None:
@@ -236,8 +250,9 @@ class TorchAttentionBackend(AttentionBackend):
 
     name = "torch"
 
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               batch: AttentionBatch) -> torch.Tensor:
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch
+    ) -> torch.Tensor:
         out = torch.empty_like(q)
         start = 0
         for b, (q_len, ctx_len) in enumerate(zip(batch.query_lens, batch.context_lens)):

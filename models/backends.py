@@ -23,7 +23,7 @@ BACKEND_NAMES = ("auto", "torch", "triton")
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """"auto" -> the backend that runs best on `device`; a named one is checked and kept."""
+    """ "auto" -> the backend that runs best on `device`; a named one is checked and kept."""
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown kernel backend {name!r}: choose one of {', '.join(BACKEND_NAMES)}")
     from models.kernels.availability import HAS_TRITON

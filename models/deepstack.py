@@ -44,8 +44,9 @@ class DeepStackMixin:
             raise ValueError(f"image rows need an image_mask of {h.shape[0]} positions")
         return scatter_vision_rows(h, ctx.image_mask, ctx.image_rows)
 
-    def after_layer(self, layer_idx: int, h: torch.Tensor, residual: torch.Tensor | None,
-                    deepstack: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def after_layer(
+        self, layer_idx: int, h: torch.Tensor, residual: torch.Tensor | None, deepstack: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if deepstack is None or layer_idx >= deepstack.shape[-1] // h.shape[-1]:
             return h, residual
         # The level is added to the layer's output, h + residual rounded first (as the

@@ -76,8 +76,9 @@ def forward_context(
     return ForwardContext(kernels, batch, positions, image_mask, image_rows)
 
 
-def prefill_context(kernels: Kernels, seq_lens: list[int], device: torch.device | str = "cpu",
-                    positions: torch.Tensor | None = None) -> ForwardContext:
+def prefill_context(
+    kernels: Kernels, seq_lens: list[int], device: torch.device | str = "cpu", positions: torch.Tensor | None = None
+) -> ForwardContext:
     """Whole sequences, no cache (parity tests, the reference model): positions 0.. per sequence
     unless given."""
     if positions is None:

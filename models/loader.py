@@ -36,7 +36,9 @@ from models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
 
 PARTS = ("full", "vision", "language")
 _PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar from 1 GiB of weights
-_EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(?:(\d+)\.(gate|up|down)_proj\.weight|(gate_up_proj|down_proj)(?:\.weight)?)$")
+_EXPERT_KEY = re.compile(
+    r"^(.*\.mlp\.experts)\.(?:(\d+)\.(gate|up|down)_proj\.weight|(gate_up_proj|down_proj)(?:\.weight)?)$"
+)
 
 
 class CheckpointError(ValueError):
@@ -72,11 +74,15 @@ def load_model(
     other_part = _KNOWN_PREFIXES[config.is_vl]
     strangers = [n for n in files if n not in wanted and not any(n.startswith(p) for p in other_part)]
     if strangers:
-        raise CheckpointError("checkpoint does not match the config: unexpected tensors: " + _listing(sorted(strangers)))
+        raise CheckpointError(
+            "checkpoint does not match the config: unexpected tensors: " + _listing(sorted(strangers))
+        )
     reader = _TensorReader(model_dir, device)
     filler = _ParamFiller(model, config)
     total = sum(reader.nbytes(wanted))
-    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=total < _PROGRESS_MIN_BYTES) as bar:
+    with tqdm(
+        total=total, unit="B", unit_scale=True, desc="loading weights", disable=total < _PROGRESS_MIN_BYTES
+    ) as bar:
         for name, filename in sorted(wanted.items(), key=lambda kv: (kv[1], kv[0])):
             local = _strip_prefix(name, prefixes)
             tensor = reader.read(filename, name)
@@ -143,7 +149,7 @@ def checkpoint_files(model_dir: Path) -> dict[str, str]:
     shards = sorted(model_dir.glob("*.safetensors"))
     if len(shards) == 1:
         with safe_open(shards[0], framework="pt") as f:
-            return {name: shards[0].name for name in f.keys()}
+            return {name: shards[0].name for name in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     if len(shards) > 1:
         raise CheckpointError(f"{model_dir} has {len(shards)} .safetensors files but no model.safetensors.index.json")
     pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
@@ -234,8 +240,10 @@ class _ParamFiller:
             target = gate_up if fused == "gate_up_proj" else down
             layout = _fused_layout(ckpt_name, tuple(tensor.shape), fused, num_experts, hidden, inter)
             if layout is None:
-                self.misshaped.append(f"{ckpt_name}: file {tuple(tensor.shape)}, expected hub or transformers layout "
-                                      f"for E={num_experts}, H={hidden}, I={inter}")
+                self.misshaped.append(
+                    f"{ckpt_name}: file {tuple(tensor.shape)}, expected hub or transformers layout "
+                    f"for E={num_experts}, H={hidden}, I={inter}"
+                )
                 return
             target.data.copy_(tensor.transpose(1, 2) if layout == "hub" else tensor)
             self.filled.add(f"{base}.{fused}")
@@ -243,7 +251,9 @@ class _ParamFiller:
         j = int(index)
         want = (hidden, inter) if proj == "down" else (inter, hidden)
         if j >= num_experts or tuple(tensor.shape) != want:
-            self.misshaped.append(f"{ckpt_name}: file {tuple(tensor.shape)}, expected {want} for expert < {num_experts}")
+            self.misshaped.append(
+                f"{ckpt_name}: file {tuple(tensor.shape)}, expected {want} for expert < {num_experts}"
+            )
             return
         if proj == "gate":
             gate_up.data[j, :inter].copy_(tensor)

@@ -12,8 +12,8 @@ Legend: T tokens, H hidden, E experts, I expert intermediate, K experts per toke
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

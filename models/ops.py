@@ -23,8 +23,9 @@ Legend: T tokens, H hidden, Hq/Hkv heads, D head dim, E experts, K experts per t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,7 @@ def torch_qk_norm_rope(
     cos: torch.Tensor,
     sin: torch.Tensor,
     v: torch.Tensor | None = None,
-    kv_write: "KVWrite | None" = None,
+    kv_write: KVWrite | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [T, Hq, D], k [T, Hkv, D] -> both normalised per head (Qwen3) and rotated. With
     `kv_write`, the rotated k and `v` [T, Hkv, D] are also stored at their cache slots."""
@@ -99,5 +100,12 @@ class OpsImpl:
 TORCH_OPS = OpsImpl(torch_rms_norm, torch_add_rms_norm, torch_qk_norm_rope, torch_route)
 
 
-__all__ = ["OpsImpl", "TORCH_OPS", "apply_rotary", "torch_add_rms_norm", "torch_qk_norm_rope", "torch_rms_norm",
-           "torch_route"]
+__all__ = [
+    "OpsImpl",
+    "TORCH_OPS",
+    "apply_rotary",
+    "torch_add_rms_norm",
+    "torch_qk_norm_rope",
+    "torch_rms_norm",
+    "torch_route",
+]

@@ -169,7 +169,8 @@ class Attention(nn.Module):
         t, d = x.shape[0], self.head_dim
         if self.qkv_weight is not None:
             q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(
-                [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
+                [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1
+            )
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q, k, v = q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d), v.view(t, self.num_kv_heads, d)
@@ -240,8 +241,9 @@ class Qwen2MoeModel(nn.Module):
             raise ValueError(f"{type(self).__name__} is a text-only stack: it takes no image rows")
         return self.embed_tokens(input_ids), None
 
-    def after_layer(self, layer_idx: int, h: torch.Tensor, residual: torch.Tensor | None,
-                    extra: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def after_layer(
+        self, layer_idx: int, h: torch.Tensor, residual: torch.Tensor | None, extra: object
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A step after decoder layer `layer_idx` on the stream (h, residual); none here."""
         return h, residual
 

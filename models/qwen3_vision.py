@@ -110,7 +110,7 @@ class PatchMerger(nn.Module):
         return self.linear_fc2(F.gelu(self.linear_fc1(x)))
 
 
-class Qwen3_VisionTransformer(nn.Module):  # noqa: N801 (the seed design's name, kept)
+class Qwen3_VisionTransformer(nn.Module):  # the seed design's name, kept
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
         if any(not 0 <= i < config.depth for i in config.deepstack_visual_indexes):

@@ -54,8 +54,11 @@ class Qwen3VLMoeForConditionalGeneration(nn.Module):
         """input_ids [T] with each image's placeholder expanded to its N tokens -> [T, H]. The
         tower's rows go to the text half through the context, as the encode service's do."""
         if pixel_values is not None:
-            ctx = replace(ctx, image_mask=input_ids == self.config.image_token_id,
-                          image_rows=self.visual(pixel_values, image_grid_thw))
+            ctx = replace(
+                ctx,
+                image_mask=input_ids == self.config.image_token_id,
+                image_rows=self.visual(pixel_values, image_grid_thw),
+            )
         return self.model(input_ids, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

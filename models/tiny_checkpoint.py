@@ -19,9 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -39,26 +39,62 @@ DEFAULT_SHARD_BYTES = 2_000_000_000
 # transformers nor our loader could tell the hub layout from the transformers one.
 _TEXT = {
     "tiny": dict(
-        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, intermediate_size=128,
-        shared_expert_intermediate_size=48, rope_theta=10000.0, mrope_section=[6, 5, 5],
-        max_position_embeddings=32768, rms_norm_eps=1e-6,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=48,
+        intermediate_size=128,
+        shared_expert_intermediate_size=48,
+        rope_theta=10000.0,
+        mrope_section=[6, 5, 5],
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
     ),
     "qwen3-vl-30b-a3b": dict(
-        hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-        num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144,
-        rope_theta=5000000.0, mrope_section=[24, 20, 20], max_position_embeddings=262144, rms_norm_eps=1e-6,
+        hidden_size=2048,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=128,
+        num_experts_per_tok=8,
+        moe_intermediate_size=768,
+        intermediate_size=6144,
+        rope_theta=5000000.0,
+        mrope_section=[24, 20, 20],
+        max_position_embeddings=262144,
+        rms_norm_eps=1e-6,
         vocab_size=151936,
     ),
 }
 _VISION = {
     "tiny": dict(
-        depth=5, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=16, temporal_patch_size=2,
-        spatial_merge_size=2, out_hidden_size=64, num_position_embeddings=64, deepstack_visual_indexes=[1, 2, 3],
+        depth=5,
+        hidden_size=32,
+        num_heads=2,
+        intermediate_size=64,
+        patch_size=16,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        out_hidden_size=64,
+        num_position_embeddings=64,
+        deepstack_visual_indexes=[1, 2, 3],
     ),
     "qwen3-vl-30b-a3b": dict(
-        depth=27, hidden_size=1152, num_heads=16, intermediate_size=4304, patch_size=16, temporal_patch_size=2,
-        spatial_merge_size=2, out_hidden_size=2048, num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24],
+        depth=27,
+        hidden_size=1152,
+        num_heads=16,
+        intermediate_size=4304,
+        patch_size=16,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        out_hidden_size=2048,
+        num_position_embeddings=2304,
+        deepstack_visual_indexes=[8, 16, 24],
     ),
 }
 # Image pixel limits (preprocessor size.shortest_edge / longest_edge): the real ones, and small
@@ -210,7 +246,11 @@ def _expert_entries(prefix: str, text: dict, layout: str, init: _Init, gain: flo
 
     if layout == "per_expert":
         for j in range(E):
-            for name, shape, draw in (("gate_proj", (I, H), gate), ("up_proj", (I, H), up), ("down_proj", (H, I), down)):
+            for name, shape, draw in (
+                ("gate_proj", (I, H), gate),
+                ("up_proj", (I, H), up),
+                ("down_proj", (H, I), down),
+            ):
                 yield TensorEntry(f"{prefix}{j}.{name}.weight", shape, lambda draw=draw, j=j: draw(j))
         return
     hub = layout == "hub"
@@ -341,7 +381,9 @@ def _write_safetensors(path: Path, entries: list[TensorEntry], dtype: torch.dtyp
     for entry in entries:
         nbytes = math.prod(entry.shape) * itemsize
         header[entry.name] = {
-            "dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(entry.shape), "data_offsets": [offset, offset + nbytes],
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(entry.shape),
+            "data_offsets": [offset, offset + nbytes],
         }
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -409,7 +451,9 @@ def write_tiny_checkpoint(
     """
     arch = _check(arch.replace("-", "_"), ARCHS, "arch")
     shapes = _check(shapes, SHAPES, "shapes")
-    expert_layout = _check(expert_layout or ("hub" if arch == "qwen3_vl_moe" else "per_expert"), EXPERT_LAYOUTS, "expert layout")
+    expert_layout = _check(
+        expert_layout or ("hub" if arch == "qwen3_vl_moe" else "per_expert"), EXPERT_LAYOUTS, "expert layout"
+    )
     config_spelling = _check(config_spelling, CONFIG_SPELLINGS, "config spelling")
     if shapes != "tiny" and arch == "qwen2_moe":
         raise ValueError("--shapes qwen3-vl-30b-a3b has no qwen2-moe variant; use qwen3-vl-moe or qwen3-moe")

@@ -61,7 +61,8 @@ class OfflineGenerator:
             self.config = language.config
             self.vision = (
                 load_model(self.model_dir, part="vision", device=device, dtype=dtype).model
-                if self.config.is_vl else None
+                if self.config.is_vl
+                else None
             )
             self.model = language.model
         else:
@@ -90,14 +91,22 @@ class OfflineGenerator:
             raise ValueError(f"{self.model_dir} is a text-only checkpoint; it cannot take images")
         if self.config.is_vl:
             grids = [im.grid for im in images]
-            positions, delta = mrope_positions(ids, grids, self.config.image_token_id,
-                                               self.config.vision.spatial_merge_size)
+            positions, delta = mrope_positions(
+                ids, grids, self.config.image_token_id, self.config.vision.spatial_merge_size
+            )
         else:
             positions, delta = torch.arange(len(ids)), 0
         text = self.config.text
         num_blocks = -(-(len(ids) + max_tokens) // _BLOCK_SIZE)
-        cache = PagedKVCache(text.num_hidden_layers, num_blocks, _BLOCK_SIZE, text.num_key_value_heads,
-                             text.head_dim, self.dtype, self.device)
+        cache = PagedKVCache(
+            text.num_hidden_layers,
+            num_blocks,
+            _BLOCK_SIZE,
+            text.num_key_value_heads,
+            text.head_dim,
+            self.dtype,
+            self.device,
+        )
         kernels = torch_kernels(cache)
         block_table = torch.arange(num_blocks, device=self.device)[None, :]
 
@@ -166,8 +175,9 @@ def generate(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     images = [load_image(model_dir, p) for p in image_paths]
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
-    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if generator.config.is_vl:
         ids = generator.expand_image_tokens(ids, [im.grid for im in images])

@@ -21,8 +21,9 @@ def pytest_collection_modifyitems(config, items):
 def pytest_terminal_summary(terminalreporter):
     """Skips grouped by reason, so a green run says plainly what it did not run and why."""
     skipped = terminalreporter.stats.get("skipped", [])
-    reasons = Counter(str(r.longrepr[2]).removeprefix("Skipped: ") if isinstance(r.longrepr, tuple) else "?"
-                      for r in skipped)
+    reasons = Counter(
+        str(r.longrepr[2]).removeprefix("Skipped: ") if isinstance(r.longrepr, tuple) else "?" for r in skipped
+    )
     if reasons:
         terminalreporter.write_sep("-", f"{len(skipped)} skipped (not run, not counted as passed), by reason")
         for reason, count in reasons.most_common():

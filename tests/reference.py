@@ -39,12 +39,15 @@ def our_prompt_logits(model, config, ids: Sequence[int], images=()) -> torch.Ten
     """All-position logits of one prompt through our model without a cache: [T, V]."""
     ids_t = torch.tensor(list(ids))
     if config.is_vl:
-        positions, _ = mrope_positions(ids, [im.grid for im in images], config.image_token_id,
-                                       config.vision.spatial_merge_size)
+        positions, _ = mrope_positions(
+            ids, [im.grid for im in images], config.image_token_id, config.vision.spatial_merge_size
+        )
         kwargs = {}
         if images:
-            kwargs = {"pixel_values": torch.cat([im.pixel_values for im in images]),
-                      "image_grid_thw": [im.grid for im in images]}
+            kwargs = {
+                "pixel_values": torch.cat([im.pixel_values for im in images]),
+                "image_grid_thw": [im.grid for im in images],
+            }
         hidden = model(ids_t, prefill_context(torch_kernels(), [len(ids)], positions=positions), **kwargs)
     else:
         hidden = model(ids_t, prefill_context(torch_kernels(), [len(ids)]))

@@ -59,8 +59,10 @@ class HostRegion:
         return HeldFences()
 
     def copy_out(self, spans: list) -> tuple[list[torch.Tensor], _Done]:
-        outs = [self._buf[o : o + dtype.itemsize * math.prod(shape)].view(dtype).view(shape).clone()
-                for o, dtype, shape in spans]
+        outs = [
+            self._buf[o : o + dtype.itemsize * math.prod(shape)].view(dtype).view(shape).clone()
+            for o, dtype, shape in spans
+        ]
         return outs, _Done()
 
     def synchronize(self) -> None:

@@ -117,9 +117,23 @@ class EncodeService:
         self.log = tmp / f"encode-{self.http_port}.log"
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "splitvl", "encode", "--model", str(model), "--listen", self.listen,
-                 "--http-port", str(self.http_port), *extra],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "splitvl",
+                    "encode",
+                    "--model",
+                    str(model),
+                    "--listen",
+                    self.listen,
+                    "--http-port",
+                    str(self.http_port),
+                    *extra,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def wait_ready(self, timeout: float = 120) -> EncodeService:
         deadline = time.monotonic() + timeout

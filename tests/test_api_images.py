@@ -89,9 +89,15 @@ def encode_service(vl_ckpt, image_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def image_service(vl_ckpt, encode_service, image_root, tmp_path_factory):
-    service = LanguageService(tmp_path_factory.mktemp("api_images"), vl_ckpt, "--encoder", encode_service,
-                              "--served-model-name", "tiny-vl",
-                              config={"allowed_local_image_roots": [str(image_root)]})
+    service = LanguageService(
+        tmp_path_factory.mktemp("api_images"),
+        vl_ckpt,
+        "--encoder",
+        encode_service,
+        "--served-model-name",
+        "tiny-vl",
+        config={"allowed_local_image_roots": [str(image_root)]},
+    )
     try:
         service.wait_healthy()
         service.wait_encoder()
@@ -125,21 +131,28 @@ def reference(vl_ckpt):
         out = processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
         pieces = text.split("<|image_pad|>")
         grids = out["image_grid_thw"]
-        text = pieces[0] + "".join("<|image_pad|>" * int(g.prod() // 4) + rest
-                                   for g, rest in zip(grids, pieces[1:], strict=True))
+        text = pieces[0] + "".join(
+            "<|image_pad|>" * int(g.prod() // 4) + rest for g, rest in zip(grids, pieces[1:], strict=True)
+        )
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.no_grad():
-            generated = model.generate(input_ids=ids, pixel_values=out["pixel_values"], image_grid_thw=grids,
-                                       mm_token_type_ids=(ids == model.config.image_token_id).int(),
-                                       max_new_tokens=MAX_TOKENS, do_sample=False)
-        return generated[0, ids.shape[1]:].tolist(), ids.shape[1]
+            generated = model.generate(
+                input_ids=ids,
+                pixel_values=out["pixel_values"],
+                image_grid_thw=grids,
+                mm_token_type_ids=(ids == model.config.image_token_id).int(),
+                max_new_tokens=MAX_TOKENS,
+                do_sample=False,
+            )
+        return generated[0, ids.shape[1] :].tolist(), ids.shape[1]
 
     return generate, TokenBytes(tokenizer)
 
 
 def _chat(service: LanguageService, messages: list[dict], **kwargs):
-    return service.client().chat.completions.create(model="tiny-vl", messages=messages, max_tokens=MAX_TOKENS,
-                                                    temperature=0, logprobs=True, **kwargs)
+    return service.client().chat.completions.create(
+        model="tiny-vl", messages=messages, max_tokens=MAX_TOKENS, temperature=0, logprobs=True, **kwargs
+    )
 
 
 ONE_IMAGE = [{"role": "user", "content": [image_part(IMAGE_A), {"type": "text", "text": "What is shown here?"}]}]
@@ -158,8 +171,9 @@ def test_image_chat_greedy_equals_transformers(image_service, reference, message
     response = _chat(image_service, messages)
     assert [c.bytes for c in response.choices[0].logprobs.content] == [list(token_bytes(t)) for t in want]
     assert response.usage.prompt_tokens == prompt_len  # after image expansion
-    streamed = image_service.client().chat.completions.create(model="tiny-vl", messages=messages,
-                                                              max_tokens=MAX_TOKENS, temperature=0, stream=True)
+    streamed = image_service.client().chat.completions.create(
+        model="tiny-vl", messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == response.choices[0].message.content
 
 
@@ -183,9 +197,18 @@ def test_a_constraint_holds_for_an_image_request(image_service):
     choices = ["a cat", "a dog", "a gradient"]
     for seed in range(3):
         reply = image_service.client().chat.completions.create(
-            model="tiny-vl", messages=[{"role": "user", "content": [image_part(png(32 + 8 * seed, 24, seed=seed)),
-                                                                     {"type": "text", "text": "What is it?"}]}],
-            max_tokens=16, temperature=1.0, seed=seed, extra_body={"guided_choice": choices})
+            model="tiny-vl",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [image_part(png(32 + 8 * seed, 24, seed=seed)), {"type": "text", "text": "What is it?"}],
+                }
+            ],
+            max_tokens=16,
+            temperature=1.0,
+            seed=seed,
+            extra_body={"guided_choice": choices},
+        )
         assert reply.choices[0].message.content in choices and reply.choices[0].finish_reason == "stop"
         assert reply.usage.prompt_tokens > 20  # the image's tokens are in the prompt
 
@@ -193,8 +216,11 @@ def test_a_constraint_holds_for_an_image_request(image_service):
 def test_undecodable_image_is_a_client_error(image_service):
     not_an_image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}
     messages = [{"role": "user", "content": [not_an_image, {"type": "text", "text": "?"}]}]
-    response = httpx.post(f"{image_service.url}/v1/chat/completions", timeout=60,
-                          json={"model": "tiny-vl", "messages": messages, "max_tokens": 2})
+    response = httpx.post(
+        f"{image_service.url}/v1/chat/completions",
+        timeout=60,
+        json={"model": "tiny-vl", "messages": messages, "max_tokens": 2},
+    )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["message"]
     assert image_service.health()["status"] == "ok"
@@ -241,8 +267,12 @@ def test_changed_content_at_one_url_is_answered_as_the_new_image(image_service, 
     old, new = png(64, 64, seed=31), png(64, 64, seed=32)
 
     def messages(url: str) -> list[dict]:
-        return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                             {"type": "text", "text": "Which one?"}]}]
+        return [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Which one?"}],
+            }
+        ]
 
     want_old, _ = generate(messages(data_url(old)))
     want_new, _ = generate(messages(data_url(new)))

@@ -21,10 +21,18 @@ KEY = "sekrit-key"
 @pytest.fixture(scope="module")
 def text_service(qwen3_text_ckpt, tmp_path_factory):
     """Text-only Qwen3-MoE, API key from the command line, limits from a YAML file."""
-    service = LanguageService(tmp_path_factory.mktemp("api_limits"), qwen3_text_ckpt, api_key=KEY,
-                              config={"served_model_name": "tiny-text", "max_queued_requests": 2,
-                                      "max_image_url_bytes": 1024, "max_images_per_request": 1,
-                                      "cors_allow_origins": ["https://app.example"]})
+    service = LanguageService(
+        tmp_path_factory.mktemp("api_limits"),
+        qwen3_text_ckpt,
+        api_key=KEY,
+        config={
+            "served_model_name": "tiny-text",
+            "max_queued_requests": 2,
+            "max_image_url_bytes": 1024,
+            "max_images_per_request": 1,
+            "cors_allow_origins": ["https://app.example"],
+        },
+    )
     try:
         service.wait_healthy()
         yield service
@@ -52,9 +60,15 @@ def test_api_key(text_service):
 
 def test_cors_allows_the_configured_origin_only(text_service):
     def preflight(origin: str) -> httpx.Response:
-        return httpx.options(f"{text_service.url}/v1/chat/completions", timeout=10, headers={
-            "Origin": origin, "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization,content-type"})
+        return httpx.options(
+            f"{text_service.url}/v1/chat/completions",
+            timeout=10,
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+        )
 
     allowed = preflight("https://app.example")
     assert allowed.status_code == 200
@@ -64,13 +78,19 @@ def test_cors_allows_the_configured_origin_only(text_service):
 
 def test_overload_gets_429_and_recovers(text_service):
     headers = {"Authorization": f"Bearer {KEY}"}
-    body = {"model": "tiny-text", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6000,
-            "ignore_eos": True, "stream": True}
+    body = {
+        "model": "tiny-text",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 6000,
+        "ignore_eos": True,
+        "stream": True,
+    }
     with contextlib.ExitStack() as stack:
         readers = []  # held: dropping a line iterator closes its connection
         for _ in range(2):  # fill both slots with long streams, each surely admitted
-            response = stack.enter_context(httpx.stream("POST", f"{text_service.url}/v1/chat/completions",
-                                                        json=body, headers=headers, timeout=60))
+            response = stack.enter_context(
+                httpx.stream("POST", f"{text_service.url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+            )
             readers.append(response.iter_lines())
             next(readers[-1])
         with pytest.raises(openai.RateLimitError) as info:
@@ -94,8 +114,11 @@ def test_text_only_model_refuses_images(text_service):
 
 def test_body_too_large(text_service):
     # One image of at most 1024 bytes allowed: the body limit is about 1 MiB of text around it.
-    response = httpx.post(f"{text_service.url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
-                          json={"model": "tiny-text", "messages": [{"role": "user", "content": "x" * (2 << 20)}]})
+    response = httpx.post(
+        f"{text_service.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"model": "tiny-text", "messages": [{"role": "user", "content": "x" * (2 << 20)}]},
+    )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "request_too_large"
 
@@ -105,11 +128,17 @@ def test_engine_failure_is_reported_with_a_clear_message(tmp_path):
 
     # Config and tokenizer but no weights: the HTTP side loads, the engine cannot.
     ckpt = write_tiny_checkpoint(tmp_path / "no_weights", arch="qwen3_moe", metadata_only=True)
-    proc = subprocess.run([sys.executable, "-m", "splitvl", "language", "--model", str(ckpt), "--port", "0"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "splitvl", "language", "--model", str(ckpt), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == \
-        f"splitvl language: the engine failed to start: CheckpointError: {ckpt} has no .safetensors weights"
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == f"splitvl language: the engine failed to start: CheckpointError: {ckpt} has no .safetensors weights"
+    )
 
 
 def test_sigterm_stops_the_service_and_its_engine(text_service):

@@ -34,8 +34,12 @@ def worst_health_latency(service: LanguageService, seconds: float) -> float:
 def stream_gaps(service: LanguageService, tokens: int) -> list[float]:
     """Seconds between the SSE lines of one streamed request."""
     gaps, last = [], time.monotonic()
-    with httpx.stream("POST", f"{service.url}/v1/chat/completions", timeout=60,
-                      json=body("hi", max_tokens=tokens, stream=True, ignore_eos=True)) as response:
+    with httpx.stream(
+        "POST",
+        f"{service.url}/v1/chat/completions",
+        timeout=60,
+        json=body("hi", max_tokens=tokens, stream=True, ignore_eos=True),
+    ) as response:
         assert response.status_code == 200
         for line in response.iter_lines():
             if line:
@@ -48,8 +52,13 @@ def stream_gaps(service: LanguageService, tokens: int) -> list[float]:
 @pytest.fixture(scope="module")
 def long_context(qwen3_text_ckpt, tmp_path_factory):
     """A context long enough that multi-megabyte texts pass the length bound and get tokenized."""
-    service = LanguageService(tmp_path_factory.mktemp("long"), qwen3_text_ckpt, "--served-model-name", MODEL,
-                              config={"max_model_len": 400_000})
+    service = LanguageService(
+        tmp_path_factory.mktemp("long"),
+        qwen3_text_ckpt,
+        "--served-model-name",
+        MODEL,
+        config={"max_model_len": 400_000},
+    )
     service.wait_healthy()
     yield service
     service.stop()
@@ -76,8 +85,9 @@ def test_tokenizing_a_long_text_stalls_neither_health_nor_streams(long_context):
     result: dict = {}
 
     def send() -> None:
-        result["response"] = httpx.post(f"{long_context.url}/v1/chat/completions", json=body(text, max_tokens=2),
-                                        timeout=120)
+        result["response"] = httpx.post(
+            f"{long_context.url}/v1/chat/completions", json=body(text, max_tokens=2), timeout=120
+        )
 
     sender = threading.Thread(target=send)
     sender.start()
@@ -95,8 +105,9 @@ def _sse_events(response: httpx.Response) -> list[str]:
 
 
 def test_sigterm_drains_running_requests_and_answers_late_ones_cleanly(qwen3_text_ckpt, tmp_path):
-    service = LanguageService(tmp_path, qwen3_text_ckpt, "--served-model-name", MODEL,
-                              config={"shutdown_timeout_s": 3, "max_num_seqs": 32})
+    service = LanguageService(
+        tmp_path, qwen3_text_ckpt, "--served-model-name", MODEL, config={"shutdown_timeout_s": 3, "max_num_seqs": 32}
+    )
     service.wait_healthy()
     engine = service.children
     outcomes: list[tuple[str, object]] = []

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 
 from language_server.api.detokenizer import TokenBytes
 from tests.reference import hf_model
-from tests.services import LanguageService, free_port  # noqa: F401 (shared by the other test_api_* files)
+from tests.services import LanguageService, free_port  # noqa: F401 - shared by the other test_api_* files
 from tests.services import alive as _alive
 from tests.services import children as _children  # noqa: F401
 
@@ -28,13 +28,16 @@ MAX_TOKENS = 16
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colors."}]
 
 
-
-
 @pytest.fixture(scope="session")
 def vl_service(vl_ckpt, tmp_path_factory):
     """The VL checkpoint without an encoder; small image limits so 413 and 'too many' are cheap."""
-    service = LanguageService(tmp_path_factory.mktemp("api"), vl_ckpt, "--served-model-name", "tiny-vl",
-                              config={"max_image_url_bytes": 4096, "max_images_per_request": 2})
+    service = LanguageService(
+        tmp_path_factory.mktemp("api"),
+        vl_ckpt,
+        "--served-model-name",
+        "tiny-vl",
+        config={"max_image_url_bytes": 4096, "max_images_per_request": 2},
+    )
     try:
         service.wait_healthy()
         yield service
@@ -55,13 +58,15 @@ def token_bytes(tokenizer):
 @pytest.fixture(scope="session")
 def hf_greedy(vl_ckpt, tokenizer) -> list[int]:
     """transformers' greedy tokens for MESSAGES (fp32, CPU), EOS included if it is generated."""
-    ids = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                        return_tensors="pt")["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )["input_ids"]
     model = hf_model(vl_ckpt)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, mm_token_type_ids=torch.zeros_like(ids), max_new_tokens=MAX_TOKENS,
-                             do_sample=False)
-    return out[0, ids.shape[1]:].tolist()
+        out = model.generate(
+            input_ids=ids, mm_token_type_ids=torch.zeros_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False
+        )
+    return out[0, ids.shape[1] :].tolist()
 
 
 def chat(service: LanguageService, **kwargs):
@@ -210,17 +215,27 @@ def test_models_health_metrics(vl_service):
     health = vl_service.health()
     assert health["status"] == "ok" and health["encoders_total"] == 0
     metrics = httpx.get(f"{vl_service.url}/metrics").text
-    for name in ("splitvl_time_to_first_token_seconds", "splitvl_inter_token_latency_seconds",
-                 "splitvl_e2e_request_latency_seconds", "splitvl_num_requests_waiting",
-                 "splitvl_num_requests_running", "splitvl_kv_blocks_used", "splitvl_kv_blocks_free",
-                 "splitvl_prefix_cache_hit_rate", "splitvl_encoder_bytes_received_total",
-                 "splitvl_http_request_bytes_received_total", "splitvl_http_requests_in_flight",
-                 "splitvl_engine_failed_steps_total"):
+    for name in (
+        "splitvl_time_to_first_token_seconds",
+        "splitvl_inter_token_latency_seconds",
+        "splitvl_e2e_request_latency_seconds",
+        "splitvl_num_requests_waiting",
+        "splitvl_num_requests_running",
+        "splitvl_kv_blocks_used",
+        "splitvl_kv_blocks_free",
+        "splitvl_prefix_cache_hit_rate",
+        "splitvl_encoder_bytes_received_total",
+        "splitvl_http_request_bytes_received_total",
+        "splitvl_http_requests_in_flight",
+        "splitvl_engine_failed_steps_total",
+    ):
         assert f"\n{name}" in metrics, name
 
 
-PNG_1PX = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAcCBl"
-           "sQAAAABJRU5ErkJggg==")
+PNG_1PX = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAcCBl"
+    "sQAAAABJRU5ErkJggg=="
+)
 
 
 def _image_message(*urls: str, role: str = "user", **image_fields) -> list[dict]:
@@ -259,27 +274,47 @@ BAD_CHAT = [
     (_chat_body(messages=_image_message("https://example.com/" + "a" * 9000)), 400, "messages[0].content[0].image_url"),
     (_chat_body(messages=_image_message(PNG_1PX, PNG_1PX, PNG_1PX)), 400, "messages"),
     (_chat_body(messages=_image_message(PNG_1PX, role="assistant")), 400, "messages[0].content[0].image_url"),
-    (_chat_body(messages=_image_message("data:image/png;base64," + "A" * 8000)), 413,
-     "messages[0].content[0].image_url"),
+    (
+        _chat_body(messages=_image_message("data:image/png;base64," + "A" * 8000)),
+        413,
+        "messages[0].content[0].image_url",
+    ),
     (_chat_body(messages=[{"role": "user", "content": "<|image_pad|>"}]), 400, "messages"),
     (_chat_body(tools=[{"type": "retrieval"}]), 400, "tools[0].type"),
     (_chat_body(tools=[{"type": "function", "function": {"name": "has space"}}]), 400, "tools[0].function.name"),
     (_chat_body(stream_options={"include_usage": True}), 400, "stream_options"),
     # Every field works or is refused by name: OpenAI's that this service does not serve...
-    *[(_chat_body(**{name: value}), 400, name) for name, value in (
-        ("tool_choice", "auto"), ("parallel_tool_calls", False), ("functions", [{"name": "f"}]),
-        ("function_call", "auto"), ("reasoning_effort", "low"), ("verbosity", "low"),
-        ("modalities", ["text", "audio"]), ("audio", {"voice": "alloy", "format": "wav"}),
-        ("prediction", {"type": "content", "content": "x"}), ("web_search_options", {}),
-        ("response_format", {"type": "xml"}), ("service_tier", "flex"))],
+    *[
+        (_chat_body(**{name: value}), 400, name)
+        for name, value in (
+            ("tool_choice", "auto"),
+            ("parallel_tool_calls", False),
+            ("functions", [{"name": "f"}]),
+            ("function_call", "auto"),
+            ("reasoning_effort", "low"),
+            ("verbosity", "low"),
+            ("modalities", ["text", "audio"]),
+            ("audio", {"voice": "alloy", "format": "wav"}),
+            ("prediction", {"type": "content", "content": "x"}),
+            ("web_search_options", {}),
+            ("response_format", {"type": "xml"}),
+            ("service_tier", "flex"),
+        )
+    ],
     # ... and anything unknown, at any depth.
     (_chat_body(best_of=2), 400, "best_of"),
     (_chat_body(top_a=0.5), 400, "top_a"),
     (_chat_body(messages=[{"role": "user", "content": "hi", "refusal": None}]), 400, "messages[0].refusal"),
-    (_chat_body(messages=[{"role": "user", "content": [{"type": "text", "text": "hi", "cache": 1}]}]), 400,
-     "messages[0].content[0].cache"),
-    (_chat_body(messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]), 400,
-     "messages[0].content[0]"),
+    (
+        _chat_body(messages=[{"role": "user", "content": [{"type": "text", "text": "hi", "cache": 1}]}]),
+        400,
+        "messages[0].content[0].cache",
+    ),
+    (
+        _chat_body(messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]),
+        400,
+        "messages[0].content[0]",
+    ),
     (_chat_body(min_tokens=5, max_tokens=4), 400, "min_tokens"),
     (_chat_body(messages=_image_message(PNG_1PX, detail="huge")), 400, "messages[0].content[0].image_url.detail"),
     # No encoder is configured: a valid image cannot be served (and says why).
@@ -334,8 +369,9 @@ def _running(service: LanguageService, timeout: float = 20.0) -> None:
 def test_client_disconnect_aborts_the_engine_request(vl_service):
     long = _chat_body(max_tokens=6000, ignore_eos=True, temperature=0)
     # Streaming: read a few chunks, then hang up.
-    with httpx.stream("POST", f"{vl_service.url}/v1/chat/completions", json={**long, "stream": True},
-                      timeout=60) as response:
+    with httpx.stream(
+        "POST", f"{vl_service.url}/v1/chat/completions", json={**long, "stream": True}, timeout=60
+    ) as response:
         lines = response.iter_lines()
         for _ in range(6):
             next(lines)
@@ -365,8 +401,11 @@ def test_sampling_parameters_reach_the_engine(vl_service):
         assert chat(vl_service, **hot, extra_body={**free, **narrow}).choices[0].message.content == greedy, narrow
     # Penalties on repeated tokens change a greedy continuation that repeats itself.
     long_greedy = chat(vl_service, max_tokens=48, extra_body=free).choices[0].message.content
-    penalties = [{"frequency_penalty": 2.0}, {"presence_penalty": 2.0},
-                 {"extra_body": {**free, "repetition_penalty": 3.0}}]
+    penalties = [
+        {"frequency_penalty": 2.0},
+        {"presence_penalty": 2.0},
+        {"extra_body": {**free, "repetition_penalty": 3.0}},
+    ]
     for penalty in penalties:
         kwargs = {"extra_body": free, **penalty}
         assert chat(vl_service, max_tokens=48, **kwargs).choices[0].message.content != long_greedy, penalty
@@ -375,8 +414,9 @@ def test_sampling_parameters_reach_the_engine(vl_service):
 def test_completions_several_prompts_times_n(vl_service, tokenizer):
     client = vl_service.client()
     single = client.completions.create(model="tiny-vl", prompt="The quick", max_tokens=4, temperature=0)
-    multi = client.completions.create(model="tiny-vl", prompt=["The quick", "brown fox"], n=2, max_tokens=4,
-                                      temperature=0)
+    multi = client.completions.create(
+        model="tiny-vl", prompt=["The quick", "brown fox"], n=2, max_tokens=4, temperature=0
+    )
     assert [c.index for c in multi.choices] == [0, 1, 2, 3]
     texts = [c.text for c in multi.choices]
     assert texts[0] == texts[1] == single.choices[0].text and texts[2] == texts[3]
@@ -388,8 +428,9 @@ def test_min_tokens_holds_back_stop_tokens_and_stop_strings(vl_service, hf_greed
     first = hf_greedy[0]
     stopped = chat(vl_service, max_tokens=8, extra_body={"stop_token_ids": [first]})
     assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == 1
-    held = chat(vl_service, max_tokens=8, extra_body={"stop_token_ids": [first], "min_tokens": 4,
-                                                      "return_token_ids": True})
+    held = chat(
+        vl_service, max_tokens=8, extra_body={"stop_token_ids": [first], "min_tokens": 4, "return_token_ids": True}
+    )
     ids = held.choices[0].model_extra["token_ids"]
     assert len(ids) >= 4 and first not in ids[:4]
     text = chat(vl_service, max_tokens=8).choices[0].message.content
@@ -398,15 +439,23 @@ def test_min_tokens_holds_back_stop_tokens_and_stop_strings(vl_service, hf_greed
 
 
 def test_bookkeeping_hints_are_accepted(vl_service):
-    reply = chat(vl_service, user="u-1", metadata={"team": "a"}, store=False, service_tier="auto",
-                 modalities=["text"], extra_body={"prompt_cache_key": "k", "safety_identifier": "s"})
+    reply = chat(
+        vl_service,
+        user="u-1",
+        metadata={"team": "a"},
+        store=False,
+        service_tier="auto",
+        modalities=["text"],
+        extra_body={"prompt_cache_key": "k", "safety_identifier": "s"},
+    )
     assert reply.choices[0].message.content
 
 
 def test_engine_death_fails_requests_and_stops_the_service(vl_service):
     """Last in this module: it takes the shared service down."""
-    engine = next(pid for pid in vl_service.children
-                  if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes() and _alive(pid))
+    engine = next(
+        pid for pid in vl_service.children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes() and _alive(pid)
+    )
     stream = chat(vl_service, stream=True, max_tokens=6000, extra_body={"ignore_eos": True})
     chunks = iter(stream)
     next(chunks)

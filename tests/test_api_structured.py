@@ -18,16 +18,34 @@ from transformers import AutoTokenizer
 from tests.services import LanguageService
 
 MODEL = "tiny-text"
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city.",
-    "parameters": {"type": "object", "properties": {
-        "city": {"type": "string", "maxLength": 12},
-        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
-        "required": ["city", "unit"], "additionalProperties": False}}}
-TIME = {"type": "function", "function": {
-    "name": "get_time", "parameters": {"type": "object", "properties": {
-        "zone": {"type": "integer", "minimum": -12, "maximum": 14}}, "required": ["zone"],
-        "additionalProperties": False}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 12},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 14}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
 
 
 class Color(str, enum.Enum):
@@ -54,8 +72,13 @@ def service(qwen3_text_ckpt, tmp_path_factory):
 
 
 def ask(service: LanguageService, **kwargs):
-    args = {"model": MODEL, "messages": [{"role": "user", "content": "Describe a card."}], "max_tokens": 120,
-            "temperature": 1.0, **kwargs}
+    args = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Describe a card."}],
+        "max_tokens": 120,
+        "temperature": 1.0,
+        **kwargs,
+    }
     return service.client(timeout=120).chat.completions.create(**args)
 
 
@@ -63,8 +86,13 @@ def test_parse_with_a_pydantic_model_returns_an_object_for_every_prompt(service)
     client = service.client(timeout=120)
     for seed in range(10):
         reply = client.chat.completions.parse(
-            model=MODEL, messages=[{"role": "user", "content": f"Card number {seed}?"}], response_format=Card,
-            max_tokens=200, temperature=1.0, seed=seed)
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Card number {seed}?"}],
+            response_format=Card,
+            max_tokens=200,
+            temperature=1.0,
+            seed=seed,
+        )
         choice = reply.choices[0]
         assert choice.finish_reason == "stop", choice.message.content
         card = choice.message.parsed
@@ -112,8 +140,9 @@ def _check_call(call, tools: list[dict]) -> dict:
     return arguments
 
 
-@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}],
-                         ids=["required", "named"])
+@pytest.mark.parametrize(
+    "tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}], ids=["required", "named"]
+)
 def test_forced_tool_calls_validate_and_stream_the_same(service, tool_choice):
     tools = [WEATHER, TIME]
     for seed in range(3):
@@ -144,23 +173,33 @@ def test_forced_tool_calls_validate_and_stream_the_same(service, tool_choice):
                 if part.function and part.function.arguments:
                     call["arguments"] += part.function.arguments
         assert finish == "tool_calls" and content == ""
-        assert [(c["name"], c["arguments"]) for c in calls.values()] == \
-            [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+        assert [(c["name"], c["arguments"]) for c in calls.values()] == [
+            (c.function.name, c.function.arguments) for c in choice.message.tool_calls
+        ]
 
 
 def test_parallel_tool_calls_false_gives_one_call(service):
     for seed in range(3):
-        reply = ask(service, tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False, seed=seed,
-                    max_tokens=200)
+        reply = ask(
+            service, tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False, seed=seed, max_tokens=200
+        )
         assert len(reply.choices[0].message.tool_calls) == 1
 
 
 def test_a_tool_conversation_renders_and_answers(service):
     messages = [
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function",
-             "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
+                }
+            ],
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees, sunny"},
     ]
     reply = ask(service, messages=messages, tools=[WEATHER], max_tokens=8, extra_body={"ignore_eos": True})
@@ -180,28 +219,53 @@ def test_logit_bias_moves_the_pick(service):
     assert first_token(logit_bias={"100": 100}) == 100
 
 
-@pytest.mark.parametrize("kwargs, param", [
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
-     "response_format"),
-    ({"extra_body": {"guided_regex": "a(("}}, "guided_regex"),
-    ({"extra_body": {"guided_grammar": "root ::= missing_rule"}}, "guided_grammar"),
-    ({"extra_body": {"guided_json": "{not json"}}, "guided_json"),
-    ({"extra_body": {"guided_choice": []}}, "guided_choice"),
-    ({"extra_body": {"guided_regex": "a", "guided_choice": ["a"]}}, "guided_choice"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}]},
-     "tools[0].function.parameters"),
-    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
-     "tool_choice.function.name"),
-    ({"tool_choice": "required"}, "tool_choice"),
-    ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name"),
-    ({"logit_bias": {"abc": 1}}, "logit_bias"),
-    ({"logit_bias": {"5": 101}}, "logit_bias"),
-    ({"extra_body": {"chat_template_kwargs": {"tools": []}}}, "chat_template_kwargs.tools"),
-    ({"extra_body": {"guided_grammar": "root ::= " + " | ".join(f'"{i}"' for i in range(30_000))}},
-     "guided_grammar"),
-], ids=["bad-schema", "bad-regex", "bad-grammar", "guided-json-not-json", "empty-choice", "two-sources",
-        "bad-tool-schema", "unknown-named-tool", "required-without-tools", "duplicate-tool", "bias-key",
-        "bias-range", "reserved-template-kwarg", "huge-grammar"])
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
+            "response_format",
+        ),
+        ({"extra_body": {"guided_regex": "a(("}}, "guided_regex"),
+        ({"extra_body": {"guided_grammar": "root ::= missing_rule"}}, "guided_grammar"),
+        ({"extra_body": {"guided_json": "{not json"}}, "guided_json"),
+        ({"extra_body": {"guided_choice": []}}, "guided_choice"),
+        ({"extra_body": {"guided_regex": "a", "guided_choice": ["a"]}}, "guided_choice"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}]},
+            "tools[0].function.parameters",
+        ),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice.function.name",
+        ),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"extra_body": {"chat_template_kwargs": {"tools": []}}}, "chat_template_kwargs.tools"),
+        (
+            {"extra_body": {"guided_grammar": "root ::= " + " | ".join(f'"{i}"' for i in range(30_000))}},
+            "guided_grammar",
+        ),
+    ],
+    ids=[
+        "bad-schema",
+        "bad-regex",
+        "bad-grammar",
+        "guided-json-not-json",
+        "empty-choice",
+        "two-sources",
+        "bad-tool-schema",
+        "unknown-named-tool",
+        "required-without-tools",
+        "duplicate-tool",
+        "bias-key",
+        "bias-range",
+        "reserved-template-kwarg",
+        "huge-grammar",
+    ],
+)
 def test_bad_constraints_get_a_400_naming_the_parameter(service, kwargs, param):
     with pytest.raises(openai.BadRequestError) as caught:
         ask(service, **kwargs)
@@ -223,7 +287,8 @@ def thinking_service(qwen3_text_ckpt, tmp_path_factory):
         opening = "{%- if add_generation_prompt -%}\n    {{- '<|im_start|>assistant\\n' -}}"
         assert opening in data["chat_template"]
         data["chat_template"] = data["chat_template"].replace(
-            opening, "{%- if add_generation_prompt -%}\n    {{- '<|im_start|>assistant\\n<think>\\n' -}}")
+            opening, "{%- if add_generation_prompt -%}\n    {{- '<|im_start|>assistant\\n<think>\\n' -}}"
+        )
         (ckpt / name).write_text(json.dumps(data))
     service = LanguageService(tmp_path_factory.mktemp("thinking-logs"), ckpt, "--served-model-name", MODEL)
     try:
@@ -251,8 +316,15 @@ def test_reasoning_comes_apart_and_the_schema_holds_after_it(thinking_service):
     reasonings = []
     card_format = {"type": "json_schema", "json_schema": {"name": "Card", "schema": Card.model_json_schema()}}
     for seed in range(5):
-        args = dict(model=MODEL, messages=[{"role": "user", "content": f"Card {seed}?"}], max_tokens=300,
-                    temperature=1.0, seed=seed, logit_bias=bias, response_format=card_format)
+        args = dict(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Card {seed}?"}],
+            max_tokens=300,
+            temperature=1.0,
+            seed=seed,
+            logit_bias=bias,
+            response_format=card_format,
+        )
         message = client.chat.completions.create(**args).choices[0].message
         Card.model_validate_json(message.content)  # raises unless the answer after </think> fits
         reasoning = message.model_extra["reasoning_content"]

@@ -67,14 +67,17 @@ def run_stops(deltas: list[str], stops: list[str]) -> tuple[str, bool]:
     return out + matcher.flush(), False
 
 
-@pytest.mark.parametrize("text,stops,expected,stopped", [
-    ("abc STOP def", ["STOP"], "abc ", True),
-    ("abc STOP def", ["ST", "abc"], "", True),  # the earliest match wins
-    ("say 你好世界 bye", ["好世"], "say 你", True),
-    ("xxSTOxSTOP", ["STOP"], "xxSTOx", True),  # a failed partial match is text after all
-    ("no stop here ST", ["STOP"], "no stop here ST", False),  # held tail released at the end
-    ("aaab", ["aab"], "a", True),  # overlapping partial matches
-])
+@pytest.mark.parametrize(
+    "text,stops,expected,stopped",
+    [
+        ("abc STOP def", ["STOP"], "abc ", True),
+        ("abc STOP def", ["ST", "abc"], "", True),  # the earliest match wins
+        ("say 你好世界 bye", ["好世"], "say 你", True),
+        ("xxSTOxSTOP", ["STOP"], "xxSTOx", True),  # a failed partial match is text after all
+        ("no stop here ST", ["STOP"], "no stop here ST", False),  # held tail released at the end
+        ("aaab", ["aab"], "a", True),  # overlapping partial matches
+    ],
+)
 def test_stop_strings_across_every_split(text, stops, expected, stopped):
     # All ways of cutting the text into two or three deltas, plus one character at a time.
     splits = [[text[:i], text[i:]] for i in range(len(text) + 1)]

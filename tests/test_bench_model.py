@@ -16,8 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_cpu_smoke_runs_every_section(tmp_path):
     out = tmp_path / "model.json"
-    done = subprocess.run([sys.executable, "-m", "splitvl", "bench", "model", "--cpu-smoke", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [sys.executable, "-m", "splitvl", "bench", "model", "--cpu-smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["errors"] == {} and data["skipped"] == []
@@ -37,10 +42,15 @@ def test_cpu_smoke_runs_every_section(tmp_path):
 def test_all_in_one_benchmark_runs_every_part_on_cpu(tmp_path):
     """`splitvl bench all --cpu-smoke`: the model, vision-tower and service-path, TTFT and load
     parts each run and land in one summary (tiny shapes; the numbers mean nothing on a CPU)."""
-    done = subprocess.run([sys.executable, "-m", "splitvl", "bench", "all", "--cpu-smoke", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "splitvl", "bench", "all", "--cpu-smoke", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    summary = done.stdout[done.stdout.index("#### summary"):]
+    summary = done.stdout[done.stdout.index("#### summary") :]
     assert "decode B=1 " in summary and "prefill " in summary and "teacher-forced agreement" in summary
     assert "tower 448x448 x1" in summary and "service path 448x448 x8" in summary
     assert "TTFT image chat, cpu_check" in summary
@@ -50,6 +60,7 @@ def test_all_in_one_benchmark_runs_every_part_on_cpu(tmp_path):
 
 
 def test_transfer_benchmark_still_registered():
-    done = subprocess.run([sys.executable, "-m", "splitvl", "bench", "--help"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "splitvl", "bench", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0 and "transfer" in done.stdout and "model" in done.stdout

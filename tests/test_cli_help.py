@@ -42,10 +42,11 @@ def test_help_says_what_the_command_does_and_what_each_option_means(path, parser
 
 
 def test_top_level_help_lists_every_command_without_importing_torch():
-    code = ("import sys\nfrom splitvl.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print('heavy:', [m for m in ('torch', 'transformers') if m in sys.modules])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         check=True).stdout
+    code = (
+        "import sys\nfrom splitvl.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('heavy:', [m for m in ('torch', 'transformers') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
     assert "heavy: []" in out
     for name in COMMAND_MODULES:
         assert name.replace("_", "-") in out

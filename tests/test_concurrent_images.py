@@ -48,8 +48,14 @@ def jobs() -> list[dict]:
 
 def ask(service: LanguageService, job: dict) -> list[int] | str:
     client = service.client(timeout=120)
-    args = dict(model=MODEL, messages=job["messages"], max_tokens=MAX_TOKENS, temperature=2.0, seed=job["seed"],
-                extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    args = dict(
+        model=MODEL,
+        messages=job["messages"],
+        max_tokens=MAX_TOKENS,
+        temperature=2.0,
+        seed=job["seed"],
+        extra_body={"ignore_eos": True, "skip_special_tokens": False},
+    )
     if job["stream"]:
         chunks = client.chat.completions.create(stream=True, **args)
         return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -65,10 +71,22 @@ def metric(service: LanguageService, name: str) -> float:
 @pytest.mark.parametrize("prefix_caching", [True, False], ids=["prefix-cache", "no-prefix-cache"])
 def test_concurrent_image_requests_equal_their_solo_runs(vl_ckpt, encoder, tmp_path, prefix_caching):
     language = LanguageService(
-        tmp_path, vl_ckpt, "--served-model-name", MODEL, "--encoder", encoder.listen,
+        tmp_path,
+        vl_ckpt,
+        "--served-model-name",
+        MODEL,
+        "--encoder",
+        encoder.listen,
         # Small steps and a small cache: prompts are prefilled in chunks and requests are preempted.
-        config={"chunk_size": 16, "max_num_batched_tokens": 96, "num_kv_blocks": 48, "block_size": 8,
-                "max_num_seqs": 32, "enable_prefix_caching": prefix_caching})
+        config={
+            "chunk_size": 16,
+            "max_num_batched_tokens": 96,
+            "num_kv_blocks": 48,
+            "block_size": 8,
+            "max_num_seqs": 32,
+            "enable_prefix_caching": prefix_caching,
+        },
+    )
     language.wait_healthy()
     try:
         work = jobs()

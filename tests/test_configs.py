@@ -22,8 +22,12 @@ MODEL = Path("/models/any")  # planning never reads the model
 
 
 def test_the_configs_named_by_the_issue_exist():
-    assert {p.name for p in CONFIGS} >= {"tiny-cpu.yaml", "qwen3-vl-30b-a3b-1gpu.yaml", "qwen3-vl-30b-a3b-2gpu.yaml",
-                                         "qwen3-vl-30b-a3b-multinode.yaml"}
+    assert {p.name for p in CONFIGS} >= {
+        "tiny-cpu.yaml",
+        "qwen3-vl-30b-a3b-1gpu.yaml",
+        "qwen3-vl-30b-a3b-2gpu.yaml",
+        "qwen3-vl-30b-a3b-multinode.yaml",
+    }
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -66,18 +70,24 @@ def test_flags_override_the_file():
         load_deploy_config(_config("2gpu"), device="cpu")
 
 
-@pytest.mark.parametrize("text, message", [
-    ("prot: 8000\n", "prot: unknown key"),
-    ("encode:\n  batch_token_budgit: 1\n", "encode.batch_token_budgit: unknown key"),
-    ("language:\n  max_model_length: 1\n", "language.max_model_length: unknown key"),
-    ("gpus:\n  vision: 1\n", "gpus.vision: unknown key"),
-    ("language:\n  port: 9000\n", "language.port is set for both services by the top-level port"),
-    ("encode:\n  device: cuda:1\n", "encode.device is set for both services by the top-level device (and gpus.encode)"),
-    ("language:\n  max_model_len: 8\n", "language.max_model_len: Input should be greater than or equal to 16"),
-    ("result_transport: carrier_pigeon\n", "result_transport 'carrier_pigeon' is not a transport"),
-    ("device: tpu\n", "device: Input should be 'cpu' or 'cuda'"),
-    ("- a list\n", "must hold a mapping"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("prot: 8000\n", "prot: unknown key"),
+        ("encode:\n  batch_token_budgit: 1\n", "encode.batch_token_budgit: unknown key"),
+        ("language:\n  max_model_length: 1\n", "language.max_model_length: unknown key"),
+        ("gpus:\n  vision: 1\n", "gpus.vision: unknown key"),
+        ("language:\n  port: 9000\n", "language.port is set for both services by the top-level port"),
+        (
+            "encode:\n  device: cuda:1\n",
+            "encode.device is set for both services by the top-level device (and gpus.encode)",
+        ),
+        ("language:\n  max_model_len: 8\n", "language.max_model_len: Input should be greater than or equal to 16"),
+        ("result_transport: carrier_pigeon\n", "result_transport 'carrier_pigeon' is not a transport"),
+        ("device: tpu\n", "device: Input should be 'cpu' or 'cuda'"),
+        ("- a list\n", "must hold a mapping"),
+    ],
+)
 def test_bad_files_name_the_bad_key(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -91,11 +101,14 @@ def test_sections_reuse_every_service_setting():
     each is either in its section or set by the top level."""
     top_level = {"model", "device", "dtype", "transport", "result_transport"}
     assert set(EncodeSection.model_fields) | top_level | {"job_token"} == set(EncodeSettings.model_fields)
-    assert set(LanguageSection.model_fields) | top_level | {"host", "port", "encoder_token", "api_key"} == \
-        set(LanguageSettings.model_fields)
+    assert set(LanguageSection.model_fields) | top_level | {"host", "port", "encoder_token", "api_key"} == set(
+        LanguageSettings.model_fields
+    )
     # Same definitions, not copies: descriptions and bounds come along.
-    assert EncodeSection.model_fields["batch_token_budget"].description == \
-        EncodeSettings.model_fields["batch_token_budget"].description
+    assert (
+        EncodeSection.model_fields["batch_token_budget"].description
+        == EncodeSettings.model_fields["batch_token_budget"].description
+    )
 
 
 def test_no_model_and_no_file_is_the_tiny_cpu_demo():

@@ -44,8 +44,9 @@ def test_disaggregated_logits_are_bitwise_equal(request, fixture, levels):
         from models.mrope import mrope_positions
 
         positions, _ = mrope_positions(ids, grids, img, cfg.vision.spatial_merge_size)
-        hidden = split._prefill(torch.tensor(ids), prefill_context(torch_kernels(), [len(ids)], positions=positions),
-                                images)
+        hidden = split._prefill(
+            torch.tensor(ids), prefill_context(torch_kernels(), [len(ids)], positions=positions), images
+        )
         split_logits = split.model.compute_logits(hidden)
     assert torch.equal(mono_logits, split_logits)
     assert mono.generate_ids(ids, images, 12) == split.generate_ids(ids, images, 12)
@@ -56,8 +57,9 @@ def test_deepstack_changes_the_output(vl_ckpt):
     split = OfflineGenerator(vl_ckpt, disaggregated=True)
     cfg = split.config
     images = images_for([(1, 4, 4)])
-    ids = split.expand_image_tokens([5, cfg.vision_start_token_id, cfg.image_token_id, cfg.vision_end_token_id, 6],
-                                    [(1, 4, 4)])
+    ids = split.expand_image_tokens(
+        [5, cfg.vision_start_token_id, cfg.image_token_id, cfg.vision_end_token_id, 6], [(1, 4, 4)]
+    )
     from models.backends import torch_kernels
     from models.forward_context import prefill_context
     from models.mrope import mrope_positions

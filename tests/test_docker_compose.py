@@ -39,8 +39,9 @@ def compose(tmp_path_factory):
     def run(*args: str, env: dict[str, str] | None = None, file: Path = COMPOSE_FILE) -> subprocess.CompletedProcess:
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("SPLITVL_", "COMPOSE_"))}
         environ.update(DOCKER_CONFIG=str(config_dir), **(env or {}))
-        return subprocess.run([*prefix, "-f", str(file), *args], capture_output=True, text=True, env=environ,
-                              timeout=60, check=False)
+        return subprocess.run(
+            [*prefix, "-f", str(file), *args], capture_output=True, text=True, env=environ, timeout=60, check=False
+        )
 
     return run
 
@@ -65,8 +66,12 @@ def test_the_validator_rejects_a_broken_file(compose, tmp_path):
 
 
 def test_gpu_profile_splits_the_gpus_and_gates_on_health(compose):
-    env = {"SPLITVL_MODEL_DIR": "/data/qwen3-vl", "SPLITVL_PORT": "9123", "SPLITVL_ENCODE_GPU": "2",
-           "SPLITVL_LANGUAGE_GPU": "3"}
+    env = {
+        "SPLITVL_MODEL_DIR": "/data/qwen3-vl",
+        "SPLITVL_PORT": "9123",
+        "SPLITVL_ENCODE_GPU": "2",
+        "SPLITVL_LANGUAGE_GPU": "3",
+    }
     services = _services(compose, "--profile", "gpu", env=env)
     assert set(services) == {"encode", "language"}
     gpus = {name: s["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for name, s in services.items()}
@@ -78,7 +83,8 @@ def test_gpu_profile_splits_the_gpus_and_gates_on_health(compose):
         [volume] = service["volumes"]
         assert (volume["source"], volume["target"], volume["read_only"]) == ("/data/qwen3-vl", "/model", True)
     assert _services(compose, "--profile", "gpu")["encode"]["deploy"]["resources"]["reservations"]["devices"][0][
-        "device_ids"] == ["0"]
+        "device_ids"
+    ] == ["0"]
 
 
 def test_cpu_profile_serves_the_tiny_model_without_a_gpu(compose):

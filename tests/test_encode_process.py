@@ -68,8 +68,23 @@ class EncodeProcess:
         self.listen = f"tcp://127.0.0.1:{free_port()}"
         self.http = f"http://127.0.0.1:{free_port()}"
         self.log_path = tmp / f"encode-{free_port()}.log"
-        args = [sys.executable, "-m", "splitvl", "encode", "--model", str(model), "--listen", self.listen,
-                "--http-port", self.http.rsplit(":", 1)[1], "--device", "cpu", "--dtype", "float32", *flags]
+        args = [
+            sys.executable,
+            "-m",
+            "splitvl",
+            "encode",
+            "--model",
+            str(model),
+            "--listen",
+            self.listen,
+            "--http-port",
+            self.http.rsplit(":", 1)[1],
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            *flags,
+        ]
         if config is not None:
             path = tmp / "encode.yaml"
             path.write_text(json.dumps(config))  # JSON is YAML
@@ -92,8 +107,11 @@ class EncodeProcess:
     def metrics(self) -> dict[tuple[str, tuple], float]:
         with urllib.request.urlopen(f"{self.http}/metrics", timeout=5) as response:
             text = response.read().decode()
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -137,7 +155,7 @@ class Client:
 class _Images(BaseHTTPRequestHandler):
     files: dict[str, bytes] = {}
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         body = self.files.get(self.path)
         self.send_response(200 if body is not None else 404)
         self.send_header("Content-Length", str(len(body or b"")))
@@ -169,8 +187,14 @@ def dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def service(vl_ckpt, dirs, tmp_path_factory):
     root, _ = dirs
-    config = {"url_allow_list": ["127.0.0.1"], "allowed_local_roots": [str(root)], "workers": 4,
-              "max_wait_ms": 20, "max_image_bytes": MAX_IMAGE_BYTES, "max_decoded_pixels": MAX_DECODED_PIXELS}
+    config = {
+        "url_allow_list": ["127.0.0.1"],
+        "allowed_local_roots": [str(root)],
+        "workers": 4,
+        "max_wait_ms": 20,
+        "max_image_bytes": MAX_IMAGE_BYTES,
+        "max_decoded_pixels": MAX_DECODED_PIXELS,
+    }
     proc = EncodeProcess(vl_ckpt, tmp_path_factory.mktemp("encode"), config=config)
     try:
         proc.wait_ready()
@@ -197,8 +221,14 @@ def test_health_and_metrics(service):
     health = service.wait_ready()
     assert health["status"] == "ready" and health["dtype"] == "float32" and health["listen"] == service.listen
     names = {name for name, _ in service.metrics()}
-    for name in ("splitvl_encode_queue_depth", "splitvl_encode_batch_images_count", "splitvl_encode_latency_seconds_count",
-                 "splitvl_encode_cache_hits_total", "splitvl_encode_cache_misses_total", "splitvl_encode_bytes_sent_total"):
+    for name in (
+        "splitvl_encode_queue_depth",
+        "splitvl_encode_batch_images_count",
+        "splitvl_encode_latency_seconds_count",
+        "splitvl_encode_cache_hits_total",
+        "splitvl_encode_cache_misses_total",
+        "splitvl_encode_bytes_sent_total",
+    ):
         assert name in names
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(f"{service.http}/nope", timeout=5)
@@ -214,8 +244,13 @@ def test_fifty_concurrent_jobs_from_every_source(service, reference, dirs, web):
     client = Client(service.listen)
 
     def source(i: int, kind: int):
-        return [distinct[i], "data:image/png;base64," + base64.b64encode(distinct[i]).decode(),
-                f"http://127.0.0.1:{web}/img{i}", str(root / f"img{i}.png"), f"file://{root}/img{i}.png"][kind]
+        return [
+            distinct[i],
+            "data:image/png;base64," + base64.b64encode(distinct[i]).decode(),
+            f"http://127.0.0.1:{web}/img{i}",
+            str(root / f"img{i}.png"),
+            f"file://{root}/img{i}.png",
+        ][kind]
 
     jobs = [[client.job(f"t{t}-{i}", source(i, t)) for i in range(10)] for t in range(5)]
     bytes_before = service.metrics()[("splitvl_encode_bytes_sent_total", ())]
@@ -312,7 +347,9 @@ def test_every_bad_input_gets_an_error_result_while_others_are_served(service, r
         assert isinstance(msg, EncodeResult), f"{request_id}: {msg}"
         torch.testing.assert_close(msg.embeddings, reference(data)[1], atol=1e-5, rtol=0)
     assert service.wait_ready()["status"] == "ready"
-    errors = {labels: value for (name, labels), value in service.metrics().items() if name == "splitvl_encode_jobs_total"}
+    errors = {
+        labels: value for (name, labels), value in service.metrics().items() if name == "splitvl_encode_jobs_total"
+    }
     assert errors[(("outcome", "forbidden_source"),)] >= 3
 
 

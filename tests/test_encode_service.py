@@ -66,8 +66,17 @@ def start(vl_ckpt):
     running = []
 
     def _start(**overrides):
-        settings = load_settings(None, {"model": vl_ckpt, "listen": free_tcp_address(), "device": "cpu",
-                                        "dtype": "float32", "http_port": 0, **overrides})
+        settings = load_settings(
+            None,
+            {
+                "model": vl_ckpt,
+                "listen": free_tcp_address(),
+                "device": "cpu",
+                "dtype": "float32",
+                "http_port": 0,
+                **overrides,
+            },
+        )
         service = EncodeService(settings)
         service.start()
         inbox = make_receiver("zmq", free_tcp_address())
@@ -95,8 +104,13 @@ def test_batched_and_single_results_equal_transformers_visual(start, reference):
     service, reply_to, send, receive = start(max_wait_ms=1500, batch_token_budget=100_000)
     registry = service.metrics.registry
     # Different sizes, formats and modes; the 300x300 one is resized down (max_pixels 65536).
-    images = [image_bytes(40, 40, 0), image_bytes(200, 120, 1, "JPEG"), image_bytes(300, 300, 2),
-              image_bytes(90, 250, 3, mode="L"), image_bytes(64, 96, 4, mode="RGBA")]
+    images = [
+        image_bytes(40, 40, 0),
+        image_bytes(200, 120, 1, "JPEG"),
+        image_bytes(300, 300, 2),
+        image_bytes(90, 250, 3, mode="L"),
+        image_bytes(64, 96, 4, mode="RGBA"),
+    ]
     for i, data in enumerate(images):
         send(EncodeJob(f"batched-{i}", f"key-{i}", data, reply_to))
     results = {msg.request_id: msg for msg in (receive() for _ in images)}
@@ -138,8 +152,9 @@ def test_identical_images_in_flight_are_encoded_once(start):
     assert {a.request_id: a.image_key for a in answers} == {f"same-{i}": f"key-{i}" for i in range(5)}
     assert metric(registry, "splitvl_encode_batch_images_sum") == 1  # one image through the tower
     assert metric(registry, "splitvl_encode_cache_misses_total") == 1
-    assert (metric(registry, "splitvl_encode_cache_joins_total")
-            + metric(registry, "splitvl_encode_cache_hits_total")) == 4
+    assert (
+        metric(registry, "splitvl_encode_cache_joins_total") + metric(registry, "splitvl_encode_cache_hits_total")
+    ) == 4
 
 
 def test_results_report_the_content_key_of_the_bytes_read(start, tmp_path):
@@ -241,7 +256,7 @@ class _DripServer:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 with lock:
                     outer.started.append(time.monotonic())
                 try:
@@ -275,8 +290,9 @@ def test_slow_urls_never_hold_back_inline_images_and_fail_as_the_clients_error(s
     behind them if downloads ran on the workers)."""
     drip = _DripServer()
     try:
-        service, reply_to, send, receive = start(workers=1, fetch_workers=4, fetch_per_host=1,
-                                                 fetch_total_timeout_s=2.0, url_allow_list=["127.0.0.1/32"])
+        service, reply_to, send, receive = start(
+            workers=1, fetch_workers=4, fetch_per_host=1, fetch_total_timeout_s=2.0, url_allow_list=["127.0.0.1/32"]
+        )
         sent = time.monotonic()
         for i in range(3):
             send(EncodeJob(f"slow-{i}", f"k-slow-{i}", f"{drip.url}?{i}", reply_to))

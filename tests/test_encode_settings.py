@@ -19,14 +19,17 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_yaml_values_and_flag_overrides(tmp_path):
-    config = write(tmp_path, """
+    config = write(
+        tmp_path,
+        """
 model: /models/qwen3-vl
 listen: tcp://0.0.0.0:5600
 workers: 3
 max_wait_ms: 2.5
 url_allow_list: ["10.0.0.0/8", "127.0.0.1"]
 allowed_local_roots: [/data/images]
-""")
+""",
+    )
     s = load_settings(config, {"workers": 5, "listen": None, "device": "cpu"})
     assert s.workers == 5  # a flag beats the file
     assert s.listen == "tcp://0.0.0.0:5600"  # an unset flag (None) leaves the file's value
@@ -42,14 +45,17 @@ def test_flags_alone_are_enough():
     assert s.model == Path("/m") and s.cache_bytes > 0
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("model: /m\nlisten: tcp://x:1\nbatch_tokens: 10\n", "batch_tokens"),  # misspelt key
-    ("model: /m\nlisten: tcp://x:1\nworkers: 0\n", "workers"),
-    ("model: /m\nlisten: tcp://x:1\nurl_allow_list: [not-a-network]\n", "url_allow_list"),
-    ("model: /m\n", "listen"),  # required
-    ("- a list\n", "mapping"),
-    ("model: [unclosed\n", "cannot read"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("model: /m\nlisten: tcp://x:1\nbatch_tokens: 10\n", "batch_tokens"),  # misspelt key
+        ("model: /m\nlisten: tcp://x:1\nworkers: 0\n", "workers"),
+        ("model: /m\nlisten: tcp://x:1\nurl_allow_list: [not-a-network]\n", "url_allow_list"),
+        ("model: /m\n", "listen"),  # required
+        ("- a list\n", "mapping"),
+        ("model: [unclosed\n", "cannot read"),
+    ],
+)
 def test_invalid_settings_name_the_problem(tmp_path, text, needle):
     with pytest.raises(SettingsError, match=needle):
         load_settings(write(tmp_path, text), {})
@@ -58,11 +64,31 @@ def test_invalid_settings_name_the_problem(tmp_path, text, needle):
 def test_cli_flags_map_onto_settings(tmp_path, monkeypatch):
     parser = argparse.ArgumentParser()
     encode_command.register(parser.add_subparsers())
-    args = parser.parse_args([
-        "encode", "--model", "/m", "--listen", "tcp://127.0.0.1:9", "--http-port", "0", "--workers", "2",
-        "--batch-token-budget", "4096", "--max-wait-ms", "1", "--url-allow", "127.0.0.1",
-        "--url-allow", "10.0.0.0/8", "--allow-local-root", str(tmp_path), "--cache-bytes", "0",
-    ])
+    args = parser.parse_args(
+        [
+            "encode",
+            "--model",
+            "/m",
+            "--listen",
+            "tcp://127.0.0.1:9",
+            "--http-port",
+            "0",
+            "--workers",
+            "2",
+            "--batch-token-budget",
+            "4096",
+            "--max-wait-ms",
+            "1",
+            "--url-allow",
+            "127.0.0.1",
+            "--url-allow",
+            "10.0.0.0/8",
+            "--allow-local-root",
+            str(tmp_path),
+            "--cache-bytes",
+            "0",
+        ]
+    )
     seen = []
 
     def fake_serve(settings):  # records what the service would have been started with

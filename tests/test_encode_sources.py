@@ -23,7 +23,7 @@ LOCALHOST_ONLY = [ipaddress.ip_network("127.0.0.1/32")]
 
 
 class _Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         port = self.server.server_address[1]
         routes = {
             "/img": lambda: self._send(200, IMAGE),
@@ -184,9 +184,26 @@ def test_byte_cap_holds_for_declared_and_streamed_bodies(server):
     assert time.monotonic() - started < 2  # stopped at the cap, not after the server's 64 MB
 
 
-@pytest.mark.parametrize("address", ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254",
-                                     "100.64.0.1", "0.0.0.0", "224.0.0.1", "255.255.255.255", "::1", "fe80::1",
-                                     "fc00::1", "ff02::1", "::ffff:10.0.0.1", "::"])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "0.0.0.0",
+        "224.0.0.1",
+        "255.255.255.255",
+        "::1",
+        "fe80::1",
+        "fc00::1",
+        "ff02::1",
+        "::ffff:10.0.0.1",
+        "::",
+    ],
+)
 def test_non_public_addresses(address):
     assert not is_public(ipaddress.ip_address(address))
 
@@ -222,8 +239,12 @@ def test_local_files_under_a_root(roots):
 def test_local_files_outside_the_roots_are_refused(roots):
     root, outside = roots
     r = reader(local_roots=[root])
-    for path in (outside / "secret.png", root / ".." / "outside" / "secret.png", root / "escape.png",
-                 outside / "does-not-exist.png"):
+    for path in (
+        outside / "secret.png",
+        root / ".." / "outside" / "secret.png",
+        root / "escape.png",
+        outside / "does-not-exist.png",
+    ):
         err = failure(r.read, str(path))
         assert err.code == "forbidden_source", path
         assert "outside" in err.message

@@ -8,9 +8,9 @@ import logging
 import pytest
 import torch
 
+from language_server.engine import encoder_client
 from language_server.engine.encoder_client import EncoderClient
 from tests.net import free_tcp_address
-from language_server.engine import encoder_client
 from tests.region_hooks import HostIpcReceiver, HostIpcSender, deliver
 from transfer.base import TransportTimeout
 from transfer.messages import EncodeResult
@@ -19,13 +19,23 @@ from transfer.messages import EncodeResult
 def test_region_results_get_a_lease_per_encoder_plus_one_of_the_set_size(caplog, monkeypatch) -> None:
     """The receiver the client builds for cuda_ipc results, with its GPU memory stood in for by
     host memory (tests/region_hooks.py), so the options it is given are checked on any machine."""
+
     def receiver(name, address, **options):
         assert name == "cuda_ipc" and options["device"] == "cuda:1"
         return HostIpcReceiver(address, **options)
 
     monkeypatch.setattr(encoder_client, "make_receiver", receiver)
-    client = EncoderClient(["tcp://127.0.0.1:9", "tcp://127.0.0.1:10"], "zmq", free_tcp_address(), 30.0, 1, 2.0,
-                           result_transport="cuda_ipc", device="cuda:1", result_lease_mib=1)
+    client = EncoderClient(
+        ["tcp://127.0.0.1:9", "tcp://127.0.0.1:10"],
+        "zmq",
+        free_tcp_address(),
+        30.0,
+        1,
+        2.0,
+        result_transport="cuda_ipc",
+        device="cuda:1",
+        result_lease_mib=1,
+    )
     senders: list[HostIpcSender] = []
     try:
         for i in range(3):  # two encoders and a restarted one
@@ -70,8 +80,10 @@ def test_jobs_sent_to_an_encoder_that_restarted_are_sent_again_at_once() -> None
         raise AssertionError(f"no {kind.__name__} reached the encoder")
 
     def answer(ping: HealthPing, service_id: str) -> None:
-        pong_out.send(HealthPong(seq=ping.seq, sent_at=ping.sent_at, service_id=service_id, queued=0, running=0,
-                                 ready=True), timeout=1)
+        pong_out.send(
+            HealthPong(seq=ping.seq, sent_at=ping.sent_at, service_id=service_id, queued=0, running=0, ready=True),
+            timeout=1,
+        )
 
     try:
         answer(next_message(HealthPing), "host:100")

@@ -60,8 +60,9 @@ def text_engine_ref(qwen3_text_ckpt):
 def test_concurrent_requests_match_running_alone(text_engine_ref):
     ckpt, ref = text_engine_ref
     rng = random.Random(0)
-    reqs = [GenerateRequest(f"r{i}", prompt(rng, rng.randrange(3, 60)), greedy(rng.randrange(1, 12)))
-            for i in range(32)]
+    reqs = [
+        GenerateRequest(f"r{i}", prompt(rng, rng.randrange(3, 60)), greedy(rng.randrange(1, 12))) for i in range(32)
+    ]
     engine = make_engine(ckpt, max_num_batched_tokens=96, chunk_size=32)
     outs = run_all(engine, reqs)
     for r in reqs:
@@ -198,8 +199,12 @@ def test_image_requests_wait_for_encodes_and_match_offline(vl_ckpt):
             with torch.no_grad():
                 rows = vision(image.pixel_values, [image.grid])
             with make_sender("zmq", job.reply_to) as reply:
-                reply.send(EncodeResult(request_id=job.request_id, image_key=job.image_key, grid_thw=image.grid,
-                                        embeddings=rows), timeout=5)
+                reply.send(
+                    EncodeResult(
+                        request_id=job.request_id, image_key=job.image_key, grid_thw=image.grid, embeddings=rows
+                    ),
+                    timeout=5,
+                )
             for _ in range(500):
                 for o in engine.poll_encoders() + (engine.step() if engine.has_work() else []):
                     outputs.setdefault(o.request_id, []).append(o)

@@ -36,7 +36,8 @@ class EngineHandle:
         self.requests.connect(request_address)
         dump = LanguageSettings(model=model, **settings).model_dump()
         self.proc = mp.get_context("spawn").Process(
-            target=run_engine_process, args=(dump, request_address, f"ipc://{tmp_path}/out"), daemon=True)
+            target=run_engine_process, args=(dump, request_address, f"ipc://{tmp_path}/out"), daemon=True
+        )
         self.proc.start()
 
     def recv(self, timeout_ms: int = 60000):
@@ -56,8 +57,12 @@ def test_image_bytes_cross_to_the_engine_as_msgpack_binary():
     """A data URL's bytes (decoded by the HTTP process) travel as themselves, not as base64 text;
     a URL stays a string and has no key until the encoder reads it."""
     data = bytes(range(256)) * 64
-    request = GenerateRequest("img", [1, 2, 3], SamplingParams(max_tokens=1), images=[
-        ImageRef(data, "ab" * 32, {"max_pixels": 4096}), ImageRef("http://images.example/a.png", "")])
+    request = GenerateRequest(
+        "img",
+        [1, 2, 3],
+        SamplingParams(max_tokens=1),
+        images=[ImageRef(data, "ab" * 32, {"max_pixels": 4096}), ImageRef("http://images.example/a.png", "")],
+    )
     raw = pack(request)
     assert data in raw and len(raw) < len(data) + 1024  # base64 would add a third
     sources = [image["source"] for image in msgpack.unpackb(raw, raw=False)["images"]]

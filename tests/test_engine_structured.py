@@ -41,14 +41,22 @@ SCHEMA = {
     },
     "required": ["color", "count", "tags"],
 }
-WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object",
-    # A pattern, not maxLength: the engine compiles a structural tag as it comes (the HTTP
-    # process swaps in json_grammar.py's JSON), so xgrammar's length-bounded strings stay loose.
-    "properties": {"city": {"type": "string", "pattern": "[A-Za-z ]{1,10}"},
-                   "days": {"type": "integer", "minimum": 1, "maximum": 7}},
-    "required": ["city", "days"],
-}}}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            # A pattern, not maxLength: the engine compiles a structural tag as it comes (the HTTP
+            # process swaps in json_grammar.py's JSON), so xgrammar's length-bounded strings stay loose.
+            "properties": {
+                "city": {"type": "string", "pattern": "[A-Za-z ]{1,10}"},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "days"],
+        },
+    },
+}
 REGEX = r"[a-z]{3}-[0-9]{2}"
 PROMPT = [5, 6, 7, 8, 9]
 
@@ -82,19 +90,31 @@ def tokens_of(outs: list[RequestOutput]) -> list[int]:
     return [t for o in outs for t in o.new_token_ids]
 
 
-def constrained(rid: str, kind: str, source: str = "", seed: int | None = 0, max_tokens: int = 120,
-                prompt: list[int] = PROMPT, **sampling) -> GenerateRequest:
+def constrained(
+    rid: str,
+    kind: str,
+    source: str = "",
+    seed: int | None = 0,
+    max_tokens: int = 120,
+    prompt: list[int] = PROMPT,
+    **sampling,
+) -> GenerateRequest:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0 if seed is None else 1.0, seed=seed, **sampling)
     return GenerateRequest(rid, list(prompt), params, constraint=Constraint(kind, source))
 
 
 def big_schema(width: int, depth: int) -> str:
     """A schema whose compile takes tens of milliseconds on the tiny vocabulary."""
+
     def node(level: int) -> dict:
         if level == 0:
             return {"type": "string", "pattern": "[a-z]{2,8}"}
-        return {"type": "object", "properties": {f"k{i}": node(level - 1) for i in range(width)},
-                "required": [f"k{i}" for i in range(width)]}
+        return {
+            "type": "object",
+            "properties": {f"k{i}": node(level - 1) for i in range(width)},
+            "required": [f"k{i}" for i in range(width)],
+        }
+
     return json.dumps(node(depth))
 
 
@@ -136,6 +156,7 @@ def check_schema(value: object) -> None:
 
 # ----- each kind of constraint ---------------------------------------------------------------
 
+
 def test_json_schema_output_validates_and_ends(engine, tokenizer):
     for seed in range(4):
         outs = run_all(engine, [constrained(f"schema{seed}", "json_schema", json.dumps(SCHEMA), seed)])
@@ -172,29 +193,44 @@ def test_ebnf_grammar(engine, tokenizer):
 
 def test_structural_tag_tool_call_has_valid_arguments(engine, tokenizer):
     # No think block (reasoning off), one call; whitespace bounded, else a random model pads on.
-    tag = xgr.get_model_structural_tag("qwen_3", tools=[WEATHER_TOOL], tool_choice="required", reasoning=False,
-                                       parallel_tool_calls=False, max_whitespace_cnt=1)
+    tag = xgr.get_model_structural_tag(
+        "qwen_3",
+        tools=[WEATHER_TOOL],
+        tool_choice="required",
+        reasoning=False,
+        parallel_tool_calls=False,
+        max_whitespace_cnt=1,
+    )
     for seed in range(3):
         outs = run_all(engine, [constrained(f"tool{seed}", "structural_tag", tag.model_dump_json(), seed, 200)])
         text = tokenizer.decode(finished(outs[f"tool{seed}"], 200), skip_special_tokens=True)
         begin, end = '<tool_call>\n{"name": "get_weather", "arguments": ', "}\n</tool_call>"
         assert text.startswith(begin) and text.endswith(end), text
-        arguments = json.loads(text[len(begin): -len(end)])
+        arguments = json.loads(text[len(begin) : -len(end)])
         assert list(arguments) == ["city", "days"] and isinstance(arguments["city"], str)
         assert re.fullmatch("[A-Za-z ]{1,10}", arguments["city"]) and arguments["days"] in range(1, 8)
 
 
 # ----- batching, caching, failures ------------------------------------------------------------
 
+
 def test_constrained_and_unconstrained_requests_in_one_batch(ckpt, engine, tokenizer, monkeypatch):
     """The grammar mask touches only its own rows: greedy unconstrained requests beside
     constrained ones give exactly the tokens they give alone."""
     ref = OfflineGenerator(ckpt)
     rng = random.Random(0)
-    free = [GenerateRequest(f"free{i}", [rng.randrange(1, 400) for _ in range(rng.randrange(3, 20))],
-                            SamplingParams(max_tokens=8, temperature=0.0)) for i in range(4)]
-    bound = [constrained("bound-greedy", "json_schema", json.dumps(SCHEMA), None),
-             constrained("bound-sampled", "regex", REGEX, 3, logprobs=2)]
+    free = [
+        GenerateRequest(
+            f"free{i}",
+            [rng.randrange(1, 400) for _ in range(rng.randrange(3, 20))],
+            SamplingParams(max_tokens=8, temperature=0.0),
+        )
+        for i in range(4)
+    ]
+    bound = [
+        constrained("bound-greedy", "json_schema", json.dumps(SCHEMA), None),
+        constrained("bound-sampled", "regex", REGEX, 3, logprobs=2),
+    ]
     mixed_steps = []
     run = engine.runner.run
 
@@ -236,8 +272,12 @@ def test_copies_of_one_schema_compile_once(ckpt, monkeypatch, tokenizer):
 
 def test_an_invalid_constraint_ends_only_its_request(ckpt, engine):
     ref = OfflineGenerator(ckpt)
-    bad = {"schema": ("json_schema", '{"type": "nope"}', "nope"), "regex": ("regex", "[a-", "Unclosed"),
-           "ebnf": ("grammar", "root ::= missing", "missing"), "tag": ("structural_tag", "{not json", "JSON")}
+    bad = {
+        "schema": ("json_schema", '{"type": "nope"}', "nope"),
+        "regex": ("regex", "[a-", "Unclosed"),
+        "ebnf": ("grammar", "root ::= missing", "missing"),
+        "tag": ("structural_tag", "{not json", "JSON"),
+    }
     requests = [constrained(f"bad-{name}", kind, source) for name, (kind, source, _) in bad.items()]
     requests.insert(2, GenerateRequest("fine", PROMPT, SamplingParams(max_tokens=12, temperature=0.0)))
     outs = run_all(engine, requests)
@@ -303,9 +343,15 @@ def test_stuck_compiles_block_neither_the_engine_nor_later_compiles(ckpt, tokeni
     engine = make_engine(ckpt, grammar_compile_timeout_s=0.5)
     started = time.monotonic()
     # Both workers hang; the plain request runs meanwhile, and the regex compiles once they are written off.
-    outs = run_all(engine, [constrained("hang1", "regex", "[a-z]+"), constrained("hang2", "regex", "[0-9]+"),
-                            GenerateRequest("plain", PROMPT, SamplingParams(max_tokens=6, temperature=0.0)),
-                            constrained("later", "regex", REGEX)])
+    outs = run_all(
+        engine,
+        [
+            constrained("hang1", "regex", "[a-z]+"),
+            constrained("hang2", "regex", "[0-9]+"),
+            GenerateRequest("plain", PROMPT, SamplingParams(max_tokens=6, temperature=0.0)),
+            constrained("later", "regex", REGEX),
+        ],
+    )
     assert time.monotonic() - started < 10
     for rid in ("hang1", "hang2"):
         assert outs[rid][-1].error_code == "grammar_too_complex"
@@ -385,8 +431,9 @@ def test_an_image_request_waits_for_its_encode_and_its_grammar(vl_ckpt, monkeypa
     assert engine.add_request(request) == []
     width = cfg.text.hidden_size * (1 + cfg.vision.num_deepstack_levels)
     rows = torch.randn(4 * 4 // cfg.vision.spatial_merge_size**2, width)
-    results.append(EncodeOutcome("img", 0, EncodeResult(request_id="img", image_key="key", grid_thw=(1, 4, 4),
-                                                        embeddings=rows)))
+    results.append(
+        EncodeOutcome("img", 0, EncodeResult(request_id="img", image_key="key", grid_thw=(1, 4, 4), embeddings=rows))
+    )
     assert engine.poll_encoders() == [] and "img" not in engine.awaiting
     assert "img" in engine.compiling and not engine.has_work()  # the image is in; the grammar is not
     hang.release.set()
@@ -399,6 +446,7 @@ def test_an_image_request_waits_for_its_encode_and_its_grammar(vl_ckpt, monkeypa
 
 
 # ----- sampling: logprobs, min_tokens, logit_bias ---------------------------------------------
+
 
 def test_logprobs_of_a_constrained_row_have_no_mass_on_masked_tokens(engine, tokenizer):
     outs = run_all(engine, [constrained("lp", "regex", "[ab]{4}", 0, logprobs=20)])
@@ -463,9 +511,13 @@ def test_sample_leaves_the_callers_logits_as_they_were(engine, tokenizer):
     vocab = engine.config.text.vocab_size
     info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab, stop_token_ids=sorted(engine.eos_ids))
     compiled = xgr.GrammarCompiler(info).compile_regex("[a-z]{3}")
-    req = EngineRequest(request=GenerateRequest("s", PROMPT, SamplingParams(max_tokens=4, temperature=0.0,
-                                                                            min_tokens=2, logit_bias=[(7, 5.0)])),
-                        matcher=xgr.GrammarMatcher(compiled), min_tokens_banned=frozenset(engine.eos_ids))
+    req = EngineRequest(
+        request=GenerateRequest(
+            "s", PROMPT, SamplingParams(max_tokens=4, temperature=0.0, min_tokens=2, logit_bias=[(7, 5.0)])
+        ),
+        matcher=xgr.GrammarMatcher(compiled),
+        min_tokens_banned=frozenset(engine.eos_ids),
+    )
     logits = torch.randn(2, vocab)
     before = logits.clone()
     tokens, _ = sample(logits, [EngineRequest(request=GenerateRequest("u", PROMPT, SamplingParams(max_tokens=4))), req])

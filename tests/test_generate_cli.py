@@ -34,8 +34,9 @@ def image_files(tmp_path_factory):
 
 
 def run_cli(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "splitvl", "generate", *args, "--json"],
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-m", "splitvl", "generate", *args, "--json"], capture_output=True, text=True, timeout=240
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -44,8 +45,9 @@ def transformers_generate(ckpt, image_paths) -> list[int]:
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     hf = hf_model(ckpt)
     content = [{"type": "image"} for _ in image_paths] + [{"type": "text", "text": PROMPT}]
-    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
     kwargs = {}
     if image_paths:
         processor = AutoImageProcessor.from_pretrained(ckpt)
@@ -60,7 +62,7 @@ def transformers_generate(ckpt, image_paths) -> list[int]:
         kwargs["mm_token_type_ids"] = (ids == hf.config.image_token_id).int()
     with torch.no_grad():
         gen = hf.generate(input_ids=ids, max_new_tokens=MAX_TOKENS, do_sample=False, **kwargs)
-    return gen[0, ids.shape[1]:].tolist()
+    return gen[0, ids.shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("mode", ["monolithic", "disaggregated"])
@@ -79,27 +81,46 @@ def test_generate_with_two_images_matches_transformers(vl_ckpt, image_files, mod
 def test_generate_text_only_checkpoint_matches_transformers(qwen3_text_ckpt):
     result = run_cli("--model", str(qwen3_text_ckpt), "--prompt", PROMPT, "--max-tokens", str(MAX_TOKENS))
     tokenizer = AutoTokenizer.from_pretrained(qwen3_text_ckpt)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": PROMPT}]}],
-                                         add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": PROMPT}]}], add_generation_prompt=True, tokenize=False
+    )
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         gen = hf_model(qwen3_text_ckpt).generate(input_ids=ids, max_new_tokens=MAX_TOKENS, do_sample=False)
-    assert result["token_ids"] == gen[0, ids.shape[1]:].tolist()
+    assert result["token_ids"] == gen[0, ids.shape[1] :].tolist()
     assert result["prompt_ids"] == ids[0].tolist()
 
 
 def test_generate_reports_a_bad_model_dir_clearly(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "splitvl", "generate", "--model", str(tmp_path), "--prompt", "hi"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "splitvl", "generate", "--model", str(tmp_path), "--prompt", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "config.json not found" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 def test_generate_refuses_an_image_for_a_text_only_checkpoint(qwen3_text_ckpt, image_files):
-    proc = subprocess.run([sys.executable, "-m", "splitvl", "generate", "--model", str(qwen3_text_ckpt),
-                           "--prompt", "hi", "--image", str(image_files[0])],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "splitvl",
+            "generate",
+            "--model",
+            str(qwen3_text_ckpt),
+            "--prompt",
+            "hi",
+            "--image",
+            str(image_files[0]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "text-only" in proc.stderr
 
@@ -110,5 +131,4 @@ def test_generate_without_a_model_runs_the_demo_checkpoint(tmp_path, image_files
     out = run_cli("--prompt", PROMPT, "--image", str(image_files[0]), "--max-tokens", "4", "--cache-dir", str(cache))
     assert len(out["token_ids"]) <= 4 and out["prompt_ids"]
     [ckpt] = cache.glob("tiny-qwen3-vl-moe-*")
-    assert out == run_cli("--model", str(ckpt), "--prompt", PROMPT, "--image", str(image_files[0]),
-                          "--max-tokens", "4")
+    assert out == run_cli("--model", str(ckpt), "--prompt", PROMPT, "--image", str(image_files[0]), "--max-tokens", "4")

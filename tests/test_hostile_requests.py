@@ -145,8 +145,9 @@ def hosts() -> Iterator[Hosts]:
 def encoder(vl_ckpt, tmp_path_factory) -> Iterator[EncodeService]:
     tmp = tmp_path_factory.mktemp("hostile_encode")
     config = tmp / "encode.yaml"
-    config.write_text(yaml.safe_dump({"url_allow_list": ["127.0.0.2/32"], "fetch_read_timeout_s": 1.0,
-                                      "fetch_total_timeout_s": 2.0}))
+    config.write_text(
+        yaml.safe_dump({"url_allow_list": ["127.0.0.2/32"], "fetch_read_timeout_s": 1.0, "fetch_total_timeout_s": 2.0})
+    )
     service = EncodeService(vl_ckpt, tmp, "--config", str(config)).wait_ready()
     yield service
     service.stop()
@@ -154,8 +155,9 @@ def encoder(vl_ckpt, tmp_path_factory) -> Iterator[EncodeService]:
 
 @pytest.fixture(scope="module")
 def service(vl_ckpt, encoder, tmp_path_factory) -> Iterator[LanguageService]:
-    service = LanguageService(tmp_path_factory.mktemp("hostile_language"), vl_ckpt, "--encoder", encoder.listen,
-                              "--served-model-name", MODEL)
+    service = LanguageService(
+        tmp_path_factory.mktemp("hostile_language"), vl_ckpt, "--encoder", encoder.listen, "--served-model-name", MODEL
+    )
     try:
         service.wait_healthy()
         service.wait_encoder()
@@ -237,8 +239,13 @@ def palette_png(transparent: bool) -> bytes:
 
 def nested(depth: int) -> bytes:
     """A valid request whose `metadata` nests `depth` objects deep."""
-    return b'{"model": "tiny-vl", "messages": [{"role": "user", "content": "Hi."}], "metadata": ' + \
-        b'{"a": ' * depth + b"1" + b"}" * depth + b"}"
+    return (
+        b'{"model": "tiny-vl", "messages": [{"role": "user", "content": "Hi."}], "metadata": '
+        + b'{"a": ' * depth
+        + b"1"
+        + b"}" * depth
+        + b"}"
+    )
 
 
 # ---------------------------------------------------------------------------------- cases
@@ -272,31 +279,66 @@ CASES = [
     Hostile("body_is_a_string", b'"hello"', 400, "invalid_json", "JSON object"),
     Hostile("body_is_a_number", b"42", 400, "invalid_json", "JSON object"),
     Hostile("empty_body", b"", 400, "invalid_json", "not valid JSON"),
-    Hostile("form_encoded_body", b"model=tiny-vl&messages=hi", 400, "invalid_json", "not valid JSON",
-            content_type="application/x-www-form-urlencoded"),
+    Hostile(
+        "form_encoded_body",
+        b"model=tiny-vl&messages=hi",
+        400,
+        "invalid_json",
+        "not valid JSON",
+        content_type="application/x-www-form-urlencoded",
+    ),
     Hostile("text_plain_body", b"please say hi", 400, "invalid_json", "not valid JSON", content_type="text/plain"),
     Hostile("utf16_body", json.dumps(chat()).encode("utf-16"), 400, "invalid_json", "not valid JSON"),
-    Hostile("non_utf8_bytes", b'{"model": "tiny-vl", "messages": [{"role": "user", "content": "\xff\xfe\xc0"}]}',
-            400, "invalid_json", "not valid JSON"),
-    Hostile("lone_surrogate_escape", b'{"model": "tiny-vl", "messages": [{"role": "user", "content": "\\ud800"}]}',
-            400, "invalid_json", "not valid JSON"),
+    Hostile(
+        "non_utf8_bytes",
+        b'{"model": "tiny-vl", "messages": [{"role": "user", "content": "\xff\xfe\xc0"}]}',
+        400,
+        "invalid_json",
+        "not valid JSON",
+    ),
+    Hostile(
+        "lone_surrogate_escape",
+        b'{"model": "tiny-vl", "messages": [{"role": "user", "content": "\\ud800"}]}',
+        400,
+        "invalid_json",
+        "not valid JSON",
+    ),
     Hostile("nested_100k_brackets", b"[" * 100_000, 400, "invalid_json", "not valid JSON"),
     Hostile("nested_100k_objects_in_metadata", nested(100_000), 400, "invalid_json", "not valid JSON"),
     # --- parameters
-    Hostile("max_tokens_1e30", chat(max_tokens=10**30), 400, "context_length_exceeded", "max_tokens",
-            param="max_tokens"),
-    Hostile("max_tokens_4000_digits", b'{"model": "tiny-vl", "messages": [{"role": "user", "content": "Hi."}], '
-            b'"max_tokens": 1' + b"0" * 4000 + b"}", 400, "context_length_exceeded", "max_tokens", "max_tokens"),
-    Hostile("max_tokens_negative", chat(max_tokens=-5), 400, "invalid_value", "greater than or equal to 1",
-            "max_tokens"),
+    Hostile(
+        "max_tokens_1e30", chat(max_tokens=10**30), 400, "context_length_exceeded", "max_tokens", param="max_tokens"
+    ),
+    Hostile(
+        "max_tokens_4000_digits",
+        b'{"model": "tiny-vl", "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 1' + b"0" * 4000 + b"}",
+        400,
+        "context_length_exceeded",
+        "max_tokens",
+        "max_tokens",
+    ),
+    Hostile(
+        "max_tokens_negative", chat(max_tokens=-5), 400, "invalid_value", "greater than or equal to 1", "max_tokens"
+    ),
     Hostile("max_tokens_zero", chat(max_tokens=0), 400, "invalid_value", "greater than or equal to 1", "max_tokens"),
     Hostile("max_tokens_float", chat(max_tokens=2.5), 400, "invalid_type", "integer", "max_tokens"),
     Hostile("temperature_as_string", chat(temperature="0.5"), 400, "invalid_type", "number", "temperature"),
-    Hostile("temperature_nan", b'{"model": "tiny-vl", "messages": [{"role": "user", "content": "Hi."}], '
-            b'"temperature": NaN}', 400, None, "temperature"),
+    Hostile(
+        "temperature_nan",
+        b'{"model": "tiny-vl", "messages": [{"role": "user", "content": "Hi."}], "temperature": NaN}',
+        400,
+        None,
+        "temperature",
+    ),
     Hostile("n_1e6", chat(n=10**6), 400, "invalid_value", "less than or equal to 128", "n"),
-    Hostile("top_logprobs_1e6", chat(logprobs=True, top_logprobs=10**6), 400, "invalid_value",
-            "less than or equal to 20", "top_logprobs"),
+    Hostile(
+        "top_logprobs_1e6",
+        chat(logprobs=True, top_logprobs=10**6),
+        400,
+        "invalid_value",
+        "less than or equal to 20",
+        "top_logprobs",
+    ),
     # OpenAI refuses more than 4 stop sequences; any limit works, none lets a request make the
     # HTTP process match thousands of strings after every token (see the stall test below).
     Hostile("stop_1000_strings", chat(stop=[f"~stop{i}~" for i in range(1000)]), 400, None, "stop", "stop"),
@@ -305,43 +347,115 @@ CASES = [
     Hostile("seed_1e30", chat(seed=10**30), 400, "invalid_value", "seed", "seed"),
     Hostile("stop_token_id_1e30", chat(stop_token_ids=[10**30]), 400, None, "vocabulary", "stop_token_ids"),
     Hostile("unknown_parameter", chat(temprature=0.5), 400, "unsupported_parameter", "temprature", "temprature"),
-    Hostile("audio_output_not_served", chat(audio={"voice": "alloy", "format": "wav"}), 400,
-            "unsupported_parameter", "audio", "audio"),
+    Hostile(
+        "audio_output_not_served",
+        chat(audio={"voice": "alloy", "format": "wav"}),
+        400,
+        "unsupported_parameter",
+        "audio",
+        "audio",
+    ),
     # docs/api.md answers an unknown model in a chat with 400, OpenAI with 404; both name it.
     Hostile("model_does_not_exist", {**chat(), "model": "gpt-4o"}, (400, 404), "model_not_found", "gpt-4o", "model"),
     # --- messages
     Hostile("messages_not_a_list", {"model": MODEL, "messages": "Hi."}, 400, "invalid_type", "array", "messages"),
     Hostile("messages_empty", {"model": MODEL, "messages": []}, 400, "invalid_value", "at least 1", "messages"),
-    Hostile("message_without_role", {"model": MODEL, "messages": [{"content": "Hi."}]}, 400, None, "role",
-            "messages[0].role"),
-    Hostile("unknown_role", {"model": MODEL, "messages": [{"role": "wizard", "content": "Hi."}]}, 400,
-            "invalid_value", "role", "messages[0].role"),
+    Hostile(
+        "message_without_role",
+        {"model": MODEL, "messages": [{"content": "Hi."}]},
+        400,
+        None,
+        "role",
+        "messages[0].role",
+    ),
+    Hostile(
+        "unknown_role",
+        {"model": MODEL, "messages": [{"role": "wizard", "content": "Hi."}]},
+        400,
+        "invalid_value",
+        "role",
+        "messages[0].role",
+    ),
     Hostile("content_is_a_number", chat(42), 400, "invalid_type", "content", "messages[0].content"),
     Hostile("user_content_null", chat(None), 400, None, "content is required", "messages[0].content"),
-    Hostile("content_part_of_unknown_type", chat([{"type": "video_url", "video_url": {"url": "x"}}]), 400,
-            "invalid_value", "video_url", "messages[0].content[0]"),
-    Hostile("image_url_without_url", chat([{"type": "image_url", "image_url": {}}]), 400, None, "url",
-            f"{IMAGE_PART}.url"),
-    Hostile("image_url_is_a_string", chat([{"type": "image_url", "image_url": "http://x/a.png"}]), 400,
-            "invalid_type", "object", IMAGE_PART),
-    Hostile("image_placeholder_in_text", chat("Look: <|vision_start|><|image_pad|><|vision_end|>"), 400, None,
-            "placeholder", "messages"),
-    Hostile("nine_images", chat([{"type": "image_url", "image_url": {"url": data_url(png(32, 32, i))}}
-                                 for i in range(9)]), 400, "too_many_images", "limit is 8", "messages"),
-    Hostile("image_in_an_assistant_message", {"model": MODEL, "max_tokens": 2, "messages": [
-        {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": data_url(PHOTO)}}]},
-        {"role": "user", "content": "Hi."}]}, 400, None, "only in user messages", IMAGE_PART),
-    Hostile("min_pixels_over_max_pixels", image_chat(data_url(PHOTO), min_pixels=5000, max_pixels=1000), 400, None,
-            "must not exceed", IMAGE_PART),
-    Hostile("max_pixels_2_pow_40", image_chat(data_url(PHOTO), max_pixels=2**40), 400, "invalid_request",
-            "max_pixels"),
+    Hostile(
+        "content_part_of_unknown_type",
+        chat([{"type": "video_url", "video_url": {"url": "x"}}]),
+        400,
+        "invalid_value",
+        "video_url",
+        "messages[0].content[0]",
+    ),
+    Hostile(
+        "image_url_without_url", chat([{"type": "image_url", "image_url": {}}]), 400, None, "url", f"{IMAGE_PART}.url"
+    ),
+    Hostile(
+        "image_url_is_a_string",
+        chat([{"type": "image_url", "image_url": "http://x/a.png"}]),
+        400,
+        "invalid_type",
+        "object",
+        IMAGE_PART,
+    ),
+    Hostile(
+        "image_placeholder_in_text",
+        chat("Look: <|vision_start|><|image_pad|><|vision_end|>"),
+        400,
+        None,
+        "placeholder",
+        "messages",
+    ),
+    Hostile(
+        "nine_images",
+        chat([{"type": "image_url", "image_url": {"url": data_url(png(32, 32, i))}} for i in range(9)]),
+        400,
+        "too_many_images",
+        "limit is 8",
+        "messages",
+    ),
+    Hostile(
+        "image_in_an_assistant_message",
+        {
+            "model": MODEL,
+            "max_tokens": 2,
+            "messages": [
+                {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": data_url(PHOTO)}}]},
+                {"role": "user", "content": "Hi."},
+            ],
+        },
+        400,
+        None,
+        "only in user messages",
+        IMAGE_PART,
+    ),
+    Hostile(
+        "min_pixels_over_max_pixels",
+        image_chat(data_url(PHOTO), min_pixels=5000, max_pixels=1000),
+        400,
+        None,
+        "must not exceed",
+        IMAGE_PART,
+    ),
+    Hostile("max_pixels_2_pow_40", image_chat(data_url(PHOTO), max_pixels=2**40), 400, "invalid_request", "max_pixels"),
     # min_pixels/max_pixels have no upper bound: past 2**64 they cannot be packed for the engine.
     Hostile("min_pixels_2_pow_64", image_chat(data_url(PHOTO), min_pixels=2**64), 400, None, "min_pixels"),
     # --- image URLs: sources the service must never read
-    Hostile("file_etc_passwd", image_chat("file:///etc/passwd"), 400, "invalid_image_url",
-            "local image paths are not allowed", IMAGE_PART),
-    Hostile("absolute_path_etc_passwd", image_chat("/etc/passwd"), 400, "invalid_image_url",
-            "local image paths are not allowed", IMAGE_PART),
+    Hostile(
+        "file_etc_passwd",
+        image_chat("file:///etc/passwd"),
+        400,
+        "invalid_image_url",
+        "local image paths are not allowed",
+        IMAGE_PART,
+    ),
+    Hostile(
+        "absolute_path_etc_passwd",
+        image_chat("/etc/passwd"),
+        400,
+        "invalid_image_url",
+        "local image paths are not allowed",
+        IMAGE_PART,
+    ),
     Hostile("url_127_0_0_1", refused_url("http://127.0.0.1:{port}/photo.png"), **FORBIDDEN),
     Hostile("url_localhost", refused_url("http://localhost:{port}/photo.png"), **FORBIDDEN),
     Hostile("url_ipv6_loopback", refused_url("http://[::1]:{port}/photo.png"), **FORBIDDEN),
@@ -350,67 +464,142 @@ CASES = [
     Hostile("url_decimal_2130706433", refused_url("http://2130706433:{port}/photo.png"), **FORBIDDEN),
     Hostile("url_0_0_0_0", refused_url("http://0.0.0.0:{port}/photo.png"), **FORBIDDEN),
     Hostile("url_cloud_metadata", image_chat("http://169.254.169.254/latest/meta-data/"), **FORBIDDEN),
-    Hostile("url_gopher", refused_url("gopher://127.0.0.1:{port}/_GET%20/"), 400, "invalid_image_url",
-            "http(s) URL", IMAGE_PART),
-    Hostile("url_ftp", image_chat("ftp://ftp.example.com/a.png"), 400, "invalid_image_url", "http(s) URL",
-            IMAGE_PART),
+    Hostile(
+        "url_gopher",
+        refused_url("gopher://127.0.0.1:{port}/_GET%20/"),
+        400,
+        "invalid_image_url",
+        "http(s) URL",
+        IMAGE_PART,
+    ),
+    Hostile("url_ftp", image_chat("ftp://ftp.example.com/a.png"), 400, "invalid_image_url", "http(s) URL", IMAGE_PART),
     Hostile("url_malformed", image_chat("http://[::1/a.png"), 400, "invalid_request", "invalid"),
-    Hostile("url_over_8192_chars", image_chat("https://example.com/" + "a" * 9000), 400, "invalid_image_url",
-            "8192", IMAGE_PART),
+    Hostile(
+        "url_over_8192_chars",
+        image_chat("https://example.com/" + "a" * 9000),
+        400,
+        "invalid_image_url",
+        "8192",
+        IMAGE_PART,
+    ),
     # --- image URLs on an allowed host that misbehaves
     Hostile("redirect_to_loopback", lambda h: image_chat(f"{h.allowed}/to-loopback"), **FORBIDDEN),
     Hostile("redirect_to_cloud_metadata", lambda h: image_chat(f"{h.allowed}/to-metadata"), **FORBIDDEN),
-    Hostile("redirect_to_file_url", lambda h: image_chat(f"{h.allowed}/to-file"), 400, "forbidden_source",
-            "non-http(s)"),
+    Hostile(
+        "redirect_to_file_url", lambda h: image_chat(f"{h.allowed}/to-file"), 400, "forbidden_source", "non-http(s)"
+    ),
     Hostile("redirect_loop", lambda h: image_chat(f"{h.allowed}/loop"), 400, "fetch_failed", "redirects more than"),
     Hostile("url_answers_404", lambda h: image_chat(f"{h.allowed}/missing.png"), 400, "fetch_failed", "HTTP 404"),
-    Hostile("url_answers_html", lambda h: image_chat(f"{h.allowed}/page.html"), 400, "invalid_image",
-            "not an image"),
+    Hostile("url_answers_html", lambda h: image_chat(f"{h.allowed}/page.html"), 400, "invalid_image", "not an image"),
     Hostile("url_answers_zero_bytes", lambda h: image_chat(f"{h.allowed}/empty.png"), 400, "invalid_image", "empty"),
-    Hostile("url_declares_1GB", lambda h: image_chat(f"{h.allowed}/declares-1GB.png"), 413, "image_too_large",
-            "larger than"),
-    Hostile("url_streams_without_end", lambda h: image_chat(f"{h.allowed}/endless.png"), 413, "image_too_large",
-            "larger than"),
-    Hostile("url_goes_silent", lambda h: image_chat(f"{h.allowed}/silent.png"), 400, "fetch_failed",
-            "did not answer within"),
+    Hostile(
+        "url_declares_1GB", lambda h: image_chat(f"{h.allowed}/declares-1GB.png"), 413, "image_too_large", "larger than"
+    ),
+    Hostile(
+        "url_streams_without_end",
+        lambda h: image_chat(f"{h.allowed}/endless.png"),
+        413,
+        "image_too_large",
+        "larger than",
+    ),
+    Hostile(
+        "url_goes_silent", lambda h: image_chat(f"{h.allowed}/silent.png"), 400, "fetch_failed", "did not answer within"
+    ),
     Hostile("url_drips_bytes", lambda h: image_chat(f"{h.allowed}/drip.png"), 400, "fetch_failed", "took over"),
     # A stream waits for its first token before the headers, so the encoder's refusal keeps its status.
-    Hostile("stream_with_unreachable_image",
-            lambda h: {**image_chat(f"http://127.0.0.1:{h.loopback_port}/photo.png"), "stream": True}, **FORBIDDEN),
+    Hostile(
+        "stream_with_unreachable_image",
+        lambda h: {**image_chat(f"http://127.0.0.1:{h.loopback_port}/photo.png"), "stream": True},
+        **FORBIDDEN,
+    ),
     # --- data URLs and image bytes
-    Hostile("data_url_invalid_base64", image_chat("data:image/png;base64,@@not*base64@@"), 400, "invalid_image_url",
-            "not valid base64", IMAGE_PART),
-    Hostile("data_url_text_mime", image_chat(as_data_url(b"hello", "text/plain")), 400, "invalid_image_url",
-            "data:image/", IMAGE_PART),
-    Hostile("data_url_not_base64", image_chat("data:image/png,rawbytes"), 400, "invalid_image_url", "base64",
-            IMAGE_PART),
-    Hostile("data_url_zero_bytes", image_chat("data:image/png;base64,"), 400, "invalid_image_url", "no image data",
-            IMAGE_PART),
-    Hostile("svg_image", image_chat(as_data_url(b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>',
-                                                "image/svg+xml")), 400, "invalid_image", "not an image"),
-    Hostile("tiff_image", image_chat(as_data_url(encoded(Image.new("RGB", (40, 40)), "TIFF"), "image/tiff")), 400,
-            "unsupported_format", "TIFF"),
+    Hostile(
+        "data_url_invalid_base64",
+        image_chat("data:image/png;base64,@@not*base64@@"),
+        400,
+        "invalid_image_url",
+        "not valid base64",
+        IMAGE_PART,
+    ),
+    Hostile(
+        "data_url_text_mime",
+        image_chat(as_data_url(b"hello", "text/plain")),
+        400,
+        "invalid_image_url",
+        "data:image/",
+        IMAGE_PART,
+    ),
+    Hostile(
+        "data_url_not_base64", image_chat("data:image/png,rawbytes"), 400, "invalid_image_url", "base64", IMAGE_PART
+    ),
+    Hostile(
+        "data_url_zero_bytes",
+        image_chat("data:image/png;base64,"),
+        400,
+        "invalid_image_url",
+        "no image data",
+        IMAGE_PART,
+    ),
+    Hostile(
+        "svg_image",
+        image_chat(as_data_url(b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>', "image/svg+xml")),
+        400,
+        "invalid_image",
+        "not an image",
+    ),
+    Hostile(
+        "tiff_image",
+        image_chat(as_data_url(encoded(Image.new("RGB", (40, 40)), "TIFF"), "image/tiff")),
+        400,
+        "unsupported_format",
+        "TIFF",
+    ),
     Hostile("truncated_png", image_chat(data_url(PHOTO[: len(PHOTO) // 2])), 400, "invalid_image", "truncated"),
-    Hostile("png_header_without_pixels", image_chat(data_url(png_canvas(640, 480, pixels=False))), 400,
-            "invalid_image", "corrupt"),
-    Hostile("png_bomb_30000x30000", lambda _: image_chat(data_url(png_canvas(30000, 30000, pixels=True))), 413,
-            "image_too_large", "pixels"),
-    Hostile("png_header_declaring_100000x100000", image_chat(data_url(png_canvas(100000, 100000, pixels=False))),
-            413, "image_too_large", "pixels"),
-    Hostile("gif_declaring_65535x65535", image_chat(as_data_url(gif_declaring_a_huge_screen(), "image/gif")), 413,
-            "image_too_large", "pixels"),
+    Hostile(
+        "png_header_without_pixels",
+        image_chat(data_url(png_canvas(640, 480, pixels=False))),
+        400,
+        "invalid_image",
+        "corrupt",
+    ),
+    Hostile(
+        "png_bomb_30000x30000",
+        lambda _: image_chat(data_url(png_canvas(30000, 30000, pixels=True))),
+        413,
+        "image_too_large",
+        "pixels",
+    ),
+    Hostile(
+        "png_header_declaring_100000x100000",
+        image_chat(data_url(png_canvas(100000, 100000, pixels=False))),
+        413,
+        "image_too_large",
+        "pixels",
+    ),
+    Hostile(
+        "gif_declaring_65535x65535",
+        image_chat(as_data_url(gif_declaring_a_huge_screen(), "image/gif")),
+        413,
+        "image_too_large",
+        "pixels",
+    ),
     # Qwen's smart_resize refuses an aspect ratio over 200 (transformers raises the same).
-    Hostile("image_1x4000", image_chat(data_url(png(1, 4000, seed=1))), 400, "unsupported_aspect_ratio",
-            "aspect ratio"),
+    Hostile(
+        "image_1x4000", image_chat(data_url(png(1, 4000, seed=1))), 400, "unsupported_aspect_ratio", "aspect ratio"
+    ),
     # --- odd but valid images: each is read as transformers reads it, so each is answered
     Hostile("image_1x1", image_chat(data_url(png(1, 1, seed=2))), 200),  # upscaled to min_pixels
     Hostile("image_4x800_at_the_200_ratio", image_chat(data_url(png(4, 800, seed=3))), 200),
     Hostile("animated_gif", image_chat(as_data_url(animated_gif(), "image/gif")), 200),  # its first frame
-    Hostile("cmyk_jpeg", image_chat(as_data_url(encoded(Image.new("CMYK", (48, 32), (10, 200, 30, 5)), "JPEG"),
-                                                "image/jpeg")), 200),
+    Hostile(
+        "cmyk_jpeg",
+        image_chat(as_data_url(encoded(Image.new("CMYK", (48, 32), (10, 200, 30, 5)), "JPEG"), "image/jpeg")),
+        200,
+    ),
     Hostile("png_16_bit_gray", image_chat(data_url(encoded(Image.new("I;16", (40, 40), 40000), "PNG"))), 200),
-    Hostile("png_with_alpha", image_chat(data_url(encoded(Image.new("RGBA", (40, 40), (200, 10, 10, 60)), "PNG"))),
-            200),
+    Hostile(
+        "png_with_alpha", image_chat(data_url(encoded(Image.new("RGBA", (40, 40), (200, 10, 10, 60)), "PNG"))), 200
+    ),
     Hostile("palette_png", image_chat(data_url(palette_png(transparent=False))), 200),
     Hostile("palette_png_with_transparency", image_chat(data_url(palette_png(transparent=True))), 200),
     Hostile("jpeg_sent_as_image_png", image_chat(data_url(encoded(Image.open(io.BytesIO(PHOTO)), "JPEG"))), 200),
@@ -421,10 +610,13 @@ CASES = [
 def test_hostile_request_gets_a_client_error_and_the_service_stays_healthy(case: Hostile, service, encoder, hosts):
     body = case.body(hosts) if callable(case.body) else case.body
     start = time.monotonic()
-    response = httpx.post(f"{service.url}/v1/chat/completions", timeout=CLIENT_TIMEOUT_S,
-                          headers={"content-type": case.content_type},
-                          content=body if isinstance(body, bytes) else None, json=None if isinstance(body, bytes)
-                          else body)
+    response = httpx.post(
+        f"{service.url}/v1/chat/completions",
+        timeout=CLIENT_TIMEOUT_S,
+        headers={"content-type": case.content_type},
+        content=body if isinstance(body, bytes) else None,
+        json=None if isinstance(body, bytes) else body,
+    )
     took = time.monotonic() - start
     assert response.status_code < 500, f"{response.status_code}: {response.text}"
     assert took < ANSWER_WITHIN_S, f"took {took:.1f} s"
@@ -528,8 +720,10 @@ def test_a_declared_oversized_body_is_refused_unread(service, encoder):
     # A client that announces a terabyte must not be waited for: 413 before any byte is read.
     host, port = service.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 1000000000000\r\n\r\n{")
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000000000000\r\n\r\n{"
+        )
         reply = http.client.HTTPResponse(sock)
         reply.begin()
         error = json.loads(reply.read())["error"]
@@ -541,13 +735,25 @@ def test_a_declared_oversized_body_is_refused_unread(service, encoder):
 def test_the_service_still_serves_after_the_hostile_requests(service, encoder, hosts):
     # Last in the file: after every hostile request above, ordinary requests still work.
     client = service.client(timeout=CLIENT_TIMEOUT_S)
-    text = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is shown?"}],
-                                          max_tokens=4, temperature=0)
+    text = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is shown?"}], max_tokens=4, temperature=0
+    )
     assert text.choices[0].finish_reason == "length" and text.usage.completion_tokens == 4
     for url in (data_url(png(64, 48, seed=11)), f"{hosts.allowed}/photo.png"):
-        image = client.chat.completions.create(model=MODEL, max_tokens=4, temperature=0, messages=[
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": "What is shown?"}]}])
+        image = client.chat.completions.create(
+            model=MODEL,
+            max_tokens=4,
+            temperature=0,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": url}},
+                        {"type": "text", "text": "What is shown?"},
+                    ],
+                }
+            ],
+        )
         assert image.choices[0].finish_reason == "length" and image.usage.completion_tokens == 4
         # The same text plus <|vision_start|>, <|vision_end|> and at least one image token.
         assert image.usage.prompt_tokens >= text.usage.prompt_tokens + 3, (image.usage, text.usage)

@@ -26,7 +26,8 @@ from models.kernels.attention_backend import TritonAttentionBackend
 from models.kernels.paged_attention import _torch_paged_decode, paged_decode_attention
 
 interpreted = pytest.mark.skipif(
-    torch.cuda.is_available() or not availability.INTERPRET, reason="needs the Triton interpreter in this process (on CPU, test_kernels_dispatch.py runs it in a fresh one)"
+    torch.cuda.is_available() or not availability.INTERPRET,
+    reason="needs the Triton interpreter in this process (on CPU, test_kernels_dispatch.py runs it in a fresh one)",
 )
 
 
@@ -44,7 +45,7 @@ def decode_problem(context_lens, q_heads, kv_heads, head_dim, block_size, dtype,
     perm = torch.randperm(num_blocks, generator=gen)
     tables = perm[: len(context_lens) * max_blocks].view(len(context_lens), max_blocks)
     q = torch.randn(len(context_lens), q_heads, head_dim, generator=gen)
-    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    cast = lambda t: t.to(device=device, dtype=dtype)
     lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
     return cast(q), cast(cache[0]), cast(cache[1]), tables.to(device=device, dtype=torch.int32), lens
 
@@ -59,8 +60,9 @@ def test_paged_decode_matches_reference(poisoned_empty, q_heads, kv_heads, dtype
     context_lens = [1, 6, 17, 64, 150]  # 150 > 2 splits; the short ones leave splits empty
     q, k_cache, v_cache, tables, lens = decode_problem(context_lens, q_heads, kv_heads, 16, 4, dtype)
     ref = _torch_paged_decode(q.double(), k_cache.double(), v_cache.double(), tables, lens)
-    out = paged_decode_attention(q, k_cache, v_cache, tables, lens, split_len=split_len, max_context=max_context,
-                                 balance_splits=balance)
+    out = paged_decode_attention(
+        q, k_cache, v_cache, tables, lens, split_len=split_len, max_context=max_context, balance_splits=balance
+    )
     assert out.shape == q.shape and out.dtype == dtype
     assert rel_err(out, ref) < tol
 
@@ -100,11 +102,17 @@ def run_schedule(backend_cls, steps, q_heads, kv_heads, head_dim, block_size, dt
             for s, first, n in step
             for p in range(first, first + n)
         ]
-        batch = backend.prepare([n for _, _, n in step], [first + n for _, first, n in step],
-                                torch.tensor(slots, device=device), tables[seqs].to(device))
+        batch = backend.prepare(
+            [n for _, _, n in step],
+            [first + n for _, first, n in step],
+            torch.tensor(slots, device=device),
+            tables[seqs].to(device),
+        )
         tokens = batch.num_tokens
-        identity = (torch.ones(tokens, head_dim, device=device, dtype=dtype),
-                    torch.zeros(tokens, head_dim, device=device, dtype=dtype))  # rotary by angle 0
+        identity = (
+            torch.ones(tokens, head_dim, device=device, dtype=dtype),
+            torch.zeros(tokens, head_dim, device=device, dtype=dtype),
+        )  # rotary by angle 0
         for layer in range(layers):  # one batch for every layer, as the engine does
             q = torch.randn(tokens, q_heads, head_dim, generator=gen).to(device, dtype)
             k = torch.randn(tokens, kv_heads, head_dim, generator=gen).to(device, dtype)
@@ -152,8 +160,9 @@ def test_paged_decode_bf16_real_shapes(context_lens):
     ref = _torch_paged_decode(q.float(), k_cache.float(), v_cache.float(), tables, lens)
     assert rel_err(paged_decode_attention(q, k_cache, v_cache, tables, lens), ref) < 1e-2
     # As CUDA graphs call it: int64 lengths and tables, balanced splits of an 8k plan.
-    out = paged_decode_attention(q, k_cache, v_cache, tables.long(), lens.long(), max_context=8192, split_len=256,
-                                 balance_splits=True)
+    out = paged_decode_attention(
+        q, k_cache, v_cache, tables.long(), lens.long(), max_context=8192, split_len=256, balance_splits=True
+    )
     assert rel_err(out, ref) < 1e-2
 
 

@@ -20,7 +20,8 @@ import pytest
 from models.kernels import availability
 
 pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available() or not availability.INTERPRET, reason="needs the Triton interpreter in this process (on CPU, test_kernels_dispatch.py runs it in a fresh one)"
+    torch.cuda.is_available() or not availability.INTERPRET,
+    reason="needs the Triton interpreter in this process (on CPU, test_kernels_dispatch.py runs it in a fresh one)",
 )
 
 

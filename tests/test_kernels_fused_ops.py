@@ -22,7 +22,8 @@ from models import ops
 from models.kernels import availability, fused_ops, vision_ops
 
 interpreted = pytest.mark.skipif(
-    torch.cuda.is_available() or not availability.INTERPRET, reason="needs the Triton interpreter in this process (on CPU, test_kernels_dispatch.py runs it in a fresh one)"
+    torch.cuda.is_available() or not availability.INTERPRET,
+    reason="needs the Triton interpreter in this process (on CPU, test_kernels_dispatch.py runs it in a fresh one)",
 )
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp16/bf16 differences come from one rounding flip of a bf16 intermediate at most.
@@ -147,8 +148,11 @@ def test_tiny_model_gives_the_reference_logits_with_fused_ops(request, ckpt):
     model = load_model(request.getfixturevalue(ckpt), part="full", device="cpu", dtype=torch.float32).model
     ids = torch.randint(0, model.config.vocab_size, (7,), generator=torch.Generator().manual_seed(0))
     # Fused norms, rotary, attention and routing; the torch experts (test_kernels_moe.py has the Triton ones).
-    fused = Kernels(TritonAttentionBackend(), fused_ops.FUSED_OPS,
-                    MoeBackend("fused-route", fused_ops.route, torch_fused_experts, graph_capturable=False))
+    fused = Kernels(
+        TritonAttentionBackend(),
+        fused_ops.FUSED_OPS,
+        MoeBackend("fused-route", fused_ops.route, torch_fused_experts, graph_capturable=False),
+    )
     with torch.no_grad():
         ref = model.compute_logits(model(ids, prefill_context(torch_kernels(), [4, 3])))
         model.fuse_qkv()
@@ -175,12 +179,23 @@ def test_engine_path_with_fused_kv_write_matches_reference(vl_ckpt):
     tables = torch.tensor([[2, 0]])
     results = []
     for name in ("torch", "triton"):
-        cache = PagedKVCache(model.config.num_hidden_layers, 4, 4, model.config.num_key_value_heads,
-                             model.config.head_dim, torch.float32, "cpu")
+        cache = PagedKVCache(
+            model.config.num_hidden_layers,
+            4,
+            4,
+            model.config.num_key_value_heads,
+            model.config.head_dim,
+            torch.float32,
+            "cpu",
+        )
         kernels = select_kernels(name, "torch", cache, torch.device("cpu"))
         with torch.no_grad():
-            results.append([model.compute_logits(model(tok, forward_context(kernels, pos, q, c, slots, tables)))
-                            for tok, pos, q, c, slots in steps])
+            results.append(
+                [
+                    model.compute_logits(model(tok, forward_context(kernels, pos, q, c, slots, tables)))
+                    for tok, pos, q, c, slots in steps
+                ]
+            )
     for ref, out in zip(*results):
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 

@@ -40,7 +40,8 @@ from models.moe import TORCH_MOE, torch_fused_experts
 from models.qwen2_moe import SparseMoeBlock
 
 interpreted = pytest.mark.skipif(
-    torch.cuda.is_available() or not availability.INTERPRET, reason="needs the Triton interpreter in this process (on CPU, test_kernels_dispatch.py runs it in a fresh one)"
+    torch.cuda.is_available() or not availability.INTERPRET,
+    reason="needs the Triton interpreter in this process (on CPU, test_kernels_dispatch.py runs it in a fresh one)",
 )
 
 
@@ -54,7 +55,7 @@ def make_problem(tokens, hidden, experts, inter, top_k, dtype, device="cpu", use
     gate_up = torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5
     down = torch.randn(experts, hidden, inter, generator=gen) / inter**0.5
     weights = torch.rand(tokens, top_k, generator=gen) + 0.1
-    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    cast = lambda t: t.to(device=device, dtype=dtype)
     return cast(x), cast(gate_up), cast(down), cast(weights), ids.to(device)
 
 

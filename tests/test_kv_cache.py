@@ -31,8 +31,11 @@ def build_sequence(vision, cfg, text_before, grid, text_after, seed):
     """Token ids [T], image mask [T], vision rows [N, H·(1+k)] (or None) and M-RoPE positions of one sequence."""
     img = cfg.image_token_id
     n_img = grid[0] * grid[1] * grid[2] // 4 if grid else 0
-    ids = text_before + [cfg.vision_start_token_id] + [img] * n_img + [cfg.vision_end_token_id] + text_after \
-        if grid else text_before + text_after
+    ids = (
+        text_before + [cfg.vision_start_token_id] + [img] * n_img + [cfg.vision_end_token_id] + text_after
+        if grid
+        else text_before + text_after
+    )
     ids_t = torch.tensor(ids)
     rows = None
     if grid:
@@ -57,8 +60,9 @@ def test_chunked_and_batched_decode_equals_full_recompute(parts):
         full.append(lang.compute_logits(lang(ids, ctx)))
 
     text = cfg.text
-    cache = PagedKVCache(text.num_hidden_layers, 24, BLOCK, text.num_key_value_heads, text.head_dim,
-                         torch.float32, "cpu")
+    cache = PagedKVCache(
+        text.num_hidden_layers, 24, BLOCK, text.num_key_value_heads, text.head_dim, torch.float32, "cpu"
+    )
     kernels = torch_kernels(cache)
     # Scattered, interleaved blocks: sequence 0 gets odd blocks backwards, sequence 1 even ones.
     tables = torch.tensor([[23, 21, 19, 17, 15, 13, 11, 9], [0, 2, 4, 6, 8, 10, 12, 14]])
@@ -86,11 +90,15 @@ def test_chunked_and_batched_decode_equals_full_recompute(parts):
         ids = torch.cat([seqs[s][0][a : a + n] for s, a, n in step])
         mask = torch.cat([seqs[s][1][a : a + n] for s, a, n in step])
         # Each part's rows: those of the image positions it covers, in batch order.
-        rows = [seqs[s][2][int(seqs[s][1][:a].sum()) : int(seqs[s][1][: a + n].sum())]
-                for s, a, n in step if seqs[s][2] is not None]
+        rows = [
+            seqs[s][2][int(seqs[s][1][:a].sum()) : int(seqs[s][1][: a + n].sum())]
+            for s, a, n in step
+            if seqs[s][2] is not None
+        ]
         positions = torch.cat([seqs[s][3][:, a : a + n] for s, a, n in step], dim=1)
         ctx = forward_context(
-            kernels, positions,
+            kernels,
+            positions,
             query_lens=[n for _, _, n in step],
             context_lens=[a + n for _, a, n in step],
             slot_mapping=torch.tensor([slot(s, i) for s, a, n in step for i in range(a, a + n)]),
@@ -108,7 +116,8 @@ def test_chunked_and_batched_decode_equals_full_recompute(parts):
 def test_cache_without_slots_is_refused(parts):
     lang, _, cfg = parts
     text = cfg.text
-    cache = PagedKVCache(text.num_hidden_layers, 4, BLOCK, text.num_key_value_heads, text.head_dim,
-                         torch.float32, "cpu")
+    cache = PagedKVCache(
+        text.num_hidden_layers, 4, BLOCK, text.num_key_value_heads, text.head_dim, torch.float32, "cpu"
+    )
     with pytest.raises(ValueError, match="slot_mapping"):
         prefill_context(torch_kernels(cache), [3])

@@ -45,8 +45,7 @@ def test_expert_layouts_load_to_the_same_logits(vl_ckpt, tmp_path, layout):
 
 
 def test_transformers_config_spelling_and_sharding_load_the_same(vl_ckpt, tmp_path):
-    other = write_tiny_checkpoint(tmp_path / "tf", seed=0, config_spelling="transformers",
-                                  max_shard_bytes=200_000)
+    other = write_tiny_checkpoint(tmp_path / "tf", seed=0, config_spelling="transformers", max_shard_bytes=200_000)
     assert (other / "model.safetensors.index.json").is_file()
     assert "num_local_experts" in json.loads((other / "config.json").read_text())["text_config"]
     assert torch.equal(logits_of(vl_ckpt), logits_of(other))
@@ -97,8 +96,13 @@ def test_unexpected_tensor_is_named(vl_ckpt, tmp_path):
     with pytest.raises(CheckpointError, match=r"unexpected tensors.*layers\.0\.mlp\.bonus\.weight"):
         load_model(ckpt)
     # ... also when it sits outside every known prefix.
-    edit_tensors(ckpt, lambda t: (t.pop("model.language_model.layers.0.mlp.bonus.weight"),
-                                  t.__setitem__("encoder.stray", torch.ones(2))))
+    edit_tensors(
+        ckpt,
+        lambda t: (
+            t.pop("model.language_model.layers.0.mlp.bonus.weight"),
+            t.__setitem__("encoder.stray", torch.ones(2)),
+        ),
+    )
     with pytest.raises(CheckpointError, match="encoder.stray"):
         load_model(ckpt, part="language")
 

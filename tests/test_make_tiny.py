@@ -39,7 +39,9 @@ def text_prefix(arch: str) -> str:
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     index = directory / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         tensors.update(load_file(directory / file))
@@ -100,7 +102,7 @@ def test_transformers_loads_exactly_the_file(tmp_path, arch, layout, spelling, t
         assert "lm_head.weight" not in file
         assert torch.equal(model.lm_head.weight, file[prefix + "embed_tokens.weight"])
     else:
-        assert not torch.equal(model.lm_head.weight[: 8, :8], file[prefix + "embed_tokens.weight"][:8, :8])
+        assert not torch.equal(model.lm_head.weight[:8, :8], file[prefix + "embed_tokens.weight"][:8, :8])
     if arch == "qwen2_moe":
         assert prefix + "layers.0.mlp.shared_expert_gate.weight" in file
         assert prefix + "layers.0.self_attn.q_proj.bias" in file
@@ -121,7 +123,9 @@ def test_expert_layouts_hold_the_same_model(vl_dir, tmp_path):
                 assert torch.equal(torch.cat([gate, up]), hub[prefix + "gate_up_proj"][j]), (layout, layer, j)
                 assert torch.equal(down, hub[prefix + "down_proj"][j]), (layout, layer, j)
     text = [
-        load_in_transformers(write_tiny_checkpoint(tmp_path / f"text-{layout}", arch="qwen3_moe", expert_layout=layout), "qwen3_moe").state_dict()
+        load_in_transformers(
+            write_tiny_checkpoint(tmp_path / f"text-{layout}", arch="qwen3_moe", expert_layout=layout), "qwen3_moe"
+        ).state_dict()
         for layout in ("per_expert", "transformers")
     ]
     assert text[0].keys() == text[1].keys() and all(torch.equal(text[0][k], text[1][k]) for k in text[0])
@@ -135,7 +139,9 @@ def test_hub_and_transformers_config_spellings(vl_dir, tmp_path):
     assert hub["architectures"] == ["Qwen3VLMoeForConditionalGeneration"] and hub["tie_word_embeddings"] is False
     for arch in ("qwen3_vl_moe", "qwen3_moe", "qwen2_moe"):
         hub_dir = write_tiny_checkpoint(tmp_path / f"hub-{arch}", arch=arch, metadata_only=True)
-        tf_dir = write_tiny_checkpoint(tmp_path / f"tf-{arch}", arch=arch, config_spelling="transformers", metadata_only=True)
+        tf_dir = write_tiny_checkpoint(
+            tmp_path / f"tf-{arch}", arch=arch, config_spelling="transformers", metadata_only=True
+        )
         written = json.loads((tf_dir / "config.json").read_text())
         resaved = tmp_path / f"resaved-{arch}"
         transformers.AutoConfig.from_pretrained(hub_dir).save_pretrained(resaved)
@@ -155,9 +161,15 @@ def test_tokenizer_round_trips_and_knows_the_special_tokens(vl_dir):
     config = json.loads((vl_dir / "config.json").read_text())
     for text in ("Hello world! The picture shows 2 cats.", "naïve café 你好 🙂\n\ttabs  and  spaces", ""):
         assert tokenizer.decode(tokenizer.encode(text)) == text
-    assert len(tokenizer.encode("The picture shows the image")) < len("The picture shows the image") / 2  # merges learned
-    for token, key in [("<|image_pad|>", "image_token_id"), ("<|video_pad|>", "video_token_id"),
-                       ("<|vision_start|>", "vision_start_token_id"), ("<|vision_end|>", "vision_end_token_id")]:
+    assert (
+        len(tokenizer.encode("The picture shows the image")) < len("The picture shows the image") / 2
+    )  # merges learned
+    for token, key in [
+        ("<|image_pad|>", "image_token_id"),
+        ("<|video_pad|>", "video_token_id"),
+        ("<|vision_start|>", "vision_start_token_id"),
+        ("<|vision_end|>", "vision_end_token_id"),
+    ]:
         assert tokenizer.encode(token) == [config[key]]
     for token in tiny_tokenizer.SPECIAL_TOKENS:
         assert len(tokenizer.encode(token)) == 1, token
@@ -173,8 +185,14 @@ def test_chat_template_renders_images_and_turns(vl_dir):
     tokenizer = transformers.AutoTokenizer.from_pretrained(vl_dir)
     messages = [
         {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"},
-                                     {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {"type": "text", "text": "And this?"},
+                {"type": "image_url", "image_url": {"url": "http://x/y.png"}},
+            ],
+        },
         {"role": "assistant", "content": "Two cats."},
         {"role": "user", "content": "Thanks"},
     ]
@@ -286,19 +304,41 @@ def test_real_shapes_metadata(tmp_path):
     assert not list(directory.glob("*.safetensors"))
     config = json.loads((directory / "config.json").read_text())
     text, vision = config["text_config"], config["vision_config"]
-    assert (text["hidden_size"], text["num_hidden_layers"], text["num_attention_heads"], text["num_key_value_heads"],
-            text["head_dim"], text["num_experts"], text["num_experts_per_tok"], text["moe_intermediate_size"],
-            text["vocab_size"], text["rope_theta"], text["rope_scaling"]["mrope_section"]) == (
-        2048, 1, 32, 4, 128, 128, 8, 768, 151936, 5000000.0, [24, 20, 20])
-    assert (vision["depth"], vision["hidden_size"], vision["num_heads"], vision["intermediate_size"],
-            vision["out_hidden_size"], vision["num_position_embeddings"], vision["deepstack_visual_indexes"]) == (
-        27, 1152, 16, 4304, 2048, 2304, [8, 16, 24])
+    assert (
+        text["hidden_size"],
+        text["num_hidden_layers"],
+        text["num_attention_heads"],
+        text["num_key_value_heads"],
+        text["head_dim"],
+        text["num_experts"],
+        text["num_experts_per_tok"],
+        text["moe_intermediate_size"],
+        text["vocab_size"],
+        text["rope_theta"],
+        text["rope_scaling"]["mrope_section"],
+    ) == (2048, 1, 32, 4, 128, 128, 8, 768, 151936, 5000000.0, [24, 20, 20])
+    assert (
+        vision["depth"],
+        vision["hidden_size"],
+        vision["num_heads"],
+        vision["intermediate_size"],
+        vision["out_hidden_size"],
+        vision["num_position_embeddings"],
+        vision["deepstack_visual_indexes"],
+    ) == (27, 1152, 16, 4304, 2048, 2304, [8, 16, 24])
     assert config["torch_dtype"] == "bfloat16"
     ids = tiny_tokenizer.token_ids()
-    assert config["image_token_id"] == ids["<|image_pad|>"] and config["vision_start_token_id"] == ids["<|vision_start|>"]
-    assert transformers.AutoTokenizer.from_pretrained(directory).convert_tokens_to_ids("<|video_pad|>") == config["video_token_id"]
+    assert (
+        config["image_token_id"] == ids["<|image_pad|>"] and config["vision_start_token_id"] == ids["<|vision_start|>"]
+    )
+    assert (
+        transformers.AutoTokenizer.from_pretrained(directory).convert_tokens_to_ids("<|video_pad|>")
+        == config["video_token_id"]
+    )
     assert json.loads((directory / "preprocessor_config.json").read_text())["size"] == {
-        "longest_edge": 16777216, "shortest_edge": 65536}
+        "longest_edge": 16777216,
+        "shortest_edge": 65536,
+    }
     # The index lists exactly the tensors transformers expects, at 2 bytes each, in ~2 GB shards.
     index = json.loads((directory / "model.safetensors.index.json").read_text())
     with torch.device("meta"):
@@ -306,14 +346,19 @@ def test_real_shapes_metadata(tmp_path):
     expected = model.state_dict()
     assert index["weight_map"].keys() == expected.keys()
     assert index["metadata"]["total_size"] == 2 * sum(t.numel() for t in expected.values())
-    assert sorted(set(index["weight_map"].values())) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert sorted(set(index["weight_map"].values())) == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
     with pytest.raises(ValueError, match="no qwen2-moe variant"):
         write_tiny_checkpoint(tmp_path / "q2", arch="qwen2_moe", shapes="qwen3-vl-30b-a3b", metadata_only=True)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "splitvl", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "splitvl", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_writes_a_checkpoint(vl_dir, tmp_path):

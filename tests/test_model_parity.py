@@ -81,7 +81,7 @@ def test_qwen3_vl_moe_matches_transformers(vl, case):
 
     new = generator.generate_ids(ids, images, max_tokens=GREEDY_TOKENS)
     with torch.no_grad():
-        ref_ids = hf.generate(**inputs, max_new_tokens=GREEDY_TOKENS, do_sample=False)[0, len(ids):].tolist()
+        ref_ids = hf.generate(**inputs, max_new_tokens=GREEDY_TOKENS, do_sample=False)[0, len(ids) :].tolist()
     assert len(new) == GREEDY_TOKENS
     assert new == ref_ids
 
@@ -112,7 +112,7 @@ def test_text_moe_matches_transformers(request, fixture):
     new = generator.generate_ids(prompts[0], max_tokens=GREEDY_TOKENS)
     with torch.no_grad():
         ref_ids = hf.generate(torch.tensor([prompts[0]]), max_new_tokens=GREEDY_TOKENS, do_sample=False)
-    assert new == ref_ids[0, len(prompts[0]):].tolist()
+    assert new == ref_ids[0, len(prompts[0]) :].tolist()
     assert len(new) == GREEDY_TOKENS
 
 

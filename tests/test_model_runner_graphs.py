@@ -43,8 +43,9 @@ def make_request(rid: str, ids: list[int], max_tokens: int, config=None, grids=(
     req = EngineRequest(request=GenerateRequest(rid, ids, SamplingParams(max_tokens=max_tokens, temperature=0.0)))
     req.token_ids, req.cache_tokens, req.num_prompt_tokens = list(ids), list(ids), len(ids)
     if config is not None and config.is_vl:
-        req.positions, req.rope_delta = mrope_positions(ids, list(grids), config.image_token_id,
-                                                        config.vision.spatial_merge_size)
+        req.positions, req.rope_delta = mrope_positions(
+            ids, list(grids), config.image_token_id, config.vision.spatial_merge_size
+        )
         if grids:
             is_image = torch.tensor(ids) == config.image_token_id
             width = config.text.hidden_size * (1 + config.vision.num_deepstack_levels)
@@ -53,8 +54,9 @@ def make_request(rid: str, ids: list[int], max_tokens: int, config=None, grids=(
     return req
 
 
-def lockstep(runners: list[ModelRunner], requests: list[EngineRequest], budget: int = 64, chunk: int = 16,
-             max_seqs: int = 16) -> list[list[torch.Tensor]]:
+def lockstep(
+    runners: list[ModelRunner], requests: list[EngineRequest], budget: int = 64, chunk: int = 16, max_seqs: int = 16
+) -> list[list[torch.Tensor]]:
     """Run every runner on the same schedule (greedy from the first one); returns each step's logits."""
     sched = Scheduler(BlockManager(NUM_BLOCKS, BLOCK, enable_prefix_caching=False), budget, max_seqs, chunk)
     for req in requests:
@@ -122,19 +124,24 @@ def test_cpu_default_has_no_graphs(qwen3_text_ckpt):
 
 def test_text_graph_path_equals_normal_path(qwen3_text_ckpt):
     """Batches from 1 to 7 sequences (padded to buckets 1, 2, 4, 8), prompts chunked."""
-    normal, graphs = runner(qwen3_text_ckpt, cuda_graphs="off"), runner(qwen3_text_ckpt, cuda_graphs="nocapture",
-                                                                       max_num_seqs=8, max_model_len=64)
+    normal, graphs = (
+        runner(qwen3_text_ckpt, cuda_graphs="off"),
+        runner(qwen3_text_ckpt, cuda_graphs="nocapture", max_num_seqs=8, max_model_len=64),
+    )
     sizes = count_graph_runs(graphs)
     rng = random.Random(0)
-    reqs = [make_request(f"t{i}", [rng.randrange(1, 400) for _ in range(rng.randrange(2, 30))], rng.randrange(2, 14))
-            for i in range(7)]
+    reqs = [
+        make_request(f"t{i}", [rng.randrange(1, 400) for _ in range(rng.randrange(2, 30))], rng.randrange(2, 14))
+        for i in range(7)
+    ]
     steps = lockstep([normal, graphs], reqs)
     for a, b in steps:
         assert_same_logits(b, a)
     assert len(sizes) > 10 and len(set(sizes)) >= 3 and set(sizes) - {1, 2, 4, 8}  # padded buckets replayed
     # Padding rows wrote only to the scratch block: every real cache block is the same.
-    torch.testing.assert_close(graphs.kv_cache.data[:, :, :NUM_BLOCKS], normal.kv_cache.data[:, :, :NUM_BLOCKS],
-                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        graphs.kv_cache.data[:, :, :NUM_BLOCKS], normal.kv_cache.data[:, :, :NUM_BLOCKS], rtol=1e-5, atol=1e-4
+    )
 
 
 def test_unpadded_graph_step_is_bit_exact(qwen3_text_ckpt):
@@ -153,8 +160,9 @@ def test_vl_images_and_mrope_positions(vl_ckpt):
     img, start, end = cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id
     reqs = [
         make_request("img", [5, 6, start] + [img] * 6 + [end, 7], 8, cfg, [(1, 4, 6)], seed=1),
-        make_request("two", [start] + [img] * 4 + [end, 9, start] + [img] * 2 + [end], 6, cfg,
-                     [(1, 4, 4), (1, 2, 4)], seed=2),
+        make_request(
+            "two", [start] + [img] * 4 + [end, 9, start] + [img] * 2 + [end], 6, cfg, [(1, 4, 4), (1, 2, 4)], seed=2
+        ),
         make_request("text", [11, 12, 13], 9, cfg),
     ]
     assert reqs[0].rope_delta != 0
@@ -276,24 +284,37 @@ def test_capture_and_replay_bookkeeping_with_a_stand_in_for_cuda(monkeypatch, qw
 
     monkeypatch.setattr(cuda_graphs.DecodeGraphRunner, "_forward", recording_forward)
     stream = types.SimpleNamespace(wait_stream=lambda other: None)
-    for name, value in dict(CUDAGraph=StandInGraph, graph=capture, Stream=lambda device: stream,
-                            stream=lambda s: contextlib.nullcontext(), synchronize=lambda device=None: None,
-                            current_stream=lambda device=None: stream).items():
+    for name, value in dict(
+        CUDAGraph=StandInGraph,
+        graph=capture,
+        Stream=lambda device: stream,
+        stream=lambda s: contextlib.nullcontext(),
+        synchronize=lambda device=None: None,
+        current_stream=lambda device=None: stream,
+    ).items():
         monkeypatch.setattr(torch.cuda, name, value)
     normal = runner(qwen3_text_ckpt, cuda_graphs="off")
     # The triton backend (its torch fallbacks on a CPU): a captured step may read device buffers only.
     graphs_runner = runner(qwen3_text_ckpt, cuda_graphs="nocapture", attention_backend="triton")
     before = graphs_runner.kv_cache.data.clone()
     graphs_runner.decode_graphs = cuda_graphs.DecodeGraphRunner(
-        graphs_runner.model, graphs_runner.kernels, max_batch=8, max_blocks=16, scratch_block=NUM_BLOCKS,
-        mrope=False, capture=True)
+        graphs_runner.model,
+        graphs_runner.kernels,
+        max_batch=8,
+        max_blocks=16,
+        scratch_block=NUM_BLOCKS,
+        mrope=False,
+        capture=True,
+    )
     g = graphs_runner.decode_graphs
     assert sorted(g.graphs) == [1, 2, 4, 8] and [size for _, size, _, _ in captured[1::2]] == [8, 4, 2, 1]
     assert pools[0] is None and pools[1:] == [p.pool() for p in (g.graphs[8], g.graphs[4], g.graphs[2])]
     assert torch.equal(graphs_runner.kv_cache.data[:, :, :NUM_BLOCKS], before[:, :, :NUM_BLOCKS])
     sizes = count_graph_runs(graphs_runner)
     rng = random.Random(4)
-    reqs = [make_request(f"c{i}", [rng.randrange(1, 400) for _ in range(rng.randrange(3, 20))], 5 + i) for i in range(5)]
+    reqs = [
+        make_request(f"c{i}", [rng.randrange(1, 400) for _ in range(rng.randrange(3, 20))], 5 + i) for i in range(5)
+    ]
     for a, b in lockstep([normal, graphs_runner], reqs):
         assert_same_logits(b, a)
     assert sizes and set(sizes) >= {5, 1}

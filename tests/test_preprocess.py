@@ -84,9 +84,7 @@ def _encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
     return buf.getvalue()
 
 
-def _assert_same(
-    ours: tuple[torch.Tensor, tuple[int, int, int]], reference, image: Image.Image
-) -> None:
+def _assert_same(ours: tuple[torch.Tensor, tuple[int, int, int]], reference, image: Image.Image) -> None:
     pixel_values, grid = ours
     expected = reference(image, return_tensors="pt")
     assert list(grid) == expected["image_grid_thw"][0].tolist()
@@ -130,9 +128,7 @@ def test_pixel_values_match_transformers(pair, config: str, height: int, width: 
 
 @pytest.mark.parametrize(("height", "width"), [(1, 201), (201, 1), (2, 401), (1000, 4)])
 @pytest.mark.parametrize("config", ["tiny", "qwen3_vl"])
-def test_extreme_aspect_ratios_are_refused_like_transformers(
-    pair, config: str, height: int, width: int
-) -> None:
+def test_extreme_aspect_ratios_are_refused_like_transformers(pair, config: str, height: int, width: int) -> None:
     settings, reference = pair(config)
     image = Image.fromarray(_noise(height, width))
     with pytest.raises(ValueError, match="aspect ratio must be smaller than 200"):
@@ -261,5 +257,6 @@ def test_content_key_covers_bytes_and_options() -> None:
     assert content_key(data + b"\0", {}) != key
     assert content_key(data, {"max_pixels": 65536}) != key
     assert content_key(data, {"max_pixels": 65536, "min_pixels": 4096}) == content_key(
-        data, {"min_pixels": 4096, "max_pixels": 65536})  # order does not matter
+        data, {"min_pixels": 4096, "max_pixels": 65536}
+    )  # order does not matter
     assert content_key(data, {"min_pixels": 65536}) != content_key(data, {"max_pixels": 65536})

@@ -27,9 +27,11 @@ def test_the_first_command_sets_up_and_serves_with_splitvl_up():
 
 def test_the_second_command_sets_up_and_tests():
     [test] = _blocks("test")
-    assert test.strip() == SETUP + "'.[test]' && python -m pytest -q"
+    lint = "ruff check . && ruff format --check . && "
+    assert test.strip() == SETUP + "'.[test]' && " + lint + "python -m pytest -q"
     ci = (REPO / ".ci" / "run").read_text()
     assert "pip install -q -r requirements/cpu.txt -e '.[test]'" in ci and "python -m pytest -q" in ci
+    assert "ruff check ." in ci and "ruff format --check ." in ci
     assert "scripts/check_readme.sh" in ci
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from language_server.api.reasoning_parser import ReasoningParser, parse_reasoning, prompt_ends_in_reasoning
 from language_server.api.tool_parser import ToolCallParser, collect
-from tests.test_tool_parser import detokenized, tokenizer  # noqa: F401 (a fixture)
+from tests.test_tool_parser import detokenized, tokenizer  # noqa: F401 - a fixture
 
 # (output, starts_in_reasoning, reasoning, content)
 CASES = [
@@ -59,8 +59,17 @@ def test_every_split_point_and_one_char_at_a_time(output, starts, reasoning, con
 
 def test_reasoning_streams_at_once_and_holds_back_only_what_the_end_may_trim():
     parser = ReasoningParser(starts_in_reasoning=True)
-    steps = [("\n", "", ""), ("Hmm", "Hmm", ""), (",\n", ",", ""), ("ok", "\nok", ""), ("\n</th", "", ""),
-             ("ink>", "", ""), ("\n\n", "", ""), ("Yes", "", "Yes"), ("\n", "", "\n")]
+    steps = [
+        ("\n", "", ""),
+        ("Hmm", "Hmm", ""),
+        (",\n", ",", ""),
+        ("ok", "\nok", ""),
+        ("\n</th", "", ""),
+        ("ink>", "", ""),
+        ("\n\n", "", ""),
+        ("Yes", "", "Yes"),
+        ("\n", "", "\n"),
+    ]
     for piece, reasoning, content in steps:
         split = parser.feed(piece)
         assert (split.reasoning, split.content) == (reasoning, content), piece
@@ -77,16 +86,19 @@ def test_the_start_waits_only_while_it_may_be_think():
 PROMPT = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
 
 
-@pytest.mark.parametrize("prompt,expected", [
-    (PROMPT + "<|im_start|>assistant\n<think>\n", True),  # Qwen3-VL-Thinking's generation prompt
-    (PROMPT + "<|im_start|>assistant\n<think>\n\n</think>\n\n", False),  # enable_thinking=False
-    (PROMPT + "<|im_start|>assistant\n", False),  # Instruct, or a hybrid model that opens it itself
-    (PROMPT + "<|im_start|>assistant\n<think>\nI was thinking", True),  # continuing a final message
-    # Only the last assistant turn counts: an old unclosed block, or a <think> a user wrote, does not.
-    ("<|im_start|>assistant\n<think>\nold<|im_end|>\n" + PROMPT + "<|im_start|>assistant\n", False),
-    ("<|im_start|>user\nWhat does <think> mean?<|im_end|>\n<|im_start|>assistant\n", False),
-    ("<think>\n no assistant turn", False),
-])
+@pytest.mark.parametrize(
+    "prompt,expected",
+    [
+        (PROMPT + "<|im_start|>assistant\n<think>\n", True),  # Qwen3-VL-Thinking's generation prompt
+        (PROMPT + "<|im_start|>assistant\n<think>\n\n</think>\n\n", False),  # enable_thinking=False
+        (PROMPT + "<|im_start|>assistant\n", False),  # Instruct, or a hybrid model that opens it itself
+        (PROMPT + "<|im_start|>assistant\n<think>\nI was thinking", True),  # continuing a final message
+        # Only the last assistant turn counts: an old unclosed block, or a <think> a user wrote, does not.
+        ("<|im_start|>assistant\n<think>\nold<|im_end|>\n" + PROMPT + "<|im_start|>assistant\n", False),
+        ("<|im_start|>user\nWhat does <think> mean?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("<think>\n no assistant turn", False),
+    ],
+)
 def test_prompt_ends_in_reasoning(prompt, expected):
     assert prompt_ends_in_reasoning(prompt) is expected
 
@@ -101,10 +113,15 @@ def test_token_by_token_through_the_detokenizer(tokenizer, output, starts, reaso
 
 # Composed: the reasoning parser's content goes through the tool parser.
 
-COMPOSED = ('I could call <tool_call>\n{"name": "fake", "arguments": {}}\n</tool_call> but will not.\n</think>\n\n'
-            'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
-COMPOSED_RESULT = ('I could call <tool_call>\n{"name": "fake", "arguments": {}}\n</tool_call> but will not.',
-                   "Checking.", [("get_weather", '{"city": "Paris"}')])
+COMPOSED = (
+    'I could call <tool_call>\n{"name": "fake", "arguments": {}}\n</tool_call> but will not.\n</think>\n\n'
+    'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+)
+COMPOSED_RESULT = (
+    'I could call <tool_call>\n{"name": "fake", "arguments": {}}\n</tool_call> but will not.',
+    "Checking.",
+    [("get_weather", '{"city": "Paris"}')],
+)
 
 
 def composed(pieces: list[str], starts_in_reasoning: bool) -> tuple[str, str, list[tuple[str, str]]]:

@@ -28,9 +28,16 @@ def test_each_filter_keeps_what_it_should():
 
 def test_rows_in_one_batch_filter_as_they_would_alone():
     rows = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
-    params = [SamplingParams(max_tokens=1, temperature=t, top_k=k, top_p=p, min_p=m)
-              for t, k, p, m in ((1.0, 0, 1.0, 0.0), (0.7, 5, 1.0, 0.0), (1.3, 0, 0.8, 0.0), (1.0, 10, 0.9, 0.05),
-                                 (0.9, 64, 1.0, 0.2))]
+    params = [
+        SamplingParams(max_tokens=1, temperature=t, top_k=k, top_p=p, min_p=m)
+        for t, k, p, m in (
+            (1.0, 0, 1.0, 0.0),
+            (0.7, 5, 1.0, 0.0),
+            (1.3, 0, 0.8, 0.0),
+            (1.0, 10, 0.9, 0.05),
+            (0.9, 64, 1.0, 0.2),
+        )
+    ]
     together = _filtered_probs(rows, params)
     for i, row_params in enumerate(params):
         assert torch.equal(together[i], _filtered_probs(rows[i : i + 1], [row_params])[0]), i
@@ -54,6 +61,12 @@ def test_a_seeded_row_repeats_whatever_else_is_in_the_batch():
     logits = torch.randn(3, 100, generator=torch.Generator().manual_seed(2))
     seeded = SamplingParams(max_tokens=4, temperature=1.0, top_p=0.95, seed=7)
     alone, _ = sample(logits[1:2], [_request("s", seeded)])
-    mixed, _ = sample(logits, [_request("a", SamplingParams(max_tokens=4, temperature=1.0)), _request("s", seeded),
-                               _request("b", SamplingParams(max_tokens=4, temperature=0.5, top_k=3))])
+    mixed, _ = sample(
+        logits,
+        [
+            _request("a", SamplingParams(max_tokens=4, temperature=1.0)),
+            _request("s", seeded),
+            _request("b", SamplingParams(max_tokens=4, temperature=0.5, top_k=3)),
+        ],
+    )
     assert mixed[1] == alone[0]

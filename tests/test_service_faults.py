@@ -29,9 +29,19 @@ def services(vl_ckpt, tmp_path_factory):
     for e in encoders:
         e.wait_ready()
     language = LanguageService(
-        tmp, vl_ckpt, "--served-model-name", "tiny-vl", *[a for e in encoders for a in ("--encoder", e.listen)],
-        config={"encode_timeout_s": ENCODE_TIMEOUT_S, "encoder_health_interval_s": 0.5, "encode_retries": 1,
-                "chunk_size": 16, "max_num_batched_tokens": 64})
+        tmp,
+        vl_ckpt,
+        "--served-model-name",
+        "tiny-vl",
+        *[a for e in encoders for a in ("--encoder", e.listen)],
+        config={
+            "encode_timeout_s": ENCODE_TIMEOUT_S,
+            "encoder_health_interval_s": 0.5,
+            "encode_retries": 1,
+            "chunk_size": 16,
+            "max_num_batched_tokens": 64,
+        },
+    )
     language.wait_healthy()
     yield language, encoders, tmp
     language.stop()
@@ -44,12 +54,18 @@ def ask(service: LanguageService, content, stream: bool = False, max_tokens: int
     client = service.client(timeout=60)
     messages = [{"role": "user", "content": content}]
     if not stream:
-        resp = client.chat.completions.create(model="tiny-vl", messages=messages, max_tokens=max_tokens,
-                                              temperature=0, extra_body={"return_token_ids": True})
+        resp = client.chat.completions.create(
+            model="tiny-vl",
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=0,
+            extra_body={"return_token_ids": True},
+        )
         return resp.choices[0].model_extra["token_ids"]
     # Streaming: the token ids come back through logprobs' bytes; compare the text instead.
-    chunks = client.chat.completions.create(model="tiny-vl", messages=messages, max_tokens=max_tokens,
-                                            temperature=0, stream=True)
+    chunks = client.chat.completions.create(
+        model="tiny-vl", messages=messages, max_tokens=max_tokens, temperature=0, stream=True
+    )
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 

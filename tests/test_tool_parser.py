@@ -12,13 +12,22 @@ import pytest
 from transformers import AutoTokenizer
 
 from language_server.api.detokenizer import IncrementalDetokenizer, TokenBytes
-from language_server.api.tool_parser import (ContentDelta, ToolCall, ToolCallArguments, ToolCallParser, ToolCallStart,
-                                             collect, parse_tool_calls)
+from language_server.api.tool_parser import (
+    ContentDelta,
+    ToolCall,
+    ToolCallArguments,
+    ToolCallParser,
+    ToolCallStart,
+    collect,
+    parse_tool_calls,
+)
 from models.tiny_tokenizer import write_tokenizer_files
 
 WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
-NESTED_ARGS = ('{"code": "if x: {print(\\"}\\")}\\n</tool_call>\\n<tool_call>", "list": [1, -2.5e3, [], {}, [{"a": null}]],'
-               ' "flags": {"on": true, "off": false}, "path": "C:\\\\tmp\\\\", "esc": "\\u00e9\\ud83d\\ude42\\t"}')
+NESTED_ARGS = (
+    '{"code": "if x: {print(\\"}\\")}\\n</tool_call>\\n<tool_call>", "list": [1, -2.5e3, [], {}, [{"a": null}]],'
+    ' "flags": {"on": true, "off": false}, "path": "C:\\\\tmp\\\\", "esc": "\\u00e9\\ud83d\\ude42\\t"}'
+)
 UNICODE_ARGS = '{"ville": "Zürich", "问题": "天气怎么样？🙂", "note": "a}b]c"}'
 
 
@@ -34,15 +43,27 @@ CASES = [
     (call(WEATHER), "", [("get_weather", '{"city": "Paris"}')]),
     ("Let me check.\n" + call(WEATHER), "Let me check.", [("get_weather", '{"city": "Paris"}')]),
     # Several calls; text between and after them is dropped.
-    ("Two calls:\n" + call(WEATHER) + "\n" + call('{"name": "get_time", "arguments": {"tz": "CET"}}')
-     + "\nand some text after.",
-     "Two calls:", [("get_weather", '{"city": "Paris"}'), ("get_time", '{"tz": "CET"}')]),
-    (call(WEATHER) + " between " + call('{"name": "b", "arguments": {}}') + "\n",
-     "", [("get_weather", '{"city": "Paris"}'), ("b", "{}")]),
+    (
+        "Two calls:\n"
+        + call(WEATHER)
+        + "\n"
+        + call('{"name": "get_time", "arguments": {"tz": "CET"}}')
+        + "\nand some text after.",
+        "Two calls:",
+        [("get_weather", '{"city": "Paris"}'), ("get_time", '{"tz": "CET"}')],
+    ),
+    (
+        call(WEATHER) + " between " + call('{"name": "b", "arguments": {}}') + "\n",
+        "",
+        [("get_weather", '{"city": "Paris"}'), ("b", "{}")],
+    ),
     # Braces, brackets, escapes and the markers themselves inside JSON strings.
     ("Code:\n" + call('{"name": "run", "arguments": ' + NESTED_ARGS + "}"), "Code:", [("run", NESTED_ARGS)]),
-    ("Unicode — ok.\n" + call('{"name": "météo", "arguments": ' + UNICODE_ARGS + "}"),
-     "Unicode — ok.", [("météo", UNICODE_ARGS)]),
+    (
+        "Unicode — ok.\n" + call('{"name": "météo", "arguments": ' + UNICODE_ARGS + "}"),
+        "Unicode — ok.",
+        [("météo", UNICODE_ARGS)],
+    ),
     # Arguments as written: spacing and newlines inside them are kept.
     (call('{"name":"f","arguments":{\n  "a" : [ 1 ,2 ]\n}}'), "", [("f", '{\n  "a" : [ 1 ,2 ]\n}')]),
     # Arguments before the name; no </tool_call> at the end (the output stopped after the object).
@@ -61,7 +82,11 @@ CASES = [
 # keeps what was streamed.
 MALFORMED = [
     ("Hi " + call("not json"), "Hi " + call("not json"), []),
-    ("Hi\n" + call('{"name": 5, "arguments": {}}') + " bye", "Hi\n" + call('{"name": 5, "arguments": {}}') + " bye", []),
+    (
+        "Hi\n" + call('{"name": 5, "arguments": {}}') + " bye",
+        "Hi\n" + call('{"name": 5, "arguments": {}}') + " bye",
+        [],
+    ),
     (call('{"arguments": {}}'), call('{"arguments": {}}'), []),
     (call('{"name": "", "arguments": {}}'), call('{"name": "", "arguments": {}}'), []),
     (call('{"name": "f", "name": "g"}'), "", [("f", "")]),
@@ -70,9 +95,16 @@ MALFORMED = [
     # A raw newline cannot be in a JSON string: the call breaks there, after its name went out.
     (call('{"name": "f", "arguments": {"a": "x\ny"}}'), "", [("f", '{"a": "x')]),
     # A broken call, then a real one: the broken one is content, the real one is found.
-    ("A " + call('{"name": [}') + "\n" + call(WEATHER),
-     "A " + call('{"name": [}'), [("get_weather", '{"city": "Paris"}')]),
-    ("A <tool_call>\n<tool_call>\n" + WEATHER + "\n</tool_call>", "A <tool_call>", [("get_weather", '{"city": "Paris"}')]),
+    (
+        "A " + call('{"name": [}') + "\n" + call(WEATHER),
+        "A " + call('{"name": [}'),
+        [("get_weather", '{"city": "Paris"}')],
+    ),
+    (
+        "A <tool_call>\n<tool_call>\n" + WEATHER + "\n</tool_call>",
+        "A <tool_call>",
+        [("get_weather", '{"city": "Paris"}')],
+    ),
     # After a call, even a broken one is dropped with the rest of the text.
     (call(WEATHER) + "\n" + call("oops"), "", [("get_weather", '{"city": "Paris"}')]),
     ("", "", []),
@@ -136,9 +168,16 @@ def test_every_split_point_and_one_char_at_a_time(output, content, calls):
 def test_content_streams_at_once_and_holds_back_only_a_possible_marker():
     parser = ToolCallParser()
     shown = ""
-    for prefix_end, expected in [("Sure", "Sure"), (" <", "Sure"), ("to", "Sure"), ("ol", "Sure"),
-                                 ("s!", "Sure <tools!"), (" \n", "Sure <tools!"), ("ok", "Sure <tools! \nok"),
-                                 ("\n<tool_ca", "Sure <tools! \nok")]:
+    for prefix_end, expected in [
+        ("Sure", "Sure"),
+        (" <", "Sure"),
+        ("to", "Sure"),
+        ("ol", "Sure"),
+        ("s!", "Sure <tools!"),
+        (" \n", "Sure <tools!"),
+        ("ok", "Sure <tools! \nok"),
+        ("\n<tool_ca", "Sure <tools! \nok"),
+    ]:
         shown += "".join(e.text for e in parser.feed(prefix_end))
         assert shown == expected, prefix_end
     events = parser.feed("ll>\n" + WEATHER[:20])
@@ -181,11 +220,18 @@ def test_ids_and_openai_shapes():
     assert all(re.fullmatch(r"call_[0-9a-f]{24}", c.id) for c in calls)
     events = stream(list(output))
     start = events[0]
-    assert start.to_delta() == {"index": 0, "id": "call_0", "type": "function",
-                                "function": {"name": "get_weather", "arguments": ""}}
+    assert start.to_delta() == {
+        "index": 0,
+        "id": "call_0",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": ""},
+    }
     assert events[1].to_delta() == {"index": 0, "function": {"arguments": "{"}}
-    assert collect(events)[1][1].to_openai() == {"id": "call_1", "type": "function",
-                                                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    assert collect(events)[1][1].to_openai() == {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
 
 
 def _random_value(rng: random.Random, depth: int = 0):
@@ -193,10 +239,12 @@ def _random_value(rng: random.Random, depth: int = 0):
     if kind == 0:
         return rng.choice([0, -1, 3.25, 1e-7, 123456789012, True, False, None])
     if kind in (1, 2, 3):
-        alphabet = ['a', ' ', '}', '{', ']', '"', '\\', '\n', '</tool_call>', '<tool_call>', 'é', '你', '🙂', '/', ':']
+        alphabet = ["a", " ", "}", "{", "]", '"', "\\", "\n", "</tool_call>", "<tool_call>", "é", "你", "🙂", "/", ":"]
         return "".join(rng.choice(alphabet) for _ in range(rng.randrange(6)))
     if kind in (4, 5):
-        return {"k" + str(i) + rng.choice(["", "}", '"']): _random_value(rng, depth + 1) for i in range(rng.randrange(4))}
+        return {
+            "k" + str(i) + rng.choice(["", "}", '"']): _random_value(rng, depth + 1) for i in range(rng.randrange(4))
+        }
     return [_random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
 
 
@@ -206,8 +254,12 @@ def test_random_calls_streamed_at_random_splits():
         content = rng.choice(["", "Sure.", "Looking <tool that up", "Multi\nline  text"])
         calls, parts = [], [content + rng.choice(["", "\n", " \n\n"]) if content else ""]
         for _ in range(rng.randrange(1, 4)):
-            args = json.dumps({"x": _random_value(rng), "y": _random_value(rng)}, ensure_ascii=rng.random() < 0.5,
-                              indent=rng.choice([None, 2]), separators=rng.choice([None, (",", ":")]))
+            args = json.dumps(
+                {"x": _random_value(rng), "y": _random_value(rng)},
+                ensure_ascii=rng.random() < 0.5,
+                indent=rng.choice([None, 2]),
+                separators=rng.choice([None, (",", ":")]),
+            )
             name = rng.choice(["f", "get_weather", "naïve"])
             calls.append((name, args))
             parts.append(call(json.dumps({"name": name}, ensure_ascii=False)[:-1] + ', "arguments": ' + args + "}"))
@@ -222,6 +274,7 @@ def test_random_calls_streamed_at_random_splits():
 
 
 # Real text arrival: the tiny checkpoint's byte-level tokenizer, one token at a time.
+
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):

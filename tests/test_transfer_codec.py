@@ -14,8 +14,17 @@ import torch
 
 from transfer import codec
 from transfer.codec import DEFAULT_LIMITS, Limits, ProtocolError, decode_message, encode_message
-from transfer.messages import (MESSAGE_TYPES, PROTOCOL_VERSION, EncodeError, EncodeJob, EncodeResult, HealthPing,
-                               HealthPong, Id, Text)
+from transfer.messages import (
+    MESSAGE_TYPES,
+    PROTOCOL_VERSION,
+    EncodeError,
+    EncodeJob,
+    EncodeResult,
+    HealthPing,
+    HealthPong,
+    Id,
+    Text,
+)
 
 FLOAT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
@@ -31,7 +40,9 @@ def random_bits(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> to
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(INT_VIEW[a.dtype]), b.view(INT_VIEW[b.dtype]))
+    return (
+        a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(INT_VIEW[a.dtype]), b.view(INT_VIEW[b.dtype]))
+    )
 
 
 def result(embeddings: torch.Tensor) -> EncodeResult:
@@ -142,11 +153,22 @@ def test_several_tensors_per_message(monkeypatch) -> None:
 
 def test_wire_kinds_come_from_the_annotations() -> None:
     assert {name: kind.name for name, kind in codec.wire_fields(EncodeJob).items()} == {
-        "request_id": "text", "image_key": "text", "source": "source", "reply_to": "text", "options": "options",
-        "token": "text"}
+        "request_id": "text",
+        "image_key": "text",
+        "source": "source",
+        "reply_to": "text",
+        "options": "options",
+        "token": "text",
+    }
     assert codec.wire_fields(EncodeJob)["reply_to"].text == Text(1024)
     assert {name: kind.name for name, kind in codec.wire_fields(HealthPong).items()} == {
-        "seq": "count", "sent_at": "time", "service_id": "text", "queued": "count", "running": "count", "ready": "flag"}
+        "seq": "count",
+        "sent_at": "time",
+        "service_id": "text",
+        "queued": "count",
+        "running": "count",
+        "ready": "flag",
+    }
 
 
 @dataclass
@@ -261,7 +283,12 @@ def test_malformed_input_is_rejected_with_reason(case: str) -> None:
 def test_health_fields_are_type_checked() -> None:
     good = [bytes(f) for f in encode_message(HealthPong(1, 2.0, "e", 0, 0, True))]
     header = msgpack.unpackb(good[0])
-    for field, value, reason in [("queued", True, "integer"), ("ready", 1, "bool"), ("sent_at", float("nan"), "finite"), ("queued", -1, "outside")]:
+    for field, value, reason in [
+        ("queued", True, "integer"),
+        ("ready", 1, "bool"),
+        ("sent_at", float("nan"), "finite"),
+        ("queued", -1, "outside"),
+    ]:
         bad = {**header, "fields": {**header["fields"], field: value}}
         with pytest.raises(ProtocolError, match=reason):
             decode_message([msgpack.packb(bad)])
@@ -279,7 +306,10 @@ def test_limits_are_enforced_before_allocation() -> None:
 
 def test_no_pickle_in_transfer() -> None:
     """The wire must never unpickle: no module of transfer/ may use pickle or torch.multiprocessing."""
-    banned = re.compile(r"^\s*(import|from)\s+(pickle|cloudpickle|dill|torch\.multiprocessing)\b|pickle\.loads|\bmultiprocessing\.reductions", re.MULTILINE)
+    banned = re.compile(
+        r"^\s*(import|from)\s+(pickle|cloudpickle|dill|torch\.multiprocessing)\b|pickle\.loads|\bmultiprocessing\.reductions",
+        re.MULTILINE,
+    )
     root = pathlib.Path(codec.__file__).parent
     for path in root.glob("*.py"):
         assert not banned.search(path.read_text()), f"{path.name} uses pickle"

@@ -24,8 +24,9 @@ WIDTH = 8192  # H*(1+k) of the real model: 2048 * (1 + 3)
 BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
 
-def payload(rows: int, device: str = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-            cols: int = WIDTH) -> torch.Tensor:
+def payload(
+    rows: int, device: str = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0, cols: int = WIDTH
+) -> torch.Tensor:
     """Random bits (NaNs, infs and subnormals included): the wire must move bits, not values."""
     g = torch.Generator().manual_seed(seed)
     info = torch.iinfo(BITS[dtype])
@@ -34,8 +35,11 @@ def payload(rows: int, device: str = "cpu", dtype: torch.dtype = torch.bfloat16,
 
 
 # (rows, cols): empty, odd sizes that leave spans unaligned to the element, 16 MiB and 64 MiB in bf16.
-EXACT_CASES = [(f"{str(dtype)[6:]}-{r}x{c}", dtype, r, c) for dtype in BITS
-               for r, c in [(0, WIDTH), (1, 1), (7, 13), (1024, WIDTH), (4096, WIDTH)]]
+EXACT_CASES = [
+    (f"{str(dtype)[6:]}-{r}x{c}", dtype, r, c)
+    for dtype in BITS
+    for r, c in [(0, WIDTH), (1, 1), (7, 13), (1024, WIDTH), (4096, WIDTH)]
+]
 
 
 def _send_exact_cases(address: str, go) -> None:
@@ -69,8 +73,9 @@ def test_invisible_receiver_gpu_is_a_clear_error() -> None:
 def test_cuda_ipc_is_bit_exact_between_processes() -> None:
     from transfer.cuda_ipc_receiver import CudaIpcReceiver
 
-    with CudaIpcReceiver("ipc:///tmp/splitvl-test-cuda-exact.sock", device=RECEIVER, lease_bytes=256 << 20,
-                         max_senders=1) as receiver:
+    with CudaIpcReceiver(
+        "ipc:///tmp/splitvl-test-cuda-exact.sock", device=RECEIVER, lease_bytes=256 << 20, max_senders=1
+    ) as receiver:
         go = SPAWN.Queue()
         proc = SPAWN.Process(target=_send_exact_cases, args=(receiver.address, go), daemon=True)
         proc.start()
@@ -102,8 +107,13 @@ def _send_forever(address: str, tag: str) -> None:
 def test_dead_sender_does_not_leak_or_corrupt_the_region() -> None:
     from transfer.cuda_ipc_receiver import CudaIpcReceiver
 
-    with CudaIpcReceiver("ipc:///tmp/splitvl-test-cuda-dead.sock", device=RECEIVER, lease_bytes=16 << 20,
-                         max_senders=1, lease_timeout=2.0) as receiver:
+    with CudaIpcReceiver(
+        "ipc:///tmp/splitvl-test-cuda-dead.sock",
+        device=RECEIVER,
+        lease_bytes=16 << 20,
+        max_senders=1,
+        lease_timeout=2.0,
+    ) as receiver:
         first = SPAWN.Process(target=_send_forever, args=(receiver.address, "a"), daemon=True)
         first.start()
         for _ in range(5):
@@ -161,7 +171,9 @@ def test_sender_survives_receiver_death_and_reattaches(tmp_path) -> None:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 try:
-                    sender.send(EncodeResult(f"m-{i}", "k", (1, 1, 1), payload(256, "cuda:0", torch.bfloat16, i)), timeout=0.5)
+                    sender.send(
+                        EncodeResult(f"m-{i}", "k", (1, 1, 1), payload(256, "cuda:0", torch.bfloat16, i)), timeout=0.5
+                    )
                     i += 1
                 except TransportTimeout:
                     pass
@@ -184,7 +196,12 @@ def test_sender_survives_receiver_death_and_reattaches(tmp_path) -> None:
 
 
 # Travel inline, not through the region: empty tensors, and one larger than the 1 MiB test lease.
-INLINE_CASES = [(torch.bfloat16, 0, 8192), (torch.float32, 0, 8192), (torch.float16, 1024, 1024), (torch.bfloat16, 16, 8192)]
+INLINE_CASES = [
+    (torch.bfloat16, 0, 8192),
+    (torch.float32, 0, 8192),
+    (torch.float16, 1024, 1024),
+    (torch.bfloat16, 16, 8192),
+]
 
 
 def _send_inline_cases(address: str, go) -> None:
@@ -202,8 +219,9 @@ def _send_inline_cases(address: str, go) -> None:
 def test_empty_and_oversized_tensors_arrive_on_the_receivers_gpu() -> None:
     from transfer.cuda_ipc_receiver import CudaIpcReceiver
 
-    with CudaIpcReceiver("ipc:///tmp/splitvl-test-cuda-inline.sock", device=RECEIVER, lease_bytes=1 << 20,
-                         max_senders=1) as receiver:
+    with CudaIpcReceiver(
+        "ipc:///tmp/splitvl-test-cuda-inline.sock", device=RECEIVER, lease_bytes=1 << 20, max_senders=1
+    ) as receiver:
         go = SPAWN.Queue()
         proc = SPAWN.Process(target=_send_inline_cases, args=(receiver.address, go), daemon=True)
         proc.start()
@@ -249,11 +267,13 @@ def test_device_fence_sends_at_once_and_delivery_waits_for_the_write() -> None:
     new bytes, never what the span held before."""
     from transfer.cuda_ipc_receiver import CudaIpcReceiver
 
-    with CudaIpcReceiver("ipc:///tmp/splitvl-test-cuda-fence.sock", device=RECEIVER, lease_bytes=16 << 20,
-                         max_senders=1) as receiver:
+    with CudaIpcReceiver(
+        "ipc:///tmp/splitvl-test-cuda-fence.sock", device=RECEIVER, lease_bytes=16 << 20, max_senders=1
+    ) as receiver:
         go, sent_at = SPAWN.Queue(), SPAWN.Queue()
-        proc = SPAWN.Process(target=_send_after_slow_kernel, daemon=True,
-                             args=(receiver.address, go, sent_at, SLOW_WRITE_CYCLES, False))
+        proc = SPAWN.Process(
+            target=_send_after_slow_kernel, daemon=True, args=(receiver.address, go, sent_at, SLOW_WRITE_CYCLES, False)
+        )
         proc.start()
         try:
             assert receiver.recv(timeout=120).request_id == "warm"
@@ -280,11 +300,19 @@ def test_sender_killed_before_its_copy_ran_neither_hangs_nor_corrupts(caplog) ->
     hang on it, and must serve the next sender once the dead one's lease is reclaimed."""
     from transfer.cuda_ipc_receiver import CudaIpcReceiver
 
-    with CudaIpcReceiver("ipc:///tmp/splitvl-test-cuda-fence-dead.sock", device=RECEIVER, lease_bytes=16 << 20,
-                         max_senders=1, lease_timeout=2.0) as receiver:
+    with CudaIpcReceiver(
+        "ipc:///tmp/splitvl-test-cuda-fence-dead.sock",
+        device=RECEIVER,
+        lease_bytes=16 << 20,
+        max_senders=1,
+        lease_timeout=2.0,
+    ) as receiver:
         go, sent_at = SPAWN.Queue(), SPAWN.Queue()
-        doomed = SPAWN.Process(target=_send_after_slow_kernel, daemon=True,
-                               args=(receiver.address, go, sent_at, 10 * SLOW_WRITE_CYCLES, True))
+        doomed = SPAWN.Process(
+            target=_send_after_slow_kernel,
+            daemon=True,
+            args=(receiver.address, go, sent_at, 10 * SLOW_WRITE_CYCLES, True),
+        )
         doomed.start()
         assert receiver.recv(timeout=120).request_id == "warm"
         go.put(1)

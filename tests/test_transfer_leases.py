@@ -53,8 +53,12 @@ def stream(n: int) -> list:
 
 def same(a, b) -> bool:
     if isinstance(a, EncodeResult):
-        return (type(b) is EncodeResult and a.request_id == b.request_id and a.embeddings.dtype == b.embeddings.dtype
-                and torch.equal(a.embeddings.view(BITS[a.embeddings.dtype]), b.embeddings.view(BITS[b.embeddings.dtype])))
+        return (
+            type(b) is EncodeResult
+            and a.request_id == b.request_id
+            and a.embeddings.dtype == b.embeddings.dtype
+            and torch.equal(a.embeddings.view(BITS[a.embeddings.dtype]), b.embeddings.view(BITS[b.embeddings.dtype]))
+        )
     return a == b
 
 
@@ -151,8 +155,10 @@ def test_inline_tensors_arrive_on_the_receivers_device() -> None:
     """Empty tensors and those larger than the lease travel as zmq frames; they still come out
     on the region's device (a stand-in device here; test_transfer_cuda_ipc checks cuda)."""
     cases = [(torch.bfloat16, 0, 16), (torch.float16, 300, 1024)]  # 600 KiB > the 256 KiB lease
-    with HostIpcReceiver("tcp://127.0.0.1:*", lease_bytes=256 * KIB, max_senders=1) as receiver, \
-            HostIpcSender(receiver.address) as sender:
+    with (
+        HostIpcReceiver("tcp://127.0.0.1:*", lease_bytes=256 * KIB, max_senders=1) as receiver,
+        HostIpcSender(receiver.address) as sender,
+    ):
         receiver._region.device = torch.device("meta")
         for i, (dtype, rows, cols) in enumerate(cases):
             got = deliver(receiver, sender, EncodeResult(f"m-{i}", "key", (1, 1, 1), pattern(i, rows, cols, dtype)))
@@ -263,8 +269,10 @@ def test_full_receiver_makes_extra_senders_wait_with_a_clear_reason() -> None:
 def test_an_idle_sender_keeps_its_lease_and_checks_it_before_writing() -> None:
     """Silent for longer than the lease timeout, a sender still holds its lease (nobody else
     needed it): its next send asks the receiver first (PING, PONG) and goes through on it."""
-    with HostIpcReceiver("tcp://127.0.0.1:*", lease_bytes=256 * KIB, max_senders=1, lease_timeout=0.4) as receiver, \
-            HostIpcSender(receiver.address) as sender:
+    with (
+        HostIpcReceiver("tcp://127.0.0.1:*", lease_bytes=256 * KIB, max_senders=1, lease_timeout=0.4) as receiver,
+        HostIpcSender(receiver.address) as sender,
+    ):
         deliver(receiver, sender, numbered("a", 0))
         lease = sender._lease
         quiet_until = time.monotonic() + 0.6
@@ -290,8 +298,11 @@ def test_a_sender_whose_lease_was_reclaimed_never_writes_into_it() -> None:
     """Sender A goes quiet; B needs the only lease and gets it once A has been silent for the
     lease timeout. A's next send must learn it lost the lease before writing, and then wait
     for a lease like any extra sender."""
-    with HostIpcReceiver("tcp://127.0.0.1:*", lease_bytes=256 * KIB, max_senders=1, lease_timeout=0.4) as receiver, \
-            _CountingSender(receiver.address) as a, HostIpcSender(receiver.address) as b:
+    with (
+        HostIpcReceiver("tcp://127.0.0.1:*", lease_bytes=256 * KIB, max_senders=1, lease_timeout=0.4) as receiver,
+        _CountingSender(receiver.address) as a,
+        HostIpcSender(receiver.address) as b,
+    ):
         deliver(receiver, a, numbered("a", 0))
         assert _CountingWriter.writes == 1
         time.sleep(0.5)
@@ -439,7 +450,10 @@ def test_hostile_control_messages_are_rejected_and_service_continues(caplog) -> 
             "negative offset": ([b"data", data(4, [[-256, 128]]), header], "does not fit"),
             "span count": ([b"data", data(5, []), header], "0 spans for 1 frames"),
             "bad span": ([b"data", data(6, [[0, True]]), header], "bad span"),
-            "stale generation": ([b"data", data(7, [[0, 128]], gen=key["gen"] + 1), header], "lease expired or not yours"),
+            "stale generation": (
+                [b"data", data(7, [[0, 128]], gen=key["gen"] + 1), header],
+                "lease expired or not yours",
+            ),
             "other session": ([b"data", data(8, [[0, 128]], session=key["session"] + 1), header], "receiver restarted"),
             "lease out of range": ([b"ping", ctrl(**{**key, "lease": 99})], "lease expired or not yours"),
             "missing inline frame": ([b"data", data(9, [None]), header], "0 inline frames"),
@@ -449,7 +463,10 @@ def test_hostile_control_messages_are_rejected_and_service_continues(caplog) -> 
             "fence not bytes": ([b"data", data(12, [[0, 128]], fence="x"), header], "'fence' has a bad value"),
             "no write fence": ([b"data", data(13, [[0, 128]], fence=b""), header], "fence of 0 bytes"),
             "short write fence": ([b"data", data(14, [[0, 128]], fence=b"\x01" * 8), header], "fence of 8 bytes"),
-            "fence without region data": ([b"data", data(15, [None]), job, b"png"], "without region spans names a write fence"),
+            "fence without region data": (
+                [b"data", data(15, [None]), job, b"png"],
+                "without region spans names a write fence",
+            ),
             "bytes in the region": ([b"data", data(16, [[0, 3]]), job], "may not use"),
         }
         for frames, _ in cases.values():

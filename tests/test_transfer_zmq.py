@@ -37,7 +37,14 @@ def expected_messages() -> list:
             info = torch.iinfo(BITS[dtype])
             bits = torch.randint(info.min, info.max, (rows, cols), generator=g, dtype=BITS[dtype])
             msgs.append(EncodeResult(f"r-{dtype}-{rows}", "key", (1, 2, 2), bits.view(dtype)))
-    msgs.append(EncodeResult("r-64mib", "key", (1, 64, 64), torch.arange(4096 * 8192, dtype=torch.int16).view(torch.bfloat16).reshape(4096, 8192)))
+    msgs.append(
+        EncodeResult(
+            "r-64mib",
+            "key",
+            (1, 64, 64),
+            torch.arange(4096 * 8192, dtype=torch.int16).view(torch.bfloat16).reshape(4096, 8192),
+        )
+    )
     msgs.append(EncodeJob("r-job", "key", bytes(range(256)) * 10, "tcp://127.0.0.1:1", {"max_pixels": 1 << 20}))
     msgs.append(EncodeError("r-err", "key", "bad_image", "cannot identify image file"))
     msgs.append(HealthPong(3, 1.5, "enc-0", 2, 1, True))
@@ -48,7 +55,11 @@ def same(a, b) -> bool:
     if type(a) is not type(b):
         return False
     if isinstance(a, EncodeResult):
-        return (a.request_id, a.image_key, a.grid_thw) == (b.request_id, b.image_key, b.grid_thw) and a.embeddings.dtype == b.embeddings.dtype and torch.equal(a.embeddings.view(BITS[a.embeddings.dtype]), b.embeddings.view(BITS[b.embeddings.dtype]))
+        return (
+            (a.request_id, a.image_key, a.grid_thw) == (b.request_id, b.image_key, b.grid_thw)
+            and a.embeddings.dtype == b.embeddings.dtype
+            and torch.equal(a.embeddings.view(BITS[a.embeddings.dtype]), b.embeddings.view(BITS[b.embeddings.dtype]))
+        )
     return a == b
 
 
@@ -150,7 +161,9 @@ def test_messages_arrive_bit_exact_across_processes(scheme: str, tmp_path) -> No
 
 def test_bad_messages_are_logged_and_dropped_while_receiver_keeps_serving(caplog) -> None:
     good = [bytes(f) for f in encode_message(EncodeError("good", "k", "c", "m"))]
-    result_frames = [bytes(f) for f in encode_message(EncodeResult("r", "k", (1, 1, 1), torch.ones(4, 8, dtype=torch.bfloat16)))]
+    result_frames = [
+        bytes(f) for f in encode_message(EncodeResult("r", "k", (1, 1, 1), torch.ones(4, 8, dtype=torch.bfloat16)))
+    ]
     header = msgpack.unpackb(result_frames[0])
 
     def variant(**changes) -> list[bytes]:
@@ -162,7 +175,10 @@ def test_bad_messages_are_logged_and_dropped_while_receiver_keeps_serving(caplog
         "truncated": ([result_frames[0][:-4], result_frames[1]], "not valid msgpack"),
         "wrong version": (variant(v=PROTOCOL_VERSION + 7), "unsupported protocol version"),
         "unknown type": (variant(type="shutdown_now"), "unknown message type"),
-        "bad dtype": ([msgpack.packb({**header, "frames": [{**header["frames"][0], "dtype": "float64"}]}), result_frames[1]], "not allowed"),
+        "bad dtype": (
+            [msgpack.packb({**header, "frames": [{**header["frames"][0], "dtype": "float64"}]}), result_frames[1]],
+            "not allowed",
+        ),
         "length mismatch": ([result_frames[0], result_frames[1][:-2]], "needs 64"),
         "oversized": ([msgpack.packb(bad_shape), result_frames[1]], "limit"),
         "frame count": (result_frames + [b"extra"], "describes 1 data frames, got 2"),

@@ -41,8 +41,12 @@ class Up:
         self.port = free_port()
         self.log = tmp / "up.log"
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([SPLITVL, "up", "--port", str(self.port), "--cache-dir", str(tmp / "cache"),
-                                          *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [SPLITVL, "up", "--port", str(self.port), "--cache-dir", str(tmp / "cache"), *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_serving(self, timeout: float = 120.0) -> None:
@@ -73,9 +77,18 @@ def test_up_serves_an_image_chat_and_ctrl_c_leaves_nothing(tmp_path):
         client = openai.OpenAI(base_url=f"{up.url}/v1", api_key="unused", max_retries=0)
         [model] = client.models.list().data
         reply = client.chat.completions.create(
-            model=model.id, max_tokens=8, temperature=0,
-            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png(96, 64, seed=0))}},
-                                                   {"type": "text", "text": "What is in this image?"}]}],
+            model=model.id,
+            max_tokens=8,
+            temperature=0,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": data_url(png(96, 64, seed=0))}},
+                        {"type": "text", "text": "What is in this image?"},
+                    ],
+                }
+            ],
         )
         assert model.id == "splitvl-tiny"
         assert reply.usage.completion_tokens == 8 or reply.choices[0].finish_reason == "stop"
@@ -117,24 +130,28 @@ def test_a_killed_encoder_is_restarted_while_text_keeps_serving(tmp_path):
         def text_traffic() -> None:
             while not stop.is_set():
                 try:
-                    client.chat.completions.create(model="splitvl-tiny", max_tokens=8, stream=True,
-                                                   messages=[{"role": "user", "content": "hello"}]).close()
-                except Exception as exc:  # noqa: BLE001 - recorded and asserted on
+                    client.chat.completions.create(
+                        model="splitvl-tiny", max_tokens=8, stream=True, messages=[{"role": "user", "content": "hello"}]
+                    ).close()
+                except Exception as exc:  # recorded and asserted on
                     text_errors.append(exc)
 
         def image_traffic(seed: int) -> None:
             while not stop.is_set():
                 seed += 100
                 start = time.monotonic()
-                content = [{"type": "image_url", "image_url": {"url": data_url(png(64, 48, seed=seed))}},
-                           {"type": "text", "text": "What is it?"}]
+                content = [
+                    {"type": "image_url", "image_url": {"url": data_url(png(64, 48, seed=seed))}},
+                    {"type": "text", "text": "What is it?"},
+                ]
                 try:
-                    client.chat.completions.create(model="splitvl-tiny", max_tokens=4,
-                                                   messages=[{"role": "user", "content": content}])
+                    client.chat.completions.create(
+                        model="splitvl-tiny", max_tokens=4, messages=[{"role": "user", "content": content}]
+                    )
                     outcome: object = 200
                 except openai.APIStatusError as exc:
                     outcome = (exc.status_code, exc.body)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     outcome = exc
                 image_outcomes.append((start, time.monotonic() - start, outcome))
 
@@ -147,8 +164,10 @@ def test_a_killed_encoder_is_restarted_while_text_keeps_serving(tmp_path):
         killed = time.monotonic()
         os.kill(encoder, signal.SIGKILL)
         deadline = killed + 10
-        while not re.search("the encode service is back", up.log.read_text()) or \
-                httpx.get(f"{up.url}/health", timeout=5).json()["encoders_healthy"] < 1:
+        while (
+            not re.search("the encode service is back", up.log.read_text())
+            or httpx.get(f"{up.url}/health", timeout=5).json()["encoders_healthy"] < 1
+        ):
             assert time.monotonic() < deadline, f"the encoder was not back within 10 s:\n{up.log.read_text()}"
             time.sleep(0.1)
         time.sleep(2)  # image traffic against the restarted encoder
@@ -159,9 +178,11 @@ def test_a_killed_encoder_is_restarted_while_text_keeps_serving(tmp_path):
         assert _service_pid(up.proc.pid, "encode") != encoder
         around_kill = [o for o in image_outcomes if o[0] < killed + 3 and o[0] + o[1] > killed]
         assert around_kill, "no image request was in flight when the encoder died"
-        print(f"{len(image_outcomes)} image requests, {len(around_kill)} around the kill:",
-              [(round(t - killed, 2), round(d, 2), o if o == 200 else o[0]) for t, d, o in around_kill])
-        for start, seconds, outcome in image_outcomes:
+        print(
+            f"{len(image_outcomes)} image requests, {len(around_kill)} around the kill:",
+            [(round(t - killed, 2), round(d, 2), o if o == 200 else o[0]) for t, d, o in around_kill],
+        )
+        for _start, seconds, outcome in image_outcomes:
             if outcome != 200:
                 assert isinstance(outcome, tuple) and outcome[0] == 503, outcome
                 assert outcome[1]["code"] == "encoder_unavailable", outcome
@@ -210,11 +231,14 @@ def test_services_die_with_a_killed_launcher(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "{tmp}"], "has no config.json"),
-    (["--config", "{tmp}/bad.yaml"], "encode.workerz: unknown key"),
-    (["--only", "language"], "--only language needs language.encoders"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "{tmp}"], "has no config.json"),
+        (["--config", "{tmp}/bad.yaml"], "encode.workerz: unknown key"),
+        (["--only", "language"], "--only language needs language.encoders"),
+    ],
+)
 def test_bad_arguments_exit_2_with_a_reason(tmp_path, capsys, args, message):
     """In this process (no service starts): the launcher refuses before it starts anything."""
     (tmp_path / "bad.yaml").write_text("encode:\n  workerz: 2\n")
@@ -225,8 +249,25 @@ def test_bad_arguments_exit_2_with_a_reason(tmp_path, capsys, args, message):
 def test_dry_run_prints_each_services_settings_with_flags_over_the_file(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")  # a checkpoint directory, as far as planning looks
     config = Path(__file__).resolve().parents[1] / "configs" / "qwen3-vl-30b-a3b-2gpu.yaml"
-    assert main(["up", "--dry-run", "--config", str(config), "--model", str(tmp_path), "--port", "9001",
-                 "--dtype", "float32", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert (
+        main(
+            [
+                "up",
+                "--dry-run",
+                "--config",
+                str(config),
+                "--model",
+                str(tmp_path),
+                "--port",
+                "9001",
+                "--dtype",
+                "float32",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
     services = yaml.safe_load(capsys.readouterr().out)
     encode, language = services["encode"], services["language"]
     assert (encode["device"], language["device"]) == ("cuda:0", "cuda:1")
@@ -265,13 +306,11 @@ def test_one_encode_token_is_set_for_both_services(tmp_path, capsys):
     # Set for one side only, they could never agree: refused by name.
     config.write_text(yaml.safe_dump({"language": {"encoder_token": "x"}}))
     assert main(["up", "--config", str(config), "--cache-dir", str(tmp_path / "cache"), "--dry-run"]) == 2
-    assert "language.encoder_token is set for both services by the top-level encode_token" in \
-        capsys.readouterr().err
+    assert "language.encoder_token is set for both services by the top-level encode_token" in capsys.readouterr().err
 
 
 def test_an_encode_timeout_shorter_than_a_download_is_refused(tmp_path, capsys):
     config = tmp_path / "timeouts.yaml"
     config.write_text(yaml.safe_dump({"encode": {"fetch_total_timeout_s": 30}, "language": {"encode_timeout_s": 30}}))
     assert main(["up", "--config", str(config), "--cache-dir", str(tmp_path / "cache"), "--dry-run"]) == 2
-    assert "language.encode_timeout_s (30 s) must exceed encode.fetch_total_timeout_s (30 s)" in \
-        capsys.readouterr().err
+    assert "language.encode_timeout_s (30 s) must exceed encode.fetch_total_timeout_s (30 s)" in capsys.readouterr().err

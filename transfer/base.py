@@ -49,7 +49,7 @@ class Sender(abc.ABC):
     def close(self) -> None:
         """Release sockets and buffers; pending messages may be dropped."""
 
-    def __enter__(self) -> "Sender":
+    def __enter__(self) -> Sender:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -73,7 +73,7 @@ class Receiver(abc.ABC):
     def close(self) -> None:
         """Release sockets and buffers."""
 
-    def __enter__(self) -> "Receiver":
+    def __enter__(self) -> Receiver:
         return self
 
     def __exit__(self, *exc: object) -> None:

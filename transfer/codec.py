@@ -102,8 +102,10 @@ def _kind_of(cls: type, name: str, hint: Any) -> Kind:
     elif hint in _PLAIN_KINDS:
         return _PLAIN_KINDS[hint]
     # A bug in messages.py, caught when the class is first used, not a peer's error.
-    raise TypeError(f"{cls.__name__}.{name}: annotation {hint!r} has no wire kind "
-                    "(a str field needs Annotated[str, Text(limit)]; see transfer/messages.py)")
+    raise TypeError(
+        f"{cls.__name__}.{name}: annotation {hint!r} has no wire kind "
+        "(a str field needs Annotated[str, Text(limit)]; see transfer/messages.py)"
+    )
 
 
 @functools.cache
@@ -324,7 +326,7 @@ def unpack_map(raw: Buffer, what: str) -> dict[Any, Any]:
         value = msgpack.unpackb(raw, raw=False, strict_map_key=True, ext_hook=_reject_ext, timestamp=0)
     except ProtocolError:
         raise
-    except Exception as exc:  # noqa: BLE001 (msgpack raises several types for garbage, truncation, bad utf-8)
+    except Exception as exc:  # msgpack raises several types for garbage, truncation, bad utf-8
         raise ProtocolError(f"{what} is not valid msgpack ({type(exc).__name__}: {exc})") from None
     if not isinstance(value, dict):
         raise ProtocolError(f"{what} must be a map, got {type(value).__name__}")
@@ -409,7 +411,9 @@ def frame_payload(frame: Any, spec: FrameSpec) -> Payload:
     """A received frame as its payload, once its length matches the spec."""
     size = memoryview(frame).nbytes
     if size != spec.nbytes:
-        raise ProtocolError(f"frame {spec.field!r}: {size} bytes, but {spec.dtype}{list(spec.shape)} needs {spec.nbytes}")
+        raise ProtocolError(
+            f"frame {spec.field!r}: {size} bytes, but {spec.dtype}{list(spec.shape)} needs {spec.nbytes}"
+        )
     return bytes(frame) if spec.dtype == BYTES else tensor_from_buffer(frame, spec)
 
 
@@ -422,8 +426,11 @@ def assemble(header: Header, payloads: Sequence[Payload]) -> Message:
         if spec.dtype == BYTES:
             ok = isinstance(payload, bytes) and len(payload) == spec.nbytes
         else:
-            ok = (isinstance(payload, torch.Tensor) and payload.dtype == DTYPES[spec.dtype]
-                  and tuple(payload.shape) == spec.shape)
+            ok = (
+                isinstance(payload, torch.Tensor)
+                and payload.dtype == DTYPES[spec.dtype]
+                and tuple(payload.shape) == spec.shape
+            )
         if not ok:
             raise ProtocolError(f"frame {spec.field!r} mismatch")
         values[spec.field] = payload
@@ -439,6 +446,7 @@ def decode_message(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Me
     header = parse_header(frames[0], limits)
     if len(frames) - 1 != len(header.frames):
         raise ProtocolError(
-            f"{header.cls.WIRE_TYPE}: header describes {len(header.frames)} data frames, got {len(frames) - 1}")
+            f"{header.cls.WIRE_TYPE}: header describes {len(header.frames)} data frames, got {len(frames) - 1}"
+        )
     payloads = [frame_payload(frame, spec) for spec, frame in zip(header.frames, frames[1:], strict=True)]
     return assemble(header, payloads)

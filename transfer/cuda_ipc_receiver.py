@@ -22,8 +22,18 @@ import torch
 import zmq
 
 from transfer.base import Receiver, ReceiverStats, TransportError
-from transfer.codec import (BYTES, DEFAULT_LIMITS, DTYPES, FrameSpec, Header, Limits, ProtocolError, assemble,
-                            frame_payload, parse_header)
+from transfer.codec import (
+    BYTES,
+    DEFAULT_LIMITS,
+    DTYPES,
+    FrameSpec,
+    Header,
+    Limits,
+    ProtocolError,
+    assemble,
+    frame_payload,
+    parse_header,
+)
 from transfer.leases import ALIGN, ATTACH, DATA, IPC_EVENT_BYTES, MAX_EVENTS, PING, pack_ctrl, unpack_ctrl
 from transfer.messages import Message
 from transfer.zmq_transport import check_address, common_options, deadline_after, remaining_ms
@@ -57,8 +67,11 @@ class GpuRegion:
         # the receiver can never hand a live sender's span to other tensors.
         _, *shared = self._buf.untyped_storage()._share_cuda_()
         keys = ("handle", "size", "offset", "ref_counter", "ref_counter_offset", "event_handle", "event_sync")
-        return {"uuid": str(torch.cuda.get_device_properties(self.device.index).uuid), **dict(zip(keys, shared, strict=True)),
-                "event_sync": bool(shared[-1])}
+        return {
+            "uuid": str(torch.cuda.get_device_properties(self.device.index).uuid),
+            **dict(zip(keys, shared, strict=True)),
+            "event_sync": bool(shared[-1]),
+        }
 
     def open_fence(self, wire: bytes) -> torch.cuda.Event:
         """A sender's write fence (an interprocess event handle), opened to be queried."""
@@ -67,8 +80,10 @@ class GpuRegion:
     def copy_out(self, spans: list[_Span]) -> tuple[list[torch.Tensor], torch.cuda.Event]:
         """New tensors holding the bytes of each span, and the event that completes when the
         copies are done (then the spans may be freed)."""
-        outs = [self._buf[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape).clone()
-                for offset, dtype, shape in spans]
+        outs = [
+            self._buf[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape).clone()
+            for offset, dtype, shape in spans
+        ]
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(self.device))
         return outs, done
@@ -107,9 +122,17 @@ class CudaIpcReceiver(Receiver):
 
     region_type: type = GpuRegion
 
-    def __init__(self, address: str, *, device: str | torch.device = "cuda:0", lease_bytes: int = 64 << 20,
-                 max_senders: int = 4, lease_timeout: float = 10.0, limits: Limits = DEFAULT_LIMITS,
-                 context: zmq.Context | None = None):
+    def __init__(
+        self,
+        address: str,
+        *,
+        device: str | torch.device = "cuda:0",
+        lease_bytes: int = 64 << 20,
+        max_senders: int = 4,
+        lease_timeout: float = 10.0,
+        limits: Limits = DEFAULT_LIMITS,
+        context: zmq.Context | None = None,
+    ):
         check_address(address)
         if lease_bytes <= 0 or lease_bytes % ALIGN:
             raise ValueError(f"lease_bytes must be a positive multiple of {ALIGN}")
@@ -166,8 +189,14 @@ class CudaIpcReceiver(Receiver):
     def close(self) -> None:
         for index, holder in enumerate(self._leases):  # tell senders now, so they stop writing
             if holder is not None:
-                self._reply(holder.identity, b"expired", session=self._session, lease=index, gen=holder.gen,
-                            reason="receiver closed")
+                self._reply(
+                    holder.identity,
+                    b"expired",
+                    session=self._session,
+                    lease=index,
+                    gen=holder.gen,
+                    reason="receiver closed",
+                )
         self._sock.close(linger=200)
         self._region.close()
 
@@ -224,7 +253,9 @@ class CudaIpcReceiver(Receiver):
         try:
             if kind == b"data":
                 if len(frames) < 4:
-                    raise ProtocolError(f"DATA with {len(frames) - 2} frames (a control map and a codec header at least)")
+                    raise ProtocolError(
+                        f"DATA with {len(frames) - 2} frames (a control map and a codec header at least)"
+                    )
                 self._on_data(identity, frames[2], frames[3], frames[4:])
                 return
             if len(frames) != 3:
@@ -268,15 +299,28 @@ class CudaIpcReceiver(Receiver):
             log.info("%s: lease %d (gen %d) -> sender %s", self.address, index, self._gens[index], ctrl["sender"][:8])
         holder = self._leases[index]
         holder.last_seen = time.monotonic()
-        self._reply(identity, b"lease", session=self._session, lease=index, gen=holder.gen,
-                    offset=index * self._lease_bytes, nbytes=self._lease_bytes,
-                    timeout_ms=int(self._timeout * 1000), export=self._region.export())
+        self._reply(
+            identity,
+            b"lease",
+            session=self._session,
+            lease=index,
+            gen=holder.gen,
+            offset=index * self._lease_bytes,
+            nbytes=self._lease_bytes,
+            timeout_ms=int(self._timeout * 1000),
+            export=self._region.export(),
+        )
 
     def _holder(self, identity: bytes, ctrl: dict[str, Any]) -> _Holder:
         """The live lease a control message names; else EXPIRED to its sender and ProtocolError."""
         index = ctrl["lease"]
         holder = self._leases[index] if index < len(self._leases) else None
-        if ctrl["session"] != self._session or holder is None or holder.gen != ctrl["gen"] or holder.identity != identity:
+        if (
+            ctrl["session"] != self._session
+            or holder is None
+            or holder.gen != ctrl["gen"]
+            or holder.identity != identity
+        ):
             reason = "receiver restarted" if ctrl["session"] != self._session else "lease expired or not yours"
             self._reply(identity, b"expired", session=ctrl["session"], lease=index, gen=ctrl["gen"], reason=reason)
             raise ProtocolError(f"message for lease {index} gen {ctrl['gen']}: {reason}")
@@ -314,13 +358,18 @@ class CudaIpcReceiver(Receiver):
                 continue
             if spec.dtype == BYTES:
                 raise ProtocolError(f"frame {spec.field!r} names a region span it may not use")
-            if not (isinstance(span, list) and len(span) == 2
-                    and all(isinstance(v, int) and not isinstance(v, bool) for v in span)):
+            if not (
+                isinstance(span, list)
+                and len(span) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in span)
+            ):
                 raise ProtocolError(f"bad span {span!r:.60}")
             offset, nbytes = span
             if nbytes != spec.nbytes or offset % ALIGN or offset < 0 or offset + nbytes > self._lease_bytes:
-                raise ProtocolError(f"span {span} does not fit a lease of {self._lease_bytes} bytes "
-                                    f"for {spec.nbytes}-byte {spec.field!r}")
+                raise ProtocolError(
+                    f"span {span} does not fit a lease of {self._lease_bytes} bytes "
+                    f"for {spec.nbytes}-byte {spec.field!r}"
+                )
             payloads.append((base + offset, DTYPES[spec.dtype], spec.shape))
         return payloads
 
@@ -376,9 +425,15 @@ class CudaIpcReceiver(Receiver):
         while mine and _landed(mine[0]):
             self._copy_out(mine.pop(0))
         if mine:
-            log.warning("%s: dropped %d message(s) of lease %d: the lease was reclaimed before its writes landed",
-                        self.address, len(mine), index)
-        log.info("%s: lease %d (gen %d) of sender %s released: %s", self.address, index, holder.gen, holder.sender[:8], why)
+            log.warning(
+                "%s: dropped %d message(s) of lease %d: the lease was reclaimed before its writes landed",
+                self.address,
+                len(mine),
+                index,
+            )
+        log.info(
+            "%s: lease %d (gen %d) of sender %s released: %s", self.address, index, holder.gen, holder.sender[:8], why
+        )
         self._leases[index] = None
 
 

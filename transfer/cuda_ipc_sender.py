@@ -22,7 +22,19 @@ import zmq
 
 from transfer.base import Sender, TransportError, TransportTimeout
 from transfer.codec import DEFAULT_LIMITS, Limits, ProtocolError, host_buffer, pack_header, split_message
-from transfer.leases import EXPIRED, FREE, LEASE, MAX_EVENTS, PING, REFUSE, Ring, align, lease_key, pack_ctrl, unpack_ctrl
+from transfer.leases import (
+    EXPIRED,
+    FREE,
+    LEASE,
+    MAX_EVENTS,
+    PING,
+    REFUSE,
+    Ring,
+    align,
+    lease_key,
+    pack_ctrl,
+    unpack_ctrl,
+)
 from transfer.messages import Message
 from transfer.zmq_transport import check_address, common_options, deadline_after, remaining_ms
 
@@ -34,9 +46,11 @@ ATTACH_RETRY_S = 0.5  # a sender without a lease, or waiting for a PONG, asks ag
 def device_with_uuid(uuid: str) -> int:
     seen = [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
     if uuid not in seen:
-        raise TransportError(f"the receiver's GPU {uuid} is not visible to this process (it sees {seen}); make both "
-                             "GPUs visible to the sender, e.g. CUDA_VISIBLE_DEVICES=0,1, and pick its own GPU with "
-                             "torch.cuda.set_device")
+        raise TransportError(
+            f"the receiver's GPU {uuid} is not visible to this process (it sees {seen}); make both "
+            "GPUs visible to the sender, e.g. CUDA_VISIBLE_DEVICES=0,1, and pick its own GPU with "
+            "torch.cuda.set_device"
+        )
     return seen.index(uuid)
 
 
@@ -54,8 +68,15 @@ class GpuWriter:
         torch.cuda.init()  # as torch.multiprocessing does before rebuilding a shared CUDA storage
         try:
             self._owner = device_with_uuid(export["uuid"])
-            self._args = (export["handle"], export["size"], export["offset"], export["ref_counter"],
-                          export["ref_counter_offset"], export["event_handle"], export["event_sync"])
+            self._args = (
+                export["handle"],
+                export["size"],
+                export["offset"],
+                export["ref_counter"],
+                export["ref_counter_offset"],
+                export["event_handle"],
+                export["event_sync"],
+            )
         except (KeyError, TypeError) as exc:
             raise TransportError(f"bad CUDA IPC export from the receiver: {exc!r}") from exc
         self._region: torch.Tensor | None = None
@@ -196,8 +217,13 @@ class CudaIpcSender(Sender):
                 why = "the receiver does not answer"
                 if now - self._contact <= lease.timeout / 2:  # it cannot have reclaimed the lease yet
                     if nbytes > lease.nbytes and not self._warned_inline:
-                        log.warning("%s: a %d-byte message exceeds the %d-byte lease; sending it inline through host "
-                                    "memory (raise lease_bytes on the receiver)", self.address, nbytes, lease.nbytes)
+                        log.warning(
+                            "%s: a %d-byte message exceeds the %d-byte lease; sending it inline through host "
+                            "memory (raise lease_bytes on the receiver)",
+                            self.address,
+                            nbytes,
+                            lease.nbytes,
+                        )
                         self._warned_inline = True
                     if nbytes == 0 or nbytes > lease.nbytes:
                         return lease, 0, 0
@@ -248,8 +274,14 @@ class CudaIpcSender(Sender):
             if lease_key(ctrl) != current:
                 self._drop_lease()
                 writer = self.writer_type(ctrl["export"])  # TransportError (e.g. GPU not visible) reaches send()
-                self._lease = _Lease(lease_key(ctrl), ctrl["offset"], ctrl["nbytes"], ctrl["timeout_ms"] / 1000,
-                                     writer, Ring(ctrl["nbytes"]))
+                self._lease = _Lease(
+                    lease_key(ctrl),
+                    ctrl["offset"],
+                    ctrl["nbytes"],
+                    ctrl["timeout_ms"] / 1000,
+                    writer,
+                    Ring(ctrl["nbytes"]),
+                )
             self._contact, self._refused, self._next_ask = time.monotonic(), "", 0.0
         elif kind == b"pong":
             if lease_key(unpack_ctrl(body, PING)) == current:

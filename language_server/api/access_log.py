@@ -37,6 +37,14 @@ class AccessLog:
             outcome = scope.get("state", {}).get("outcome")
             client = scope.get("client") or ("-", 0)
             level = logging.DEBUG if scope["path"] in _QUIET else logging.INFO
-            logger.log(level, '%s:%s "%s %s" %s%s %.3fs', client[0], client[1], scope["method"], scope["path"],
-                       status if status is not None else "-", f" ({outcome})" if outcome else "",
-                       time.monotonic() - started)
+            logger.log(
+                level,
+                '%s:%s "%s %s" %s%s %.3fs',
+                client[0],
+                client[1],
+                scope["method"],
+                scope["path"],
+                status if status is not None else "-",
+                f" ({outcome})" if outcome else "",
+                time.monotonic() - started,
+            )

@@ -33,11 +33,17 @@ def create_app(state: AppState) -> FastAPI:
     app.add_exception_handler(Exception, _counted(internal_error_handler, state))
     app.add_middleware(AccessLog)
     if state.settings.cors_allow_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=state.settings.cors_allow_origins, allow_methods=["*"],
-                           allow_headers=["*"], allow_credentials="*" not in state.settings.cors_allow_origins)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=state.settings.cors_allow_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            allow_credentials="*" not in state.settings.cors_allow_origins,
+        )
     # Room for the allowed number of base64 images (4 characters per 3 bytes) plus the text.
-    body_limit = _TEXT_BODY_SLACK + max(1, state.settings.max_images_per_request) * \
-        (state.settings.max_image_url_bytes * 4 // 3 + 64)
+    body_limit = _TEXT_BODY_SLACK + max(1, state.settings.max_images_per_request) * (
+        state.settings.max_image_url_bytes * 4 // 3 + 64
+    )
 
     def check_api_key(request: Request) -> None:
         expected = state.settings.api_key
@@ -45,8 +51,9 @@ def create_app(state: AppState) -> FastAPI:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
-            raise APIError(401, "Invalid or missing API key; send 'Authorization: Bearer <key>'.",
-                           code="invalid_api_key")
+            raise APIError(
+                401, "Invalid or missing API key; send 'Authorization: Bearer <key>'.", code="invalid_api_key"
+            )
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
@@ -73,8 +80,13 @@ def create_app(state: AppState) -> FastAPI:
             raise
 
     def model_card() -> dict:
-        return {"id": state.model.name, "object": "model", "created": _STARTED, "owned_by": "splitvl",
-                "max_model_len": state.max_model_len}
+        return {
+            "id": state.model.name,
+            "object": "model",
+            "created": _STARTED,
+            "owned_by": "splitvl",
+            "max_model_len": state.max_model_len,
+        }
 
     @v1.get("/models")
     async def models() -> dict:
@@ -83,8 +95,12 @@ def create_app(state: AppState) -> FastAPI:
     @v1.get("/models/{model_id:path}")
     async def model(model_id: str) -> dict:
         if model_id != state.model.name:
-            raise APIError(404, f"The model '{model_id}' does not exist; this service serves '{state.model.name}'.",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model '{model_id}' does not exist; this service serves '{state.model.name}'.",
+                param="model",
+                code="model_not_found",
+            )
         return model_card()
 
     app.include_router(v1)
@@ -99,15 +115,17 @@ def create_app(state: AppState) -> FastAPI:
             return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
         # Text requests need no encoder, so a service whose encoders are all down still answers 200.
         degraded = stats.encoders_total > 0 and stats.encoders_healthy == 0
-        return JSONResponse({
-            "status": "degraded" if degraded else "ok",
-            "encoders_healthy": stats.encoders_healthy,
-            "encoders_total": stats.encoders_total,
-            "running": stats.running,
-            "waiting": stats.waiting,
-            "kv_blocks_free": stats.kv_blocks_free,
-            "kv_blocks_total": stats.kv_blocks_total,
-        })
+        return JSONResponse(
+            {
+                "status": "degraded" if degraded else "ok",
+                "encoders_healthy": stats.encoders_healthy,
+                "encoders_total": stats.encoders_total,
+                "running": stats.running,
+                "waiting": stats.waiting,
+                "kv_blocks_free": stats.kv_blocks_free,
+                "kv_blocks_total": stats.kv_blocks_total,
+            }
+        )
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -31,8 +31,17 @@ class Prompt:
 
 
 # Template variables the handler sets itself; chat_template_kwargs may not replace them.
-_RESERVED_TEMPLATE_KWARGS = {"messages", "conversation", "tools", "documents", "add_generation_prompt", "tokenize",
-                             "continue_final_message", "return_dict", "chat_template"}
+_RESERVED_TEMPLATE_KWARGS = {
+    "messages",
+    "conversation",
+    "tools",
+    "documents",
+    "add_generation_prompt",
+    "tokenize",
+    "continue_final_message",
+    "return_dict",
+    "chat_template",
+}
 
 
 def message_texts(messages: list[ChatMessage]) -> list[str]:
@@ -46,18 +55,26 @@ def message_texts(messages: list[ChatMessage]) -> list[str]:
     return texts
 
 
-def chat_prompt(messages: list[ChatMessage], model: ServedModel, settings: LanguageSettings,
-                tools: list[dict] | None = None, template_kwargs: dict[str, Any] | None = None) -> Prompt:
+def chat_prompt(
+    messages: list[ChatMessage],
+    model: ServedModel,
+    settings: LanguageSettings,
+    tools: list[dict] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
+) -> Prompt:
     """Render and tokenize (CPU work: callers run it off the event loop). `tools` go to the
     template as OpenAI sends them; `template_kwargs` are extra template variables (enable_thinking)."""
     for name in template_kwargs or {}:
         if name in _RESERVED_TEMPLATE_KWARGS:
-            raise bad_request(f"chat_template_kwargs may not set {name!r}; it comes from the request itself.",
-                              param=f"chat_template_kwargs.{name}")
+            raise bad_request(
+                f"chat_template_kwargs may not set {name!r}; it comes from the request itself.",
+                param=f"chat_template_kwargs.{name}",
+            )
     tokenizer = model.tokenizer
     if tokenizer.chat_template is None:
-        raise bad_request("This model has no chat template; use /v1/completions with a plain prompt.",
-                          code="no_chat_template")
+        raise bad_request(
+            "This model has no chat template; use /v1/completions with a plain prompt.", code="no_chat_template"
+        )
     _check_image_count(messages, model, settings)
     rendered: list[dict] = []
     images: list[ImageRef] = []
@@ -67,8 +84,9 @@ def chat_prompt(messages: list[ChatMessage], model: ServedModel, settings: Langu
         entry = _message_fields(message, i)
         if message.content is None:
             if role != "assistant":
-                raise bad_request(f"messages[{i}].content is required for the {message.role} role.",
-                                  param=f"messages[{i}].content")
+                raise bad_request(
+                    f"messages[{i}].content is required for the {message.role} role.", param=f"messages[{i}].content"
+                )
             rendered.append({"role": role, "content": "", **entry})
             continue
         if isinstance(message.content, str):
@@ -86,18 +104,25 @@ def chat_prompt(messages: list[ChatMessage], model: ServedModel, settings: Langu
                 parts.append({"type": "image"})
         rendered.append({"role": role, "content": parts, **entry})
     if images and not settings.encoders:
-        raise APIError(503, "No encoder is configured for this service, so it cannot read images; "
-                       "start it with --encoder ADDR (text-only requests work without one).",
-                       code="encoder_unavailable")
+        raise APIError(
+            503,
+            "No encoder is configured for this service, so it cannot read images; "
+            "start it with --encoder ADDR (text-only requests work without one).",
+            code="encoder_unavailable",
+        )
     try:
-        text = tokenizer.apply_chat_template(rendered, tools=tools, add_generation_prompt=True, tokenize=False,
-                                             **(template_kwargs or {}))
+        text = tokenizer.apply_chat_template(
+            rendered, tools=tools, add_generation_prompt=True, tokenize=False, **(template_kwargs or {})
+        )
     except TemplateError as exc:
         raise bad_request(f"The chat template rejected these messages: {exc}", param="messages") from None
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if model.image_token_id is not None and ids.count(model.image_token_id) != len(images):
-        raise bad_request(f"Message text must not contain the image placeholder {model.image_token}; "
-                          "send images as image_url content parts.", param="messages")
+        raise bad_request(
+            f"Message text must not contain the image placeholder {model.image_token}; "
+            "send images as image_url content parts.",
+            param="messages",
+        )
     return Prompt(ids, images, in_reasoning=model.reasoning and prompt_ends_in_reasoning(text))
 
 
@@ -111,9 +136,10 @@ def _message_fields(message: ChatMessage, i: int) -> dict[str, Any]:
     if message.tool_calls:
         # Arguments stay the JSON text the model wrote (templates print a string as it is), so an
         # earlier answer renders back to the same tokens and its prefix-cache blocks are reused.
-        entry["tool_calls"] = [{"id": c.id, "type": "function",
-                                "function": {"name": c.function.name, "arguments": c.function.arguments}}
-                               for c in message.tool_calls]
+        entry["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
+            for c in message.tool_calls
+        ]
     if message.tool_call_id is not None:
         entry["tool_call_id"] = message.tool_call_id
     return entry
@@ -125,8 +151,14 @@ def _check_image_count(messages: list[ChatMessage], model: ServedModel, settings
     if not count:
         return
     if not model.is_vl:
-        raise bad_request(f"The model '{model.name}' is text-only; it does not accept images.",
-                          param="messages", code="images_not_supported")
+        raise bad_request(
+            f"The model '{model.name}' is text-only; it does not accept images.",
+            param="messages",
+            code="images_not_supported",
+        )
     if count > settings.max_images_per_request:
-        raise bad_request(f"This request has {count} images; the limit is {settings.max_images_per_request}.",
-                          param="messages", code="too_many_images")
+        raise bad_request(
+            f"This request has {count} images; the limit is {settings.max_images_per_request}.",
+            param="messages",
+            code="too_many_images",
+        )

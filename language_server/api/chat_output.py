@@ -74,8 +74,12 @@ class ChoiceOutput:
             self.called = self.called or isinstance(event, ToolCallStart)
             delta = {"tool_calls": [event.to_delta()]}
             # Fragments of one call in one piece go out as one delta.
-            if deltas and "tool_calls" in deltas[-1] and deltas[-1]["tool_calls"][-1]["index"] == event.index \
-                    and not isinstance(event, ToolCallStart):
+            if (
+                deltas
+                and "tool_calls" in deltas[-1]
+                and deltas[-1]["tool_calls"][-1]["index"] == event.index
+                and not isinstance(event, ToolCallStart)
+            ):
                 deltas[-1]["tool_calls"][-1]["function"]["arguments"] += event.arguments
             else:
                 deltas.append(delta)

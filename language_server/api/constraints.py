@@ -18,9 +18,17 @@ import re
 from typing import Any
 
 import xgrammar as xgr
-from xgrammar.structural_tag import (AnyTextFormat, ConstStringFormat, GrammarFormat, JSONSchemaFormat,
-                                     OptionalFormat, RegexFormat, SequenceFormat, TagFormat,
-                                     TagsWithSeparatorFormat)
+from xgrammar.structural_tag import (
+    AnyTextFormat,
+    ConstStringFormat,
+    GrammarFormat,
+    JSONSchemaFormat,
+    OptionalFormat,
+    RegexFormat,
+    SequenceFormat,
+    TagFormat,
+    TagsWithSeparatorFormat,
+)
 
 from language_server.api.errors import bad_request
 from language_server.api.schemas import ChatCompletionRequest, NamedToolChoice, SamplingFields
@@ -38,7 +46,9 @@ CALL_BEGIN, CALL_END = '<tool_call>\n{{"name": "{name}", "arguments": ', "}\n</t
 _XGRAMMAR_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:\d+: ")
 
 
-def request_constraint(req: SamplingFields, *, in_reasoning: bool = False, reasoning: bool = False) -> Constraint | None:
+def request_constraint(
+    req: SamplingFields, *, in_reasoning: bool = False, reasoning: bool = False
+) -> Constraint | None:
     """The request's constraint, or None. `reasoning`: the output may open with a think block
     (`in_reasoning`: it starts inside one, the prompt having opened it). CPU work for a large
     schema: callers run it off the event loop."""
@@ -46,13 +56,21 @@ def request_constraint(req: SamplingFields, *, in_reasoning: bool = False, reaso
     if not sources:
         return None
     if len(sources) > 1:
-        raise bad_request(f"Give one of {', '.join(sources)}: each constrains the whole output.",
-                          param=sources[1], code="invalid_value")
+        raise bad_request(
+            f"Give one of {', '.join(sources)}: each constrains the whole output.",
+            param=sources[1],
+            code="invalid_value",
+        )
     param = sources[0]
     if param == "tool_choice":
         choice = req.tool_choice if isinstance(req.tool_choice, str) else req.tool_choice.model_dump()
-        return tool_constraint([tool.model_dump(exclude_none=True) for tool in req.tools], choice,
-                               req.parallel_tool_calls is not False, in_reasoning=in_reasoning, reasoning=reasoning)
+        return tool_constraint(
+            [tool.model_dump(exclude_none=True) for tool in req.tools],
+            choice,
+            req.parallel_tool_calls is not False,
+            in_reasoning=in_reasoning,
+            reasoning=reasoning,
+        )
     kind, source, fmt = _constraint_of(req, param)
     if len(source) > MAX_SOURCE_CHARS:
         raise bad_request(f"{param} is {len(source):,} characters; the limit is {MAX_SOURCE_CHARS:,}.", param=param)
@@ -66,27 +84,41 @@ def request_constraint(req: SamplingFields, *, in_reasoning: bool = False, reaso
 def _reasoning_prefix(in_reasoning: bool) -> Any:
     """Free text up to `</think>` and Qwen's blank line after it: the rest of a block the prompt
     opened, or an optional whole block (as xgrammar builds it for Qwen3's tool calls)."""
-    block = SequenceFormat(elements=[
-        TagFormat(begin="" if in_reasoning else THINK_BEGIN, content=AnyTextFormat(excludes=[THINK_BEGIN, THINK_END]),
-                  end=THINK_END),
-        ConstStringFormat(value="\n\n"),
-    ])
+    block = SequenceFormat(
+        elements=[
+            TagFormat(
+                begin="" if in_reasoning else THINK_BEGIN,
+                content=AnyTextFormat(excludes=[THINK_BEGIN, THINK_END]),
+                end=THINK_END,
+            ),
+            ConstStringFormat(value="\n\n"),
+        ]
+    )
     return block if in_reasoning else OptionalFormat(content=block)
 
 
-def tool_constraint(tools: list[dict], tool_choice: str | dict, parallel: bool, *, in_reasoning: bool,
-                    reasoning: bool) -> Constraint:
+def tool_constraint(
+    tools: list[dict], tool_choice: str | dict, parallel: bool, *, in_reasoning: bool, reasoning: bool
+) -> Constraint:
     """`tool_choice` "required" or a named function: nothing but Qwen3's `<tool_call>` blocks
     (one for a named function or with parallel calls off; one or more, a newline apart,
     otherwise), each call's arguments held to its function's parameter schema. Only calls: the
     output ends after the last one, as OpenAI's required mode does."""
     if isinstance(tool_choice, dict):
         tools = [t for t in tools if t["function"]["name"] == tool_choice["function"]["name"]]
-    calls = [TagFormat(begin=CALL_BEGIN.format(name=tool["function"]["name"]),
-                       content=JSONSchemaFormat(json_schema=tool["function"].get("parameters") or {"type": "object"}),
-                       end=CALL_END) for tool in tools]
-    fmt: Any = calls[0] if isinstance(tool_choice, dict) else TagsWithSeparatorFormat(
-        tags=calls, separator="\n", at_least_one=True, stop_after_first=not parallel)
+    calls = [
+        TagFormat(
+            begin=CALL_BEGIN.format(name=tool["function"]["name"]),
+            content=JSONSchemaFormat(json_schema=tool["function"].get("parameters") or {"type": "object"}),
+            end=CALL_END,
+        )
+        for tool in tools
+    ]
+    fmt: Any = (
+        calls[0]
+        if isinstance(tool_choice, dict)
+        else TagsWithSeparatorFormat(tags=calls, separator="\n", at_least_one=True, stop_after_first=not parallel)
+    )
     if in_reasoning or reasoning:
         fmt = SequenceFormat(elements=[_reasoning_prefix(in_reasoning), fmt])
     try:
@@ -109,8 +141,10 @@ def check_tools(req: ChatCompletionRequest) -> None:
         if tool.function.parameters is not None:
             _parse("json_schema", json.dumps(tool.function.parameters), f"tools[{i}].function.parameters")
     if isinstance(req.tool_choice, NamedToolChoice) and req.tool_choice.function.name not in names:
-        raise bad_request(f"tool_choice names {req.tool_choice.function.name!r}, which is not among the tools "
-                          f"({', '.join(names)}).", param="tool_choice.function.name")
+        raise bad_request(
+            f"tool_choice names {req.tool_choice.function.name!r}, which is not among the tools ({', '.join(names)}).",
+            param="tool_choice.function.name",
+        )
     if not req.tools and req.tool_choice == "required":
         raise bad_request("tool_choice 'required' needs at least one tool.", param="tool_choice")
 
@@ -120,8 +154,11 @@ def _given_sources(req: SamplingFields) -> list[str]:
     response_format = getattr(req, "response_format", None)
     if response_format is not None and response_format.type != "text":
         sources.append("response_format")
-    sources += [name for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
-                if getattr(req, name) is not None]
+    sources += [
+        name
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+        if getattr(req, name) is not None
+    ]
     tool_choice = getattr(req, "tool_choice", None)
     if tool_choice == "required" or isinstance(tool_choice, NamedToolChoice):
         sources.append("tool_choice")
@@ -168,8 +205,9 @@ def _parse(kind: str, source: str, param: str) -> None:
             xgr.Grammar.from_ebnf(source)
     except (RuntimeError, ValueError, TypeError) as exc:
         what = {"json_schema": "JSON schema", "regex": "regular expression", "grammar": "grammar"}[kind]
-        raise bad_request(f"{param} is not a {what} this service can enforce: {_clean(exc)}", param=param,
-                          code="invalid_grammar") from None
+        raise bad_request(
+            f"{param} is not a {what} this service can enforce: {_clean(exc)}", param=param, code="invalid_grammar"
+        ) from None
 
 
 def _clean(exc: BaseException) -> str:

@@ -45,16 +45,17 @@ class DrainingServer(uvicorn.Server):
         state = self.state
         state.draining = True
         timeout = state.settings.shutdown_timeout_s
-        logger.info("shutting down: no new requests; %d running may finish for up to %.0f s",
-                    state.in_flight, timeout)
+        logger.info("shutting down: no new requests; %d running may finish for up to %.0f s", state.in_flight, timeout)
         deadline = time.monotonic() + timeout
         while state.in_flight and time.monotonic() < deadline and not self._skip_wait:
             await asyncio.sleep(_POLL_S)
         if state.in_flight:
             logger.warning("ending %d requests still running after %.0f s with a 503", state.in_flight, timeout)
-            state.client.fail_all(503, "server_shutting_down",
-                                  f"The service shut down before this request finished; retry in "
-                                  f"{RETRY_AFTER_S} s.")
+            state.client.fail_all(
+                503,
+                "server_shutting_down",
+                f"The service shut down before this request finished; retry in {RETRY_AFTER_S} s.",
+            )
             deadline = time.monotonic() + _FLUSH_S
             while state.in_flight and time.monotonic() < deadline:
                 await asyncio.sleep(_POLL_S)

@@ -101,8 +101,17 @@ class EngineClient:
         """End every request waiting on the engine with this error (each request's own cleanup
         then aborts its engine work)."""
         for request_id, queue in self._queues.items():
-            queue.put_nowait(RequestOutput(request_id, [], finished=True, finish_reason="error",
-                                           error_code=code, error_status=status, error_message=message))
+            queue.put_nowait(
+                RequestOutput(
+                    request_id,
+                    [],
+                    finished=True,
+                    finish_reason="error",
+                    error_code=code,
+                    error_status=status,
+                    error_message=message,
+                )
+            )
             if self.dead_reason is None:
                 self._send(AbortRequest(request_id))
 

@@ -25,8 +25,15 @@ _TYPES = {
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -61,8 +68,6 @@ def unavailable(message: str, code: str) -> APIError:
 
 def engine_unavailable(detail: str = "the engine is not running") -> APIError:
     return unavailable(f"Service unavailable: {detail}; retry later.", "engine_unavailable")
-
-
 
 
 def shutting_down(detail: str) -> APIError:

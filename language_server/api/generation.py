@@ -29,8 +29,16 @@ class Piece:
 
 
 class Generation:
-    def __init__(self, client: EngineClient, request: GenerateRequest, token_bytes: TokenBytes, stops: list[str],
-                 skip_special_tokens: bool, metrics: Metrics, arrival: float) -> None:
+    def __init__(
+        self,
+        client: EngineClient,
+        request: GenerateRequest,
+        token_bytes: TokenBytes,
+        stops: list[str],
+        skip_special_tokens: bool,
+        metrics: Metrics,
+        arrival: float,
+    ) -> None:
         self.request = request
         self._client = client
         self._detokenizer = IncrementalDetokenizer(token_bytes, skip_special_tokens)

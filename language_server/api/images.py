@@ -36,8 +36,9 @@ LOW_DETAIL_MAX_PIXELS = 65_536
 def image_options(image_url: ImageURL, param: str) -> dict[str, int]:
     """The image's preprocessing bounds for the encoder: min_pixels / max_pixels as given, with
     detail "low" capping max_pixels."""
-    options = {k: v for k, v in (("min_pixels", image_url.min_pixels), ("max_pixels", image_url.max_pixels))
-               if v is not None}
+    options = {
+        k: v for k, v in (("min_pixels", image_url.min_pixels), ("max_pixels", image_url.max_pixels)) if v is not None
+    }
     if image_url.detail == "low":
         options["max_pixels"] = min(options.get("max_pixels", LOW_DETAIL_MAX_PIXELS), LOW_DETAIL_MAX_PIXELS)
     if "min_pixels" in options and "max_pixels" in options and options["min_pixels"] > options["max_pixels"]:
@@ -53,8 +54,11 @@ def image_ref(image_url: ImageURL, settings: LanguageSettings, param: str) -> Im
         data = _data_url_bytes(url, settings.max_image_url_bytes, param)
         return ImageRef(source=data, key=content_key(data, options), options=options)
     if len(url) > MAX_SOURCE_CHARS:
-        raise bad_request(f"{param} is longer than {MAX_SOURCE_CHARS} characters; only data URLs may be longer.",
-                          param=param, code="invalid_image_url")
+        raise bad_request(
+            f"{param} is longer than {MAX_SOURCE_CHARS} characters; only data URLs may be longer.",
+            param=param,
+            code="invalid_image_url",
+        )
     if url.startswith(("http://", "https://")):
         return ImageRef(source=url, key="", options=options)
     path = _allowed_local_path(url, settings.allowed_local_image_roots, param)
@@ -66,12 +70,18 @@ def image_ref(image_url: ImageURL, settings: LanguageSettings, param: str) -> Im
 def _data_url_bytes(url: str, limit: int, param: str) -> bytes:
     header, comma, payload = url.partition(",")
     if not comma or not header.endswith(";base64"):
-        raise bad_request(f"{param} must be a base64 data URL: 'data:image/<format>;base64,<data>'.",
-                          param=param, code="invalid_image_url")
+        raise bad_request(
+            f"{param} must be a base64 data URL: 'data:image/<format>;base64,<data>'.",
+            param=param,
+            code="invalid_image_url",
+        )
     media_type = header.removeprefix("data:").removesuffix(";base64")
     if not media_type.lower().startswith("image/"):
-        raise bad_request(f"{param} has media type {media_type[:64]!r}, not an image; send "
-                          "'data:image/<format>;base64,<data>'.", param=param, code="invalid_image_url")
+        raise bad_request(
+            f"{param} has media type {media_type[:64]!r}, not an image; send 'data:image/<format>;base64,<data>'.",
+            param=param,
+            code="invalid_image_url",
+        )
     # Refuse an oversized payload before decoding it (base64 carries 3 bytes per 4 characters).
     if len(payload) // 4 * 3 > limit + 3:
         raise too_large(f"The image at {param} is larger than {limit} bytes.", param=param)
@@ -89,12 +99,19 @@ def _data_url_bytes(url: str, limit: int, param: str) -> bytes:
 def _allowed_local_path(url: str, roots: list[str], param: str) -> Path:
     raw = url.removeprefix("file://")
     if not Path(raw).is_absolute():
-        raise bad_request(f"{param} must be a data URL, an http(s) URL, or an absolute local path.",
-                          param=param, code="invalid_image_url")
+        raise bad_request(
+            f"{param} must be a data URL, an http(s) URL, or an absolute local path.",
+            param=param,
+            code="invalid_image_url",
+        )
     path = Path(raw).resolve()  # resolves '..' and symlinks before the root check
     if not any(path.is_relative_to(Path(root).resolve()) for root in roots):
-        raise bad_request(f"{param}: local image paths are not allowed here; the service accepts them only "
-                          "under its allowed_local_image_roots setting.", param=param, code="invalid_image_url")
+        raise bad_request(
+            f"{param}: local image paths are not allowed here; the service accepts them only "
+            "under its allowed_local_image_roots setting.",
+            param=param,
+            code="invalid_image_url",
+        )
     if not path.is_file():
         raise bad_request(f"{param}: no image file at {url}.", param=param, code="invalid_image_url")
     return path

@@ -19,10 +19,7 @@ def chat_logprobs(entries: list[TokenLogprob], token_bytes: TokenBytes, top_n: i
     def one(token_id: int, logprob: float) -> dict:
         return {"token": token_bytes.text(token_id), "logprob": _finite(logprob), "bytes": list(token_bytes(token_id))}
 
-    return [
-        {**one(e.token_id, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top[:top_n]]}
-        for e in entries
-    ]
+    return [{**one(e.token_id, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top[:top_n]]} for e in entries]
 
 
 class CompletionLogprobs:

@@ -35,7 +35,7 @@ class ServedModel:
     reasoning: bool = False
 
     @classmethod
-    def load(cls, settings: LanguageSettings) -> "ServedModel":
+    def load(cls, settings: LanguageSettings) -> ServedModel:
         config = load_config(settings.model)
         tokenizer = AutoTokenizer.from_pretrained(settings.model)
         image_token = tokenizer.convert_ids_to_tokens(config.image_token_id) if config.is_vl else None
@@ -59,8 +59,11 @@ def _reasoning(setting: str, tokenizer: PreTrainedTokenizerBase) -> bool:
         return setting == "qwen3"
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
     thinks = "<think>" in template
-    logger.info("reasoning parser: %s (the chat template %s think blocks; set reasoning_parser to choose)",
-                "qwen3" if thinks else "none", "writes" if thinks else "has no")
+    logger.info(
+        "reasoning parser: %s (the chat template %s think blocks; set reasoning_parser to choose)",
+        "qwen3" if thinks else "none",
+        "writes" if thinks else "has no",
+    )
     return thinks
 
 

@@ -38,8 +38,6 @@ class ReasoningSplit:
     content: str = ""
 
 
-
-
 class ReasoningParser:
     """feed(piece) -> the reasoning and content now certain; finish() -> the rest at the end.
 
@@ -64,8 +62,12 @@ class ReasoningParser:
     def _advance(self, final: bool) -> ReasoningSplit:
         out = ReasoningSplit()
         while True:
-            step = {"opening": self._opening, "reasoning": self._reasoning,
-                    "after_think": self._after_think, "content": self._content}[self._state]
+            step = {
+                "opening": self._opening,
+                "reasoning": self._reasoning,
+                "after_think": self._after_think,
+                "content": self._content,
+            }[self._state]
             if not step(out, final):
                 return out
 
@@ -73,7 +75,7 @@ class ReasoningParser:
         """Whether the output opens with `<think>`; undecided while it is whitespace and a prefix."""
         rest = self._text.lstrip()
         if rest.startswith(THINK_START):
-            self._text, self._state = rest[len(THINK_START):], "reasoning"
+            self._text, self._state = rest[len(THINK_START) :], "reasoning"
             return True
         if THINK_START.startswith(rest) and not final:
             return False
@@ -85,14 +87,14 @@ class ReasoningParser:
         end = text.find(THINK_END)
         if end >= 0:
             out.reasoning += text[:end].rstrip("\n")
-            self._text, self._state = text[end + len(THINK_END):], "after_think"
+            self._text, self._state = text[end + len(THINK_END) :], "after_think"
             return True
         if final:  # never closed: all reasoning
             safe, self._text = text.rstrip("\n"), ""
         else:
             body = text[: len(text) - partial_marker(text, THINK_END)]
             safe = body.rstrip("\n")
-            self._text = text[len(safe):]
+            self._text = text[len(safe) :]
         out.reasoning += safe
         self._reasoning_began = self._reasoning_began or bool(safe)
         return False

@@ -28,8 +28,9 @@ def refuse_unsupported(req: SamplingFields) -> None:
         if getattr(req, name, None) is not None:
             raise bad_request(reason, param=name, code="unsupported_parameter")
     if req.modalities is not None and req.modalities != ["text"]:
-        raise bad_request("Only the 'text' output modality is supported.", param="modalities",
-                          code="unsupported_parameter")
+        raise bad_request(
+            "Only the 'text' output modality is supported.", param="modalities", code="unsupported_parameter"
+        )
     if req.service_tier not in (None, "auto", "default"):
         raise bad_request("service_tier may only be 'auto' or 'default' here (one tier).", param="service_tier")
 
@@ -39,8 +40,9 @@ def logit_bias(req: SamplingFields, model: ServedModel) -> list[tuple[int, float
     out = []
     for key, bias in (req.logit_bias or {}).items():
         if not key.isdigit() or not 0 <= int(key) < model.vocab_size:
-            raise bad_request(f"logit_bias key {key!r} is not a token id in [0, {model.vocab_size}).",
-                              param="logit_bias")
+            raise bad_request(
+                f"logit_bias key {key!r} is not a token id in [0, {model.vocab_size}).", param="logit_bias"
+            )
         if not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT:
             raise bad_request(f"logit_bias[{key}] is {bias}; biases must be from -100 to 100.", param="logit_bias")
         out.append((int(key), float(bias)))
@@ -68,31 +70,50 @@ def stop_strings(req: SamplingFields) -> list[str]:
 
 def check_choices(prompts: int, n: int) -> None:
     if prompts * n > MAX_CHOICES:
-        raise bad_request(f"{prompts} prompts × n={n} would start {prompts * n} generations; one request may start "
-                          f"at most {MAX_CHOICES}. Split the batch.", param="prompt" if prompts > 1 else "n")
+        raise bad_request(
+            f"{prompts} prompts × n={n} would start {prompts * n} generations; one request may start "
+            f"at most {MAX_CHOICES}. Split the batch.",
+            param="prompt" if prompts > 1 else "n",
+        )
 
 
-def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None, prompt_len: int,
-                    model: ServedModel, max_model_len: int, prompt_param: str) -> SamplingParams:
+def sampling_params(
+    req: SamplingFields,
+    max_tokens: int | None,
+    logprobs: int | None,
+    prompt_len: int,
+    model: ServedModel,
+    max_model_len: int,
+    prompt_param: str,
+) -> SamplingParams:
     """Parameters for the first choice; `for_choice` derives the others. prompt_len counts one token
     per image: the engine checks the length again once images are expanded."""
     limit = max_model_len
     if prompt_len >= limit:
-        raise bad_request(f"The prompt is {prompt_len} tokens; this model's maximum context length is {limit}. "
-                          "Shorten it.", param=prompt_param, code="context_length_exceeded")
+        raise bad_request(
+            f"The prompt is {prompt_len} tokens; this model's maximum context length is {limit}. Shorten it.",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
     if max_tokens is None:
         max_tokens = limit - prompt_len
     elif prompt_len + max_tokens > limit:
-        raise bad_request(f"The prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds this model's "
-                          f"maximum context length of {limit}. Lower max_tokens or shorten the prompt.",
-                          param="max_tokens", code="context_length_exceeded")
+        raise bad_request(
+            f"The prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds this model's "
+            f"maximum context length of {limit}. Lower max_tokens or shorten the prompt.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     if req.min_tokens is not None and req.min_tokens > max_tokens:
-        raise bad_request(f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_tokens}).",
-                          param="min_tokens")
+        raise bad_request(
+            f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_tokens}).", param="min_tokens"
+        )
     for token_id in req.stop_token_ids or []:
         if not 0 <= token_id < model.vocab_size:
-            raise bad_request(f"stop_token_ids holds {token_id}, outside the vocabulary [0, {model.vocab_size}).",
-                              param="stop_token_ids")
+            raise bad_request(
+                f"stop_token_ids holds {token_id}, outside the vocabulary [0, {model.vocab_size}).",
+                param="stop_token_ids",
+            )
     defaults = model.sampling_defaults
 
     def pick(name: str, fallback: float) -> float:

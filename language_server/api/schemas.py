@@ -13,7 +13,7 @@ documented shape.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -46,7 +46,7 @@ class ImagePart(_Body):
     image_url: ImageURL
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class FunctionCall(_Body):
@@ -109,8 +109,9 @@ class ResponseFormatJSONSchema(_Body):
     json_schema: JSONSchemaSpec
 
 
-ResponseFormat = Annotated[Union[ResponseFormatText, ResponseFormatJSONObject, ResponseFormatJSONSchema],
-                           Field(discriminator="type")]
+ResponseFormat = Annotated[
+    ResponseFormatText | ResponseFormatJSONObject | ResponseFormatJSONSchema, Field(discriminator="type")
+]
 
 
 class SamplingFields(_Body):
@@ -133,7 +134,9 @@ class SamplingFields(_Body):
     skip_special_tokens: bool | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    min_tokens: int | None = Field(None, ge=0, le=2**31 - 1)  # vLLM's: no EOS, stop token or stop string before this many
+    min_tokens: int | None = Field(
+        None, ge=0, le=2**31 - 1
+    )  # vLLM's: no EOS, stop token or stop string before this many
     # Bookkeeping hints: accepted, change nothing (docs/api.md).
     user: str | None = None
     metadata: dict[str, Any] | None = None
@@ -197,9 +200,12 @@ def parse_body(body: bytes, cls: type[_Body]) -> Any:
         if first["type"] == "missing":
             message = f"Missing required parameter: '{param}'."
         elif first["type"] == "extra_forbidden":
-            raise bad_request(f"Unrecognized parameter: '{param}'. This service does not support it; remove it "
-                              "(docs/api.md lists what is served).", param=param,
-                              code="unsupported_parameter") from None
+            raise bad_request(
+                f"Unrecognized parameter: '{param}'. This service does not support it; remove it "
+                "(docs/api.md lists what is served).",
+                param=param,
+                code="unsupported_parameter",
+            ) from None
         else:
             message = f"Invalid value for '{param}': {first['msg']}."
         wrong_type = first["type"].endswith(("_type", "_parsing"))
@@ -226,4 +232,3 @@ def _param_name(loc: tuple[Any, ...]) -> str:
 
 
 _PART_TAGS = {"text", "image_url", "json_object", "json_schema"}
-

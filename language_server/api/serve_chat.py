@@ -24,8 +24,9 @@ from language_server.api.text_bound import refuse_oversized_text
 from language_server.protocol import GenerateRequest
 
 
-async def create_chat_completion(req: ChatCompletionRequest, request: Request, state: AppState,
-                                 release: Callable[[], None]) -> Response:
+async def create_chat_completion(
+    req: ChatCompletionRequest, request: Request, state: AppState, release: Callable[[], None]
+) -> Response:
     state.check_model(req.model)
     refuse_unsupported(req)
     if req.top_logprobs is not None and not req.logprobs:
@@ -37,35 +38,72 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
     refuse_oversized_text(message_texts(req.messages), state.model, state.max_model_len, "messages")
     # tool_choice "none": the model cannot call tools, so they are not in its prompt either.
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools and req.tool_choice != "none" else None
-    prompt = await state.offload(chat_prompt, req.messages, state.model, state.settings, tools,
-                                 req.chat_template_kwargs)
-    constraint = await state.offload(request_constraint, req, in_reasoning=prompt.in_reasoning,
-                                     reasoning=state.model.reasoning)
+    prompt = await state.offload(
+        chat_prompt, req.messages, state.model, state.settings, tools, req.chat_template_kwargs
+    )
+    constraint = await state.offload(
+        request_constraint, req, in_reasoning=prompt.in_reasoning, reasoning=state.model.reasoning
+    )
     top_n = req.top_logprobs or 0
-    params = sampling_params(req, req.max_completion_tokens or req.max_tokens, top_n if req.logprobs else None,
-                             len(prompt.token_ids), state.model, state.max_model_len, prompt_param="messages")
+    params = sampling_params(
+        req,
+        req.max_completion_tokens or req.max_tokens,
+        top_n if req.logprobs else None,
+        len(prompt.token_ids),
+        state.model,
+        state.max_model_len,
+        prompt_param="messages",
+    )
     n = req.n or 1
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     arrival = time.monotonic()
     generations = [
-        Generation(state.client, GenerateRequest(f"{request_id}-{i}", prompt.token_ids, for_choice(params, i),
-                                                 prompt.images, constraint),
-                   state.token_bytes, stops, req.skip_special_tokens is not False, state.metrics, arrival)
+        Generation(
+            state.client,
+            GenerateRequest(f"{request_id}-{i}", prompt.token_ids, for_choice(params, i), prompt.images, constraint),
+            state.token_bytes,
+            stops,
+            req.skip_special_tokens is not False,
+            state.metrics,
+            arrival,
+        )
         for i in range(n)
     ]
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    def output() -> ChoiceOutput:
-        return ChoiceOutput(tools=tools is not None, parallel_tool_calls=req.parallel_tool_calls is not False,
-                            reasoning=state.model.reasoning, in_reasoning=prompt.in_reasoning)
 
-    fmt = _ChatFormat(request_id, state.model.name, n, state.token_bytes if req.logprobs else None, top_n,
-                      include_usage, bool(req.return_token_ids), output)
+    def output() -> ChoiceOutput:
+        return ChoiceOutput(
+            tools=tools is not None,
+            parallel_tool_calls=req.parallel_tool_calls is not False,
+            reasoning=state.model.reasoning,
+            in_reasoning=prompt.in_reasoning,
+        )
+
+    fmt = _ChatFormat(
+        request_id,
+        state.model.name,
+        n,
+        state.token_bytes if req.logprobs else None,
+        top_n,
+        include_usage,
+        bool(req.return_token_ids),
+        output,
+    )
     return await respond(request, generations, n, fmt, bool(req.stream), include_usage, release)
 
 
 class _ChatFormat:
-    def __init__(self, request_id: str, model: str, n: int, token_bytes: TokenBytes | None, top_n: int,
-                 include_usage: bool, return_token_ids: bool, output: Callable[[], ChoiceOutput]) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        n: int,
+        token_bytes: TokenBytes | None,
+        top_n: int,
+        include_usage: bool,
+        return_token_ids: bool,
+        output: Callable[[], ChoiceOutput],
+    ) -> None:
         self._return_token_ids = return_token_ids
         self._head = {"id": request_id, "created": int(time.time()), "model": model}
         self._n = n
@@ -87,8 +125,12 @@ class _ChatFormat:
         return chunk
 
     def start_chunks(self) -> list[dict]:
-        return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}]) for i in range(self._n)]
+        return [
+            self._chunk(
+                [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+            )
+            for i in range(self._n)
+        ]
 
     def chunks(self, index: int, piece: Piece) -> list[dict]:
         """One chunk per delta (content, reasoning, a tool call's fragments); a piece's logprobs
@@ -104,8 +146,9 @@ class _ChatFormat:
             last = i == len(deltas) - 1
             finish = _finish_reason(piece.finish_reason, out) if last else None
             logprobs = self._logprobs(piece.logprobs) if i == 0 and piece.logprobs else None
-            chunks.append(self._chunk([{"index": index, "delta": delta, "logprobs": logprobs,
-                                        "finish_reason": finish}]))
+            chunks.append(
+                self._chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
+            )
         return chunks
 
     def usage_chunk(self, usage: dict) -> dict:
@@ -120,8 +163,12 @@ class _ChatFormat:
             out = self._output()
             out.feed("".join(p.text for p in parts))
             out.finish()
-            choice = {"index": index, "message": out.message(), "logprobs": logprobs,
-                      "finish_reason": _finish_reason(parts[-1].finish_reason, out)}
+            choice = {
+                "index": index,
+                "message": out.message(),
+                "logprobs": logprobs,
+                "finish_reason": _finish_reason(parts[-1].finish_reason, out),
+            }
             if self._return_token_ids:
                 choice["token_ids"] = [t for p in parts for t in p.token_ids]
             choices.append(choice)
@@ -129,5 +176,5 @@ class _ChatFormat:
 
 
 def _finish_reason(reason: str | None, out: ChoiceOutput) -> str | None:
-    """"tool_calls" when the answer called a tool and ended on its own (a cut one stays "length")."""
+    """ "tool_calls" when the answer called a tool and ended on its own (a cut one stays "length")."""
     return "tool_calls" if reason == "stop" and out.called else reason

@@ -9,11 +9,11 @@ from collections.abc import Callable
 from fastapi import Request
 from fastapi.responses import Response
 
+from language_server.api.constraints import request_constraint
 from language_server.api.detokenizer import TokenBytes
 from language_server.api.errors import bad_request
 from language_server.api.generation import Generation, Piece
 from language_server.api.logprobs import CompletionLogprobs, merge_completion_logprobs
-from language_server.api.constraints import request_constraint
 from language_server.api.sampling import check_choices, for_choice, refuse_unsupported, sampling_params, stop_strings
 from language_server.api.schemas import CompletionRequest
 from language_server.api.serving import respond
@@ -22,8 +22,9 @@ from language_server.api.text_bound import refuse_oversized_text
 from language_server.protocol import GenerateRequest
 
 
-async def create_completion(req: CompletionRequest, request: Request, state: AppState,
-                            release: Callable[[], None]) -> Response:
+async def create_completion(
+    req: CompletionRequest, request: Request, state: AppState, release: Callable[[], None]
+) -> Response:
     state.check_model(req.model)
     refuse_unsupported(req)
     if req.suffix:
@@ -32,8 +33,9 @@ async def create_completion(req: CompletionRequest, request: Request, state: App
     if req.best_of is not None and req.best_of != n:
         raise bad_request("best_of is supported only equal to n.", param="best_of")
     if req.echo and req.logprobs is not None:
-        raise bad_request("echo with logprobs needs prompt logprobs, which this service does not compute.",
-                          param="echo")
+        raise bad_request(
+            "echo with logprobs needs prompt logprobs, which this service does not compute.", param="echo"
+        )
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true.", param="stream_options")
     stops = stop_strings(req)
@@ -53,10 +55,17 @@ async def create_completion(req: CompletionRequest, request: Request, state: App
         echo = state.model.tokenizer.decode(ids, skip_special_tokens=False) if req.echo else ""
         for i in range(n):
             sampling = for_choice(params, i)
-            generations.append(Generation(state.client, GenerateRequest(f"{request_id}-{p * n + i}", ids, sampling,
-                                                                          constraint=constraint),
-                                          state.token_bytes, stops, req.skip_special_tokens is not False,
-                                          state.metrics, arrival))
+            generations.append(
+                Generation(
+                    state.client,
+                    GenerateRequest(f"{request_id}-{p * n + i}", ids, sampling, constraint=constraint),
+                    state.token_bytes,
+                    stops,
+                    req.skip_special_tokens is not False,
+                    state.metrics,
+                    arrival,
+                )
+            )
             echoes.append(echo)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     fmt = _CompletionFormat(request_id, state.model.name, echoes, state.token_bytes, req.logprobs, include_usage)
@@ -79,23 +88,34 @@ def _prompt_ids(prompt: str | list[int] | list[str] | list[list[int]], state: Ap
             raise bad_request(f"{param} must not be empty.", param=param)
         bad = next((t for t in ids if not 0 <= t < state.model.vocab_size), None)
         if bad is not None:
-            raise bad_request(f"{param} holds token id {bad}, outside the vocabulary [0, {state.model.vocab_size}).",
-                              param=param)
+            raise bad_request(
+                f"{param} holds token id {bad}, outside the vocabulary [0, {state.model.vocab_size}).", param=param
+            )
         if state.model.image_token_id in ids:
-            raise bad_request(f"{param} holds the image placeholder token; images are accepted only through "
-                              "/v1/chat/completions.", param=param)
+            raise bad_request(
+                f"{param} holds the image placeholder token; images are accepted only through /v1/chat/completions.",
+                param=param,
+            )
         out.append(ids)
     return out
 
 
 class _CompletionFormat:
-    def __init__(self, request_id: str, model: str, echoes: list[str], token_bytes: TokenBytes,
-                 logprobs: int | None, include_usage: bool) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        echoes: list[str],
+        token_bytes: TokenBytes,
+        logprobs: int | None,
+        include_usage: bool,
+    ) -> None:
         self._head = {"id": request_id, "created": int(time.time()), "model": model}
         self._echoes = echoes  # per choice: the prompt text to put before its completion, or ""
         self._echo_sent = [False] * len(echoes)
-        self._logprobs = [CompletionLogprobs(token_bytes, logprobs, len(e)) for e in echoes] \
-            if logprobs is not None else None
+        self._logprobs = (
+            [CompletionLogprobs(token_bytes, logprobs, len(e)) for e in echoes] if logprobs is not None else None
+        )
         self._include_usage = include_usage
 
     def _text(self, index: int, piece: Piece) -> str:
@@ -114,9 +134,18 @@ class _CompletionFormat:
         text = self._text(index, piece)
         if not text and not piece.logprobs and piece.finish_reason is None:
             return []
-        chunk = {**self._head, "object": "text_completion",
-                 "choices": [{"index": index, "text": text, "logprobs": self._chunk_logprobs(index, piece),
-                              "finish_reason": piece.finish_reason}]}
+        chunk = {
+            **self._head,
+            "object": "text_completion",
+            "choices": [
+                {
+                    "index": index,
+                    "text": text,
+                    "logprobs": self._chunk_logprobs(index, piece),
+                    "finish_reason": piece.finish_reason,
+                }
+            ],
+        }
         if self._include_usage:
             chunk["usage"] = None
         return [chunk]
@@ -130,6 +159,12 @@ class _CompletionFormat:
             logprobs = None
             if self._logprobs is not None:
                 logprobs = merge_completion_logprobs([self._chunk_logprobs(index, p) for p in parts])
-            choices.append({"index": index, "text": "".join(self._text(index, p) for p in parts),
-                            "logprobs": logprobs, "finish_reason": parts[-1].finish_reason})
+            choices.append(
+                {
+                    "index": index,
+                    "text": "".join(self._text(index, p) for p in parts),
+                    "logprobs": logprobs,
+                    "finish_reason": parts[-1].finish_reason,
+                }
+            )
         return {**self._head, "object": "text_completion", "choices": choices, "usage": usage}

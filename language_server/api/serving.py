@@ -36,12 +36,23 @@ def usage(generations: list[Generation], n: int) -> dict:
     firsts = generations[::n]
     prompt = sum(g.prompt_tokens for g in firsts)
     completion = sum(g.completion_tokens for g in generations)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(g.cached_tokens for g in firsts)}}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(g.cached_tokens for g in firsts)},
+    }
 
 
-async def respond(request: Request, generations: list[Generation], n: int, fmt: ResponseFormat, stream: bool,
-                  include_usage: bool, release: Callable[[], None]) -> Response:
+async def respond(
+    request: Request,
+    generations: list[Generation],
+    n: int,
+    fmt: ResponseFormat,
+    stream: bool,
+    include_usage: bool,
+    release: Callable[[], None],
+) -> Response:
     """`release` runs exactly once, when the engine work of this request is over."""
     events = merge(generations)
     try:
@@ -80,9 +91,15 @@ async def _collect(events: AsyncIterator[tuple[int, Piece]], count: int) -> list
     return pieces
 
 
-async def _stream_body(first: tuple[int, Piece], events: AsyncIterator[tuple[int, Piece]],
-                       generations: list[Generation], n: int, fmt: ResponseFormat,
-                       include_usage: bool, ended: dict) -> AsyncIterator[str]:
+async def _stream_body(
+    first: tuple[int, Piece],
+    events: AsyncIterator[tuple[int, Piece]],
+    generations: list[Generation],
+    n: int,
+    fmt: ResponseFormat,
+    include_usage: bool,
+    ended: dict,
+) -> AsyncIterator[str]:
     """Every stream that is not cut by its client ends with [DONE], after an error event too (as
     vLLM does), so clients that read to [DONE] never hang."""
     try:

@@ -43,8 +43,11 @@ class AppState:
 
     def check_model(self, name: str) -> None:
         if name != self.model.name:
-            raise bad_request(f"The model '{name}' does not exist; this service serves '{self.model.name}'.",
-                              param="model", code="model_not_found")
+            raise bad_request(
+                f"The model '{name}' does not exist; this service serves '{self.model.name}'.",
+                param="model",
+                code="model_not_found",
+            )
 
     def admit(self) -> Callable[[], None]:
         """Take a slot or answer 429 (or 503 while shutting down); returns the release, safe to
@@ -53,8 +56,11 @@ class AppState:
             raise shutting_down("The service is shutting down and takes no new requests")
         limit = self.settings.max_queued_requests
         if self.in_flight >= limit:
-            raise APIError(429, f"The service is at its limit of {limit} requests in flight; retry shortly.",
-                           code="too_many_requests")
+            raise APIError(
+                429,
+                f"The service is at its limit of {limit} requests in flight; retry shortly.",
+                code="too_many_requests",
+            )
         self.in_flight += 1
         self.metrics.in_flight.inc()
         released = False

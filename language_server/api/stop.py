@@ -26,7 +26,7 @@ class StopMatcher:
             self._held = ""
             return text[: min(hits)]
         keep = self._longest_partial(text)
-        self._held = text[len(text) - keep:]
+        self._held = text[len(text) - keep :]
         return text[: len(text) - keep]
 
     def flush(self) -> str:

@@ -22,6 +22,10 @@ def refuse_oversized_text(texts: Iterable[str], model: ServedModel, max_model_le
     limit = _NFC_EXPANSION * model.max_token_chars * max_model_len
     total = sum(len(t) for t in texts)
     if total > limit:
-        raise bad_request(f"The {param} text is {total} characters, more than the {max_model_len}-token context "
-                          f"of this model can hold whatever the tokenization (at most {model.max_token_chars} "
-                          "characters a token). Shorten it.", param=param, code="context_length_exceeded")
+        raise bad_request(
+            f"The {param} text is {total} characters, more than the {max_model_len}-token context "
+            f"of this model can hold whatever the tokenization (at most {model.max_token_chars} "
+            "characters a token). Shorten it.",
+            param=param,
+            code="context_length_exceeded",
+        )

@@ -73,8 +73,7 @@ class ToolCallStart:
     type: str = "function"
 
     def to_delta(self) -> dict:
-        return {"index": self.index, "id": self.id, "type": self.type,
-                "function": {"name": self.name, "arguments": ""}}
+        return {"index": self.index, "id": self.id, "type": self.type, "function": {"name": self.name, "arguments": ""}}
 
 
 @dataclass(frozen=True)
@@ -101,8 +100,6 @@ class ToolCall:
     def to_openai(self) -> dict:
         """As a chat completion message's `tool_calls` entry."""
         return {"id": self.id, "type": self.type, "function": {"name": self.name, "arguments": self.arguments}}
-
-
 
 
 def _number_step(state: str, ch: str) -> str | None:
@@ -371,14 +368,14 @@ class ToolCallParser:
             before = text[: len(text) - keep]
             safe = before.rstrip()
             self._content(safe, events)
-            self._held = text[len(safe):]
+            self._held = text[len(safe) :]
             return ""
         before = text[:start]
         safe = before.rstrip()
         self._content(safe, events)
-        self._held, self._gap, self._raw = "", before[len(safe):], CALL_START
+        self._held, self._gap, self._raw = "", before[len(safe) :], CALL_START
         self._body, self._index = _CallBody(), None
-        return text[start + len(CALL_START):]
+        return text[start + len(CALL_START) :]
 
     def _feed_call(self, piece: str, events: list[ToolEvent]) -> str:
         """Inside a call: name and arguments as they complete; returns the text after the call."""
@@ -400,7 +397,7 @@ class ToolCallParser:
             text = self._gap + self._raw
             safe = text.rstrip()  # whitespace at its end may still be the gap before a real call
             self._content(safe, events)
-            self._held = text[len(safe):]
+            self._held = text[len(safe) :]
         self._body = None
         return piece[used:]
 
@@ -427,8 +424,9 @@ def collect(events: list[ToolEvent]) -> tuple[str, list[ToolCall]]:
     return "".join(content), calls
 
 
-def parse_tool_calls(text: str, parallel: bool = True,
-                     new_id: Callable[[], str] = new_tool_call_id) -> tuple[str, list[ToolCall]]:
+def parse_tool_calls(
+    text: str, parallel: bool = True, new_id: Callable[[], str] = new_tool_call_id
+) -> tuple[str, list[ToolCall]]:
     """A whole answer -> (content, calls): the streaming parser fed the text at once, so the two agree."""
     parser = ToolCallParser(parallel, new_id)
     return collect(parser.feed(text) + parser.finish())

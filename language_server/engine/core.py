@@ -42,36 +42,59 @@ from transfer.content_key import is_content_key
 
 log = logging.getLogger(__name__)
 
+
 class EngineCore:
     def __init__(self, settings: LanguageSettings) -> None:
         self.settings = settings
         device = str(resolve_device(settings.device))  # made current first: nothing lands on another GPU
         # Before the model: with cuda_ipc results the receive region comes out of the model's
         # GPU, so the KV cache, sized from the memory left free, leaves room for it.
-        self.encoders = EncoderClient(settings.encoders, settings.transport, settings.result_address,
-                                      settings.encode_timeout_s, settings.encode_retries,
-                                      settings.encoder_health_interval_s, settings.result_transport,
-                                      device, settings.result_lease_mib, settings.encoder_token)
+        self.encoders = EncoderClient(
+            settings.encoders,
+            settings.transport,
+            settings.result_address,
+            settings.encode_timeout_s,
+            settings.encode_retries,
+            settings.encoder_health_interval_s,
+            settings.result_transport,
+            device,
+            settings.result_lease_mib,
+            settings.encoder_token,
+        )
         try:
             # Graphs are captured up to the largest decode batch and sized for the longest sequence.
-            options = RunnerOptions(attention_backend=settings.attention_backend, moe_backend=settings.moe_backend,
-                                    cuda_graphs=settings.cuda_graphs, load_format=settings.load_format,
-                                    max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len)
-            self.runner = ModelRunner(settings.model, device, settings.dtype, settings.block_size,
-                                      settings.num_kv_blocks, settings.kv_cache_memory_fraction, options)
+            options = RunnerOptions(
+                attention_backend=settings.attention_backend,
+                moe_backend=settings.moe_backend,
+                cuda_graphs=settings.cuda_graphs,
+                load_format=settings.load_format,
+                max_num_seqs=settings.max_num_seqs,
+                max_model_len=settings.max_model_len,
+            )
+            self.runner = ModelRunner(
+                settings.model,
+                device,
+                settings.dtype,
+                settings.block_size,
+                settings.num_kv_blocks,
+                settings.kv_cache_memory_fraction,
+                options,
+            )
         except BaseException:
             self.encoders.close()  # its socket and region, for callers that live on (tests, benchmarks)
             raise
         self.config = self.runner.config
         self.blocks = BlockManager(self.runner.num_kv_blocks, settings.block_size, settings.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, settings.max_num_batched_tokens, settings.max_num_seqs,
-                                   settings.chunk_size)
+        self.scheduler = Scheduler(
+            self.blocks, settings.max_num_batched_tokens, settings.max_num_seqs, settings.chunk_size
+        )
         self.eos_ids = set(load_eos_ids(settings.model, self.config))
         # The longest sequence the cache can hold bounds max_model_len.
         self.max_model_len = min(settings.max_model_len, self.runner.num_kv_blocks * settings.block_size)
         # Cheap until the first constrained request: it loads xgrammar and the tokenizer then.
-        self.grammars = Grammars(settings.model, self.config.text.vocab_size, sorted(self.eos_ids),
-                                 settings.grammar_compile_timeout_s)
+        self.grammars = Grammars(
+            settings.model, self.config.text.vocab_size, sorted(self.eos_ids), settings.grammar_compile_timeout_s
+        )
         self.requests: dict[str, EngineRequest] = {}
         self.awaiting: dict[str, EngineRequest] = {}  # image jobs out at encoders
         self.compiling: dict[str, EngineRequest] = {}  # constraint compiling
@@ -94,8 +117,9 @@ class EngineCore:
         req.generator = make_generator(request.sampling, self.runner.device)
         params = request.sampling
         if params.min_tokens:
-            req.min_tokens_banned = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
-                                                                         else frozenset(self.eos_ids))
+            req.min_tokens_banned = frozenset(params.stop_token_ids) | (
+                frozenset() if params.ignore_eos else frozenset(self.eos_ids)
+            )
         self.requests[rid] = req
         if request.constraint is not None:
             req.status = Status.AWAITING_GRAMMAR
@@ -147,8 +171,10 @@ class EngineCore:
 
     def _length_problem(self, prompt_len: int) -> str | None:
         if prompt_len >= self.max_model_len:
-            return (f"the prompt is {prompt_len} tokens (images included); this server's maximum context is "
-                    f"{self.max_model_len} tokens including the completion")
+            return (
+                f"the prompt is {prompt_len} tokens (images included); this server's maximum context is "
+                f"{self.max_model_len} tokens including the completion"
+            )
         return None
 
     def abort(self, request_id: str) -> list[RequestOutput]:
@@ -177,8 +203,15 @@ class EngineCore:
         t, h, w = result.grid_thw
         merge = self.config.vision.spatial_merge_size
         if result.embeddings.shape != (t * h * w // merge**2, expected_width):
-            return [self._finish(req, "error", "encoder_mismatch",
-                                 "the encode service serves a different model than this language service", 500)]
+            return [
+                self._finish(
+                    req,
+                    "error",
+                    "encoder_mismatch",
+                    "the encode service serves a different model than this language service",
+                    500,
+                )
+            ]
         image.grid = tuple(result.grid_thw)
         image.rows = result.embeddings.to(self.runner.device, self.runner.dtype)
         image.key = _image_identity(result.content_key, image.key)
@@ -205,8 +238,9 @@ class EngineCore:
             if req is None:
                 continue
             if outcome.matcher is None:
-                outputs.append(self._finish(req, "error", outcome.error_code, outcome.error_message,
-                                            outcome.error_status))
+                outputs.append(
+                    self._finish(req, "error", outcome.error_code, outcome.error_message, outcome.error_status)
+                )
                 continue
             req.matcher = outcome.matcher
             if req.request_id not in self.awaiting:
@@ -236,8 +270,9 @@ class EngineCore:
         req.token_ids, req.cache_tokens, req.num_prompt_tokens = ids, cache_tokens, len(ids)
         if cfg.is_vl:
             grids = [im.grid for im in req.images]
-            req.positions, req.rope_delta = mrope_positions(ids, grids, cfg.image_token_id,
-                                                            cfg.vision.spatial_merge_size)
+            req.positions, req.rope_delta = mrope_positions(
+                ids, grids, cfg.image_token_id, cfg.vision.spatial_merge_size
+            )
             if req.images:
                 req.attach_image_rows(torch.cat([im.rows for im in req.images]), cfg.image_token_id)
                 for im in req.images:
@@ -285,9 +320,13 @@ class EngineCore:
         """The grammar refused a token drawn under its own mask: a bug, never the client's doing.
         The token is not sent; the request ends rather than break its format."""
         log.error("request %s: its grammar refused token %d, drawn under the grammar's mask", req.request_id, tok)
-        return self._finish(req, "error", "internal_error",
-                            "the structured output could not be continued (an internal error); the server keeps "
-                            "running", 500)
+        return self._finish(
+            req,
+            "error",
+            "internal_error",
+            "the structured output could not be continued (an internal error); the server keeps running",
+            500,
+        )
 
     def _isolate_failure(self, chunks: list[ScheduledChunk], exc: Exception) -> list[RequestOutput]:
         """A model step raised (a bug one request's data triggers, or memory running out). The
@@ -299,8 +338,12 @@ class EngineCore:
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
         if len(chunks) > 1:
-            log.warning("a model step over %d requests failed (%s: %s); rerunning it in halves to find the "
-                        "request that fails", len(chunks), type(exc).__name__, exc)
+            log.warning(
+                "a model step over %d requests failed (%s: %s); rerunning it in halves to find the request that fails",
+                len(chunks),
+                type(exc).__name__,
+                exc,
+            )
             half = len(chunks) // 2
             return self._run(chunks[:half]) + self._run(chunks[half:])
         req = chunks[0].request
@@ -333,8 +376,14 @@ class EngineCore:
         req.pending_tokens, req.pending_logprobs = [], []
         return out
 
-    def _finish(self, req: EngineRequest, reason: str, code: str | None = None, message: str | None = None,
-                status: int | None = None) -> RequestOutput:
+    def _finish(
+        self,
+        req: EngineRequest,
+        reason: str,
+        code: str | None = None,
+        message: str | None = None,
+        status: int | None = None,
+    ) -> RequestOutput:
         req.finish_reason = reason
         self.scheduler.finish(req)
         self.awaiting.pop(req.request_id, None)
@@ -405,5 +454,12 @@ def _image_identity(reported: str, sent: str) -> str:
 
 
 def _error(request_id: str, code: str, message: str, status: int) -> RequestOutput:
-    return RequestOutput(request_id=request_id, new_token_ids=[], finished=True, finish_reason="error",
-                         error_code=code, error_message=message, error_status=status)
+    return RequestOutput(
+        request_id=request_id,
+        new_token_ids=[],
+        finished=True,
+        finish_reason="error",
+        error_code=code,
+        error_message=message,
+        error_status=status,
+    )

@@ -57,8 +57,17 @@ class DecodeStep:
 class DecodeGraphRunner:
     """Static input buffers, one captured graph per bucket, and the step that fills and replays them."""
 
-    def __init__(self, model: nn.Module, kernels: Kernels, *, max_batch: int, max_blocks: int,
-                 scratch_block: int, mrope: bool, capture: bool) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        kernels: Kernels,
+        *,
+        max_batch: int,
+        max_blocks: int,
+        scratch_block: int,
+        mrope: bool,
+        capture: bool,
+    ) -> None:
         self.model = model
         self.kernels = kernels
         self.sizes = bucket_sizes(max_batch)

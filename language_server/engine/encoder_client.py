@@ -89,12 +89,24 @@ def _region_options(transport: str, device: str, lease_mib: int, encoders: int) 
 
 
 class EncoderClient:
-    def __init__(self, addresses: list[str], transport: str, result_address: str, timeout_s: float,
-                 retries: int, health_interval_s: float, result_transport: str = "zmq",
-                 device: str = "cpu", result_lease_mib: int = 64, token: str | None = None) -> None:
-        self.receiver: Receiver = make_receiver(result_transport, result_address,
-                                                **_region_options(result_transport, device, result_lease_mib,
-                                                                  len(addresses)))
+    def __init__(
+        self,
+        addresses: list[str],
+        transport: str,
+        result_address: str,
+        timeout_s: float,
+        retries: int,
+        health_interval_s: float,
+        result_transport: str = "zmq",
+        device: str = "cpu",
+        result_lease_mib: int = 64,
+        token: str | None = None,
+    ) -> None:
+        self.receiver: Receiver = make_receiver(
+            result_transport,
+            result_address,
+            **_region_options(result_transport, device, result_lease_mib, len(addresses)),
+        )
         self.encoders = [EncoderState(a, make_sender(transport, a)) for a in addresses]
         self.timeout_s = timeout_s
         self.retries = retries
@@ -114,11 +126,13 @@ class EncoderClient:
     def num_healthy(self) -> int:
         return sum(e.healthy for e in self.encoders)
 
-    def submit(self, request_id: str, image_index: int, key: str, source: bytes | str,
-               options: dict[str, int]) -> EncodeOutcome | None:
+    def submit(
+        self, request_id: str, image_index: int, key: str, source: bytes | str, options: dict[str, int]
+    ) -> EncodeOutcome | None:
         """Send one image job; an immediate failure (no encoder) comes back as an outcome."""
-        return self._dispatch(_Job(request_id, image_index, key, source, options, encoder=None, sent_at=0.0,
-                                   attempts=0))
+        return self._dispatch(
+            _Job(request_id, image_index, key, source, options, encoder=None, sent_at=0.0, attempts=0)
+        )
 
     def cancel(self, request_id: str) -> None:
         """Forget a request's jobs (aborted); late results for them are dropped."""
@@ -168,8 +182,14 @@ class EncoderClient:
             job.attempts += 1
             job.tried.add(encoder.address)
             job_id = f"{job.request_id}/{job.image_index}/{next(self._ids)}"
-            msg = EncodeJob(request_id=job_id, image_key=job.key or _NO_KEY_YET, source=job.source,
-                            reply_to=self.receiver.address, options=dict(job.options), token=self.token)
+            msg = EncodeJob(
+                request_id=job_id,
+                image_key=job.key or _NO_KEY_YET,
+                source=job.source,
+                reply_to=self.receiver.address,
+                options=dict(job.options),
+                token=self.token,
+            )
             try:
                 encoder.sender.send(msg, timeout=_SEND_TIMEOUT_S)
             except TransportError as exc:
@@ -177,9 +197,13 @@ class EncoderClient:
                 self._mark_down(encoder)
                 continue
             except ProtocolError as exc:  # this job can't be put on the wire (e.g. a source too long)
-                return EncodeOutcome(job.request_id, job.image_index, error_code="invalid_request",
-                                     error_message=f"the image cannot be sent to the encoder: {exc.reason}",
-                                     error_status=400)
+                return EncodeOutcome(
+                    job.request_id,
+                    job.image_index,
+                    error_code="invalid_request",
+                    error_message=f"the image cannot be sent to the encoder: {exc.reason}",
+                    error_status=400,
+                )
             job.encoder, job.sent_at = encoder, time.monotonic()
             encoder.in_flight += 1
             self.jobs[job_id] = job
@@ -190,8 +214,9 @@ class EncoderClient:
             message = "this server has no encode service configured, so it cannot take images"
         else:
             message = "no encode service answered in time; try again later"
-        return EncodeOutcome(job.request_id, job.image_index, error_code="encoder_unavailable",
-                             error_message=message, error_status=503)
+        return EncodeOutcome(
+            job.request_id, job.image_index, error_code="encoder_unavailable", error_message=message, error_status=503
+        )
 
     def _on_message(self, msg: object) -> list[EncodeOutcome]:
         if isinstance(msg, HealthPong):
@@ -207,8 +232,15 @@ class EncoderClient:
         job.encoder.healthy = True
         job.encoder.last_pong = time.monotonic()
         if isinstance(msg, EncodeError):
-            return [EncodeOutcome(job.request_id, job.image_index, error_code=msg.code, error_message=msg.message,
-                                  error_status=ENCODE_ERROR_STATUS.get(msg.code, 500))]
+            return [
+                EncodeOutcome(
+                    job.request_id,
+                    job.image_index,
+                    error_code=msg.code,
+                    error_message=msg.message,
+                    error_status=ENCODE_ERROR_STATUS.get(msg.code, 500),
+                )
+            ]
         self.bytes_received += msg.embeddings.numel() * msg.embeddings.element_size()
         return [EncodeOutcome(job.request_id, job.image_index, result=msg)]
 
@@ -216,12 +248,15 @@ class EncoderClient:
         self._next_ping = now + self.health_interval_s
         for seq, e in enumerate(self.encoders):
             if e.healthy and now - e.last_pong > _UNHEALTHY_AFTER_MISSED_PINGS * self.health_interval_s:
-                log.warning("encoder %s missed %d health checks; taking it out", e.address,
-                            _UNHEALTHY_AFTER_MISSED_PINGS)
+                log.warning(
+                    "encoder %s missed %d health checks; taking it out", e.address, _UNHEALTHY_AFTER_MISSED_PINGS
+                )
                 self._mark_down(e)
             try:
                 # seq identifies the encoder: its index in our list.
-                e.sender.send(HealthPing(reply_to=self.receiver.address, seq=seq, sent_at=now, token=self.token), timeout=0)
+                e.sender.send(
+                    HealthPing(reply_to=self.receiver.address, seq=seq, sent_at=now, token=self.token), timeout=0
+                )
             except TransportError:
                 if e.healthy:  # no connected peer: it is gone (a live one takes pings at once)
                     log.warning("encoder %s is unreachable; taking it out", e.address)
@@ -243,8 +278,13 @@ class EncoderClient:
         the old one): the jobs sent to the old one died with it. Send them again at once, to the
         new instance too (its cache joins a job it did receive; the first answer wins), or 503."""
         lost = [j for j, job in self.jobs.items() if job.encoder is encoder]
-        log.warning("encoder %s restarted (%s -> %s); sending its %d jobs in flight again",
-                    encoder.address, encoder.service_id, service_id, len(lost))
+        log.warning(
+            "encoder %s restarted (%s -> %s); sending its %d jobs in flight again",
+            encoder.address,
+            encoder.service_id,
+            service_id,
+            len(lost),
+        )
         for job_id in lost:
             job = self.jobs[job_id]
             job.tried.discard(encoder.address)  # the instance that took it is gone, not this address

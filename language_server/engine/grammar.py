@@ -83,8 +83,9 @@ class Grammars:
     """Compiles constraints off the engine loop; the loop submits, polls and cancels (all three
     only from the engine's thread)."""
 
-    def __init__(self, model_dir: str, vocab_size: int, stop_token_ids: list[int], timeout_s: float,
-                 workers: int = _WORKERS) -> None:
+    def __init__(
+        self, model_dir: str, vocab_size: int, stop_token_ids: list[int], timeout_s: float, workers: int = _WORKERS
+    ) -> None:
         self.model_dir = model_dir
         self.vocab_size = vocab_size  # the logits' width: the bitmask covers every row of the head
         self.stop_token_ids = sorted(stop_token_ids)
@@ -141,8 +142,9 @@ class Grammars:
             del self._jobs[key]
             for rid in job.waiters:
                 del self._waiting[rid]
-                outcomes.append(GrammarOutcome(rid, None, *error) if error else
-                                GrammarOutcome(rid, _new_matcher(job.compiled)))
+                outcomes.append(
+                    GrammarOutcome(rid, None, *error) if error else GrammarOutcome(rid, _new_matcher(job.compiled))
+                )
         return outcomes
 
     def close(self) -> None:
@@ -160,8 +162,10 @@ class Grammars:
         return True
 
     def _too_complex(self) -> tuple[str, str, int]:
-        message = (f"the constraint did not compile within {self.timeout_s:g} s (grammar_compile_timeout_s); "
-                   "use a smaller schema, regex or grammar")
+        message = (
+            f"the constraint did not compile within {self.timeout_s:g} s (grammar_compile_timeout_s); "
+            "use a smaller schema, regex or grammar"
+        )
         return ("grammar_too_complex", message, 400)
 
     def _start_threads(self) -> None:
@@ -176,11 +180,17 @@ class Grammars:
     def _write_off(self, job: _Job) -> None:
         self._written_off = [j for j in self._written_off if not j.done.is_set()]
         if len(self._written_off) >= _MAX_WRITTEN_OFF:
-            log.warning("a grammar compile ran past %g s and %d others still run; later compiles wait for "
-                        "a free worker", self.timeout_s, len(self._written_off))
+            log.warning(
+                "a grammar compile ran past %g s and %d others still run; later compiles wait for a free worker",
+                self.timeout_s,
+                len(self._written_off),
+            )
             return
-        log.warning("a grammar compile ran past %g s; its thread is left to finish (a compile cannot be "
-                    "interrupted) and a new worker takes its place", self.timeout_s)
+        log.warning(
+            "a grammar compile ran past %g s; its thread is left to finish (a compile cannot be "
+            "interrupted) and a new worker takes its place",
+            self.timeout_s,
+        )
         job.replaced = True
         self._written_off.append(job)
         self._spawn()
@@ -200,10 +210,12 @@ class Grammars:
     def _run(self, job: _Job) -> None:
         try:
             compiler = self._get_compiler()
-        except Exception as exc:  # noqa: BLE001 - any failure to load the tokenizer ends the request
+        except Exception as exc:  # any failure to load the tokenizer ends the request
             log.exception("could not build the grammar compiler")
-            message = (f"structured outputs are unavailable on this server: the tokenizer could not be "
-                       f"prepared ({type(exc).__name__})")
+            message = (
+                f"structured outputs are unavailable on this server: the tokenizer could not be "
+                f"prepared ({type(exc).__name__})"
+            )
             job.error = ("internal_error", message, 500)
             job.seconds = 0.0
             job.done.set()
@@ -213,7 +225,7 @@ class Grammars:
             job.compiled = _compile(compiler, job.kind, job.source)
         except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar's errors for invalid input
             job.error = ("invalid_grammar", f"the {job.kind} constraint cannot be compiled: {_clean(exc)}", 400)
-        except Exception as exc:  # noqa: BLE001 - a bug, not the client's input
+        except Exception as exc:  # a bug, not the client's input
             log.exception("a %s compile failed", job.kind)
             job.error = ("internal_error", f"compiling the constraint failed ({type(exc).__name__})", 500)
         job.seconds = time.monotonic() - job.started
@@ -227,12 +239,18 @@ class Grammars:
 
                 started = time.monotonic()
                 tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-                info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size,
-                                                          stop_token_ids=self.stop_token_ids)
-                self._compiler = xgr.GrammarCompiler(info, max_threads=_COMPILER_THREADS,
-                                                     cache_limit_bytes=_CACHE_LIMIT_BYTES)
-                log.info("grammar compiler ready in %.2f s (vocabulary %d, stop tokens %s)",
-                         time.monotonic() - started, self.vocab_size, self.stop_token_ids)
+                info = xgr.TokenizerInfo.from_huggingface(
+                    tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids
+                )
+                self._compiler = xgr.GrammarCompiler(
+                    info, max_threads=_COMPILER_THREADS, cache_limit_bytes=_CACHE_LIMIT_BYTES
+                )
+                log.info(
+                    "grammar compiler ready in %.2f s (vocabulary %d, stop tokens %s)",
+                    time.monotonic() - started,
+                    self.vocab_size,
+                    self.stop_token_ids,
+                )
             return self._compiler
 
 

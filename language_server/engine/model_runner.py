@@ -73,8 +73,16 @@ class ScheduledChunk:
 
 
 class ModelRunner:
-    def __init__(self, model_dir: str, device: str, dtype: str, block_size: int,
-                 num_kv_blocks: int | None, kv_memory_fraction: float, options: RunnerOptions | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        device: str,
+        dtype: str,
+        block_size: int,
+        num_kv_blocks: int | None,
+        kv_memory_fraction: float,
+        options: RunnerOptions | None = None,
+    ) -> None:
         self.options = options or RunnerOptions()
         self.device = resolve_device(device)  # a GPU is made current: the engine process works on one
         self.dtype = dtype_from_name(dtype)
@@ -86,22 +94,34 @@ class ModelRunner:
         self.config: ModelConfig = loaded.config
         text = self.config.text
         self.block_size = block_size
-        per_block = 2 * text.num_hidden_layers * block_size * text.num_key_value_heads * text.head_dim \
-            * self.dtype.itemsize
+        per_block = (
+            2 * text.num_hidden_layers * block_size * text.num_key_value_heads * text.head_dim * self.dtype.itemsize
+        )
         if num_kv_blocks is None:
             num_kv_blocks = max(1, self._kv_budget_bytes(kv_memory_fraction) // per_block - 1)
         self.num_kv_blocks = num_kv_blocks
         # One block more than the scheduler hands out: padding rows of graph steps write there.
-        self.kv_cache = PagedKVCache(text.num_hidden_layers, num_kv_blocks + 1, block_size, text.num_key_value_heads,
-                                     text.head_dim, self.dtype, self.device)
+        self.kv_cache = PagedKVCache(
+            text.num_hidden_layers,
+            num_kv_blocks + 1,
+            block_size,
+            text.num_key_value_heads,
+            text.head_dim,
+            self.dtype,
+            self.device,
+        )
         opts = self.options
         self.kernels = select_kernels(opts.attention_backend, opts.moe_backend, self.kv_cache, self.device)
         if self.kernels.attn.name == "triton":
             self.model.fuse_qkv()  # one GEMM for q, k and v
         self.decode_graphs = self._decode_graphs()
-        log.info("kernels: %s, cuda_graphs=%s (%s), load_format=%s", self.kernels.describe(), opts.cuda_graphs,
-                 "captured" if self.decode_graphs is not None and self.decode_graphs.graphs else "not captured",
-                 opts.load_format)
+        log.info(
+            "kernels: %s, cuda_graphs=%s (%s), load_format=%s",
+            self.kernels.describe(),
+            opts.cuda_graphs,
+            "captured" if self.decode_graphs is not None and self.decode_graphs.graphs else "not captured",
+            opts.load_format,
+        )
 
     def _kv_budget_bytes(self, fraction: float) -> int:
         if self.device.type == "cuda":
@@ -115,7 +135,8 @@ class ModelRunner:
         if not capture and mode != "nocapture":
             return None
         return DecodeGraphRunner(
-            self.model, self.kernels,
+            self.model,
+            self.kernels,
             max_batch=self.options.max_num_seqs,
             max_blocks=-(-self.options.max_model_len // self.block_size),
             scratch_block=self.num_kv_blocks,
@@ -196,8 +217,16 @@ class ModelRunner:
         slots, tables = self._slots_and_tables(chunks)
         vision = self._vision_inputs(chunks)
         mask, rows = vision if vision is not None else (None, None)
-        return forward_context(self.kernels, positions, [c.count for c in chunks],
-                               [c.start + c.count for c in chunks], slots, tables, image_mask=mask, image_rows=rows)
+        return forward_context(
+            self.kernels,
+            positions,
+            [c.count for c in chunks],
+            [c.start + c.count for c in chunks],
+            slots,
+            tables,
+            image_mask=mask,
+            image_rows=rows,
+        )
 
     def _positions(self, chunk: ScheduledChunk) -> torch.Tensor:
         req, a, n = chunk.request, chunk.start, chunk.count
@@ -222,8 +251,7 @@ class ModelRunner:
         tables = np.zeros((len(chunks), width), dtype=np.int64)
         for row, c in enumerate(chunks):
             tables[row, : len(c.request.block_ids)] = c.request.block_ids
-        return (torch.tensor(slots, dtype=torch.long, device=self.device),
-                torch.from_numpy(tables).to(self.device))
+        return (torch.tensor(slots, dtype=torch.long, device=self.device), torch.from_numpy(tables).to(self.device))
 
     def _vision_inputs(self, chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(mask [T] of the step's positions that take an encoder row, those rows in batch order),
@@ -245,4 +273,3 @@ class ModelRunner:
         if not parts:
             return None
         return torch.cat(masks).to(self.device), torch.cat(parts)
-

@@ -48,7 +48,7 @@ def run_engine_process(settings: dict, request_address: str, output_address: str
         from language_server.engine.core import EngineCore  # torch import after the sockets exist
 
         core = EngineCore(LanguageSettings(**settings))
-    except Exception as exc:  # noqa: BLE001 - report any start-up failure to the HTTP process
+    except Exception as exc:  # report any start-up failure to the HTTP process
         log.error("engine failed to start: %s", traceback.format_exc())
         out.send(pack(EngineFatal(message=f"{type(exc).__name__}: {exc}")))
         out.close()
@@ -62,10 +62,22 @@ def run_engine_process(settings: dict, request_address: str, output_address: str
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    out.send(pack(EngineReady(num_kv_blocks=core.blocks.num_blocks, block_size=core.blocks.block_size,
-                              result_address=core.encoders.result_address, max_model_len=core.max_model_len)))
-    log.info("engine ready: %d KV blocks of %d tokens, encode results at %s",
-             core.blocks.num_blocks, core.blocks.block_size, core.encoders.result_address)
+    out.send(
+        pack(
+            EngineReady(
+                num_kv_blocks=core.blocks.num_blocks,
+                block_size=core.blocks.block_size,
+                result_address=core.encoders.result_address,
+                max_model_len=core.max_model_len,
+            )
+        )
+    )
+    log.info(
+        "engine ready: %d KV blocks of %d tokens, encode results at %s",
+        core.blocks.num_blocks,
+        core.blocks.block_size,
+        core.encoders.result_address,
+    )
     try:
         while not stopping:
             timeout = 0 if core.has_work() else _IDLE_POLL_MS
@@ -80,7 +92,7 @@ def run_engine_process(settings: dict, request_address: str, output_address: str
             _send_all(out, core.poll_grammars())
             if core.has_work():
                 _send_all(out, core.step())
-    except Exception as exc:  # noqa: BLE001 - tell the HTTP process why we are going away
+    except Exception as exc:  # tell the HTTP process why we are going away
         log.error("engine loop failed: %s", traceback.format_exc())
         out.send(pack(EngineFatal(message=f"{type(exc).__name__}: {exc}")))
         raise

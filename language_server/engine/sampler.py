@@ -37,18 +37,23 @@ def sample(logits: torch.Tensor, requests: Sequence[EngineRequest]) -> tuple[lis
     """logits [B, V] (any float dtype) -> one token id and its logprob entry per request."""
     scores = logits.float()
     constrained = [row for row, req in enumerate(requests) if req.matcher is not None]
-    biased = [(row, req.request.sampling.logit_bias) for row, req in enumerate(requests)
-              if req.request.sampling.logit_bias]
-    banned = [(row, req.min_tokens_banned) for row, req in enumerate(requests)
-              if req.min_tokens_banned and len(req.output_ids) < req.request.sampling.min_tokens]
+    biased = [
+        (row, req.request.sampling.logit_bias) for row, req in enumerate(requests) if req.request.sampling.logit_bias
+    ]
+    banned = [
+        (row, req.min_tokens_banned)
+        for row, req in enumerate(requests)
+        if req.min_tokens_banned and len(req.output_ids) < req.request.sampling.min_tokens
+    ]
     if (constrained or biased or banned) and scores.data_ptr() == logits.data_ptr():
         # The edits below are in place, and float() of float32 logits is the caller's own tensor
         # (a graph's output buffer, say): edit a copy.
         scores = scores.clone()
     if constrained:
         _apply_grammars(scores, requests, constrained)
-    raw_logprobs = torch.log_softmax(scores, dim=-1) if any(r.request.sampling.logprobs is not None
-                                                           for r in requests) else None
+    raw_logprobs = (
+        torch.log_softmax(scores, dim=-1) if any(r.request.sampling.logprobs is not None for r in requests) else None
+    )
     if biased:
         _apply_logit_bias(scores, biased)
     if banned:
@@ -66,11 +71,15 @@ def sample(logits: torch.Tensor, requests: Sequence[EngineRequest]) -> tuple[lis
     # Unseeded sampled rows draw together: one filter pass and one multinomial, one device sync
     # (one per row cost ~40% of decode throughput at 64 rows). Seeded rows draw from their own
     # generators, one at a time, so each repeats exactly whatever else is in the batch.
-    shared = [row for row, req in enumerate(requests) if row not in picked and req.generator is None
-              and req.request.sampling.temperature > 0.0]
+    shared = [
+        row
+        for row, req in enumerate(requests)
+        if row not in picked and req.generator is None and req.request.sampling.temperature > 0.0
+    ]
     if shared:
-        rows = torch.stack([_apply_penalties(scores[row], requests[row], requests[row].request.sampling)
-                            for row in shared])
+        rows = torch.stack(
+            [_apply_penalties(scores[row], requests[row], requests[row].request.sampling) for row in shared]
+        )
         probs = _filtered_probs(rows, [requests[row].request.sampling for row in shared])
         picked.update(zip(shared, torch.multinomial(probs, 1).squeeze(1).tolist()))
     tokens: list[int] = []
@@ -81,8 +90,11 @@ def sample(logits: torch.Tensor, requests: Sequence[EngineRequest]) -> tuple[lis
         if tok is None:
             tok = _pick(_apply_penalties(scores[row], req, params), params, req.generator)
         tokens.append(tok)
-        entries.append(_logprob_entry(raw_logprobs[row], tok, params.logprobs) if raw_logprobs is not None
-                       and params.logprobs is not None else None)
+        entries.append(
+            _logprob_entry(raw_logprobs[row], tok, params.logprobs)
+            if raw_logprobs is not None and params.logprobs is not None
+            else None
+        )
     return tokens, entries
 
 
@@ -105,8 +117,11 @@ def _apply_logit_bias(scores: torch.Tensor, biased: list[tuple[int, list]]) -> N
     ids = [int(tok) for _, pairs in biased for tok, _ in pairs]
     values = [float(bias) for _, pairs in biased for _, bias in pairs]
     dev = scores.device
-    scores.index_put_((torch.tensor(rows, device=dev), torch.tensor(ids, device=dev)),
-                      torch.tensor(values, device=dev, dtype=scores.dtype), accumulate=True)
+    scores.index_put_(
+        (torch.tensor(rows, device=dev), torch.tensor(ids, device=dev)),
+        torch.tensor(values, device=dev, dtype=scores.dtype),
+        accumulate=True,
+    )
 
 
 def _ban_stop_tokens(scores: torch.Tensor, banned: list[tuple[int, frozenset[int]]], constrained: set[int]) -> None:
@@ -120,8 +135,12 @@ def _ban_stop_tokens(scores: torch.Tensor, banned: list[tuple[int, frozenset[int
 
 
 def _is_plain_greedy(params: SamplingParams) -> bool:
-    return (params.temperature == 0.0 and params.repetition_penalty == 1.0 and not params.presence_penalty
-            and not params.frequency_penalty)
+    return (
+        params.temperature == 0.0
+        and params.repetition_penalty == 1.0
+        and not params.presence_penalty
+        and not params.frequency_penalty
+    )
 
 
 def _apply_penalties(scores: torch.Tensor, req: EngineRequest, params: SamplingParams) -> torch.Tensor:

@@ -50,14 +50,22 @@ class TritonAttentionBackend(AttentionBackend):
             batch.context_slots = context_slots(block_tables, batch.context_lens, self.kv_cache.block_size)
         return batch
 
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               batch: AttentionBatch) -> torch.Tensor:
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch
+    ) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] (rotated, already in the cache) -> [T, Hq, D]."""
         if batch.kind == "decode":
             k_cache, v_cache = self.kv_cache.data[layer_idx]  # each [N, S, Hkv, D]
-            return paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.device_context_lens,
-                                          max_context=batch.max_context, split_len=batch.split_len,
-                                          balance_splits=batch.balance_splits)
+            return paged_decode_attention(
+                q,
+                k_cache,
+                v_cache,
+                batch.block_tables,
+                batch.device_context_lens,
+                max_context=batch.max_context,
+                split_len=batch.split_len,
+                balance_splits=batch.balance_splits,
+            )
         if batch.kind == "prefill":  # the new keys are the whole contexts
             return varlen_causal_attention(q, k, v, batch.query_lens, batch.query_lens, batch.cu_seqlens)
         keys, values = gather_context(self.kv_cache, layer_idx, batch.context_slots)  # [C, Hkv, D]
@@ -68,8 +76,9 @@ class TritonAttentionBackend(AttentionBackend):
         # is planned once per bucket for the longest context the graphs serve, and each sequence's
         # actual context is cut evenly over them on the device (balance_splits).
         batch = super().graph_batch(bucket, context_lens)
-        batch.split_len = choose_split_len(bucket, self.kv_cache.num_kv_heads, batch.max_context,
-                                           num_sms(self.kv_cache.data.device))
+        batch.split_len = choose_split_len(
+            bucket, self.kv_cache.num_kv_heads, batch.max_context, num_sms(self.kv_cache.data.device)
+        )
         batch.balance_splits = True
         return batch
 

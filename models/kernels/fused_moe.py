@@ -197,7 +197,6 @@ if HAS_TRITON:
         y_ptrs = y_ptr + pair[:, None] * stride_yt + cols[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
-
     @triton.jit
     def _combine_kernel(
         y_ptr,  # [T, K, H] weighted expert outputs

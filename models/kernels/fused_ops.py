@@ -125,7 +125,7 @@ if HAS_TRITON:
         out2 = ((b * c2).to(dt).to(tl.float32) + (a * s2).to(dt).to(tl.float32)).to(dt)
         tl.store(dst + lo, out1)
         tl.store(dst + HALF + lo, out2)
-        if HAS_CACHE:
+        if HAS_CACHE:  # noqa: SIM102 - a constexpr branch, pruned at compile time; the inner one runs
             if head >= num_q_heads:
                 cache = k_cache_ptr + slot * stride_cache_slot + (head - num_q_heads) * stride_cache_head
                 tl.store(cache + lo, out1)
@@ -222,11 +222,25 @@ def qk_norm_rope(
     d = q.shape[-1]
     weights_ok = q_weight is None or (q_weight.dtype == k_weight.dtype == q.dtype)
     cache_ok = kv_write is None or (
-        v is not None and v.dtype == q.dtype and v.stride(-1) == 1 and kv_write.k_cache.dtype == q.dtype
-        and kv_write.k_cache.stride() == kv_write.v_cache.stride() and kv_write.k_cache.stride(-1) == 1)
-    if (not use_triton(q) or not weights_ok or not cache_ok or d % 2 or d & (d - 1) or q.stride(-1) != 1
-            or k.stride(-1) != 1 or not (q.dtype == k.dtype == cos.dtype == sin.dtype) or cos.stride(-1) != 1
-            or sin.stride() != cos.stride()):
+        v is not None
+        and v.dtype == q.dtype
+        and v.stride(-1) == 1
+        and kv_write.k_cache.dtype == q.dtype
+        and kv_write.k_cache.stride() == kv_write.v_cache.stride()
+        and kv_write.k_cache.stride(-1) == 1
+    )
+    if (
+        not use_triton(q)
+        or not weights_ok
+        or not cache_ok
+        or d % 2
+        or d & (d - 1)
+        or q.stride(-1) != 1
+        or k.stride(-1) != 1
+        or not (q.dtype == k.dtype == cos.dtype == sin.dtype)
+        or cos.stride(-1) != 1
+        or sin.stride() != cos.stride()
+    ):
         return ops.torch_qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin, v, kv_write)
     t, hq, _ = q.shape
     hk = k.shape[1]

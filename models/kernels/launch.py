@@ -45,8 +45,9 @@ class CachedLaunch:
         self._constexprs = [p.name for p in params if p.is_constexpr] if params is not None else []
         self._compiled: dict[tuple, Any] = {}
 
-    def __call__(self, grid: tuple[int, ...], *args: Any, num_warps: int = 4, num_stages: int = 3,
-                 **constexprs: Any) -> None:
+    def __call__(
+        self, grid: tuple[int, ...], *args: Any, num_warps: int = 4, num_stages: int = 3, **constexprs: Any
+    ) -> None:
         if INTERPRET or not args or not isinstance(args[0], torch.Tensor) or not args[0].is_cuda:
             self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
             return

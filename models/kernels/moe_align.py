@@ -50,8 +50,9 @@ def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
     return -(-rows // block_m) * block_m
 
 
-def align_pairs_to_experts(topk_ids: torch.Tensor, num_experts: int, block_m: int,
-                           pair_blocks_upto: int = 0) -> ExpertAlignment:
+def align_pairs_to_experts(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int, pair_blocks_upto: int = 0
+) -> ExpertAlignment:
     """topk_ids [T, K] -> pairs sorted by expert, each expert's run padded to a multiple of M.
 
     For at most `pair_blocks_upto` tokens nothing is sorted: each pair is its own block (the
@@ -242,8 +243,21 @@ def _align_chunked(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Ex
     sorted_pair_ids = torch.empty(rows, dtype=torch.int32, device=device)
     block_expert_ids = torch.empty(rows // block_m, dtype=torch.int32, device=device)
     _chunk_counts_launch((chunks,), flat, counts, num_pairs, E_PAD=e_pad, CHUNK=ALIGN_CHUNK, num_warps=4)
-    _chunk_offsets_launch((1,), counts, block_expert_ids, sorted_pair_ids, chunks, num_pairs, num_experts, rows,
-                          BLOCK_M=block_m, E_PAD=e_pad, LANES=256, num_warps=4)
-    _chunk_scatter_launch((chunks,), flat, counts, sorted_pair_ids, num_pairs, E_PAD=e_pad, CHUNK=ALIGN_CHUNK,
-                          num_warps=4)
+    _chunk_offsets_launch(
+        (1,),
+        counts,
+        block_expert_ids,
+        sorted_pair_ids,
+        chunks,
+        num_pairs,
+        num_experts,
+        rows,
+        BLOCK_M=block_m,
+        E_PAD=e_pad,
+        LANES=256,
+        num_warps=4,
+    )
+    _chunk_scatter_launch(
+        (chunks,), flat, counts, sorted_pair_ids, num_pairs, E_PAD=e_pad, CHUNK=ALIGN_CHUNK, num_warps=4
+    )
     return ExpertAlignment(sorted_pair_ids, block_expert_ids, num_pairs)

@@ -17,8 +17,8 @@ S block size.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Callable
 
 import torch
 
@@ -97,7 +97,9 @@ def varlen_causal_attention(
     return out
 
 
-def cumulative_lens(query_lens: list[int], context_lens: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def cumulative_lens(
+    query_lens: list[int], context_lens: list[int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Flash varlen's cu_seqlens for queries and keys: [B + 1] int32 each, one copy for both."""
     cu = [0]
     for n in query_lens:

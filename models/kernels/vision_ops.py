@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from models.attention import varlen_full_attention
-from models.ops import apply_rotary
 from models.kernels.availability import HAS_TRITON, use_triton
 from models.kernels.launch import cached_launch
+from models.ops import apply_rotary
 
 if HAS_TRITON:
     import triton
@@ -87,11 +87,22 @@ def vision_rotary(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k [P, Hh, D] rotated by cos, sin [P, D] (fp32) -> contiguous [P, Hh, D] each."""
     p, heads, d = q.shape
-    if (not use_triton(q) or d % 2 or q.stride(-1) != 1 or k.stride(-1) != 1 or k.shape != q.shape
-            or cos.dtype != torch.float32 or sin.dtype != torch.float32 or cos.stride(-1) != 1
-            or sin.stride() != cos.stride()):
+    if (
+        not use_triton(q)
+        or d % 2
+        or q.stride(-1) != 1
+        or k.stride(-1) != 1
+        or k.shape != q.shape
+        or cos.dtype != torch.float32
+        or sin.dtype != torch.float32
+        or cos.stride(-1) != 1
+        or sin.stride() != cos.stride()
+    ):
         return torch_vision_rotary(q, k, cos, sin)
-    q_out, k_out = torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format)
+    q_out, k_out = (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+    )
     if p:
         _vision_rotary_launch((p, 2),
             q, k, cos, sin, q_out, k_out, heads, d // 2,

@@ -8,13 +8,18 @@ measuring package lazily, so `splitvl --help` stays fast.
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from collections.abc import Callable
 
 
 def add_transfer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-only", action="store_true", help="zmq between host tensors only, even where GPUs exist")
     parser.add_argument("--sizes", default="16,256", help="payload sizes in MiB, comma separated (default: 16,256)")
-    parser.add_argument("--trials", type=int, default=3, help="timed trials per number, after a warm-up; the median is reported (default: 3)")
+    parser.add_argument(
+        "--trials",
+        type=int,
+        default=3,
+        help="timed trials per number, after a warm-up; the median is reported (default: 3)",
+    )
     parser.add_argument("--quick", action="store_true", help="a tenth of the messages per trial, for slow machines")
 
 
@@ -25,8 +30,10 @@ def run_transfer(args: argparse.Namespace) -> int:
 
     root = Path(__file__).resolve().parents[2]
     if not (root / "benchmarks" / "transfer_gpu.py").is_file():
-        print(f"{root / 'benchmarks' / 'transfer_gpu.py'} not found: run `splitvl bench` from a source checkout "
-              "(pip install -e .)")
+        print(
+            f"{root / 'benchmarks' / 'transfer_gpu.py'} not found: run `splitvl bench` from a source checkout "
+            "(pip install -e .)"
+        )
         return 2
     # Imported by its package name, not as a loose script: the sender processes it spawns import
     # their target function by that name.
@@ -35,14 +42,22 @@ def run_transfer(args: argparse.Namespace) -> int:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--layers", type=int, default=None,
-                        help="decoder layers to build (default: all 48; fewer fit smaller cards)")
+    parser.add_argument(
+        "--layers", type=int, default=None, help="decoder layers to build (default: all 48; fewer fit smaller cards)"
+    )
     parser.add_argument("--quick", action="store_true", help="fewer generated tokens (~2-3 minutes on an H200)")
-    parser.add_argument("--cpu-smoke", action="store_true",
-                        help="tiny shapes on the CPU through the torch paths: checks the script end to end")
+    parser.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="tiny shapes on the CPU through the torch paths: checks the script end to end",
+    )
     parser.add_argument("--out", default=None, help="JSON results path (default: $OUT/model_gpu.json)")
-    parser.add_argument("--time-budget-s", type=float, default=510.0,
-                        help="sections that would start after this many seconds are skipped (default: 510)")
+    parser.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=510.0,
+        help="sections that would start after this many seconds are skipped (default: 510)",
+    )
 
 
 def _checkout_script(name: str):
@@ -69,7 +84,9 @@ def run_model(args: argparse.Namespace) -> int:
 
 
 def add_all_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: checks the wiring, not a benchmark")
+    parser.add_argument(
+        "--cpu-smoke", action="store_true", help="tiny shapes on the CPU: checks the wiring, not a benchmark"
+    )
     parser.add_argument("--out", default=None, help="folder for the JSON files (default $OUT or .)")
     parser.add_argument("--language-layers", type=int, default=48, help="layers of the language model in the TTFT part")
     parser.add_argument("--parts", default=None, help="comma list of parts: model,encode,ttft,load (default: all)")
@@ -126,8 +143,9 @@ BENCHMARKS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Call
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("bench", help="measure throughput against same-run baselines",
-                                   description=__doc__.split("\n\n")[0])
+    parser = subparsers.add_parser(
+        "bench", help="measure throughput against same-run baselines", description=__doc__.split("\n\n")[0]
+    )
     benchmarks = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     for name, (help_text, add_arguments, handler) in BENCHMARKS.items():
         sub = benchmarks.add_parser(name, help=help_text, description=help_text)

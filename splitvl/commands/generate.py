@@ -16,16 +16,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-tokens. With --disaggregated the vision tower and the language model are loaded "
         "separately and the image rows cross transfer/'s codec as bytes, as between the two services.",
     )
-    p.add_argument("--model", help="checkpoint directory (config.json, safetensors, tokenizer); default: the tiny "
-                   "demo checkpoint `splitvl up` serves (built into the cache directory if missing)")
-    p.add_argument("--cache-dir", metavar="DIR",
-                   help="where the demo checkpoint lives (default $SPLITVL_CACHE, else ~/.cache/splitvl)")
+    p.add_argument(
+        "--model",
+        help="checkpoint directory (config.json, safetensors, tokenizer); default: the tiny "
+        "demo checkpoint `splitvl up` serves (built into the cache directory if missing)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="where the demo checkpoint lives (default $SPLITVL_CACHE, else ~/.cache/splitvl)",
+    )
     p.add_argument("--prompt", required=True, help="the user's text")
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file; repeat for several")
     p.add_argument("--max-tokens", type=int, default=32, help="most new tokens to generate (default 32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights and activations dtype (default float32, the reference precision)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="weights and activations dtype (default float32, the reference precision)",
+    )
     p.add_argument("--disaggregated", action="store_true", help="vision tower -> wire codec -> language model")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=run)

@@ -18,8 +18,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", help="checkpoint directory (config.json, safetensors, tokenizer)")
-    p.add_argument("--encoder", action="append", dest="encoders", metavar="ADDR",
-                   help="an encode service's job address, e.g. tcp://host:port; repeat for several")
+    p.add_argument(
+        "--encoder",
+        action="append",
+        dest="encoders",
+        metavar="ADDR",
+        help="an encode service's job address, e.g. tcp://host:port; repeat for several",
+    )
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
     p.add_argument("--served-model-name", help="the model's name in the API (default: the directory name)")
@@ -39,8 +44,15 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         settings = LanguageSettings.load(
-            args.config, model=args.model, encoders=args.encoders, host=args.host, port=args.port,
-            served_model_name=args.served_model_name, device=args.device, dtype=args.dtype, api_key=args.api_key,
+            args.config,
+            model=args.model,
+            encoders=args.encoders,
+            host=args.host,
+            port=args.port,
+            served_model_name=args.served_model_name,
+            device=args.device,
+            dtype=args.dtype,
+            api_key=args.api_key,
         )
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())

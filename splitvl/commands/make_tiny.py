@@ -28,36 +28,59 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("directory", metavar="DIR", help="output directory (created if missing; files are overwritten)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
-        "--arch", choices=ARCH_CHOICES, default=None,
+        "--arch",
+        choices=ARCH_CHOICES,
+        default=None,
         help="model family (default qwen3-vl-moe; qwen2-moe has a shared expert and qkv bias)",
     )
     parser.add_argument("--text-only", action="store_true", help="same as --arch qwen3-moe")
     parser.add_argument(
-        "--shapes", choices=("tiny", "qwen3-vl-30b-a3b"), default="tiny",
+        "--shapes",
+        choices=("tiny", "qwen3-vl-30b-a3b"),
+        default="tiny",
         help="tiny (fp32, one file) or the real Qwen3-VL-30B-A3B shapes (bf16, ~2 GB shards)",
     )
     parser.add_argument("--layers", type=int, default=None, metavar="N", help="number of text decoder layers")
     parser.add_argument(
-        "--deepstack", type=lambda s: [int(x) for x in s.split(",")], default=None, metavar="I,J,...",
+        "--deepstack",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=None,
+        metavar="I,J,...",
         help="vision blocks whose outputs feed deepstack (tiny default 1,2,3; real 8,16,24)",
     )
     parser.add_argument(
-        "--expert-layout", choices=("hub", "transformers", "per_expert"), default=None,
+        "--expert-layout",
+        choices=("hub", "transformers", "per_expert"),
+        default=None,
         help="hub: fused [E,H,2I]/[E,I,H] (VL default); transformers: fused [E,2I,H]/[E,H,I] as "
         "save_pretrained writes; per_expert: experts.{j}.*_proj.weight (text-only default)",
     )
     parser.add_argument(
-        "--config-spelling", choices=("hub", "transformers"), default="hub",
+        "--config-spelling",
+        choices=("hub", "transformers"),
+        default="hub",
         help="config.json keys as on the Hub (num_experts, rope_scaling, torch_dtype) or as "
         "transformers 5 writes them (rope_parameters, dtype, num_local_experts)",
     )
-    parser.add_argument("--tie-word-embeddings", action="store_true", help="no lm_head.weight; tie it to the embeddings")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                        help="weight dtype (default float32 for tiny, bfloat16 for the real shapes)")
-    parser.add_argument("--max-shard-bytes", type=int, default=None, metavar="BYTES",
-                        help="shard the weights with an index file (default: one file for tiny, 2e9 otherwise)")
-    parser.add_argument("--metadata-only", action="store_true",
-                        help="write config, tokenizer and index files but no weights")
+    parser.add_argument(
+        "--tie-word-embeddings", action="store_true", help="no lm_head.weight; tie it to the embeddings"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="weight dtype (default float32 for tiny, bfloat16 for the real shapes)",
+    )
+    parser.add_argument(
+        "--max-shard-bytes",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="shard the weights with an index file (default: one file for tiny, 2e9 otherwise)",
+    )
+    parser.add_argument(
+        "--metadata-only", action="store_true", help="write config, tokenizer and index files but no weights"
+    )
     parser.set_defaults(func=run)
 
 

@@ -35,22 +35,38 @@ examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("up", help="run the encode and language services on this host until Ctrl-C",
-                              description=DESCRIPTION, epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "up",
+        help="run the encode and language services on this host until Ctrl-C",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the tiny demo checkpoint)")
     p.add_argument("--config", metavar="FILE", help="deployment YAML file, e.g. configs/tiny-cpu.yaml")
     p.add_argument("--host", help="address /health and /v1 listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, help="port of /health and /v1 (default 8000)")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="default cpu; the GPU of each service is gpus: in --config")
+    p.add_argument(
+        "--device", choices=["cpu", "cuda"], help="default cpu; the GPU of each service is gpus: in --config"
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default float32 on cpu, bfloat16 on cuda")
-    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("SPLITVL_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 (default $SPLITVL_API_KEY; none: open)")
-    p.add_argument("--cache-dir", metavar="DIR",
-                   help="where the demo checkpoint is built (default $SPLITVL_CACHE, else ~/.cache/splitvl)")
+    p.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=os.environ.get("SPLITVL_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 (default $SPLITVL_API_KEY; none: open)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="where the demo checkpoint is built (default $SPLITVL_CACHE, else ~/.cache/splitvl)",
+    )
     p.add_argument("--only", choices=["encode", "language"], help="run one of the two services (multi-node)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print each service's resolved settings (secrets masked) and exit; builds nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print each service's resolved settings (secrets masked) and exit; builds nothing",
+    )
     p.set_defaults(func=run)
 
 
@@ -73,8 +89,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         # Neither a file nor a model: the demo, with the settings of its file (configs/tiny-cpu.yaml).
         path = args.config if args.config or args.model else DEMO_CONFIG
-        config = load_deploy_config(path, model=args.model, host=args.host, port=args.port,
-                                    device=args.device, dtype=args.dtype, api_key=args.api_key)
+        config = load_deploy_config(
+            path,
+            model=args.model,
+            host=args.host,
+            port=args.port,
+            device=args.device,
+            dtype=args.dtype,
+            api_key=args.api_key,
+        )
     except DeployConfigError as exc:
         print(f"splitvl up: {exc}", file=sys.stderr)
         return 2
@@ -86,8 +109,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         model, default_name = config.model.expanduser().resolve(), None
         if not (model / "config.json").is_file():
-            print(f"splitvl up: {model} has no config.json; --model takes a checkpoint directory as on the Hub "
-                  "(config.json, safetensors, tokenizer files)", file=sys.stderr)
+            print(
+                f"splitvl up: {model} has no config.json; --model takes a checkpoint directory as on the Hub "
+                "(config.json, safetensors, tokenizer files)",
+                file=sys.stderr,
+            )
             return 2
     try:
         plan = make_plan(config, model, args.only, served_model_name=default_name)
@@ -95,8 +121,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"splitvl up: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
-        services = {name: _masked(settings.model_dump(mode="json")) for name, settings in
-                    (("encode", plan.encode), ("language", plan.language)) if settings is not None}
+        services = {
+            name: _masked(settings.model_dump(mode="json"))
+            for name, settings in (("encode", plan.encode), ("language", plan.language))
+            if settings is not None
+        }
         print(yaml.safe_dump(services, sort_keys=False), end="")
         return 0
     name = (plan.language.served_model_name if plan.language else None) or model.name
@@ -105,5 +134,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _masked(settings: dict) -> dict:
     """Settings as printed by --dry-run: secrets shown only as set or not."""
-    return {key: ("<set>" if value is not None else None) if key in _SECRETS else value
-            for key, value in settings.items()}
+    return {
+        key: ("<set>" if value is not None else None) if key in _SECRETS else value for key, value in settings.items()
+    }

@@ -10,13 +10,17 @@ from splitvl.deploy.plan import Plan
 def banner(plan: Plan, model_name: str, image: Path) -> str:
     lines = [""]
     if plan.encode is not None:
-        lines.append(f"encode service ready: jobs at {plan.encode.listen}, health at {plan.encode_health_url} "
-                     f"({plan.encode.device}, {plan.encode.dtype})")
+        lines.append(
+            f"encode service ready: jobs at {plan.encode.listen}, health at {plan.encode_health_url} "
+            f"({plan.encode.device}, {plan.encode.dtype})"
+        )
     if plan.language is not None:
         url = plan.language_url
         lines += [
-            (f"language service ready: {model_name} ({plan.language.device}, {plan.language.dtype}), "
-             f"encoders {', '.join(plan.language.encoders)}"),
+            (
+                f"language service ready: {model_name} ({plan.language.device}, {plan.language.dtype}), "
+                f"encoders {', '.join(plan.language.encoders)}"
+            ),
             "",
             f"  OpenAI API:  {url}/v1",
             f"  health:      {url}/health",
@@ -38,4 +42,3 @@ def _curl(url: str, model_name: str, image: Path) -> str:
         '  {"type": "text", "text": "What is in this image?"}]}]}\n'
         "EOF"
     )
-

@@ -36,11 +36,25 @@ from transfer.registry import transport_names
 
 # Section field -> the top-level key that sets it.
 _OWNED = {
-    "encode": {"model": "model", "device": "device (and gpus.encode)", "dtype": "dtype", "transport": "transport",
-               "result_transport": "result_transport", "job_token": "encode_token"},
-    "language": {"model": "model", "device": "device (and gpus.language)", "dtype": "dtype", "transport": "transport",
-                 "result_transport": "result_transport", "host": "host", "port": "port",
-                 "encoder_token": "encode_token", "api_key": "api_key"},
+    "encode": {
+        "model": "model",
+        "device": "device (and gpus.encode)",
+        "dtype": "dtype",
+        "transport": "transport",
+        "result_transport": "result_transport",
+        "job_token": "encode_token",
+    },
+    "language": {
+        "model": "model",
+        "device": "device (and gpus.language)",
+        "dtype": "dtype",
+        "transport": "transport",
+        "result_transport": "result_transport",
+        "host": "host",
+        "port": "port",
+        "encoder_token": "encode_token",
+        "api_key": "api_key",
+    },
 }
 
 
@@ -77,22 +91,32 @@ class GpuPlacement(BaseModel):
 class DeployConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: Path | None = Field(None, description="checkpoint directory; none: a tiny random checkpoint, "
-                               "built once into the cache directory (a demo, not a model)")
+    model: Path | None = Field(
+        None,
+        description="checkpoint directory; none: a tiny random checkpoint, "
+        "built once into the cache directory (a demo, not a model)",
+    )
     host: str = Field("127.0.0.1", description="address /health and /v1 listen on; 0.0.0.0 for every interface")
     port: int = Field(8000, ge=1, le=65535, description="port of /health and /v1")
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["float32", "bfloat16"] | None = Field(None, description="default: float32 on cpu, bfloat16 on cuda")
     gpus: GpuPlacement = Field(default_factory=GpuPlacement)
     transport: str = Field("zmq", description="transfer backend encode jobs travel by")
-    result_transport: str = Field("zmq", description="transfer backend encode results travel by: zmq (tcp, any two "
-                                  "hosts), cuda_ipc (two GPUs of one node)")
+    result_transport: str = Field(
+        "zmq",
+        description="transfer backend encode results travel by: zmq (tcp, any two "
+        "hosts), cuda_ipc (two GPUs of one node)",
+    )
     api_key: str | None = Field(None, description="if set, every /v1 request needs 'Authorization: Bearer <key>'")
-    encode_token: str | None = Field(None, description="a shared secret the language service sends with every "
-                                     "encode job and the encode service requires: for encoders on other hosts "
-                                     "(same-host reply addresses are trusted without it)")
-    startup_timeout_s: PositiveFloat = Field(900.0, description="how long the services may take to become healthy "
-                                             "(reading ~62 GB of weights takes minutes)")
+    encode_token: str | None = Field(
+        None,
+        description="a shared secret the language service sends with every "
+        "encode job and the encode service requires: for encoders on other hosts "
+        "(same-host reply addresses are trusted without it)",
+    )
+    startup_timeout_s: PositiveFloat = Field(
+        900.0, description="how long the services may take to become healthy (reading ~62 GB of weights takes minutes)"
+    )
     encode: EncodeSection = Field(default_factory=EncodeSection)  # type: ignore[valid-type]
     language: LanguageSection = Field(default_factory=LanguageSection)  # type: ignore[valid-type]
 
@@ -103,8 +127,10 @@ class DeployConfig(BaseModel):
             for section, owned in _OWNED.items():
                 given = values.get(section)
                 for key in sorted(set(given or {}) & set(owned) if isinstance(given, dict) else ()):
-                    raise ValueError(f"{section}.{key} is set for both services by the top-level {owned[key]}; "
-                                     f"move it out of the {section}: section")
+                    raise ValueError(
+                        f"{section}.{key} is set for both services by the top-level {owned[key]}; "
+                        f"move it out of the {section}: section"
+                    )
         return values
 
     @model_validator(mode="after")
@@ -113,8 +139,7 @@ class DeployConfig(BaseModel):
             if getattr(self, key) not in transport_names():
                 raise ValueError(f"{key} {getattr(self, key)!r} is not a transport; choose one of {transport_names()}")
         if self.result_transport == "cuda_ipc" and self.device != "cuda":
-            raise ValueError("result_transport cuda_ipc copies GPU to GPU and needs device: cuda; "
-                             "use zmq on the CPU")
+            raise ValueError("result_transport cuda_ipc copies GPU to GPU and needs device: cuda; use zmq on the CPU")
         return self
 
     @property

@@ -66,8 +66,14 @@ class Service:
     def start(self) -> None:
         self.started_at = time.monotonic()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # lines reach the terminal as they are logged
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         self._copier = threading.Thread(target=self._copy_output, name=f"{self.name}-output", daemon=True)
         self._copier.start()
 
@@ -92,8 +98,11 @@ class Service:
             try:
                 self.proc.wait(self.stop_timeout_s)
             except subprocess.TimeoutExpired:
-                _say(self.out, self.lock, f"the {self.name} service did not stop within {self.stop_timeout_s:.0f} s; "
-                     "killing it")
+                _say(
+                    self.out,
+                    self.lock,
+                    f"the {self.name} service did not stop within {self.stop_timeout_s:.0f} s; killing it",
+                )
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         if self._copier is not None:
@@ -175,11 +184,14 @@ class Launcher:
                 raise _Stopped
             for other in started:
                 if other.exit_code is not None:
-                    raise StartupError(f"the {other.name} service exited with code {other.exit_code} while "
-                                       "starting; its log is above")
+                    raise StartupError(
+                        f"the {other.name} service exited with code {other.exit_code} while starting; its log is above"
+                    )
             if time.monotonic() > deadline:
-                raise StartupError(f"the {service.name} service was not healthy after {self.startup_timeout_s:.0f} s "
-                                   "(startup_timeout_s); its log is above")
+                raise StartupError(
+                    f"the {service.name} service was not healthy after {self.startup_timeout_s:.0f} s "
+                    "(startup_timeout_s); its log is above"
+                )
             time.sleep(_POLL_S)
 
     def _encode_ready(self) -> bool:
@@ -206,9 +218,13 @@ class Launcher:
             for service in services:
                 if service.exit_code is not None and service.restart_at is None:
                     delay = service.next_backoff(now)
-                    _say(self.out, self.lock, f"the {service.name} service {_how_it_ended(service.exit_code)}; "
-                         f"restarting it in {delay:.0f} s" + ("" if len(services) == 1 else
-                                                              " (the other service keeps serving)"))
+                    _say(
+                        self.out,
+                        self.lock,
+                        f"the {service.name} service {_how_it_ended(service.exit_code)}; "
+                        f"restarting it in {delay:.0f} s"
+                        + ("" if len(services) == 1 else " (the other service keeps serving)"),
+                    )
                     service.restart_at = now + delay
                 elif service.restart_at is not None and now >= service.restart_at:
                     service.restart_at = None
@@ -216,8 +232,11 @@ class Launcher:
                     service.recovering = True
                 elif service.recovering and service.exit_code is None and ready[service.name]():
                     service.recovering = False
-                    _say(self.out, self.lock, f"the {service.name} service is back "
-                         f"({now - service.started_at:.1f} s after its restart)")
+                    _say(
+                        self.out,
+                        self.lock,
+                        f"the {service.name} service is back ({now - service.started_at:.1f} s after its restart)",
+                    )
 
 
 def _how_it_ended(code: int) -> str:

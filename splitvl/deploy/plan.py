@@ -43,16 +43,24 @@ def make_plan(config: DeployConfig, model: Path, only: Only = None, served_model
     """
     encode = None if only == "language" else _encode_settings(config, model, local=only is None)
     language = None if only == "encode" else _language_settings(config, model, encode, served_model_name)
-    if encode is not None and language is not None and \
-            language.encode_timeout_s < encode.fetch_total_timeout_s + _ENCODE_SLACK_S:
+    if (
+        encode is not None
+        and language is not None
+        and language.encode_timeout_s < encode.fetch_total_timeout_s + _ENCODE_SLACK_S
+    ):
         raise DeployConfigError(
             f"language.encode_timeout_s ({language.encode_timeout_s:g} s) must exceed encode.fetch_total_timeout_s "
             f"({encode.fetch_total_timeout_s:g} s) by at least {_ENCODE_SLACK_S:g} s: a slow image URL must fail as "
-            "the client's error before the language service gives the encoder up for dead")
+            "the client's error before the language service gives the encoder up for dead"
+        )
     # Two services on one GPU: the language engine sizes its KV cache from the memory free when it
     # starts, so the encoder must have loaded its weights and run its probe by then.
-    sequential = (encode is not None and language is not None and config.device == "cuda"
-                  and config.gpus.encode == config.gpus.language)
+    sequential = (
+        encode is not None
+        and language is not None
+        and config.device == "cuda"
+        and config.gpus.encode == config.gpus.language
+    )
     return Plan(encode, language, sequential)
 
 
@@ -65,29 +73,46 @@ def _encode_settings(config: DeployConfig, model: Path, local: bool) -> EncodeSe
         if "http_port" not in values:
             values["http_port"] = free_port()
     elif values.get("listen") is None:
-        raise DeployConfigError("--only encode needs encode.listen: the address language services send jobs to, "
-                                "e.g. tcp://0.0.0.0:5600")
-    return EncodeSettings(**values, model=model, device=config.service_device("encode"), dtype=config.resolved_dtype,
-                          transport=config.transport, result_transport=config.result_transport,
-                          job_token=config.encode_token)
+        raise DeployConfigError(
+            "--only encode needs encode.listen: the address language services send jobs to, e.g. tcp://0.0.0.0:5600"
+        )
+    return EncodeSettings(
+        **values,
+        model=model,
+        device=config.service_device("encode"),
+        dtype=config.resolved_dtype,
+        transport=config.transport,
+        result_transport=config.result_transport,
+        job_token=config.encode_token,
+    )
 
 
-def _language_settings(config: DeployConfig, model: Path, encode: EncodeSettings | None,
-                       served_model_name: str | None) -> LanguageSettings:
+def _language_settings(
+    config: DeployConfig, model: Path, encode: EncodeSettings | None, served_model_name: str | None
+) -> LanguageSettings:
     values = config.language.model_dump(exclude_unset=True)
     encoders = list(config.language.encoders)
     if encode is not None:
         encoders.insert(0, reachable(encode.listen))
     elif not encoders:
-        raise DeployConfigError("--only language needs language.encoders: the encode services' addresses, "
-                                "e.g. [tcp://vision-node:5600]")
+        raise DeployConfigError(
+            "--only language needs language.encoders: the encode services' addresses, e.g. [tcp://vision-node:5600]"
+        )
     values["encoders"] = encoders
     if values.get("served_model_name") is None and served_model_name is not None:
         values["served_model_name"] = served_model_name
-    return LanguageSettings(**values, model=str(model), host=config.host, port=config.port,
-                            device=config.service_device("language"), dtype=config.resolved_dtype,
-                            transport=config.transport, result_transport=config.result_transport,
-                            encoder_token=config.encode_token, api_key=config.api_key)
+    return LanguageSettings(
+        **values,
+        model=str(model),
+        host=config.host,
+        port=config.port,
+        device=config.service_device("language"),
+        dtype=config.resolved_dtype,
+        transport=config.transport,
+        result_transport=config.result_transport,
+        encoder_token=config.encode_token,
+        api_key=config.api_key,
+    )
 
 
 def free_port() -> int:

@@ -31,10 +31,18 @@ def _main(args: argparse.Namespace) -> int:
     requests = _dataset(args)
     base = args.base_url.rstrip("/")
     model = args.model or _first_model(base, args.api_key)
-    target = Target(url=base + args.endpoint, model=model, api_key=args.api_key, timeout_s=args.timeout,
-                    body=lambda r: request_body(model, r, ignore_eos=args.ignore_eos, temperature=args.temperature))
-    print(f"{len(requests)} requests ({sum(r.images > 0 for r in requests)} with images) to {target.url}, "
-          f"model {model!r}", file=sys.stderr)
+    target = Target(
+        url=base + args.endpoint,
+        model=model,
+        api_key=args.api_key,
+        timeout_s=args.timeout,
+        body=lambda r: request_body(model, r, ignore_eos=args.ignore_eos, temperature=args.temperature),
+    )
+    print(
+        f"{len(requests)} requests ({sum(r.images > 0 for r in requests)} with images) to {target.url}, "
+        f"model {model!r}",
+        file=sys.stderr,
+    )
     # One request first: a server that cannot answer at all is reported before any sweep.
     warm, _ = asyncio.run(run(target, requests[:1], Pacing(concurrency=1), progress=False))
     if not warm[0].ok:
@@ -45,8 +53,15 @@ def _main(args: argparse.Namespace) -> int:
         outcomes, duration = asyncio.run(run(target, requests, pacing, progress=not args.no_progress))
         groups = report.report(outcomes, duration, slos)
         print(report.format_table(label, groups, duration))
-        results.append({"label": label, "max_concurrency": pacing.concurrency, "request_rate": pacing.request_rate,
-                        "duration_s": duration, **groups})
+        results.append(
+            {
+                "label": label,
+                "max_concurrency": pacing.concurrency,
+                "request_rate": pacing.request_rate,
+                "duration_s": duration,
+                **groups,
+            }
+        )
     if args.result_file:
         Path(args.result_file).write_text(json.dumps(_header(args, model, slos) | {"points": results}, indent=2))
     if args.plot:
@@ -57,17 +72,24 @@ def _main(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> list[tuple[str, Pacing]]:
     concurrencies = _numbers(args.max_concurrency, int, "max-concurrency")
     if args.request_rate is None:
-        return [(f"concurrency {c}", Pacing(concurrency=c, duration_s=args.duration, seed=args.seed))
-                for c in concurrencies or [1]]
+        return [
+            (f"concurrency {c}", Pacing(concurrency=c, duration_s=args.duration, seed=args.seed))
+            for c in concurrencies or [1]
+        ]
     if len(concurrencies) > 1:
         raise ValueError("with --request-rate, --max-concurrency is one cap, not a list")
     if args.burstiness <= 0:
         raise ValueError("burstiness must be above 0")
     cap = concurrencies[0] if concurrencies else None
-    return [(f"rate {rate:g}/s" + (f", cap {cap}" if cap else ""),
-             Pacing(concurrency=cap, request_rate=rate, burstiness=args.burstiness, duration_s=args.duration,
-                    seed=args.seed))
-            for rate in _numbers(args.request_rate, float, "request-rate")]
+    return [
+        (
+            f"rate {rate:g}/s" + (f", cap {cap}" if cap else ""),
+            Pacing(
+                concurrency=cap, request_rate=rate, burstiness=args.burstiness, duration_s=args.duration, seed=args.seed
+            ),
+        )
+        for rate in _numbers(args.request_rate, float, "request-rate")
+    ]
 
 
 def _numbers(text: str | None, kind: type, name: str) -> list:
@@ -90,10 +112,17 @@ def _dataset(args: argparse.Namespace) -> list[dataset.Request]:
     sizes = dataset.parse_sizes(args.image_size)
     if args.images_per_request and not sizes:
         raise ValueError("--images-per-request needs --image-size")
-    return dataset.random_requests(args.num_prompts, args.random_input_len, args.random_output_len,
-                                   range_ratio=args.random_range_ratio, image_sizes=sizes,
-                                   images_per_request=args.images_per_request, image_fraction=args.image_fraction,
-                                   stream_fraction=args.stream_fraction, seed=args.seed)
+    return dataset.random_requests(
+        args.num_prompts,
+        args.random_input_len,
+        args.random_output_len,
+        range_ratio=args.random_range_ratio,
+        image_sizes=sizes,
+        images_per_request=args.images_per_request,
+        image_fraction=args.image_fraction,
+        stream_fraction=args.stream_fraction,
+        seed=args.seed,
+    )
 
 
 def _first_model(base: str, api_key: str | None) -> str:
@@ -107,10 +136,14 @@ def _first_model(base: str, api_key: str | None) -> str:
 
 
 def _header(args: argparse.Namespace, model: str, slos: dict) -> dict:
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "base_url": args.base_url, "model": model, "client_host": platform.node(),
-            "arguments": {k: v for k, v in vars(args).items() if k not in ("api_key", "func")},
-            "slos_ms": {k: v * 1000 for k, v in slos.items()}}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "base_url": args.base_url,
+        "model": model,
+        "client_host": platform.node(),
+        "arguments": {k: v for k, v in vars(args).items() if k not in ("api_key", "func")},
+        "slos_ms": {k: v * 1000 for k, v in slos.items()},
+    }
 
 
 def _plot(results: list[dict], path: Path) -> None:

@@ -40,8 +40,13 @@ class Outcome:
 
 
 def request_body(model: str, request: Request, *, ignore_eos: bool, temperature: float | None) -> dict:
-    body = {**request.extra, "model": model, "messages": request.messages, "max_tokens": request.max_tokens,
-            "stream": request.stream}
+    body = {
+        **request.extra,
+        "model": model,
+        "messages": request.messages,
+        "max_tokens": request.max_tokens,
+        "stream": request.stream,
+    }
     if request.stream:
         body["stream_options"] = {"include_usage": True}
     if ignore_eos:

@@ -16,9 +16,69 @@ from PIL import Image
 # Common English words that byte-level BPE vocabularies hold as one token each (with the
 # leading space), so `input_len` words come out near `input_len` tokens. The report uses the
 # server's own count (`usage.prompt_tokens`), not this estimate.
-_WORDS = ("the of and to in is it that for on with as was at by be this are from or an have not but all "
-          "they which one you were her can there we out if so up said what its about into than them "
-          "some could time only new people two more first may way like over such our man").split()
+_WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "it",
+    "that",
+    "for",
+    "on",
+    "with",
+    "as",
+    "was",
+    "at",
+    "by",
+    "be",
+    "this",
+    "are",
+    "from",
+    "or",
+    "an",
+    "have",
+    "not",
+    "but",
+    "all",
+    "they",
+    "which",
+    "one",
+    "you",
+    "were",
+    "her",
+    "can",
+    "there",
+    "we",
+    "out",
+    "if",
+    "so",
+    "up",
+    "said",
+    "what",
+    "its",
+    "about",
+    "into",
+    "than",
+    "them",
+    "some",
+    "could",
+    "time",
+    "only",
+    "new",
+    "people",
+    "two",
+    "more",
+    "first",
+    "may",
+    "way",
+    "like",
+    "over",
+    "such",
+    "our",
+    "man",
+]
 
 
 @dataclass
@@ -51,9 +111,18 @@ def random_image_url(width: int, height: int, rng: np.random.Generator) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def random_requests(num: int, input_len: int, output_len: int, *, range_ratio: float = 0.0,
-                    image_sizes: list[tuple[int, int]] = (), images_per_request: int = 0,
-                    image_fraction: float = 1.0, stream_fraction: float = 1.0, seed: int = 0) -> list[Request]:
+def random_requests(
+    num: int,
+    input_len: int,
+    output_len: int,
+    *,
+    range_ratio: float = 0.0,
+    image_sizes: list[tuple[int, int]] = (),
+    images_per_request: int = 0,
+    image_fraction: float = 1.0,
+    stream_fraction: float = 1.0,
+    seed: int = 0,
+) -> list[Request]:
     """`num` requests of about `input_len` text tokens and `output_len` output tokens (each drawn
     uniformly within ±range_ratio); a share `image_fraction` of them carry `images_per_request`
     images, each of a size drawn from `image_sizes`; a share `stream_fraction` are streamed."""
@@ -78,8 +147,14 @@ def random_requests(num: int, input_len: int, output_len: int, *, range_ratio: f
         for _ in range(images):
             width, height = rng.choice(list(image_sizes))
             content.insert(0, {"type": "image_url", "image_url": {"url": random_image_url(width, height, pixels)}})
-        out.append(Request([{"role": "user", "content": content}], length(output_len), images,
-                           stream=rng.random() < stream_fraction))
+        out.append(
+            Request(
+                [{"role": "user", "content": content}],
+                length(output_len),
+                images,
+                stream=rng.random() < stream_fraction,
+            )
+        )
     return out
 
 
@@ -102,8 +177,13 @@ def jsonl_requests(path: Path, default_max_tokens: int) -> list[Request]:
         stream = body.pop("stream", True) is not False
         for key in ("model", "stream_options"):
             body.pop(key, None)
-        images = sum(1 for m in messages if isinstance(m.get("content"), list)
-                     for part in m["content"] if isinstance(part, dict) and part.get("type") == "image_url")
+        images = sum(
+            1
+            for m in messages
+            if isinstance(m.get("content"), list)
+            for part in m["content"]
+            if isinstance(part, dict) and part.get("type") == "image_url"
+        )
         out.append(Request(messages, int(max_tokens), images, body, stream=stream))
     if not out:
         raise ValueError(f"{path} holds no requests")

@@ -7,8 +7,8 @@ import asyncio
 import itertools
 import random
 import time
-from dataclasses import dataclass
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import httpx
 from tqdm import tqdm
@@ -39,16 +39,22 @@ class Pacing:
     seed: int = 0
 
 
-async def run(target: Target, requests: list[Request], pacing: Pacing, *, progress: bool = True
-              ) -> tuple[list[Outcome], float]:
+async def run(
+    target: Target, requests: list[Request], pacing: Pacing, *, progress: bool = True
+) -> tuple[list[Outcome], float]:
     """Every outcome, and the wall time from the first send to the last answer."""
     limit = pacing.concurrency or 1024
     headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
     limits = httpx.Limits(max_connections=limit + 8, max_keepalive_connections=limit + 8)
     timeout = httpx.Timeout(target.timeout_s, connect=30.0)
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=timeout) as client:
-        bar = tqdm(total=None if pacing.duration_s else len(requests), disable=not progress, unit="req",
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            total=None if pacing.duration_s else len(requests),
+            disable=not progress,
+            unit="req",
+            leave=False,
+            dynamic_ncols=True,
+        )
         outcomes: list[Outcome] = []
 
         async def one(request: Request) -> None:

@@ -101,8 +101,10 @@ def format_table(label: str, groups: dict, duration_s: float) -> str:
         row("goodput req/s", [f"{g['goodput']:.2f}" for g in groups.values()])
     for metric in ("ttft", "tpot", "itl", "e2el"):
         for stat in ("mean", *(f"p{p}" for p in PERCENTILES)):
-            row(f"{metric.upper()} {stat} (ms)",
-                [f"{g[metric + '_ms'][stat]:.1f}" if g[metric + "_ms"] else "-" for g in groups.values()])
+            row(
+                f"{metric.upper()} {stat} (ms)",
+                [f"{g[metric + '_ms'][stat]:.1f}" if g[metric + "_ms"] else "-" for g in groups.values()],
+            )
     for error, count in groups["all"]["errors"].items():
         lines.append(f"  {count} x {error}")
     return "\n".join(lines)
