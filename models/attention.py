@@ -27,7 +27,7 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from models.ops import torch_qk_norm_rope
+from models.ops import KVWrite, torch_qk_norm_rope
 
 BatchKind = Literal["prefill", "decode", "mixed"]  # nothing cached before / one new token each / the rest
 
@@ -57,19 +57,6 @@ def batch_kind(query_lens: list[int], context_lens: list[int]) -> BatchKind:
     if context_lens == query_lens:
         return "prefill"
     return "decode" if all(n == 1 for n in query_lens) else "mixed"
-
-
-@dataclass
-class KVWrite:
-    """Where a layer's new keys and values go (the GPU rotary kernel stores them in place)."""
-
-    k_cache: torch.Tensor  # [N*S, Hkv, D] view of the layer's keys
-    v_cache: torch.Tensor  # [N*S, Hkv, D]
-    slots: torch.Tensor  # [T] slot of each new token
-
-    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k_cache.index_copy_(0, self.slots, k)
-        self.v_cache.index_copy_(0, self.slots, v)
 
 
 class PagedKVCache:

@@ -25,13 +25,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:  # models.attention imports this module's torch references
-    from models.attention import KVWrite
+
+@dataclass
+class KVWrite:
+    """Where a layer's new keys and values go: qk_norm_rope stores k and v there (the GPU kernel
+    in place, fused with rotary). PagedKVCache.target makes one."""
+
+    k_cache: torch.Tensor  # [N*S, Hkv, D] view of the layer's keys
+    v_cache: torch.Tensor  # [N*S, Hkv, D]
+    slots: torch.Tensor  # [T] slot of each new token
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k_cache.index_copy_(0, self.slots, k)
+        self.v_cache.index_copy_(0, self.slots, v)
 
 
 def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 
 from models import ops
-from models.attention import KVWrite
 from models.kernels.availability import HAS_TRITON, use_triton
 from models.kernels.launch import cached_launch
+from models.ops import KVWrite
 
 if HAS_TRITON:
     import triton
