@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from models.fp8 import Fp8Config, parse_quantization_config
+
 # model_type in config.json -> our architecture name.
 TEXT_ARCHS = {"qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe"}
 VL_ARCHS = {"qwen3_vl_moe": "qwen3_vl_moe"}
@@ -95,6 +97,7 @@ class ModelConfig:
     vision_end_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     dtype: torch.dtype = torch.bfloat16
+    quantization: Fp8Config | None = None  # block-wise FP8 checkpoint (models/fp8.py)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -131,6 +134,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
             vision_end_token_id=raw.get("vision_end_token_id"),
             eos_token_ids=_as_tuple(text_raw.get("eos_token_id", raw.get("eos_token_id"))),
             dtype=_parse_dtype(text_raw, raw),
+            quantization=_parse_quantization(raw, text_raw),
             raw=raw,
         )
     if model_type in TEXT_ARCHS:
@@ -139,6 +143,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
             text=_parse_text(raw, TEXT_ARCHS[model_type], top=raw),
             eos_token_ids=_as_tuple(raw.get("eos_token_id")),
             dtype=_parse_dtype(raw, raw),
+            quantization=_parse_quantization(raw, raw),
             raw=raw,
         )
     known = ", ".join(sorted({**TEXT_ARCHS, **VL_ARCHS}))
@@ -212,6 +217,18 @@ def _parse_vision(v: dict[str, Any]) -> VisionConfig:
         hidden_act=v.get("hidden_act", "gelu_pytorch_tanh"),
         rope_theta=float(rope.get("rope_theta", 10000.0)),
     )
+
+
+def _parse_quantization(top: dict[str, Any], text: dict[str, Any]) -> Fp8Config | None:
+    # Qwen's files keep it at the top level; a VL config re-saved per sub-config may carry it in
+    # text_config instead. Both at once must agree, or which one holds is a guess.
+    ours, nested = top.get("quantization_config"), text.get("quantization_config")
+    if ours is not None and nested is not None and ours != nested:
+        raise ConfigError("config.json has two different quantization_config sections (top level and text_config)")
+    try:
+        return parse_quantization_config(ours if ours is not None else nested)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _parse_dtype(c: dict[str, Any], top: dict[str, Any]) -> torch.dtype:

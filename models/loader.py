@@ -12,12 +12,17 @@ and dtype, so a 60 GB checkpoint never sits in host memory twice.
 Expert weights come in three layouts (DESIGN.md §3), told apart by the config's H and I:
   hub          gate_up_proj [E, H, 2I], down_proj [E, I, H]  (no `.weight` suffix)
   transformers gate_up_proj [E, 2I, H], down_proj [E, H, I]  (what transformers 5 saves)
-  per-expert   experts.{j}.{gate,up,down}_proj.weight        (text-only Qwen2/3-MoE)
+  per-expert   experts.{j}.{gate,up,down}_proj.weight        (text-only Qwen2/3-MoE, FP8 releases)
+
+Block-wise FP8 checkpoints (models/fp8.py): each float8 weight is dequantized with its
+`weight_scale_inv` to the compute dtype as it is read, one tensor at a time. FP8 kernels that keep
+the weights in fp8 are not used yet, on CPU or GPU.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -28,11 +33,14 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+from models import fp8
 from models.config import ModelConfig, load_config
 from models.qwen2_moe import Qwen2MoeForCausalLM
 from models.qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeForCausalLMWithDeepStack
 from models.qwen3_vision import Qwen3_VisionTransformer
 from models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
+
+log = logging.getLogger(__name__)
 
 PARTS = ("full", "vision", "language")
 _PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar from 1 GiB of weights
@@ -79,17 +87,27 @@ def load_model(
         )
     reader = _TensorReader(model_dir, device)
     filler = _ParamFiller(model, config)
+    dequantizer = _Fp8Reader(config, files, reader, dtype)
     total = sum(reader.nbytes(wanted))
     with tqdm(
         total=total, unit="B", unit_scale=True, desc="loading weights", disable=total < _PROGRESS_MIN_BYTES
     ) as bar:
         for name, filename in sorted(wanted.items(), key=lambda kv: (kv[1], kv[0])):
+            if name.endswith(fp8.SCALE_SUFFIX):
+                continue  # read together with its weight, which may sit in another shard
             local = _strip_prefix(name, prefixes)
             tensor = reader.read(filename, name)
-            filler.fill(name, local, tensor)
             bar.update(tensor.numel() * tensor.element_size())
+            filler.fill(name, local, dequantizer.dequantize(name, tensor))
+    dequantizer.finish(wanted)
     filler.finish()
     reader.close()
+    if dequantizer.count:
+        log.info(
+            "FP8 checkpoint: %d weights dequantized to %s at load; FP8 kernels are not used yet",
+            dequantizer.count,
+            str(dtype).removeprefix("torch."),
+        )
     model.eval()
     return LoadedModel(model=model, config=config, tensors_read=reader.names_read)
 
@@ -197,7 +215,69 @@ class _TensorReader:
         self.handles.clear()
 
 
-_DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}
+_DTYPE_BYTES = {
+    "F32": 4,
+    "BF16": 2,
+    "F16": 2,
+    "F64": 8,
+    "I64": 8,
+    "I32": 4,
+    "U8": 1,
+    "I8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
+
+
+class _Fp8Reader:
+    """Turns each float8 weight into a `dtype` tensor with its block scales as it is read, so
+    neither the fp8 bytes nor a second copy of the model outlive one tensor."""
+
+    def __init__(self, config: ModelConfig, files: dict[str, str], reader: _TensorReader, dtype: torch.dtype) -> None:
+        self.quantization = config.quantization
+        self.files = files
+        self.reader = reader
+        self.dtype = dtype
+        self.scales_read: set[str] = set()
+        self.count = 0
+
+    def dequantize(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dtype not in fp8.FLOAT8_DTYPES:
+            return tensor
+        if self.quantization is None:
+            raise CheckpointError(
+                f"{name} is {tensor.dtype} but config.json has no quantization_config; without it the "
+                "float8 values cannot be scaled back, so the checkpoint is refused"
+            )
+        if tensor.dtype != fp8.FP8_DTYPE:
+            raise CheckpointError(f"{name} is {tensor.dtype}; FP8 checkpoints must store {fp8.FP8_DTYPE} weights")
+        if tensor.dim() != 2 or not name.endswith(".weight"):
+            raise CheckpointError(
+                f"{name} is a float8 tensor of shape {tuple(tensor.shape)}; only 2-D linear weights may be FP8 "
+                "(experts stored one by one, as Qwen's FP8 releases do)"
+            )
+        scale_name = name + fp8.SCALE_SUFFIX
+        if scale_name not in self.files:
+            raise CheckpointError(f"{name} is FP8 but the checkpoint has no {scale_name} to scale it with")
+        scale = self.reader.read(self.files[scale_name], scale_name)
+        block = self.quantization.weight_block_size
+        want = fp8.scale_grid(tuple(tensor.shape), block)
+        if tuple(scale.shape) != want or not scale.is_floating_point() or scale.dtype in fp8.FLOAT8_DTYPES:
+            raise CheckpointError(
+                f"{scale_name} is {scale.dtype} {tuple(scale.shape)}; a weight of shape {tuple(tensor.shape)} in "
+                f"{block[0]}x{block[1]} blocks needs a float32/bfloat16 scale grid of shape {want}"
+            )
+        self.scales_read.add(scale_name)
+        self.count += 1
+        return fp8.dequantize(tensor, scale, self.dtype, block)
+
+    def finish(self, wanted: dict[str, str]) -> None:
+        orphans = sorted(n for n in wanted if n.endswith(fp8.SCALE_SUFFIX) and n not in self.scales_read)
+        if orphans:
+            raise CheckpointError(
+                "checkpoint does not match the config: scales without a float8 weight: " + _listing(orphans)
+            )
 
 
 class _ParamFiller:

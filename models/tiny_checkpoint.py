@@ -19,13 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from models import tiny_tokenizer
+from models import fp8, tiny_tokenizer
 from models.random_weights import residual_gain, text_weight_scale
 
 ARCHS = ("qwen3_vl_moe", "qwen3_moe", "qwen2_moe")
@@ -101,16 +102,21 @@ _VISION = {
 # ones for tiny so test images stay a handful of tokens.
 _PIXELS = {"tiny": (1024, 65536), "qwen3-vl-30b-a3b": (65536, 16777216)}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", fp8.FP8_DTYPE: "F8_E4M3"}
 
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """One tensor as stored in the file; `make` builds it (in the file's dtype) when written."""
+    """One tensor as stored in the file; `make` builds it when written, in `dtype` (None: the
+    file's dtype; FP8 weights and their scales have their own)."""
 
     name: str
     shape: tuple[int, ...]
     make: Callable[[], torch.Tensor]
+    dtype: torch.dtype | None = None
+
+    def nbytes(self, file_dtype: torch.dtype) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype or file_dtype).element_size()
 
 
 # --------------------------------------------------------------------------- random init
@@ -272,6 +278,42 @@ def _expert_entries(prefix: str, text: dict, layout: str, init: _Init, gain: flo
     yield TensorEntry(prefix + "down_proj", (E, I, H) if hub else (E, H, I), down_fused)
 
 
+# What Qwen's FP8 releases quantize: the language model's attention projections and the expert
+# (and shared-expert) projections; embeddings, lm_head, norms, routers and the vision tower stay.
+_FP8_LINEAR = re.compile(
+    r"^model\.(?:language_model\.)?layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.experts\.\d+\.(?:gate|up|down)_proj"
+    r"|mlp\.shared_expert\.(?:gate|up|down)_proj)\.weight$"
+)
+
+
+def _fp8_entries(entries: list[TensorEntry]) -> tuple[list[TensorEntry], list[str]]:
+    """Each FP8 linear weight becomes an float8 weight plus its `weight_scale_inv` grid (block
+    scale amax / 448, as fp8.quantize draws it); returns the entries and the unquantized modules
+    (the config's modules_to_not_convert)."""
+    out, kept = [], set()
+    for entry in entries:
+        if not _FP8_LINEAR.match(entry.name):
+            out.append(entry)
+            kept.add(entry.name.rsplit(".", 1)[0])
+            continue
+        grid = fp8.scale_grid(entry.shape)
+        out.append(TensorEntry(entry.name, entry.shape, lambda e=entry: fp8.quantize(e.make())[0], fp8.FP8_DTYPE))
+        out.append(
+            TensorEntry(entry.name + fp8.SCALE_SUFFIX, grid, lambda e=entry: fp8.quantize(e.make())[1], torch.float32)
+        )
+    return out, sorted(kept)
+
+
+def _fp8_quantization_config(modules_to_not_convert: list[str]) -> dict:
+    return {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "modules_to_not_convert": modules_to_not_convert,
+        "quant_method": "fp8",
+        "weight_block_size": list(fp8.BLOCK),
+    }
+
+
 # --------------------------------------------------------------------------- config
 
 
@@ -377,11 +419,10 @@ def _write_safetensors(path: Path, entries: list[TensorEntry], dtype: torch.dtyp
     shapes, so only one tensor is ever in memory."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
-    itemsize = torch.empty((), dtype=dtype).element_size()
     for entry in entries:
-        nbytes = math.prod(entry.shape) * itemsize
+        nbytes = entry.nbytes(dtype)
         header[entry.name] = {
-            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "dtype": _SAFETENSORS_DTYPES[entry.dtype or dtype],
             "shape": list(entry.shape),
             "data_offsets": [offset, offset + nbytes],
         }
@@ -393,17 +434,17 @@ def _write_safetensors(path: Path, entries: list[TensorEntry], dtype: torch.dtyp
         f.write(blob)
         for entry in entries:
             tensor = entry.make()
-            if tuple(tensor.shape) != entry.shape or tensor.dtype != dtype:
+            if tuple(tensor.shape) != entry.shape or tensor.dtype != (entry.dtype or dtype):
                 raise AssertionError(f"{entry.name}: made {tuple(tensor.shape)} {tensor.dtype}, planned {entry.shape}")
             f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
-            progress.update(tensor.numel() * itemsize)
+            progress.update(entry.nbytes(dtype))
 
 
-def _shard(entries: list[TensorEntry], itemsize: int, max_shard_bytes: int) -> list[list[TensorEntry]]:
+def _shard(entries: list[TensorEntry], dtype: torch.dtype, max_shard_bytes: int) -> list[list[TensorEntry]]:
     shards: list[list[TensorEntry]] = [[]]
     size = 0
     for entry in entries:
-        nbytes = math.prod(entry.shape) * itemsize
+        nbytes = entry.nbytes(dtype)
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -436,6 +477,7 @@ def write_tiny_checkpoint(
     max_shard_bytes: int | None = None,
     metadata_only: bool = False,
     progress: bool | None = None,
+    quantize_fp8: bool = False,
 ) -> Path:
     """Write a random checkpoint (weights, config, tokenizer, processor files) into `directory`.
 
@@ -448,12 +490,18 @@ def write_tiny_checkpoint(
     max_shard_bytes: write model-0000k-of-0000n.safetensors + model.safetensors.index.json.
     metadata_only: write config, tokenizer and index files but no weights (for tests and
     dry runs of the large shapes).
+    quantize_fp8: Qwen's block-wise FP8 layout (models/fp8.py): language linear weights in
+    float8 e4m3 with 128x128 `weight_scale_inv` grids, experts one by one, quantization_config
+    in config.json; everything else in `dtype`.
     """
     arch = _check(arch.replace("-", "_"), ARCHS, "arch")
     shapes = _check(shapes, SHAPES, "shapes")
-    expert_layout = _check(
-        expert_layout or ("hub" if arch == "qwen3_vl_moe" else "per_expert"), EXPERT_LAYOUTS, "expert layout"
-    )
+    default_layout = "hub" if arch == "qwen3_vl_moe" and not quantize_fp8 else "per_expert"
+    expert_layout = _check(expert_layout or default_layout, EXPERT_LAYOUTS, "expert layout")
+    if quantize_fp8 and expert_layout != "per_expert":
+        raise ValueError(
+            "FP8 checkpoints store experts one by one; use expert layout per_expert (the default with fp8)"
+        )
     config_spelling = _check(config_spelling, CONFIG_SPELLINGS, "config spelling")
     if shapes != "tiny" and arch == "qwen2_moe":
         raise ValueError("--shapes qwen3-vl-30b-a3b has no qwen2-moe variant; use qwen3-vl-moe or qwen3-moe")
@@ -493,6 +541,10 @@ def write_tiny_checkpoint(
     config = _text_config(arch, text, ids, dtype_name, tie_word_embeddings, config_spelling)
     if vision is not None:
         config = _vl_config(config, vision, ids, dtype_name, tie_word_embeddings, config_spelling)
+    entries = list(_entries(arch, text, vision, expert_layout, tie_word_embeddings, _Init(seed, dtype)))
+    if quantize_fp8:
+        entries, unquantized = _fp8_entries(entries)
+        config["quantization_config"] = _fp8_quantization_config(unquantized)  # top level, VL included
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tiny_tokenizer.write_tokenizer_files(directory, model_max_length=text["max_position_embeddings"])
     tiny_tokenizer.write_generation_config(directory, sampling_defaults=shapes != "tiny")
@@ -507,18 +559,16 @@ def write_tiny_checkpoint(
             max_pixels=max_pixels,
         )
 
-    entries = list(_entries(arch, text, vision, expert_layout, tie_word_embeddings, _Init(seed, dtype)))
-    itemsize = torch.empty((), dtype=dtype).element_size()
     if max_shard_bytes is None and shapes != "tiny":
         max_shard_bytes = DEFAULT_SHARD_BYTES
     if max_shard_bytes is None:
         shards = {"model.safetensors": entries}
     else:
-        groups = _shard(entries, itemsize, max_shard_bytes)
+        groups = _shard(entries, dtype, max_shard_bytes)
         shards = {f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors": g for k, g in enumerate(groups)}
         total = sum(math.prod(e.shape) for e in entries)
         index = {
-            "metadata": {"total_parameters": total, "total_size": total * itemsize},
+            "metadata": {"total_parameters": total, "total_size": sum(e.nbytes(dtype) for e in entries)},
             "weight_map": {e.name: file for file, group in shards.items() for e in group},
         }
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -527,7 +577,7 @@ def write_tiny_checkpoint(
 
     from tqdm import tqdm
 
-    total_bytes = sum(math.prod(e.shape) for e in entries) * itemsize
+    total_bytes = sum(e.nbytes(dtype) for e in entries)
     show = progress if progress is not None else shapes != "tiny"
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="writing weights", disable=not show) as bar:
         for file, group in shards.items():

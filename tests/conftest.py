@@ -71,3 +71,18 @@ def poisoned_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+
+
+@pytest.fixture(scope="session")
+def fp8_vl_ckpt(tmp_path_factory):
+    """Qwen3-VL-MoE in Qwen's block-wise FP8 layout (`make-tiny --fp8`): float8 language linears
+    with weight_scale_inv grids, experts one by one, the rest fp32."""
+    return _tiny(tmp_path_factory, "vl_fp8", seed=0, quantize_fp8=True)
+
+
+@pytest.fixture(scope="session")
+def fp8_vl_plain(fp8_vl_ckpt, tmp_path_factory):
+    """The same weights dequantized into a plain fp32 checkpoint: transformers' reference input."""
+    from tests.reference import write_dequantized_copy
+
+    return write_dequantized_copy(fp8_vl_ckpt, tmp_path_factory.mktemp("vl_fp8_plain") / "ckpt")

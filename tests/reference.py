@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -52,3 +55,50 @@ def our_prompt_logits(model, config, ids: Sequence[int], images=()) -> torch.Ten
     else:
         hidden = model(ids_t, prefill_context(torch_kernels(), [len(ids)]))
     return model.compute_logits(hidden)
+
+
+def block_dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """The reference for an FP8 weight: block (i, j) of the fp8 values times scale_inv[i, j], block by
+    block (edge blocks are simply shorter slices); written apart from models/fp8.py on purpose."""
+    out = weight.to(torch.float32)
+    rows, cols = scale_inv.shape
+    for i in range(rows):
+        for j in range(cols):
+            out[i * block : (i + 1) * block, j * block : (j + 1) * block] *= float(scale_inv[i, j])
+    return out
+
+
+def write_dequantized_copy(fp8_dir: Path, out_dir: Path) -> Path:
+    """A plain fp32 checkpoint holding an FP8 checkpoint's dequantized weights (no scales, no
+    quantization_config): what transformers runs as the reference for the FP8 one. VL experts are
+    fused into the Hub layout, the only one transformers 5 reads for Qwen3-VL-MoE."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(fp8_dir, out_dir)
+    tensors = load_file(out_dir / "model.safetensors")
+    for name in [n for n in tensors if n.endswith("_scale_inv")]:
+        scale = tensors.pop(name)
+        weight_name = name.removesuffix("_scale_inv")
+        tensors[weight_name] = block_dequantize(tensors[weight_name], scale)
+    config = json.loads((out_dir / "config.json").read_text())
+    if config["model_type"] == "qwen3_vl_moe":
+        _fuse_experts(tensors)
+    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    del config["quantization_config"]
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return out_dir
+
+
+def _fuse_experts(tensors: dict[str, torch.Tensor]) -> None:
+    """experts.{j}.{gate,up,down}_proj.weight -> Hub gate_up_proj [E, H, 2I] and down_proj [E, I, H]."""
+    bases = sorted({n.split(".experts.")[0] for n in tensors if ".mlp.experts." in n})
+    for base in bases:
+        count = len([n for n in tensors if n.startswith(f"{base}.experts.") and n.endswith(".down_proj.weight")])
+        gate_up, down = [], []
+        for j in range(count):
+            gate = tensors.pop(f"{base}.experts.{j}.gate_proj.weight")
+            up = tensors.pop(f"{base}.experts.{j}.up_proj.weight")
+            gate_up.append(torch.cat([gate, up]).T)  # gate first
+            down.append(tensors.pop(f"{base}.experts.{j}.down_proj.weight").T)
+        tensors[f"{base}.experts.gate_up_proj"] = torch.stack(gate_up).contiguous()
+        tensors[f"{base}.experts.down_proj"] = torch.stack(down).contiguous()

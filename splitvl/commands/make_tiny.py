@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog="examples:\n"
         "  splitvl make-tiny /tmp/tiny-vl\n"
         "  splitvl make-tiny /tmp/tiny-text --text-only --seed 1\n"
-        "  splitvl make-tiny /tmp/wide --shapes qwen3-vl-30b-a3b --layers 4",
+        "  splitvl make-tiny /tmp/wide --shapes qwen3-vl-30b-a3b --layers 4\n"
+        "  splitvl make-tiny /tmp/tiny-fp8 --fp8",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("directory", metavar="DIR", help="output directory (created if missing; files are overwritten)")
@@ -79,6 +80,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="shard the weights with an index file (default: one file for tiny, 2e9 otherwise)",
     )
     parser.add_argument(
+        "--fp8",
+        action="store_true",
+        help="Qwen's block-wise FP8 layout: language linear weights in float8 e4m3 with 128x128 "
+        "weight_scale_inv grids, experts one by one, quantization_config in config.json",
+    )
+    parser.add_argument(
         "--metadata-only", action="store_true", help="write config, tokenizer and index files but no weights"
     )
     parser.set_defaults(func=run)
@@ -104,9 +111,10 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             max_shard_bytes=args.max_shard_bytes,
             metadata_only=args.metadata_only,
+            quantize_fp8=args.fp8,
         )
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     what = "metadata" if args.metadata_only else "checkpoint"
-    print(f"wrote {arch} {args.shapes} {what} to {directory}")
+    print(f"wrote {arch} {args.shapes}{' fp8' if args.fp8 else ''} {what} to {directory}")
     return 0
