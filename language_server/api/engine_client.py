@@ -42,7 +42,7 @@ class EngineClient:
         self._outputs.bind(output_address)  # bound before the engine starts, so nothing it sends is lost
         self._requests = self._context.socket(zmq.PUSH)
         self._requests.connect(request_address)
-        self._pending: asyncio.Queue[bytes] = asyncio.Queue()
+        self._pending: asyncio.Queue[Message] = asyncio.Queue()
         self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._stats_waiters: dict[int, asyncio.Future[EngineStats]] = {}
         self._nonces = itertools.count()
@@ -124,11 +124,18 @@ class EngineClient:
         self._context.term()
 
     def _send(self, message: Message) -> None:
-        self._pending.put_nowait(pack(message))
+        self._pending.put_nowait(message)
 
     async def _send_loop(self) -> None:
+        # One loop sends everything, so a request always reaches the engine before its abort.
+        # Image bytes (up to max_image_url_bytes each) are packed on a worker thread and sent
+        # without another copy, so a large request does not stall the other streams.
         while True:
-            await self._requests.send(await self._pending.get())
+            message = await self._pending.get()
+            if isinstance(message, GenerateRequest) and any(isinstance(im.source, bytes) for im in message.images):
+                await self._requests.send(await asyncio.to_thread(pack, message), copy=False)
+            else:
+                await self._requests.send(pack(message))
 
     async def _receive_loop(self) -> None:
         while True:
