@@ -296,12 +296,25 @@ def _fp8_entries(entries: list[TensorEntry]) -> tuple[list[TensorEntry], list[st
             out.append(entry)
             kept.add(entry.name.rsplit(".", 1)[0])
             continue
-        grid = fp8.scale_grid(entry.shape)
-        out.append(TensorEntry(entry.name, entry.shape, lambda e=entry: fp8.quantize(e.make())[0], fp8.FP8_DTYPE))
-        out.append(
-            TensorEntry(entry.name + fp8.SCALE_SUFFIX, grid, lambda e=entry: fp8.quantize(e.make())[1], torch.float32)
-        )
+        weight, scale = _quantized(entry)
+        out.append(TensorEntry(entry.name, entry.shape, weight, fp8.FP8_DTYPE))
+        out.append(TensorEntry(entry.name + fp8.SCALE_SUFFIX, fp8.scale_grid(entry.shape), scale, torch.float32))
     return out, sorted(kept)
+
+
+def _quantized(entry: TensorEntry) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
+    """Makers of an entry's fp8 weight and its scale grid from one draw and one quantization: the
+    scale (written right after its weight) is handed over, not computed again."""
+    held: dict[str, torch.Tensor] = {}
+
+    def weight() -> torch.Tensor:
+        quantized, held["scale"] = fp8.quantize(entry.make())
+        return quantized
+
+    def scale() -> torch.Tensor:
+        return held.pop("scale") if "scale" in held else fp8.quantize(entry.make())[1]
+
+    return weight, scale
 
 
 def _fp8_quantization_config(modules_to_not_convert: list[str]) -> dict:
