@@ -15,8 +15,9 @@ kernel that mimics the roundings gives the same tokens.
                                              kv_write, k and v are stored in the KV cache too
     route(logits, top_k, normalize)          softmax in fp32, top-k, optional renormalisation
 
-A set of them is an `OpsImpl`; the step's ForwardContext carries the one models/backends.py
-chose (TORCH_OPS, or models.kernels.FUSED_OPS), so two models in one process can differ.
+The norms form an `OpsImpl`, which the step's ForwardContext carries (TORCH_OPS, or
+models.kernels.FUSED_OPS, as models/backends.py chose); the attention backend calls its own
+qk_norm_rope and the MoE backend its own route, so two models in one process can differ.
 
 Legend: T tokens, H hidden, Hq/Hkv heads, D head dim, E experts, K experts per token.
 """
@@ -101,13 +102,14 @@ def torch_route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tup
 
 @dataclass(frozen=True)
 class OpsImpl:
+    """The norms a step runs (q/k norm + rotary belong to the attention backend, routing to the
+    MoE backend)."""
+
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
     add_rms_norm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
-    qk_norm_rope: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    route: Callable[[torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor]]
 
 
-TORCH_OPS = OpsImpl(torch_rms_norm, torch_add_rms_norm, torch_qk_norm_rope, torch_route)
+TORCH_OPS = OpsImpl(torch_rms_norm, torch_add_rms_norm)
 
 
 __all__ = [

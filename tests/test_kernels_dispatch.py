@@ -55,11 +55,11 @@ for backend_cls in (TorchAttentionBackend, TritonAttentionBackend):
 assert all(torch.equal(a, b) for a, b in zip(outs[:2], outs[2:]))
 
 from models import ops
-from models.kernels import FUSED_OPS
+from models.kernels import FUSED_OPS, fused_ops
 h, r, w = torch.randn(3, 32), torch.randn(3, 32), torch.rand(32) + 0.5
 assert torch.equal(FUSED_OPS.rms_norm(h, w, 1e-6), ops.torch_rms_norm(h, w, 1e-6))
 assert all(torch.equal(a, b) for a, b in zip(FUSED_OPS.add_rms_norm(h, r, w, 1e-6), ops.torch_add_rms_norm(h, r, w, 1e-6)))
-assert all(torch.equal(a, b) for a, b in zip(FUSED_OPS.route(h, 3, True), ops.torch_route(h, 3, True)))
+assert all(torch.equal(a, b) for a, b in zip(fused_ops.route(h, 3, True), ops.torch_route(h, 3, True)))
 print("fallbacks ok")
 """
 

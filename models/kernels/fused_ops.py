@@ -275,4 +275,4 @@ def route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[tor
     return weights, ids
 
 
-FUSED_OPS = ops.OpsImpl(rms_norm=rms_norm, add_rms_norm=add_rms_norm, qk_norm_rope=qk_norm_rope, route=route)
+FUSED_OPS = ops.OpsImpl(rms_norm=rms_norm, add_rms_norm=add_rms_norm)
