@@ -103,8 +103,10 @@ class AttentionBackend:
     name: ClassVar[str]
     graph_capturable: ClassVar[bool] = False  # can its decode path be captured into a CUDA graph?
 
-    def __init__(self, kv_cache: PagedKVCache | None = None) -> None:
+    def __init__(self, kv_cache: PagedKVCache | None = None, device: torch.device | str | None = None) -> None:
+        """`device`: where the step's metadata tensors go; the cache's device when there is one."""
         self.kv_cache = kv_cache
+        self.device = kv_cache.data.device if kv_cache is not None else torch.device(device or "cpu")
 
     # ----- once per step ---------------------------------------------------------------------
 

@@ -41,9 +41,9 @@ def select_kernels(attention: str, moe: str, kv_cache: PagedKVCache | None, devi
     if attention == "triton":
         from models.kernels import FUSED_OPS, TritonAttentionBackend
 
-        attn, ops = TritonAttentionBackend(kv_cache), FUSED_OPS
+        attn, ops = TritonAttentionBackend(kv_cache, device), FUSED_OPS
     else:
-        attn, ops = TorchAttentionBackend(kv_cache), TORCH_OPS
+        attn, ops = TorchAttentionBackend(kv_cache, device), TORCH_OPS
     if moe == "triton":
         from models.kernels import TRITON_MOE
 

@@ -41,7 +41,7 @@ class TritonAttentionBackend(AttentionBackend):
         block_tables: torch.Tensor | None = None,
     ) -> AttentionBatch:
         batch = super().prepare(query_lens, context_lens, slot_mapping, block_tables)
-        device = self._device(slot_mapping)
+        device = self.device
         if batch.kind == "decode":
             batch.device_context_lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
             return batch
@@ -81,8 +81,3 @@ class TritonAttentionBackend(AttentionBackend):
         )
         batch.balance_splits = True
         return batch
-
-    def _device(self, slot_mapping: torch.Tensor | None) -> torch.device:
-        if self.kv_cache is not None:
-            return self.kv_cache.data.device
-        return slot_mapping.device if slot_mapping is not None else torch.device("cpu")
