@@ -105,6 +105,58 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
     raise TimeoutError(url)
 
 
+def start_services(
+    ckpt: Path,
+    lang_ckpt: Path,
+    enc_device: str,
+    lang_device: str,
+    dtype: str,
+    log_dir: Path,
+    language_settings: dict,
+    result_transport: str = "zmq",
+    tag: str = "",
+) -> tuple[subprocess.Popen, subprocess.Popen, str]:
+    """Both services as a user starts them (`splitvl encode`, `splitvl language --config`), once
+    healthy: (encoder, language service, base URL). Logs go to log_dir/{encode,language}{tag}.log."""
+    enc_port, enc_http, api_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    encode_args = ["--listen", f"tcp://127.0.0.1:{enc_port}", "--http-port", str(enc_http)]
+    encode_args += ["--device", enc_device, "--dtype", dtype, "--result-transport", result_transport]
+    enc = subprocess.Popen(
+        [sys.executable, "-m", "splitvl", "encode", "--model", str(ckpt), *encode_args],
+        stdout=open(log_dir / f"encode{tag}.log", "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    cfg = log_dir / f"language{tag}.yaml"
+    cfg.write_text(json.dumps({"result_transport": result_transport, **language_settings}))
+    language_args = ["--encoder", f"tcp://127.0.0.1:{enc_port}", "--port", str(api_port)]
+    language_args += ["--device", lang_device, "--dtype", dtype, "--config", str(cfg)]
+    lang = subprocess.Popen(
+        [sys.executable, "-m", "splitvl", "language", "--model", str(lang_ckpt), *language_args],
+        stdout=open(log_dir / f"language{tag}.log", "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{enc_http}/health", enc)
+        wait_http(f"http://127.0.0.1:{api_port}/health", lang)
+    except BaseException:
+        stop_services(lang, enc)
+        raise
+    return enc, lang, f"http://127.0.0.1:{api_port}"
+
+
+def stop_services(*procs: subprocess.Popen) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def serve_and_ask(
     ckpt: Path,
     data_urls: list[str],
@@ -119,75 +171,23 @@ def serve_and_ask(
     its GPU (load_format: dummy), for the full 48 layers without 61 GB of files."""
     from openai import OpenAI
 
-    enc_port, enc_http, api_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    enc_log = open(log_dir / f"encode_{result_transport}.log", "w")
-    lang_log = open(log_dir / f"language_{result_transport}.log", "w")
-    enc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "splitvl",
-            "encode",
-            "--model",
-            str(ckpt),
-            "--listen",
-            f"tcp://127.0.0.1:{enc_port}",
-            "--http-port",
-            str(enc_http),
-            "--device",
-            enc_device,
-            "--dtype",
-            dtype,
-            "--result-transport",
-            result_transport,
-        ],
-        stdout=enc_log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    cfg = log_dir / f"language_{result_transport}.yaml"
     # Over cuda_ipc, the lease configs/qwen3-vl-30b-a3b-2gpu.yaml ships with.
     lease = {"result_lease_mib": 512} if result_transport == "cuda_ipc" else {}
     dummy = {"load_format": "dummy"} if lang_ckpt is not None else {}
-    cfg.write_text(
-        json.dumps(
-            {
-                "result_transport": result_transport,
-                "kv_cache_memory_fraction": 0.3,
-                "max_model_len": 4096,
-                **lease,
-                **dummy,
-            }
-        )
-    )
-    lang = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "splitvl",
-            "language",
-            "--model",
-            str(lang_ckpt or ckpt),
-            "--encoder",
-            f"tcp://127.0.0.1:{enc_port}",
-            "--port",
-            str(api_port),
-            "--device",
-            lang_device,
-            "--dtype",
-            dtype,
-            "--config",
-            str(cfg),
-        ],
-        stdout=lang_log,
-        stderr=subprocess.STDOUT,
-        env=env,
+    settings = {"kv_cache_memory_fraction": 0.3, "max_model_len": 4096, **lease, **dummy}
+    enc, lang, base = start_services(
+        ckpt,
+        lang_ckpt or ckpt,
+        enc_device,
+        lang_device,
+        dtype,
+        log_dir,
+        settings,
+        result_transport,
+        f"_{result_transport}",
     )
     try:
-        wait_http(f"http://127.0.0.1:{enc_http}/health", enc)
-        wait_http(f"http://127.0.0.1:{api_port}/health", lang)
-        client = OpenAI(base_url=f"http://127.0.0.1:{api_port}/v1", api_key="none")
+        client = OpenAI(base_url=f"{base}/v1", api_key="none")
         results = []
         for attempt in range(3):  # the first warms up; later ones hit the encoder cache (same image)
             data_url = data_urls[attempt % len(data_urls)]
@@ -223,13 +223,7 @@ def serve_and_ask(
             results.append({"ttft_s": ttft, "token_ids": token_ids, "text": resp.choices[0].message.content})
         return {"runs": results}
     finally:
-        for p in (lang, enc):
-            p.terminate()
-        for p in (lang, enc):
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_services(lang, enc)
 
 
 def main() -> int:

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,8 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import serve_gpu_smoke  # noqa: E402
 from model_gpu import wide_tokenizer  # noqa: E402
-from serve_gpu_smoke import free_port, wait_http  # noqa: E402
 
 from splitvl.loadgen import dataset, report  # noqa: E402
 from splitvl.loadgen.client import request_body  # noqa: E402
@@ -39,68 +38,10 @@ from splitvl.loadgen.load import Pacing, Target, run  # noqa: E402
 
 
 def start_services(ckpt: Path, lang_ckpt: Path, device: str, dtype: str, logs: Path, max_num_seqs: int):
-    enc_port, enc_http, api_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    enc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "splitvl",
-            "encode",
-            "--model",
-            str(ckpt),
-            "--listen",
-            f"tcp://127.0.0.1:{enc_port}",
-            "--http-port",
-            str(enc_http),
-            "--device",
-            device,
-            "--dtype",
-            dtype,
-        ],
-        stdout=open(logs / "encode.log", "w"),
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    cfg = logs / "language.yaml"
     dummy = {"load_format": "dummy"} if device != "cpu" else {}  # random weights at the real shapes
-    cfg.write_text(
-        json.dumps(
-            {
-                "kv_cache_memory_fraction": 0.5,
-                "max_model_len": 4096,
-                "max_num_seqs": max_num_seqs,
-                "max_queued_requests": 1024,
-                **dummy,
-            }
-        )
-    )
-    lang = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "splitvl",
-            "language",
-            "--model",
-            str(lang_ckpt),
-            "--encoder",
-            f"tcp://127.0.0.1:{enc_port}",
-            "--port",
-            str(api_port),
-            "--device",
-            device,
-            "--dtype",
-            dtype,
-            "--config",
-            str(cfg),
-        ],
-        stdout=open(logs / "language.log", "w"),
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    wait_http(f"http://127.0.0.1:{enc_http}/health", enc)
-    wait_http(f"http://127.0.0.1:{api_port}/health", lang)
-    return enc, lang, f"http://127.0.0.1:{api_port}"
+    settings = {"kv_cache_memory_fraction": 0.5, "max_model_len": 4096, "max_num_seqs": max_num_seqs,
+                "max_queued_requests": 1024, **dummy}  # fmt: skip
+    return serve_gpu_smoke.start_services(ckpt, lang_ckpt, device, device, dtype, logs, settings)
 
 
 def load(base: str, requests: list, concurrency: int) -> tuple[dict, float]:
@@ -187,13 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             result[name] = groups
             print(report.format_table(f"{name}, concurrency {args.concurrency}", groups, duration), flush=True)
     finally:
-        for proc in (lang, enc):
-            proc.terminate()
-        for proc in (lang, enc):
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        serve_gpu_smoke.stop_services(lang, enc)
     base_tpot = (result["text_only"]["all"]["tpot_ms"] or {}).get("p50")
     mixed_tpot = (result["half_images"].get("text", result["half_images"]["all"])["tpot_ms"] or {}).get("p50")
     if base_tpot and mixed_tpot:
