@@ -191,7 +191,10 @@ class EncoderClient:
                 token=self.token,
             )
             try:
-                encoder.sender.send(msg, timeout=_SEND_TIMEOUT_S)
+                # One already taken out gets no wait: the engine loop blocks in send, and each job
+                # for a dead encoder would hold every request behind it for the whole timeout (a
+                # live one takes a message at once, as it takes pings).
+                encoder.sender.send(msg, timeout=_SEND_TIMEOUT_S if encoder.healthy else 0)
             except TransportError as exc:
                 log.warning("encoder %s refused a job: %s", encoder.address, exc)
                 self._mark_down(encoder)
