@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from transfer.registry import check_transport
 
@@ -52,6 +52,27 @@ class LanguageSettings(BaseModel):
     encode_timeout_s: float = Field(30.0, gt=0, description="per image job; then retry elsewhere or fail")
     encode_retries: int = Field(1, ge=0, description="extra attempts on other encoders")
     encoder_health_interval_s: float = Field(2.0, gt=0)
+
+    # Several GPUs: one engine worker process per rank over torch.distributed (NCCL on GPUs,
+    # gloo on CPUs); rank 0 schedules and samples (docs/ARCHITECTURE.md).
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=64, description="ranks the language model is split across (heads, experts, vocab)"
+    )
+    expert_parallel: bool = Field(
+        False,
+        description="false: every expert's intermediate dimension is split across the ranks; true: "
+        "whole experts are partitioned across the ranks (attention stays tensor-parallel)",
+    )
+    rank_devices: list[str] = Field(
+        default_factory=list,
+        description="one device per rank, e.g. [cuda:1, cuda:2]; empty: `device` for rank 0 and "
+        "the GPUs after it for the others (all cpu on the CPU)",
+    )
+    distributed_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="a collective that waits this long for a rank (a hung rank) ends the service",
+    )
 
     # Engine.
     block_size: int = Field(16, ge=1)
@@ -125,6 +146,33 @@ class LanguageSettings(BaseModel):
     max_queued_requests: int = Field(256, ge=1, description="beyond this, new requests get 429")
     max_image_url_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest data URL payload accepted")
     allowed_local_image_roots: list[str] = Field(default_factory=list, description="local image paths allowed under")
+
+    @model_validator(mode="after")
+    def _check_ranks(self) -> LanguageSettings:
+        if self.rank_devices and len(self.rank_devices) != self.tensor_parallel_size:
+            raise ValueError(
+                f"rank_devices lists {len(self.rank_devices)} devices but tensor_parallel_size is "
+                f"{self.tensor_parallel_size}: give one device per rank"
+            )
+        if self.rank_devices and self.rank_devices[0] != self.device:
+            raise ValueError(
+                f"device is {self.device} but rank_devices[0] is {self.rank_devices[0]}: rank 0 runs on "
+                "`device`, so set both to the same device"
+            )
+        if len(set(self.rank_devices)) != len(self.rank_devices) and not all(
+            d == "cpu" for d in self.rank_devices
+        ):
+            raise ValueError(f"rank_devices {self.rank_devices} names a GPU twice: each rank needs its own")
+        return self
+
+    def devices_of_ranks(self) -> list[str]:
+        """The device of each tensor-parallel rank, rank 0 first."""
+        if self.rank_devices:
+            return list(self.rank_devices)
+        if self.tensor_parallel_size == 1 or not self.device.startswith("cuda"):
+            return [self.device] * self.tensor_parallel_size
+        first = int(self.device.partition(":")[2] or 0)
+        return [f"cuda:{first + r}" for r in range(self.tensor_parallel_size)]
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides: object) -> LanguageSettings:
