@@ -63,6 +63,44 @@ def test_multinode_config_runs_one_service_per_node():
     assert language.encode is None and language.language.encoders == ["tcp://encode:5600"]
 
 
+def test_a_gpu_list_places_one_language_rank_per_gpu(tmp_path):
+    path = tmp_path / "tp.yaml"
+    path.write_text("device: cuda\ngpus:\n  encode: 0\n  language: [3, 1]\n")
+    config = load_deploy_config(path)
+    assert config.language.tensor_parallel_size == 2  # taken from the list
+    plan = make_plan(config, MODEL)
+    assert plan.language.device == "cuda:3" and plan.language.rank_devices == ["cuda:3", "cuda:1"]
+    assert plan.language.devices_of_ranks() == ["cuda:3", "cuda:1"] and not plan.sequential
+    path.write_text("device: cuda\ngpus: {language: [1, 2]}\nlanguage: {tensor_parallel_size: 2}\n")
+    assert make_plan(load_deploy_config(path), MODEL).language.rank_devices == ["cuda:1", "cuda:2"]
+
+
+def test_one_gpu_index_and_a_rank_count_take_the_gpus_from_it_on():
+    config = load_deploy_config(
+        None, device="cuda", gpus={"encode": 2, "language": 1}, language={"tensor_parallel_size": 2}
+    )
+    plan = make_plan(config, MODEL)
+    assert plan.language.rank_devices == ["cuda:1", "cuda:2"]
+    # The encoder shares GPU 2 with rank 1, so it starts first (the KV cache is sized after it).
+    assert plan.sequential
+
+
+def test_ranks_on_the_cpu_need_no_gpu_list():
+    plan = make_plan(load_deploy_config(None, language={"tensor_parallel_size": 2}), MODEL)
+    assert (plan.language.device, plan.language.rank_devices) == ("cpu", [])
+    assert plan.language.devices_of_ranks() == ["cpu", "cpu"]
+
+
+def test_every_config_gives_each_language_rank_its_gpu():
+    for path in CONFIGS:
+        config = load_deploy_config(path)
+        plan = make_plan(config, MODEL, None if config.encode.listen is None else "language")
+        ranks = plan.language.devices_of_ranks()
+        assert len(ranks) == plan.language.tensor_parallel_size and ranks[0] == plan.language.device, path.name
+        if config.device == "cuda":
+            assert ranks == [f"cuda:{gpu}" for gpu in config.language_gpus()], path.name
+
+
 def test_flags_override_the_file():
     config = load_deploy_config(_config("2gpu"), model="/elsewhere", port=9001, dtype="float32", host="127.0.0.1")
     assert (config.model, config.port, config.dtype, config.host) == (Path("/elsewhere"), 9001, "float32", "127.0.0.1")
@@ -86,6 +124,17 @@ def test_flags_override_the_file():
         ("result_transport: carrier_pigeon\n", "result_transport 'carrier_pigeon' is not a transport"),
         ("device: tpu\n", "device: Input should be 'cpu' or 'cuda'"),
         ("- a list\n", "must hold a mapping"),
+        (
+            "gpus:\n  language: [1, 2]\nlanguage:\n  tensor_parallel_size: 4\n",
+            "gpus.language lists 2 GPUs [1, 2], one per tensor-parallel rank, but language.tensor_parallel_size is 4",
+        ),
+        ("gpus:\n  language: [1, 2, 1]\n", "gpus.language: [1, 2, 1] lists GPU 1 more than once"),
+        ("gpus:\n  language: []\n", "gpus.language: [] is neither a GPU index nor a list of 1 to 64 of them"),
+        ("gpus:\n  language: [a]\n", "gpus.language: ['a'] is neither a GPU index"),
+        (
+            "language:\n  rank_devices: [cuda:0]\n",
+            "language.rank_devices is set by the top-level gpus.language (a list of GPU indices",
+        ),
     ],
 )
 def test_bad_files_name_the_bad_key(tmp_path, text, message):
@@ -101,9 +150,8 @@ def test_sections_reuse_every_service_setting():
     each is either in its section or set by the top level."""
     top_level = {"model", "device", "dtype", "transport", "result_transport"}
     assert set(EncodeSection.model_fields) | top_level | {"job_token"} == set(EncodeSettings.model_fields)
-    assert set(LanguageSection.model_fields) | top_level | {"host", "port", "encoder_token", "api_key"} == set(
-        LanguageSettings.model_fields
-    )
+    owned = {"host", "port", "encoder_token", "api_key", "rank_devices"}
+    assert set(LanguageSection.model_fields) | top_level | owned == set(LanguageSettings.model_fields)
     # Same definitions, not copies: descriptions and bounds come along.
     assert (
         EncodeSection.model_fields["batch_token_budget"].description

@@ -5,6 +5,9 @@
     encode:   {batch_token_budget: 32768}       # any EncodeSettings field (encode_server/settings.py)
     language: {max_model_len: 32768}            # any LanguageSettings field (language_server/settings.py)
 
+`gpus.language` is one GPU index (its tensor-parallel ranks take it and the GPUs after it) or a
+list of indices, one per rank, rank 0 first; a list sets `language.tensor_parallel_size`.
+
 The sections reuse the services' own field definitions (types, bounds, defaults, descriptions),
 so a setting added to a service is configurable here the day it exists. A field the top level
 owns (model, device, dtype, transports, the public host and port) is refused in a section with a
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 from copy import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -26,7 +29,9 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     ValidationError,
+    ValidatorFunctionWrapHandler,
     create_model,
+    field_validator,
     model_validator,
 )
 
@@ -54,8 +59,11 @@ _OWNED = {
         "port": "port",
         "encoder_token": "encode_token",
         "api_key": "api_key",
+        "rank_devices": "gpus.language (a list of GPU indices, one per tensor-parallel rank)",
     },
 }
+# Owned keys that place processes rather than being shared by both services.
+_PLACEMENT = {"rank_devices"}
 
 
 class DeployConfigError(ValueError):
@@ -81,11 +89,31 @@ LanguageSection = _section(LanguageSettings, _OWNED["language"])
 
 
 class GpuPlacement(BaseModel):
-    """With device: cuda, the GPU index (as this process sees them) each service runs on."""
+    """With device: cuda, the GPU index (as this process sees them) each service runs on; for the
+    language service one index, or a list of them: one per tensor-parallel rank, rank 0 first."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     encode: NonNegativeInt = 0
-    language: NonNegativeInt = 0
+    language: NonNegativeInt | Annotated[list[NonNegativeInt], Field(min_length=1, max_length=64)] = 0
+
+    @field_validator("language", mode="wrap")
+    @classmethod
+    def _one_gpu_per_rank(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> int | list[int]:
+        try:
+            gpus = handler(value)
+        except ValidationError:  # one message, not one per member of the union
+            raise ValueError(
+                f"{value!r} is neither a GPU index nor a list of 1 to 64 of them (one per "
+                "tensor-parallel rank), e.g. 1 or [1, 2]"
+            ) from None
+        if isinstance(gpus, list):
+            twice = sorted({gpu for gpu in gpus if gpus.count(gpu) > 1})
+            if twice:
+                named = f"GPU{'s' if len(twice) > 1 else ''} {', '.join(map(str, twice))}"
+                raise ValueError(
+                    f"{gpus} lists {named} more than once: each tensor-parallel rank needs a GPU of its own"
+                )
+        return gpus
 
 
 class DeployConfig(BaseModel):
@@ -127,11 +155,41 @@ class DeployConfig(BaseModel):
             for section, owned in _OWNED.items():
                 given = values.get(section)
                 for key in sorted(set(given or {}) & set(owned) if isinstance(given, dict) else ()):
+                    whose = "" if key in _PLACEMENT else "for both services "
                     raise ValueError(
-                        f"{section}.{key} is set for both services by the top-level {owned[key]}; "
+                        f"{section}.{key} is set {whose}by the top-level {owned[key]}; "
                         f"move it out of the {section}: section"
                     )
         return values
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ranks_from_the_gpu_list(cls, values: Any) -> Any:
+        """A list in gpus.language and no language.tensor_parallel_size: one rank per GPU listed."""
+        if not isinstance(values, dict):
+            return values
+        gpus, language = values.get("gpus"), values.get("language", {})
+        listed = gpus.get("language") if isinstance(gpus, dict) else None
+        language = {} if language is None else language
+        if (
+            isinstance(listed, list)
+            and listed
+            and isinstance(language, dict)
+            and "tensor_parallel_size" not in language
+        ):
+            values = {**values, "language": {**language, "tensor_parallel_size": len(listed)}}
+        return values
+
+    @model_validator(mode="after")
+    def _check_ranks(self) -> DeployConfig:
+        gpus, size = self.gpus.language, self.language.tensor_parallel_size
+        if isinstance(gpus, list) and len(gpus) != size:
+            raise ValueError(
+                f"gpus.language lists {len(gpus)} GPU{'s' if len(gpus) > 1 else ''} {gpus}, one per "
+                f"tensor-parallel rank, but language.tensor_parallel_size is {size}: make them agree, or "
+                "leave language.tensor_parallel_size out (the list's length is taken)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_transports(self) -> DeployConfig:
@@ -146,8 +204,23 @@ class DeployConfig(BaseModel):
     def resolved_dtype(self) -> str:
         return self.dtype or ("bfloat16" if self.device == "cuda" else "float32")
 
+    def language_gpus(self) -> list[int]:
+        """The GPU index of each language rank, rank 0 first: the list given, or the GPUs from
+        the one given on, one per language.tensor_parallel_size."""
+        if isinstance(self.gpus.language, list):
+            return list(self.gpus.language)
+        return [self.gpus.language + rank for rank in range(self.language.tensor_parallel_size)]
+
     def service_device(self, service: Literal["encode", "language"]) -> str:
-        return f"cuda:{getattr(self.gpus, service)}" if self.device == "cuda" else "cpu"
+        """Where the service runs: the encoder's GPU, language rank 0's (cpu on the CPU)."""
+        if self.device != "cuda":
+            return "cpu"
+        return f"cuda:{self.gpus.encode if service == 'encode' else self.language_gpus()[0]}"
+
+    def rank_devices(self) -> list[str]:
+        """language.rank_devices: each rank's GPU with device: cuda. Empty on the CPU, where the
+        language settings make every rank a CPU process."""
+        return [f"cuda:{gpu}" for gpu in self.language_gpus()] if self.device == "cuda" else []
 
 
 def load_deploy_config(path: str | Path | None, **overrides: Any) -> DeployConfig:

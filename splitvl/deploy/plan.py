@@ -53,13 +53,14 @@ def make_plan(config: DeployConfig, model: Path, only: Only = None, served_model
             f"({encode.fetch_total_timeout_s:g} s) by at least {_ENCODE_SLACK_S:g} s: a slow image URL must fail as "
             "the client's error before the language service gives the encoder up for dead"
         )
-    # Two services on one GPU: the language engine sizes its KV cache from the memory free when it
-    # starts, so the encoder must have loaded its weights and run its probe by then.
+    # Two services on one GPU (the encoder's and any language rank's): the language engine sizes
+    # its KV cache from the memory free when it starts, so the encoder must have loaded its
+    # weights and run its probe by then.
     sequential = (
         encode is not None
         and language is not None
         and config.device == "cuda"
-        and config.gpus.encode == config.gpus.language
+        and config.gpus.encode in config.language_gpus()
     )
     return Plan(encode, language, sequential)
 
@@ -107,6 +108,7 @@ def _language_settings(
         host=config.host,
         port=config.port,
         device=config.service_device("language"),
+        rank_devices=config.rank_devices(),
         dtype=config.resolved_dtype,
         transport=config.transport,
         result_transport=config.result_transport,
