@@ -27,6 +27,8 @@ def test_the_configs_named_by_the_issue_exist():
         "qwen3-vl-30b-a3b-1gpu.yaml",
         "qwen3-vl-30b-a3b-2gpu.yaml",
         "qwen3-vl-30b-a3b-multinode.yaml",
+        "qwen3-vl-30b-a3b-tp2.yaml",
+        "qwen3-vl-235b-a22b-8gpu.yaml",
     }
 
 
@@ -53,6 +55,20 @@ def test_two_gpu_config_splits_the_gpus_and_copies_device_to_device():
 def test_one_gpu_config_starts_the_encoder_first():
     plan = make_plan(load_deploy_config(_config("1gpu")), MODEL)
     assert plan.encode.device == plan.language.device == "cuda:0" and plan.sequential
+
+
+def test_tp2_config_splits_the_language_model_over_gpus_1_and_2():
+    plan = make_plan(load_deploy_config(_config("tp2")), MODEL)
+    assert plan.encode.device == "cuda:0" and plan.language.tensor_parallel_size == 2
+    assert (plan.language.device, plan.language.rank_devices) == ("cuda:1", ["cuda:1", "cuda:2"])
+    assert plan.encode.result_transport == "cuda_ipc" and not plan.sequential
+
+
+def test_8gpu_config_runs_8_ranks_with_the_encoder_beside_rank_0():
+    plan = make_plan(load_deploy_config(_config("8gpu")), MODEL)
+    assert plan.language.rank_devices == [f"cuda:{gpu}" for gpu in range(8)]
+    assert plan.encode.device == plan.language.device == "cuda:0" and plan.sequential
+    assert plan.encode.result_transport == "zmq"  # one GPU holds the encoder and rank 0
 
 
 def test_multinode_config_runs_one_service_per_node():
