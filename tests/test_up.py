@@ -18,7 +18,11 @@ import openai
 import pytest
 import yaml
 
+from language_server.settings import LanguageSettings
 from splitvl.cli import main
+from splitvl.deploy.banner import banner
+from splitvl.deploy.config import load_deploy_config
+from splitvl.deploy.plan import make_plan
 from tests.services import alive, children, data_url, free_port, png, wait_gone
 
 SPLITVL = str(Path(sys.executable).with_name("splitvl"))
@@ -274,6 +278,35 @@ def test_dry_run_prints_each_services_settings_with_flags_over_the_file(tmp_path
     assert encode["dtype"] == language["dtype"] == "float32" and language["port"] == 9001
     assert encode["model"] == language["model"] == str(tmp_path)
     assert language["encoders"] == [encode["listen"]] and encode["result_transport"] == "cuda_ipc"
+
+
+def test_dry_run_lists_each_language_rank_with_its_gpu(tmp_path, capsys):
+    """A GPU layout is checked on any machine: the dry run of the tp2 file starts nothing."""
+    (tmp_path / "config.json").write_text("{}")
+    config = Path(__file__).resolve().parents[1] / "configs" / "qwen3-vl-30b-a3b-tp2.yaml"
+    assert main(["up", "--dry-run", "--config", str(config), "--model", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "# language rank 0: cuda:1\n# language rank 1: cuda:2\n" in out
+    language = yaml.safe_load(out)["language"]  # the rank lines are comments: still the settings
+    assert (language["device"], language["tensor_parallel_size"]) == ("cuda:1", 2)
+    assert language["rank_devices"] == ["cuda:1", "cuda:2"]
+    assert LanguageSettings(**language).devices_of_ranks() == ["cuda:1", "cuda:2"]
+
+
+def test_dry_run_on_the_cpu_lists_cpu_ranks(tmp_path, capsys):
+    config = tmp_path / "tp.yaml"
+    config.write_text(yaml.safe_dump({"language": {"tensor_parallel_size": 2}}))
+    assert main(["up", "--dry-run", "--config", str(config), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "# language rank 0: cpu\n# language rank 1: cpu\n" in capsys.readouterr().out
+
+
+def test_the_banner_names_the_ranks_devices():
+    config = load_deploy_config(None, device="cuda", gpus={"encode": 0, "language": [1, 2]})
+    plan = make_plan(config, Path("/models/any"))
+    text = banner(plan, "m", Path("/tmp/demo.png"))
+    assert "m (2 tensor-parallel ranks on cuda:1, cuda:2, each expert split across them, bfloat16)" in text
+    one = banner(make_plan(load_deploy_config(None, device="cuda"), Path("/models/any")), "m", Path("x.png"))
+    assert "m (cuda:0, bfloat16)" in one
 
 
 def _dry_run(capsys, tmp_path, *args: str) -> dict:

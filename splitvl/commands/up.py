@@ -20,7 +20,9 @@ With neither --config nor --model it runs the demo's own file, configs/tiny-cpu.
 --config takes a deployment file (see configs/): top-level keys model, host, port, device,
 dtype, gpus, transport, result_transport, startup_timeout_s, plus an `encode:` section (any
 encode_server/settings.py field) and a `language:` section (any language_server/settings.py
-field). Flags override the file; unknown keys are errors.
+field). Flags override the file; unknown keys are errors. `gpus.language` takes one GPU or a
+list of them, one per tensor-parallel rank (language.tensor_parallel_size); --dry-run prints
+each rank's device.
 
 --only runs one of the two, for deployments across nodes: `--only encode` on the vision node
 (needs encode.listen), `--only language` on the language node (needs language.encoders)."""
@@ -31,7 +33,8 @@ examples:
   splitvl up --model /models/Qwen3-VL-30B-A3B-Instruct --device cuda
   splitvl up --config configs/qwen3-vl-30b-a3b-2gpu.yaml --model /models/Qwen3-VL-30B-A3B-Instruct
   splitvl up --config configs/qwen3-vl-30b-a3b-multinode.yaml --only encode   # on the vision node
-  splitvl up --dry-run --config configs/qwen3-vl-30b-a3b-1gpu.yaml            # print each service's settings"""
+  splitvl up --dry-run --config configs/qwen3-vl-30b-a3b-1gpu.yaml            # print each service's settings
+  splitvl up --config configs/qwen3-vl-30b-a3b-tp2.yaml   # encode on GPU 0, language over GPUs 1 and 2"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,7 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="print each service's resolved settings (secrets masked) and exit; builds nothing",
+        help="print each service's resolved settings (secrets masked) and each language rank's "
+        "device, and exit; builds nothing",
     )
     p.set_defaults(func=run)
 
@@ -73,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
-    from splitvl.deploy.banner import banner
+    from splitvl.deploy.banner import banner, rank_lines
     from splitvl.deploy.config import DeployConfigError, load_deploy_config
     from splitvl.deploy.launcher import Launcher
     from splitvl.deploy.plan import make_plan
@@ -127,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
             if settings is not None
         }
         print(yaml.safe_dump(services, sort_keys=False), end="")
+        if plan.language is not None:  # as YAML comments, so the output still loads as settings
+            print("".join(f"# {line}\n" for line in rank_lines(plan.language)), end="")
         return 0
     name = (plan.language.served_model_name if plan.language else None) or model.name
     return Launcher(plan, config.startup_timeout_s).run(banner(plan, name, demo_image(cache)))

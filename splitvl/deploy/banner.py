@@ -1,9 +1,11 @@
-"""What `splitvl up` prints once its services are healthy: where they are and a request to try."""
+"""What `splitvl up` prints once its services are healthy (where they are and a request to try),
+and where each language rank runs (also under `--dry-run`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from language_server.settings import LanguageSettings
 from splitvl.deploy.plan import Plan
 
 
@@ -18,7 +20,7 @@ def banner(plan: Plan, model_name: str, image: Path) -> str:
         url = plan.language_url
         lines += [
             (
-                f"language service ready: {model_name} ({plan.language.device}, {plan.language.dtype}), "
+                f"language service ready: {model_name} ({_where(plan.language)}, {plan.language.dtype}), "
                 f"encoders {', '.join(plan.language.encoders)}"
             ),
             "",
@@ -31,6 +33,19 @@ def banner(plan: Plan, model_name: str, image: Path) -> str:
         ]
     lines += ["", "Ctrl-C stops " + ("both services." if plan.encode and plan.language else "the service."), ""]
     return "\n".join(lines) + "\n"
+
+
+def rank_lines(language: LanguageSettings) -> list[str]:
+    """One line per tensor-parallel rank: `language rank R: DEVICE`."""
+    return [f"language rank {rank}: {device}" for rank, device in enumerate(language.devices_of_ranks())]
+
+
+def _where(language: LanguageSettings) -> str:
+    devices = language.devices_of_ranks()
+    if len(devices) == 1:
+        return devices[0]
+    experts = "whole experts per rank" if language.expert_parallel else "each expert split across them"
+    return f"{len(devices)} tensor-parallel ranks on {', '.join(devices)}, {experts}"
 
 
 def _curl(url: str, model_name: str, image: Path) -> str:
