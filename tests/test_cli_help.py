@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from splitvl.cli import COMMAND_MODULES, build_parser
+from splitvl.cli import COMMAND_MODULES, build_parser, main
+from splitvl.commands.language import settings_of
 
 
 def _parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
@@ -50,3 +51,21 @@ def test_top_level_help_lists_every_command_without_importing_torch():
     assert "heavy: []" in out
     for name in COMMAND_MODULES:
         assert name.replace("_", "-") in out
+
+
+def test_language_parallel_flags_set_the_settings_over_the_file(tmp_path):
+    config = tmp_path / "language.yaml"
+    config.write_text("model: /models/any\ntensor_parallel_size: 4\nexpert_parallel: true\n")
+    parse = build_parser().parse_args
+    from_file = settings_of(parse(["language", "--config", str(config)]))
+    assert (from_file.tensor_parallel_size, from_file.expert_parallel) == (4, True)
+    flags = ["--device", "cuda:1", "--tensor-parallel-size", "2", "--no-expert-parallel"]
+    settings = settings_of(parse(["language", "--config", str(config), *flags]))
+    assert (settings.tensor_parallel_size, settings.expert_parallel) == (2, False)
+    assert settings.devices_of_ranks() == ["cuda:1", "cuda:2"]
+    assert settings_of(parse(["language", "--model", "m", "--expert-parallel"])).expert_parallel
+
+
+def test_generate_refuses_several_ranks_and_says_where_they_run(capsys):
+    assert main(["generate", "--prompt", "hi", "--tensor-parallel-size", "2"]) == 2
+    assert "splitvl language --tensor-parallel-size 2" in capsys.readouterr().err

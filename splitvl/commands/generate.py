@@ -37,6 +37,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="weights and activations dtype (default float32, the reference precision)",
     )
     p.add_argument("--disaggregated", action="store_true", help="vision tower -> wire codec -> language model")
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="ranks the language model is split across (LanguageSettings.tensor_parallel_size); "
+        "generate runs the model in its own process, so only 1 for now: for more, serve it with "
+        "`splitvl language --tensor-parallel-size N` or `splitvl up`",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=run)
 
@@ -48,6 +57,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_tokens < 1:
         print("splitvl generate: --max-tokens must be at least 1", file=sys.stderr)
+        return 2
+    if args.tensor_parallel_size != 1:
+        print(
+            f"splitvl generate: --tensor-parallel-size {args.tensor_parallel_size}: offline generation runs the "
+            "model in this one process (1 rank); to split it over several, serve it with "
+            f"`splitvl language --tensor-parallel-size {args.tensor_parallel_size}` (or `splitvl up` with "
+            "gpus.language listing one GPU per rank)",
+            file=sys.stderr,
+        )
         return 2
     model = args.model
     if model is None:
