@@ -53,7 +53,7 @@ def _services(compose, *args: str, env: dict[str, str] | None = None) -> dict:
 
 
 def test_the_compose_file_validates(compose):
-    for profile in ([], ["--profile", "gpu"], ["--profile", "cpu"]):
+    for profile in ([], ["--profile", "gpu"], ["--profile", "cpu"], ["--profile", "tp2"]):
         result = compose(*profile, "config", "--quiet")
         assert result.returncode == 0, (profile, result.stderr)
 
@@ -95,9 +95,34 @@ def test_cpu_profile_serves_the_tiny_model_without_a_gpu(compose):
     assert "/app/configs/tiny-cpu.yaml" in cpu["command"] and "--model" not in cpu["command"]
 
 
+def test_tp2_profile_gives_one_container_the_gpus_its_config_places(compose):
+    """The container sees its GPUs as 0..n-1, so the config's GPUs must be exactly those, and the
+    host GPUs reserved default to the same indexes."""
+    services = _services(compose, "--profile", "tp2")
+    assert set(services) == {"tp2"}
+    tp2 = services["tp2"]
+    args = build_parser().parse_args(tp2["command"])
+    config = load_deploy_config(REPO / "configs" / Path(args.config).name, model=args.model)
+    assert args.config == "/app/configs/qwen3-vl-30b-a3b-tp2.yaml"
+    [devices] = tp2["deploy"]["resources"]["reservations"]["devices"]
+    placed = sorted({config.gpus.encode, *config.language_gpus()})
+    assert devices["device_ids"] == [str(gpu) for gpu in placed] == ["0", "1", "2"]
+    assert placed == list(range(len(devices["device_ids"])))
+    plan = make_plan(config, Path(args.model))
+    assert (plan.encode.device, plan.language.rank_devices) == ("cuda:0", ["cuda:1", "cuda:2"])
+    assert int(tp2["shm_size"]) >= 1 << 30, "NCCL needs more than Docker's 64 MB of /dev/shm"
+    env = {"SPLITVL_TP2_ENCODE_GPU": "4", "SPLITVL_TP2_RANK0_GPU": "5", "SPLITVL_TP2_RANK1_GPU": "6"}
+    [moved] = _services(compose, "--profile", "tp2", env=env)["tp2"]["deploy"]["resources"]["reservations"]["devices"]
+    assert moved["device_ids"] == ["4", "5", "6"]
+
+
 def test_every_service_command_is_a_valid_splitvl_up(compose):
     """The commands parse with splitvl's own parser, and the configs they name plan."""
-    services = {**_services(compose, "--profile", "gpu"), **_services(compose, "--profile", "cpu")}
+    services = {
+        **_services(compose, "--profile", "gpu"),
+        **_services(compose, "--profile", "cpu"),
+        **_services(compose, "--profile", "tp2"),
+    }
     for name, service in services.items():
         args = build_parser().parse_args(service["command"])
         assert args.command == "up", name
