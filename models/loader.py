@@ -14,6 +14,11 @@ Expert weights come in three layouts (DESIGN.md §3), told apart by the config's
   transformers gate_up_proj [E, 2I, H], down_proj [E, H, I]  (what transformers 5 saves)
   per-expert   experts.{j}.{gate,up,down}_proj.weight        (text-only Qwen2/3-MoE, FP8 releases)
 
+Tensor parallelism (`tp`, models/parallel.py): only the language part splits; each rank reads
+its slices through safetensors' memory-mapped `get_slice` (models/sharding.py), so no rank holds
+the full model in host or device memory. FP8 weights are dequantized whole, one at a time, then
+sliced (their scale blocks need not align with a rank's slice).
+
 Block-wise FP8 checkpoints (models/fp8.py): each float8 weight is dequantized with its
 `weight_scale_inv` to the compute dtype as it is read, one tensor at a time. FP8 kernels that keep
 the weights in fp8 are not used yet, on CPU or GPU.
@@ -34,11 +39,13 @@ from torch import nn
 from tqdm import tqdm
 
 from models import fp8
-from models.config import ModelConfig, load_config
+from models.config import ModelConfig, TextConfig, load_config
+from models.parallel import SINGLE, TensorParallel, check_divisible
 from models.qwen2_moe import Qwen2MoeForCausalLM
 from models.qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeForCausalLMWithDeepStack
 from models.qwen3_vision import Qwen3_VisionTransformer
 from models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
+from models.sharding import expert_shard, per_expert_shard, shard_of, take
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +72,19 @@ def load_model(
     part: str = "full",
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    tp: TensorParallel = SINGLE,
 ) -> LoadedModel:
     model_dir = Path(model_dir)
     if part not in PARTS:
         raise CheckpointError(f"part must be one of {PARTS}, got {part!r}")
     config = load_config(model_dir)
+    if tp.size > 1:
+        if part != "language":
+            raise CheckpointError(f"only the language part splits over ranks (part={part!r}, {tp.size} ranks)")
+        check_divisible(config.text, tp.size, tp.expert_parallel)
     dtype = dtype or config.dtype
     device = torch.device(device)
-    model, prefixes = _build(config, part)
+    model, prefixes = _build(config, part, tp)
     model = model.to(dtype=dtype).to_empty(device=device)
     _retie(model, config)
 
@@ -86,7 +98,7 @@ def load_model(
             "checkpoint does not match the config: unexpected tensors: " + _listing(sorted(strangers))
         )
     reader = _TensorReader(model_dir, device)
-    filler = _ParamFiller(model, config)
+    filler = _ParamFiller(model, config, tp)
     dequantizer = _Fp8Reader(config, files, reader, dtype)
     total = sum(reader.nbytes(wanted))
     with tqdm(
@@ -96,9 +108,13 @@ def load_model(
             if name.endswith(fp8.SCALE_SUFFIX):
                 continue  # read together with its weight, which may sit in another shard
             local = _strip_prefix(name, prefixes)
-            tensor = reader.read(filename, name)
-            bar.update(tensor.numel() * tensor.element_size())
-            filler.fill(name, local, dequantizer.dequantize(name, tensor))
+            if reader.is_float8(filename, name):
+                # Scale blocks need not align with a rank's slice: dequantize whole, then slice.
+                tensor = dequantizer.dequantize(name, reader.read(filename, name))
+                source, shape = tensor, tuple(tensor.shape)
+            else:
+                source, shape = reader.slice(filename, name), reader.shape(filename, name)
+            bar.update(filler.fill(name, local, source, shape))
     dequantizer.finish(wanted)
     filler.finish()
     reader.close()
@@ -116,7 +132,7 @@ def load_model(
 _KNOWN_PREFIXES = {True: ("model.visual.", "model.language_model.", "lm_head."), False: ("model.", "lm_head.")}
 
 
-def _build(config: ModelConfig, part: str) -> tuple[nn.Module, dict[str, str]]:
+def _build(config: ModelConfig, part: str, tp: TensorParallel = SINGLE) -> tuple[nn.Module, dict[str, str]]:
     """The module for (arch, part) on the meta device, and checkpoint prefix -> module prefix."""
     with torch.device("meta"):
         if config.is_vl:
@@ -124,11 +140,11 @@ def _build(config: ModelConfig, part: str) -> tuple[nn.Module, dict[str, str]]:
                 return Qwen3_VisionTransformer(config.vision), {"model.visual.": ""}
             text = {"model.language_model.": "model.", "lm_head.": "lm_head."}
             if part == "language":
-                return language_model_class(config)(config.text), text
+                return language_model_class(config)(config.text, tp), text
             return Qwen3VLMoeForConditionalGeneration(config), {"model.visual.": "visual.", **text}
         if part == "vision":
             raise CheckpointError(f"a {config.arch} checkpoint has no vision tower (part='vision')")
-        return language_model_class(config)(config.text), {"model.": "model.", "lm_head.": "lm_head."}
+        return language_model_class(config)(config.text, tp), {"model.": "model.", "lm_head.": "lm_head."}
 
 
 def language_model_class(config: ModelConfig) -> type[nn.Module]:
@@ -211,6 +227,17 @@ class _TensorReader:
         self.names_read.append(name)
         return self._open(filename).get_tensor(name)
 
+    def slice(self, filename: str, name: str):
+        """The tensor memory-mapped: indexing it reads only the bytes of the slice."""
+        self.names_read.append(name)
+        return self._open(filename).get_slice(name)
+
+    def shape(self, filename: str, name: str) -> tuple[int, ...]:
+        return tuple(self._open(filename).get_slice(name).get_shape())
+
+    def is_float8(self, filename: str, name: str) -> bool:
+        return self._open(filename).get_slice(name).get_dtype().startswith("F8_")
+
     def close(self) -> None:
         self.handles.clear()
 
@@ -283,68 +310,81 @@ class _Fp8Reader:
 class _ParamFiller:
     """Copies checkpoint tensors into parameters, converting expert layouts, and checks coverage."""
 
-    def __init__(self, model: nn.Module, config: ModelConfig) -> None:
+    def __init__(self, model: nn.Module, config: ModelConfig, tp: TensorParallel = SINGLE) -> None:
         self.params = dict(model.named_parameters())  # tied lm_head appears once, as the embedding
         self.config = config
+        self.tp = tp
         self.filled: set[str] = set()
         self.unexpected: list[str] = []
         self.misshaped: list[str] = []
         self.per_expert_seen: dict[str, set[tuple[int, str]]] = defaultdict(set)
 
-    def fill(self, ckpt_name: str, local: str, tensor: torch.Tensor) -> None:
+    def fill(self, ckpt_name: str, local: str, source, shape: tuple[int, ...]) -> int:
+        """Copy the rank's part of one checkpoint tensor (`source` a tensor or a safetensors
+        slice of `shape`) into its parameter; returns the bytes read."""
         if local == "lm_head.weight" and self.config.text.tie_word_embeddings:
-            return  # some tied checkpoints store the copy too; the embedding is the source
+            return 0  # some tied checkpoints store the copy too; the embedding is the source
         expert = _EXPERT_KEY.match(local)
         if expert:
-            self._fill_expert(ckpt_name, expert, tensor)
-            return
+            return self._fill_expert(ckpt_name, expert, source, shape)
         param = self.params.get(local)
         if param is None:
             self.unexpected.append(ckpt_name)
-            return
-        if tuple(tensor.shape) != tuple(param.shape):
-            self.misshaped.append(f"{ckpt_name}: file {tuple(tensor.shape)}, model {tuple(param.shape)}")
-            return
+            return 0
+        text = self.config.text
+        full = full_shape(local, tuple(param.shape), text, self.tp)
+        if shape != full:
+            self.misshaped.append(f"{ckpt_name}: file {shape}, model {full}")
+            return 0
+        tensor = take(source, shape, shard_of(local, text, self.tp))
         param.data.copy_(tensor)
         self.filled.add(local)
+        return _nbytes(tensor)
 
-    def _fill_expert(self, ckpt_name: str, match: re.Match, tensor: torch.Tensor) -> None:
+    def _fill_expert(self, ckpt_name: str, match: re.Match, source, shape: tuple[int, ...]) -> int:
         base, index, proj, fused = match.groups()
         gate_up, down = self.params.get(f"{base}.gate_up_proj"), self.params.get(f"{base}.down_proj")
         if gate_up is None or down is None:
             self.unexpected.append(ckpt_name)
-            return
-        num_experts, two_i, hidden = gate_up.shape
-        inter = two_i // 2
+            return 0
+        text, tp = self.config.text, self.tp
+        # Layouts are told apart by the full model's dimensions, not the rank's shard.
+        num_experts, hidden, inter = text.num_experts, text.hidden_size, text.moe_intermediate_size
+        first, local_experts = tp.experts(num_experts)
+        local_inter = tp.expert_intermediate(inter)[1]
         if fused:
             target = gate_up if fused == "gate_up_proj" else down
-            layout = _fused_layout(ckpt_name, tuple(tensor.shape), fused, num_experts, hidden, inter)
+            layout = _fused_layout(ckpt_name, shape, fused, num_experts, hidden, inter)
             if layout is None:
                 self.misshaped.append(
-                    f"{ckpt_name}: file {tuple(tensor.shape)}, expected hub or transformers layout "
+                    f"{ckpt_name}: file {shape}, expected hub or transformers layout "
                     f"for E={num_experts}, H={hidden}, I={inter}"
                 )
-                return
+                return 0
+            tensor = take(source, shape, expert_shard(fused, layout, text, tp))
             target.data.copy_(tensor.transpose(1, 2) if layout == "hub" else tensor)
             self.filled.add(f"{base}.{fused}")
-            return
+            return _nbytes(tensor)
         j = int(index)
         want = (hidden, inter) if proj == "down" else (inter, hidden)
-        if j >= num_experts or tuple(tensor.shape) != want:
-            self.misshaped.append(
-                f"{ckpt_name}: file {tuple(tensor.shape)}, expected {want} for expert < {num_experts}"
-            )
-            return
+        if j >= num_experts or shape != want:
+            self.misshaped.append(f"{ckpt_name}: file {shape}, expected {want} for expert < {num_experts}")
+            return 0
+        if not first <= j < first + local_experts:
+            return 0  # another expert-parallel rank's expert: not read
+        tensor = take(source, shape, per_expert_shard(proj, text, tp))
+        row = j - first
         if proj == "gate":
-            gate_up.data[j, :inter].copy_(tensor)
+            gate_up.data[row, :local_inter].copy_(tensor)
         elif proj == "up":
-            gate_up.data[j, inter:].copy_(tensor)
+            gate_up.data[row, local_inter:].copy_(tensor)
         else:
-            down.data[j].copy_(tensor)
+            down.data[row].copy_(tensor)
         seen = self.per_expert_seen[base]
         seen.add((j, proj))
-        if len(seen) == 3 * num_experts:
+        if len(seen) == 3 * local_experts:
             self.filled.update({f"{base}.gate_up_proj", f"{base}.down_proj"})
+        return _nbytes(tensor)
 
     def finish(self) -> None:
         missing = sorted(set(self.params) - self.filled)
@@ -357,6 +397,25 @@ class _ParamFiller:
             problems.append("missing tensors: " + _listing(missing))
         if problems:
             raise CheckpointError("checkpoint does not match the config: " + "; ".join(problems))
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def full_shape(name: str, local: tuple[int, ...], text: TextConfig, tp: TensorParallel) -> tuple[int, ...]:
+    """The checkpoint shape of the parameter `name` whose rank-local shape is `local`."""
+    shard = shard_of(name, text, tp)
+    if shard is None:
+        return local
+    full = list(local)
+    if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+        full[0] = text.vocab_size
+    elif ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+        full[0] = text.num_key_value_heads * text.head_dim
+    else:
+        full[shard.dim] = local[shard.dim] * tp.size
+    return tuple(full)
 
 
 def _fused_layout(name: str, shape: tuple[int, ...], which: str, e: int, h: int, i: int) -> str | None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from models.ops import torch_route
 
-ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+ExpertsFn = Callable[..., torch.Tensor]  # (x, gate_up_proj, down_proj, topk_weights, topk_ids, skip_foreign=False)
 
 
 def torch_fused_experts(
@@ -29,15 +29,20 @@ def torch_fused_experts(
     down_proj: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    skip_foreign: bool = False,
 ) -> torch.Tensor:
     """Reference experts: x [T, H] -> sum_k w[t,k] * expert_{id[t,k]}(x[t]), [T, H].
 
-    Groups tokens by expert (one sort), so each active expert runs one matmul over its tokens.
+    `skip_foreign` (expert parallelism): an id equal to E names an expert of another rank, whose
+    term is left out. Groups tokens by expert (one sort), so each active expert runs one matmul
+    over its tokens.
     """
     num_tokens, top_k = topk_ids.shape
+    num_experts = gate_up_proj.shape[0]
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=gate_up_proj.shape[0]).tolist()
+    # Foreign ids (== E) sort last, so the loop below ends before them.
+    counts = torch.bincount(flat_ids, minlength=num_experts + skip_foreign).tolist()[:num_experts]
     token_of = order // top_k  # which token each sorted (token, k) pair belongs to
     out = torch.zeros_like(x)
     start = 0

@@ -10,6 +10,9 @@ after each layer through `after_layer` (the DeepStack models do both, models/dee
 Qwen3 text models reuse it with different attention/MoE options from the config (q/k norm, no
 qkv bias, no shared expert); nothing here knows about images or DeepStack.
 
+Tensor parallelism (models/parallel.py): every module takes the rank's `TensorParallel` and
+holds its shard under the same parameter names; at one rank (SINGLE) nothing changes.
+
 Legend: T tokens, H hidden, Hq/Hkv query/kv heads, D head dim, V vocab.
 """
 
@@ -22,6 +25,7 @@ from torch import nn
 from models.config import TextConfig
 from models.forward_context import ForwardContext
 from models.ops import OpsImpl
+from models.parallel import SINGLE, TensorParallel
 
 
 class RMSNorm(nn.Module):
@@ -39,16 +43,42 @@ class RMSNorm(nn.Module):
 
 
 class DenseMLP(nn.Module):
-    """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)); the intermediate dimension split over the ranks.
+    `reduce=False` leaves the rank's partial sum to the caller (the shared expert: one all-reduce
+    serves the whole MoE block)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, tp: TensorParallel = SINGLE, reduce: bool = True
+    ) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        local = tp.split(intermediate_size)[1]
+        self.tp = tp if reduce else SINGLE
+        self.gate_proj = nn.Linear(hidden_size, local, bias=False)
+        self.up_proj = nn.Linear(hidden_size, local, bias=False)
+        self.down_proj = nn.Linear(local, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.tp.all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """The token embedding, its rows split over the ranks (the vocabulary padded to a multiple of
+    the rank count): each rank looks up the ids it holds, zeros elsewhere, then one all-reduce.
+    The parameter is `weight` as in nn.Embedding, so checkpoint names are unchanged."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel = SINGLE) -> None:
+        super().__init__()
+        self.tp = tp
+        self.first, self.rows = tp.split(tp.padded_vocab(vocab_size))
+        self.weight = nn.Parameter(torch.empty(self.rows, hidden_size))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.first
+        outside = (local < 0) | (local >= self.rows)
+        h = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[:, None], 0.0)
+        return self.tp.all_reduce(h)
 
 
 class RotaryEmbedding(nn.Module):
@@ -90,10 +120,24 @@ class RotaryEmbedding(nn.Module):
 
 
 class Experts(nn.Module):
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+    """The rank's experts: all E with their intermediate slice, or (expert-parallel) E/size whole."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.first, local_experts = tp.experts(num_experts)
+        inter = tp.expert_intermediate(intermediate_size)[1]
+        self.gate_up_proj = nn.Parameter(torch.empty(local_experts, 2 * inter, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(local_experts, hidden_size, inter))
+        self.partitioned = local_experts < num_experts  # some routed experts live on other ranks
+
+    def local_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Routed expert ids -> this rank's indices; an expert of another rank becomes E_local,
+        which the expert kernels skip (its term is added on the rank that holds it)."""
+        if not self.partitioned:
+            return ids
+        local = ids - self.first
+        count = self.gate_up_proj.shape[0]
+        return torch.where((local >= 0) & (local < count), local, count)
 
 
 class SparseMoeBlock(nn.Module):
@@ -105,15 +149,17 @@ class SparseMoeBlock(nn.Module):
         intermediate_size: int,
         norm_topk_prob: bool,
         shared_expert_intermediate_size: int = 0,
+        tp: TensorParallel = SINGLE,
     ) -> None:
         super().__init__()
+        self.tp = tp
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
-        self.experts = Experts(num_experts, hidden_size, intermediate_size)
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)  # the router: replicated
+        self.experts = Experts(num_experts, hidden_size, intermediate_size, tp)
         # Qwen2-MoE only: an always-on expert scaled by a sigmoid gate.
         if shared_expert_intermediate_size:
-            self.shared_expert = DenseMLP(hidden_size, shared_expert_intermediate_size)
+            self.shared_expert = DenseMLP(hidden_size, shared_expert_intermediate_size, tp, reduce=False)
             self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
         else:
             self.shared_expert = None
@@ -121,18 +167,28 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         moe = ctx.kernels.moe
         weights, ids = moe.route(self.gate(x), self.top_k, self.norm_topk_prob)
-        out = moe.experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+        experts = self.experts
+        if experts.partitioned:
+            out = moe.experts(
+                x, experts.gate_up_proj, experts.down_proj, weights, experts.local_ids(ids), skip_foreign=True
+            )
+        else:
+            out = moe.experts(x, experts.gate_up_proj, experts.down_proj, weights, ids)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out
+        return self.tp.all_reduce(out)  # every rank's partial sum (its experts or its slices)
 
 
 class Attention(nn.Module):
-    def __init__(self, config: TextConfig, layer_idx: int) -> None:
+    """Self-attention over the rank's heads: q/k/v column-parallel, o_proj row-parallel and one
+    all-reduce (models/parallel.py)."""
+
+    def __init__(self, config: TextConfig, layer_idx: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.layer_idx = layer_idx  # global index: the KV cache and pipeline ranks key on it
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.tp = tp
+        self.num_heads = tp.split(config.num_attention_heads)[1]
+        self.num_kv_heads = tp.kv_heads(config.num_key_value_heads)[1]
         self.head_dim = config.head_dim
         hidden, d = config.hidden_size, config.head_dim
         self.q_proj = nn.Linear(hidden, self.num_heads * d, bias=config.qkv_bias)
@@ -176,14 +232,14 @@ class Attention(nn.Module):
         q, k, v = q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d), v.view(t, self.num_kv_heads, d)
         norms = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else None
         out = ctx.attn.forward(self.layer_idx, q, k, v, norms, self.eps, rope, ctx.batch)  # [T, Hq, D]
-        return self.o_proj(out.reshape(t, -1))
+        return self.tp.all_reduce(self.o_proj(out.reshape(t, -1)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: TextConfig, layer_idx: int) -> None:
+    def __init__(self, config: TextConfig, layer_idx: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.self_attn = Attention(config, layer_idx)
+        self.self_attn = Attention(config, layer_idx, tp)
         self.is_moe = config.is_moe_layer(layer_idx)
         if self.is_moe:
             self.mlp = SparseMoeBlock(
@@ -193,9 +249,10 @@ class DecoderLayer(nn.Module):
                 config.moe_intermediate_size,
                 config.norm_topk_prob,
                 config.shared_expert_intermediate_size,
+                tp,
             )
         else:
-            self.mlp = DenseMLP(config.hidden_size, config.intermediate_size)
+            self.mlp = DenseMLP(config.hidden_size, config.intermediate_size, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -221,11 +278,11 @@ class DecoderLayer(nn.Module):
 class Qwen2MoeModel(nn.Module):
     """Text-only decoder stack: [T] token ids (or [T, H] embeddings) -> [T, H] hidden states."""
 
-    def __init__(self, config: TextConfig) -> None:
+    def __init__(self, config: TextConfig, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, tp) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.mrope_section)
 
@@ -260,15 +317,17 @@ class Qwen2MoeModel(nn.Module):
 
 
 class Qwen2MoeForCausalLM(nn.Module):
-    """Decoder stack + lm_head. Subclasses swap the stack through `model_class`."""
+    """Decoder stack + lm_head. Subclasses swap the stack through `model_class`. The lm_head is
+    column-parallel over the padded vocabulary: `compute_logits` gathers the ranks' columns."""
 
     model_class: type[Qwen2MoeModel] = Qwen2MoeModel
 
-    def __init__(self, config: TextConfig) -> None:
+    def __init__(self, config: TextConfig, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.config = config
-        self.model = self.model_class(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tp = tp
+        self.model = self.model_class(config, tp)
+        self.lm_head = nn.Linear(config.hidden_size, tp.split(tp.padded_vocab(config.vocab_size))[1], bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -282,4 +341,6 @@ class Qwen2MoeForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, H] -> [T, V]."""
-        return self.lm_head(hidden)
+        if self.tp.size == 1:
+            return self.lm_head(hidden)
+        return self.tp.all_gather_last(self.lm_head(hidden))[:, : self.config.vocab_size]

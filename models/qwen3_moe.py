@@ -11,14 +11,15 @@ from __future__ import annotations
 
 from models.config import TextConfig
 from models.deepstack import DeepStackMixin
+from models.parallel import SINGLE, TensorParallel
 from models.qwen2_moe import Qwen2MoeForCausalLM, Qwen2MoeModel
 
 
 class Qwen3MoeModel(Qwen2MoeModel):
-    def __init__(self, config: TextConfig) -> None:
+    def __init__(self, config: TextConfig, tp: TensorParallel = SINGLE) -> None:
         if not config.qk_norm or config.shared_expert_intermediate_size:
             raise ValueError("Qwen3-MoE layers have q/k norm and no shared expert; this config is Qwen2-MoE")
-        super().__init__(config)
+        super().__init__(config, tp)
 
 
 class Qwen3MoeForCausalLM(Qwen2MoeForCausalLM):

@@ -23,8 +23,10 @@ import math
 
 import torch
 
-from models.config import load_config
-from models.loader import LoadedModel, language_model_class
+from models.config import TextConfig, load_config
+from models.loader import LoadedModel, full_shape, language_model_class
+from models.parallel import SINGLE, TensorParallel, check_divisible
+from models.sharding import expert_shard, shard_of, take
 
 
 def residual_gain(num_layers: int) -> float:
@@ -53,20 +55,40 @@ def text_weight_scale(name: str, shape: tuple[int, ...], hidden: int, gain: floa
 
 
 @torch.no_grad()
-def random_language_model(model_dir: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> LoadedModel:
+def random_language_model(
+    model_dir: str, device: torch.device, dtype: torch.dtype, seed: int = 0, tp: TensorParallel = SINGLE
+) -> LoadedModel:
     """The language model of `model_dir`'s config.json (no weight files needed) with random
-    weights drawn on `device`."""
+    weights drawn on `device`. Every rank draws each full tensor in the same order and keeps its
+    slice, so the ranks together hold exactly the one-rank model."""
     config = load_config(model_dir)
     text = config.text
+    check_divisible(text, tp.size, tp.expert_parallel)
     with torch.device("meta"):
-        model = language_model_class(config)(text)
+        model = language_model_class(config)(text, tp)
     model = model.to(dtype=dtype).to_empty(device=device)
     if text.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     gen = torch.Generator(device=device).manual_seed(seed)
     gain = residual_gain(text.num_hidden_layers)
     for name, param in model.named_parameters():
-        mean, std = text_weight_scale(name, tuple(param.shape), text.hidden_size, gain)
-        param.normal_(mean, std, generator=gen)
+        shape, shard = _full_tensor(name, tuple(param.shape), text, tp)
+        mean, std = text_weight_scale(name, shape, text.hidden_size, gain)
+        if shard is None:
+            param.normal_(mean, std, generator=gen)
+        else:
+            full = torch.empty(shape, dtype=dtype, device=device).normal_(mean, std, generator=gen)
+            param.copy_(take(full, shape, shard))
     model.eval()
     return LoadedModel(model=model, config=config)
+
+
+def _full_tensor(name: str, local: tuple[int, ...], text: TextConfig, tp: TensorParallel):
+    """(the one-rank shape of parameter `name`, the rank's shard of it)."""
+    if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        which = name.rsplit(".", 1)[1]
+        inter = text.moe_intermediate_size
+        shape = (text.num_experts, 2 * inter, text.hidden_size) if which == "gate_up_proj" else (
+            text.num_experts, text.hidden_size, inter)  # fmt: skip
+        return shape, expert_shard(which, "transformers", text, tp)
+    return full_shape(name, local, text, tp), shard_of(name, text, tp)

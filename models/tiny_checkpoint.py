@@ -491,6 +491,7 @@ def write_tiny_checkpoint(
     metadata_only: bool = False,
     progress: bool | None = None,
     quantize_fp8: bool = False,
+    text_overrides: dict | None = None,
 ) -> Path:
     """Write a random checkpoint (weights, config, tokenizer, processor files) into `directory`.
 
@@ -506,6 +507,8 @@ def write_tiny_checkpoint(
     quantize_fp8: Qwen's block-wise FP8 layout (models/fp8.py): language linear weights in
     float8 e4m3 with 128x128 `weight_scale_inv` grids, experts one by one, quantization_config
     in config.json; everything else in `dtype`.
+    text_overrides: text-config fields that replace the shapes' own (head or expert counts that
+    divide by a tensor-parallel size, say).
     """
     arch = _check(arch.replace("-", "_"), ARCHS, "arch")
     shapes = _check(shapes, SHAPES, "shapes")
@@ -528,6 +531,7 @@ def write_tiny_checkpoint(
 
     ids = tiny_tokenizer.token_ids()
     text = dict(_TEXT[shapes])
+    text.update(text_overrides or {})
     text["reference_layers"] = text["num_hidden_layers"]
     if num_layers is not None:
         if num_layers < 1:

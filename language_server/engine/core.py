@@ -45,6 +45,13 @@ log = logging.getLogger(__name__)
 
 class EngineCore:
     def __init__(self, settings: LanguageSettings) -> None:
+        if settings.tensor_parallel_size > 1:
+            # The model and the loader split over ranks (models/parallel.py); the engine's rank
+            # processes do not exist yet. Refuse rather than run one rank on a sharded plan.
+            raise ValueError(
+                f"tensor_parallel_size={settings.tensor_parallel_size}: the engine runs one rank so far "
+                "(issue 16: the per-rank engine processes are not built yet); use tensor_parallel_size: 1"
+            )
         self.settings = settings
         device = str(resolve_device(settings.device))  # made current first: nothing lands on another GPU
         # Before the model: with cuda_ipc results the receive region comes out of the model's

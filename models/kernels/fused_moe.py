@@ -104,6 +104,8 @@ if HAS_TRITON:
         pid_n = tl.program_id(1)
         if PAIR_BLOCKS:  # block p is pair p alone (row 0); block_expert_ptr is the [P] expert ids
             expert = tl.load(block_expert_ptr + pid_m).to(tl.int32)
+            if expert >= num_experts:  # an expert of another rank (expert parallelism)
+                return
             pair = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs)
         else:
             expert = tl.load(block_expert_ptr + pid_m)
@@ -167,6 +169,8 @@ if HAS_TRITON:
         pid_n = tl.program_id(1)
         if PAIR_BLOCKS:  # as in the gate_up kernel
             expert = tl.load(block_expert_ptr + pid_m).to(tl.int32)
+            if expert >= num_experts:
+                return
             pair = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs).to(tl.int64)
         else:
             expert = tl.load(block_expert_ptr + pid_m)
@@ -271,10 +275,17 @@ def _launch_gate_up(
 
 
 def _launch_down(
-    h: torch.Tensor, down_proj: torch.Tensor, pair_weights: torch.Tensor, align: ExpertAlignment, config: MoeConfig
+    h: torch.Tensor,
+    down_proj: torch.Tensor,
+    pair_weights: torch.Tensor,
+    align: ExpertAlignment,
+    config: MoeConfig,
+    skip_foreign: bool,
 ) -> torch.Tensor:
     num_experts, hidden, inter = down_proj.shape
-    y = torch.empty(align.num_pairs, hidden, dtype=h.dtype, device=h.device)  # [P, H]
+    # Skipped pairs (experts of other ranks) are never written: they must read as zeros.
+    alloc = torch.zeros if skip_foreign else torch.empty
+    y = alloc(align.num_pairs, hidden, dtype=h.dtype, device=h.device)  # [P, H]
     grid = (align.num_blocks, triton.cdiv(hidden, config.block_n_down))
     _down_weighted_launch(grid,
         h, down_proj, y, align.sorted_pair_ids, align.block_expert_ids, pair_weights,
@@ -293,23 +304,27 @@ def triton_fused_experts(
     down_proj: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    skip_foreign: bool = False,
     config: MoeConfig | None = None,
 ) -> torch.Tensor:
     """x [T, H] -> sum_k w[t,k] * expert_{id[t,k]}(x[t]), [T, H]; same contract as torch_fused_experts.
 
-    `config` overrides the tile table (the benchmark's sweep uses it); leave it None otherwise.
+    With `skip_foreign`, id E (another rank's expert) is aligned as one more expert whose blocks
+    both kernels skip. `config` overrides the tile table (the benchmark's sweep uses it); leave
+    it None otherwise.
     """
     if not use_triton(x):
-        return torch_fused_experts(x, gate_up_proj, down_proj, topk_weights, topk_ids)
+        return torch_fused_experts(x, gate_up_proj, down_proj, topk_weights, topk_ids, skip_foreign)
     _check_shapes(x, gate_up_proj, down_proj, topk_weights, topk_ids)
     num_tokens, top_k = topk_ids.shape
     if num_tokens == 0:
         return torch.empty_like(x)
     config = config or moe_config(num_tokens)
     x = x.contiguous()
-    align = align_pairs_to_experts(topk_ids, gate_up_proj.shape[0], config.block_m, pair_blocks_upto=PAIR_BLOCK_TOKENS)
+    aligned_experts = gate_up_proj.shape[0] + skip_foreign
+    align = align_pairs_to_experts(topk_ids, aligned_experts, config.block_m, pair_blocks_upto=PAIR_BLOCK_TOKENS)
     h = _launch_gate_up(x, gate_up_proj, align, top_k, config)  # [P, I]
-    y = _launch_down(h, down_proj, topk_weights.reshape(-1).contiguous(), align, config)  # [P, H]
+    y = _launch_down(h, down_proj, topk_weights.reshape(-1).contiguous(), align, config, skip_foreign)  # [P, H]
     return _combine(y, num_tokens, top_k)
 
 
