@@ -159,9 +159,7 @@ class LanguageSettings(BaseModel):
                 f"device is {self.device} but rank_devices[0] is {self.rank_devices[0]}: rank 0 runs on "
                 "`device`, so set both to the same device"
             )
-        if len(set(self.rank_devices)) != len(self.rank_devices) and not all(
-            d == "cpu" for d in self.rank_devices
-        ):
+        if len(set(self.rank_devices)) != len(self.rank_devices) and not all(d == "cpu" for d in self.rank_devices):
             raise ValueError(f"rank_devices {self.rank_devices} names a GPU twice: each rank needs its own")
         return self
 
