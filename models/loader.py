@@ -108,12 +108,11 @@ def load_model(
             if name.endswith(fp8.SCALE_SUFFIX):
                 continue  # read together with its weight, which may sit in another shard
             local = _strip_prefix(name, prefixes)
-            if reader.is_float8(filename, name):
+            source = reader.slice(filename, name)
+            shape = tuple(source.get_shape())
+            if source.get_dtype().startswith("F8_"):
                 # Scale blocks need not align with a rank's slice: dequantize whole, then slice.
-                tensor = dequantizer.dequantize(name, reader.read(filename, name))
-                source, shape = tensor, tuple(tensor.shape)
-            else:
-                source, shape = reader.slice(filename, name), reader.shape(filename, name)
+                source = dequantizer.dequantize(name, source[tuple(slice(None) for _ in shape)])
             bar.update(filler.fill(name, local, source, shape))
     dequantizer.finish(wanted)
     filler.finish()
@@ -231,12 +230,6 @@ class _TensorReader:
         """The tensor memory-mapped: indexing it reads only the bytes of the slice."""
         self.names_read.append(name)
         return self._open(filename).get_slice(name)
-
-    def shape(self, filename: str, name: str) -> tuple[int, ...]:
-        return tuple(self._open(filename).get_slice(name).get_shape())
-
-    def is_float8(self, filename: str, name: str) -> bool:
-        return self._open(filename).get_slice(name).get_dtype().startswith("F8_")
 
     def close(self) -> None:
         self.handles.clear()
