@@ -49,6 +49,14 @@ class TensorParallel:
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
 
+    def min_over_ranks(self, value: int) -> int:
+        """The smallest of every rank's `value` (a host-side collective: gloo, also beside NCCL)."""
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return int(t.item())
+
     # ----- what this rank holds ---------------------------------------------------------------
 
     def split(self, total: int) -> tuple[int, int]:

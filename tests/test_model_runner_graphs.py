@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from language_server.engine.block_manager import BlockManager
-from language_server.engine.cuda_graphs import bucket_sizes
+from language_server.engine.cuda_graphs import DecodeStep, bucket_sizes
 from language_server.engine.model_runner import (
     ModelRunner,
     RunnerOptions,
@@ -26,6 +26,7 @@ from language_server.engine.model_runner import (
 )
 from language_server.engine.request import EngineRequest
 from language_server.engine.scheduler import Scheduler
+from language_server.engine.step_plan import decode_plan, encode_plan
 from language_server.protocol import GenerateRequest, SamplingParams
 from models.mrope import mrope_positions
 
@@ -65,7 +66,7 @@ def lockstep(
     while sched.has_work():
         chunks: list[ScheduledChunk] = sched.schedule()
         # Cloned: a graph step returns a view of its output buffer, which the next replay reuses.
-        logits = [None if out is None else out.clone() for out in (r.compute_logits(chunks) for r in runners)]
+        logits = [None if out is None else out.clone() for out in (r.execute(r.plan(chunks)) for r in runners)]
         steps.append(logits)
         sched.after_step(chunks)
         if logits[0] is None:
@@ -197,7 +198,7 @@ def test_generated_image_token_beside_an_image_prefill(vl_ckpt):
             sched.add(req)
         chunks = sched.schedule()  # whole sequences: the generated token is in each chunk
         assert [c.count for c in chunks] == [req.num_tokens for req in reqs]
-        return list(r.compute_logits(chunks))
+        return list(r.execute(r.plan(chunks)))
 
     together = logits(requests)
     alone = [logits(lambda i=i: [requests()[i]])[0] for i in range(3)]
@@ -318,3 +319,44 @@ def test_capture_and_replay_bookkeeping_with_a_stand_in_for_cuda(monkeypatch, qw
     for a, b in lockstep([normal, graphs_runner], reqs):
         assert_same_logits(b, a)
     assert sizes and set(sizes) >= {5, 1}
+
+
+class OverTheWire:
+    """A runner that executes each plan as the other ranks get it: encoded to bytes and decoded,
+    the encoder rows handed over apart from the bytes (ranks.py broadcasts them)."""
+
+    def __init__(self, inner: ModelRunner) -> None:
+        self.inner = inner
+        self.sent = {"graph": 0, "eager": 0, "rows": 0}
+
+    def plan(self, chunks):
+        return self.inner.plan(chunks)
+
+    def execute(self, plan):
+        received, rows_shape = decode_plan(encode_plan(plan))
+        if isinstance(plan.step, DecodeStep):
+            self.sent["graph"] += 1
+        else:
+            self.sent["eager"] += 1
+            assert rows_shape == (None if plan.step.image_rows is None else list(plan.step.image_rows.shape))
+            if rows_shape is not None:
+                self.sent["rows"] += 1
+                received.step.image_rows = plan.step.image_rows.clone()
+        return self.inner.execute(received)
+
+
+def test_a_plan_sent_as_bytes_runs_the_same(vl_ckpt):
+    """Eager steps with images and graph-path decodes, decoded from their bytes, give bit-equal logits."""
+    local = runner(vl_ckpt, cuda_graphs="nocapture", max_num_seqs=4)
+    wire = OverTheWire(runner(vl_ckpt, cuda_graphs="nocapture", max_num_seqs=4))
+    cfg = local.config
+    img, start, end = cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id
+    reqs = [
+        make_request("img", [5, 6, start] + [img] * 6 + [end, 7], 6, cfg, [(1, 4, 6)], seed=1),
+        make_request("text", [11, 12, 13], 7, cfg),
+    ]
+    for a, b in lockstep([local, wire], reqs, budget=8, chunk=5):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b)
+    assert all(wire.sent.values()), wire.sent

@@ -1,6 +1,9 @@
 """Runs one engine step on the model: flat varlen inputs in, one sampled token per finished row out.
 
-Before each forward the runner builds the step's ForwardContext (models/forward_context.py): the
+A step is planned, then executed. `plan` reads the scheduled requests and writes the step's
+inputs on the host (step_plan.py); `execute` runs that plan on this rank's model. With tensor
+parallelism rank 0 plans, hands the plan to the other ranks (ranks.py), and every rank executes
+it on its shard; only rank 0 samples. From the plan the runner builds the step's ForwardContext (models/forward_context.py): the
 positions ([3, T] M-RoPE for VL models, [T] otherwise), the attention metadata its backend
 prepares from the paged KV cache's slots and block tables, and, when image tokens are in the
 step, the encoder's rows with the mask of the positions they go to. The model embeds and
@@ -16,7 +19,7 @@ Legend: T tokens in the step, B sequences, H hidden, k DeepStack levels, V vocab
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,14 +28,17 @@ import torch
 from language_server.engine.cuda_graphs import DecodeGraphRunner, DecodeStep
 from language_server.engine.request import EngineRequest
 from language_server.engine.sampler import sample
+from language_server.engine.step_plan import EagerStep, StepPlan
 from language_server.protocol import TokenLogprob
+from language_server.settings import LanguageSettings
 from models.attention import PagedKVCache
 from models.backends import select_kernels
 from models.config import ModelConfig, dtype_from_name
 from models.device import resolve_device
-from models.forward_context import ForwardContext, forward_context
+from models.forward_context import forward_context
 from models.loader import load_model
 from models.mrope import generated_positions
+from models.parallel import SINGLE, TensorParallel
 from models.random_weights import random_language_model
 
 log = logging.getLogger(__name__)
@@ -59,6 +65,18 @@ class RunnerOptions:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
 
+    @classmethod
+    def of(cls, settings: LanguageSettings) -> RunnerOptions:
+        # Graphs are captured up to the largest decode batch and sized for the longest sequence.
+        return cls(
+            attention_backend=settings.attention_backend,
+            moe_backend=settings.moe_backend,
+            cuda_graphs=settings.cuda_graphs,
+            load_format=settings.load_format,
+            max_num_seqs=settings.max_num_seqs,
+            max_model_len=settings.max_model_len,
+        )
+
 
 @dataclass
 class ScheduledChunk:
@@ -82,30 +100,35 @@ class ModelRunner:
         num_kv_blocks: int | None,
         kv_memory_fraction: float,
         options: RunnerOptions | None = None,
+        tp: TensorParallel = SINGLE,
+        on_plan: Callable[[StepPlan], None] | None = None,
     ) -> None:
         self.options = options or RunnerOptions()
         self.device = resolve_device(device)  # a GPU is made current: the engine process works on one
         self.dtype = dtype_from_name(dtype)
+        self.tp = tp
+        self.on_plan = on_plan  # rank 0 of several: hands each step's plan to the other ranks
         if self.options.load_format == "dummy":
-            loaded = random_language_model(model_dir, self.device, self.dtype)
+            loaded = random_language_model(model_dir, self.device, self.dtype, tp=tp)
         else:
-            loaded = load_model(model_dir, part="language", device=self.device, dtype=self.dtype)
+            loaded = load_model(model_dir, part="language", device=self.device, dtype=self.dtype, tp=tp)
         self.model = loaded.model
         self.config: ModelConfig = loaded.config
         text = self.config.text
         self.block_size = block_size
-        per_block = (
-            2 * text.num_hidden_layers * block_size * text.num_key_value_heads * text.head_dim * self.dtype.itemsize
-        )
+        kv_heads = tp.kv_heads(text.num_key_value_heads)[1]  # this rank's share (or its replica)
+        per_block = 2 * text.num_hidden_layers * block_size * kv_heads * text.head_dim * self.dtype.itemsize
         if num_kv_blocks is None:
             num_kv_blocks = max(1, self._kv_budget_bytes(kv_memory_fraction) // per_block - 1)
+            # One scheduler hands out blocks for every rank: the rank with the least room decides.
+            num_kv_blocks = tp.min_over_ranks(num_kv_blocks)
         self.num_kv_blocks = num_kv_blocks
         # One block more than the scheduler hands out: padding rows of graph steps write there.
         self.kv_cache = PagedKVCache(
             text.num_hidden_layers,
             num_kv_blocks + 1,
             block_size,
-            text.num_key_value_heads,
+            kv_heads,
             text.head_dim,
             self.dtype,
             self.device,
@@ -146,22 +169,53 @@ class ModelRunner:
 
     @torch.no_grad()
     def run(self, chunks: Sequence[ScheduledChunk]) -> tuple[list[int], list[TokenLogprob | None]]:
-        """Compute the chunks' tokens; sample for every chunk that reaches its sequence's end."""
-        logits = self.compute_logits(chunks)
+        """Compute the chunks' tokens; sample for every chunk that reaches its sequence's end.
+        With tensor parallelism the plan goes to the other ranks first (on_plan), and they run
+        the same forward on their shards; only this rank samples."""
+        plan = self.plan(chunks)
+        if self.on_plan is not None:
+            self.on_plan(plan)
+        logits = self.execute(plan)
         if logits is None:
             return [], []
         return sample(logits, [c.request for c in chunks if c.samples])
 
-    @torch.no_grad()
-    def compute_logits(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor | None:
-        """Logits [n, V] of the n chunks that sample, in chunk order; None if none does."""
+    def plan(self, chunks: Sequence[ScheduledChunk]) -> StepPlan:
+        """The step's inputs on the host, from the requests (step_plan.py)."""
         if self._graph_step(chunks):
-            logits = self.decode_graphs.run(self._decode_step(chunks))  # [B, V]
-            if all(c.samples for c in chunks):
+            rows = None if all(c.samples for c in chunks) else [i for i, c in enumerate(chunks) if c.samples]
+            return StepPlan(self._decode_step(chunks), rows)
+        ends, end = [], 0
+        for c in chunks:
+            end += c.count
+            if c.samples:
+                ends.append(end - 1)
+        return StepPlan(self._eager_step(chunks), ends)
+
+    @torch.no_grad()
+    def execute(self, plan: StepPlan) -> torch.Tensor | None:
+        """Logits [n, V] of the plan's sample rows; None if it has none. Every rank runs this."""
+        step = plan.step
+        if isinstance(step, DecodeStep):
+            logits = self.decode_graphs.run(step)  # [B, V]
+            if plan.sample_rows is None:
                 return logits
-            rows = [i for i, c in enumerate(chunks) if c.samples]
-            return logits[torch.tensor(rows, device=self.device)] if rows else None
-        return self._eager_logits(chunks)
+            return logits[torch.tensor(plan.sample_rows, device=self.device)] if plan.sample_rows else None
+        dev = self.device
+        ctx = forward_context(
+            self.kernels,
+            step.positions.to(dev),
+            step.query_lens,
+            step.context_lens,
+            step.slots.to(dev),
+            step.block_tables.to(dev),
+            image_mask=None if step.image_mask is None else step.image_mask.to(dev),
+            image_rows=step.image_rows,
+        )
+        hidden = self.model(step.token_ids.to(dev), ctx)
+        if not plan.sample_rows:
+            return None
+        return self.model.compute_logits(hidden[torch.tensor(plan.sample_rows, device=dev)])
 
     # ----- decode steps on the graph path ---------------------------------------------------
 
@@ -199,31 +253,19 @@ class ModelRunner:
 
     # ----- every other step, eagerly ---------------------------------------------------------
 
-    def _eager_logits(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor | None:
+    def _eager_step(self, chunks: Sequence[ScheduledChunk]) -> EagerStep:
+        """Token ids, positions, attention metadata and image rows of an eager step."""
         ids = torch.tensor([t for c in chunks for t in c.request.token_ids[c.start : c.start + c.count]])
-        hidden = self.model(ids.to(self.device), self._context(chunks))
-        ends, end = [], 0
-        for c in chunks:
-            end += c.count
-            if c.samples:
-                ends.append(end - 1)
-        if not ends:
-            return None
-        return self.model.compute_logits(hidden[torch.tensor(ends, device=self.device)])
-
-    def _context(self, chunks: Sequence[ScheduledChunk]) -> ForwardContext:
-        """The step's ForwardContext: positions, attention metadata, image rows."""
-        positions = torch.cat([self._positions(c) for c in chunks], dim=-1).to(self.device)
         slots, tables = self._slots_and_tables(chunks)
         vision = self._vision_inputs(chunks)
         mask, rows = vision if vision is not None else (None, None)
-        return forward_context(
-            self.kernels,
-            positions,
-            [c.count for c in chunks],
-            [c.start + c.count for c in chunks],
-            slots,
-            tables,
+        return EagerStep(
+            token_ids=ids,
+            positions=torch.cat([self._positions(c) for c in chunks], dim=-1),
+            query_lens=[c.count for c in chunks],
+            context_lens=[c.start + c.count for c in chunks],
+            slots=slots,
+            block_tables=tables,
             image_mask=mask,
             image_rows=rows,
         )
@@ -238,7 +280,7 @@ class ModelRunner:
         return torch.cat([prompt, tail], dim=1)
 
     def _slots_and_tables(self, chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:
-        """[T] cache slot of each new token, [B, W] block table of each sequence, on the device."""
+        """[T] cache slot of each new token, [B, W] block table of each sequence, on the host."""
         bs = self.block_size
         slots: list[int] = []
         for c in chunks:
@@ -251,7 +293,7 @@ class ModelRunner:
         tables = np.zeros((len(chunks), width), dtype=np.int64)
         for row, c in enumerate(chunks):
             tables[row, : len(c.request.block_ids)] = c.request.block_ids
-        return (torch.tensor(slots, dtype=torch.long, device=self.device), torch.from_numpy(tables).to(self.device))
+        return torch.tensor(slots, dtype=torch.long), torch.from_numpy(tables)
 
     def _vision_inputs(self, chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(mask [T] of the step's positions that take an encoder row, those rows in batch order),
@@ -272,4 +314,24 @@ class ModelRunner:
                 parts.append(req.image_rows[first:last])
         if not parts:
             return None
-        return torch.cat(masks).to(self.device), torch.cat(parts)
+        return torch.cat(masks), torch.cat(parts)
+
+
+def build_runner(
+    settings: LanguageSettings,
+    device: str,
+    tp: TensorParallel = SINGLE,
+    on_plan: Callable[[StepPlan], None] | None = None,
+) -> ModelRunner:
+    """The runner the settings describe, for the rank on `device` (every rank builds the same)."""
+    return ModelRunner(
+        settings.model,
+        device,
+        settings.dtype,
+        settings.block_size,
+        settings.num_kv_blocks,
+        settings.kv_cache_memory_fraction,
+        RunnerOptions.of(settings),
+        tp,
+        on_plan,
+    )
