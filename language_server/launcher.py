@@ -22,8 +22,6 @@ import signal
 import socket
 import sys
 import tempfile
-import threading
-import time
 import traceback
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -37,13 +35,13 @@ from language_server.api.engine_client import EngineClient, EngineUnavailable
 from language_server.api.metrics import Metrics
 from language_server.api.model_info import ServedModel
 from language_server.api.state import AppState
+from language_server.parent_watch import exit_with_parent
 from language_server.protocol import EngineReady
 from language_server.settings import LanguageSettings
 
 logger = logging.getLogger("splitvl.language")
 
 _ENGINE_STOP_TIMEOUT_S = 10.0
-_PARENT_POLL_S = 0.5
 
 
 class ServiceError(Exception):
@@ -203,7 +201,7 @@ def _engine_main(settings: dict, request_address: str, output_address: str, pare
     # Out of the terminal's process group: Ctrl+C goes to the launcher alone, which then stops the
     # engine after uvicorn (no race between the two shutting down).
     os.setpgrp()
-    threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
+    exit_with_parent(parent_pid)
     try:
         from language_server.engine.process import run_engine_process
 
@@ -214,12 +212,6 @@ def _engine_main(settings: dict, request_address: str, output_address: str, pare
         traceback.print_exc()
         _send_fatal(output_address, f"{type(exc).__name__}: {exc}")
         sys.exit(1)
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    while os.getppid() == parent_pid:
-        time.sleep(_PARENT_POLL_S)
-    os._exit(1)
 
 
 def _send_fatal(output_address: str, message: str) -> None:

@@ -328,11 +328,3 @@ def test_a_step_failing_on_one_requests_data_ends_only_that_request(text_engine_
     engine.add_request(GenerateRequest("x", prompt(rng, 5), greedy(2)))
     with pytest.raises(RuntimeError, match="illegal memory access"):
         engine.step()
-
-
-def test_tensor_parallel_engine_is_refused_by_name_until_its_ranks_exist(qwen3_text_ckpt):
-    """The model splits over ranks, the engine does not yet: a TP>1 setting must not quietly
-    run one rank (its plan would be another model's)."""
-    settings = LanguageSettings(model=str(qwen3_text_ckpt), device="cpu", tensor_parallel_size=2, port=0)
-    with pytest.raises(ValueError, match="tensor_parallel_size=2"):
-        EngineCore(settings)

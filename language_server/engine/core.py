@@ -19,11 +19,8 @@ import torch
 from language_server.engine.block_manager import BlockManager
 from language_server.engine.encoder_client import EncodeOutcome, EncoderClient
 from language_server.engine.grammar import KINDS, Grammars
-from language_server.engine.model_runner import (
-    ModelRunner,
-    RunnerOptions,
-    ScheduledChunk,
-)
+from language_server.engine.model_runner import ScheduledChunk, build_runner
+from language_server.engine.ranks import RankGroup
 from language_server.engine.request import EngineRequest, ImageState, Status
 from language_server.engine.sampler import make_generator
 from language_server.engine.scheduler import Scheduler
@@ -35,9 +32,10 @@ from language_server.protocol import (
     RequestOutput,
 )
 from language_server.settings import LanguageSettings
-from models.config import load_eos_ids
+from models.config import load_config, load_eos_ids
 from models.device import resolve_device
 from models.mrope import mrope_positions
+from models.parallel import SINGLE, check_divisible
 from transfer.content_key import is_content_key
 
 log = logging.getLogger(__name__)
@@ -45,13 +43,6 @@ log = logging.getLogger(__name__)
 
 class EngineCore:
     def __init__(self, settings: LanguageSettings) -> None:
-        if settings.tensor_parallel_size > 1:
-            # The model and the loader split over ranks (models/parallel.py); the engine's rank
-            # processes do not exist yet. Refuse rather than run one rank on a sharded plan.
-            raise ValueError(
-                f"tensor_parallel_size={settings.tensor_parallel_size}: the engine runs one rank so far "
-                "(issue 16: the per-rank engine processes are not built yet); use tensor_parallel_size: 1"
-            )
         self.settings = settings
         device = str(resolve_device(settings.device))  # made current first: nothing lands on another GPU
         # Before the model: with cuda_ipc results the receive region comes out of the model's
@@ -68,26 +59,20 @@ class EngineCore:
             settings.result_lease_mib,
             settings.encoder_token,
         )
+        self.ranks: RankGroup | None = None
         try:
-            # Graphs are captured up to the largest decode batch and sized for the longest sequence.
-            options = RunnerOptions(
-                attention_backend=settings.attention_backend,
-                moe_backend=settings.moe_backend,
-                cuda_graphs=settings.cuda_graphs,
-                load_format=settings.load_format,
-                max_num_seqs=settings.max_num_seqs,
-                max_model_len=settings.max_model_len,
-            )
-            self.runner = ModelRunner(
-                settings.model,
-                device,
-                settings.dtype,
-                settings.block_size,
-                settings.num_kv_blocks,
-                settings.kv_cache_memory_fraction,
-                options,
-            )
+            tp = SINGLE
+            if settings.tensor_parallel_size > 1:
+                # Refused by name before any rank starts (loading would refuse it too, on every rank).
+                check_divisible(
+                    load_config(settings.model).text, settings.tensor_parallel_size, settings.expert_parallel
+                )
+                devices = settings.model_copy(update={"device": device}).devices_of_ranks()
+                self.ranks = RankGroup(settings, devices, torch.device(device))
+                tp = self.ranks.tp
+            self.runner = build_runner(settings, device, tp, self.ranks.send if self.ranks else None)
         except BaseException:
+            self.close_ranks()
             self.encoders.close()  # its socket and region, for callers that live on (tests, benchmarks)
             raise
         self.config = self.runner.config
@@ -306,6 +291,8 @@ class EngineCore:
         except Exception as exc:
             if device_is_broken(exc):
                 raise  # the CUDA context is unusable: the process ends and the HTTP side answers 503
+            if self.ranks is not None:
+                raise  # the other ranks may be mid-step: no rerun can be trusted to line up with them
             return self._isolate_failure(chunks, exc)
         self.scheduler.after_step(chunks)
         self.steps += 1
@@ -426,8 +413,14 @@ class EngineCore:
         )
 
     def close(self) -> None:
+        self.close_ranks()
         self.encoders.close()
         self.grammars.close()
+
+    def close_ranks(self) -> None:
+        if self.ranks is not None:
+            self.ranks.close()
+            self.ranks = None
 
 
 def device_is_broken(exc: BaseException) -> bool:

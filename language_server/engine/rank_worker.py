@@ -1,0 +1,54 @@
+"""A tensor-parallel rank other than 0: `python -m language_server.engine.rank_worker RANK STORE_PORT`.
+
+Started by rank 0 (ranks.py), which writes the settings and this rank's device as the first frame
+on stdin. The worker joins the process group, builds the same runner as rank 0 over its own
+shard (models/parallel.py), then executes every plan rank 0 sends until EOF. It samples nothing
+and keeps no request state: rank 0's scheduler decides everything. It exits when its parent
+does (an orphan would hold its GPU), and any error ends it non-zero, which ends the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from language_server.engine.model_runner import build_runner
+from language_server.engine.ranks import join_group, read_frame, receive_plan
+from language_server.parent_watch import exit_with_parent
+from language_server.settings import LanguageSettings
+from models.device import resolve_device
+from models.parallel import TensorParallel
+
+log = logging.getLogger("splitvl.rank")
+
+
+def main(rank: int, store_port: int) -> None:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s engine rank {rank} %(levelname)s %(message)s")
+    exit_with_parent(os.getppid())
+    stdin = sys.stdin.buffer
+    start = read_frame(stdin)
+    if start is None:
+        return  # rank 0 stopped before we were told anything
+    start = json.loads(start)
+    settings = LanguageSettings.model_validate_json(start["settings"])
+    size = settings.tensor_parallel_size
+    device = resolve_device(start["device"])
+    timeout = timedelta(seconds=settings.distributed_timeout_s)
+    store = dist.TCPStore("127.0.0.1", store_port, size, is_master=False, timeout=timeout)
+    join_group(store, rank, size, device, settings.distributed_timeout_s)
+    runner = build_runner(settings, str(device), TensorParallel(rank, size, settings.expert_parallel))
+    log.info("rank %d of %d ready on %s (%s)", rank, size, device, runner.kernels.describe())
+    with torch.no_grad():
+        while (plan := receive_plan(stdin, runner.dtype, runner.device)) is not None:
+            runner.execute(plan)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]))
