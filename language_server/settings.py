@@ -71,7 +71,8 @@ class LanguageSettings(BaseModel):
     distributed_timeout_s: float = Field(
         60.0,
         gt=0,
-        description="a collective that waits this long for a rank (a hung rank) ends the service",
+        description="a step's collective that waits this long for a rank (a hung rank) ends the service "
+        "(start-up waits for the slowest rank's load instead)",
     )
 
     # Engine.

@@ -50,11 +50,12 @@ class TensorParallel:
         return torch.cat(parts, dim=-1)
 
     def min_over_ranks(self, value: int) -> int:
-        """The smallest of every rank's `value` (a host-side collective: gloo, also beside NCCL)."""
+        """The smallest of every rank's `value`, at start-up: over the default group (its timeout
+        waits for the slowest rank's load), on the host (gloo, also beside NCCL)."""
         if self.size == 1:
             return value
         t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item())
 
     # ----- what this rank holds ---------------------------------------------------------------

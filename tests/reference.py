@@ -102,3 +102,53 @@ def _fuse_experts(tensors: dict[str, torch.Tensor]) -> None:
             down.append(tensors.pop(f"{base}.experts.{j}.down_proj.weight").T)
         tensors[f"{base}.experts.gate_up_proj"] = torch.stack(gate_up).contiguous()
         tensors[f"{base}.experts.down_proj"] = torch.stack(down).contiguous()
+
+
+def hf_chat_greedy(ckpt_dir, max_new_tokens: int):
+    """generate(messages) -> (transformers' greedy tokens, prompt length) for a chat whose images
+    are data URLs, preprocessed by transformers' own AutoImageProcessor (PIL), in fp32."""
+    import base64
+    import io
+
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
+    model = hf_model(ckpt_dir)
+
+    def generate(messages: list[dict]) -> tuple[list[int], int]:
+        rendered, images = [], []
+        for m in messages:
+            if isinstance(m["content"], str):
+                rendered.append(m)
+                continue
+            parts = []
+            for p in m["content"]:
+                if p["type"] == "text":
+                    parts.append(p)
+                else:
+                    images.append(Image.open(io.BytesIO(base64.b64decode(p["image_url"]["url"].split(",")[1]))))
+                    parts.append({"type": "image"})
+            rendered.append({"role": m["role"], "content": parts})
+        text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        inputs = {}
+        if images:
+            processor = AutoImageProcessor.from_pretrained(ckpt_dir)
+            out = processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+            pieces = text.split("<|image_pad|>")
+            grids = out["image_grid_thw"]
+            text = pieces[0] + "".join(
+                "<|image_pad|>" * int(g.prod() // 4) + rest for g, rest in zip(grids, pieces[1:], strict=True)
+            )
+            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            inputs = {
+                "pixel_values": out["pixel_values"],
+                "image_grid_thw": grids,
+                "mm_token_type_ids": (ids == model.config.image_token_id).int(),
+            }
+        with torch.no_grad():
+            generated = model.generate(input_ids=ids, **inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        return generated[0, ids.shape[1] :].tolist(), ids.shape[1]
+
+    return generate

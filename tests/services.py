@@ -33,6 +33,16 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def descendants(pid: int) -> list[int]:
+    """Children, their children, and so on (an engine's tensor-parallel ranks are grandchildren)."""
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [k for p in frontier for k in children(p)]
+        found.extend(kids)
+        frontier = kids
+    return found
+
+
 def alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -91,6 +101,11 @@ class LanguageService:
 
     def client(self, **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.api_key or "unused", max_retries=0, **kwargs)
+
+    @property
+    def model_name(self) -> str:
+        """The name the service serves its model under (its first /v1/models entry)."""
+        return self.client().models.list().data[0].id
 
     def health(self) -> dict:
         return httpx.get(f"{self.url}/health", timeout=10).json()

@@ -9,8 +9,6 @@ data URL, a local file and an http URL.
 
 from __future__ import annotations
 
-import base64
-import io
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,13 +17,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 import yaml
-from PIL import Image
-from transformers import AutoImageProcessor, AutoTokenizer
+from transformers import AutoTokenizer
 
 from language_server.api.detokenizer import TokenBytes
-from tests.reference import hf_model
+from tests.reference import hf_chat_greedy
 from tests.services import EncodeService, LanguageService, data_url, png
 
 MAX_TOKENS = 12
@@ -109,44 +105,7 @@ def image_service(vl_ckpt, encode_service, image_root, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(vl_ckpt):
     """transformers' greedy tokens for a conversation, images through AutoImageProcessor (PIL)."""
-    tokenizer = AutoTokenizer.from_pretrained(vl_ckpt)
-    processor = AutoImageProcessor.from_pretrained(vl_ckpt)
-    model = hf_model(vl_ckpt)
-
-    def generate(messages: list[dict]) -> tuple[list[int], int]:
-        rendered, images = [], []
-        for m in messages:
-            if isinstance(m["content"], str):
-                rendered.append(m)
-                continue
-            parts = []
-            for p in m["content"]:
-                if p["type"] == "text":
-                    parts.append(p)
-                else:
-                    images.append(Image.open(io.BytesIO(base64.b64decode(p["image_url"]["url"].split(",")[1]))))
-                    parts.append({"type": "image"})
-            rendered.append({"role": m["role"], "content": parts})
-        text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False)
-        out = processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
-        pieces = text.split("<|image_pad|>")
-        grids = out["image_grid_thw"]
-        text = pieces[0] + "".join(
-            "<|image_pad|>" * int(g.prod() // 4) + rest for g, rest in zip(grids, pieces[1:], strict=True)
-        )
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            generated = model.generate(
-                input_ids=ids,
-                pixel_values=out["pixel_values"],
-                image_grid_thw=grids,
-                mm_token_type_ids=(ids == model.config.image_token_id).int(),
-                max_new_tokens=MAX_TOKENS,
-                do_sample=False,
-            )
-        return generated[0, ids.shape[1] :].tolist(), ids.shape[1]
-
-    return generate, TokenBytes(tokenizer)
+    return hf_chat_greedy(vl_ckpt, MAX_TOKENS), TokenBytes(AutoTokenizer.from_pretrained(vl_ckpt))
 
 
 def _chat(service: LanguageService, messages: list[dict], **kwargs):

@@ -292,7 +292,8 @@ class EngineCore:
             if device_is_broken(exc):
                 raise  # the CUDA context is unusable: the process ends and the HTTP side answers 503
             if self.ranks is not None:
-                raise  # the other ranks may be mid-step: no rerun can be trusted to line up with them
+                self.ranks.abort()  # they may be stuck in the step's collectives
+                raise  # and no rerun could be trusted to line up with them
             return self._isolate_failure(chunks, exc)
         self.scheduler.after_step(chunks)
         self.steps += 1

@@ -13,17 +13,15 @@ import json
 import logging
 import os
 import sys
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from language_server.engine.model_runner import build_runner
-from language_server.engine.ranks import join_group, read_frame, receive_plan
+from language_server.engine.ranks import STARTUP_TIMEOUT, join_group, read_frame, receive_plan
 from language_server.parent_watch import exit_with_parent
 from language_server.settings import LanguageSettings
 from models.device import resolve_device
-from models.parallel import TensorParallel
 
 log = logging.getLogger("splitvl.rank")
 
@@ -39,13 +37,12 @@ def main(rank: int, store_port: int) -> None:
     settings = LanguageSettings.model_validate_json(start["settings"])
     size = settings.tensor_parallel_size
     device = resolve_device(start["device"])
-    timeout = timedelta(seconds=settings.distributed_timeout_s)
-    store = dist.TCPStore("127.0.0.1", store_port, size, is_master=False, timeout=timeout)
-    join_group(store, rank, size, device, settings.distributed_timeout_s)
-    runner = build_runner(settings, str(device), TensorParallel(rank, size, settings.expert_parallel))
+    store = dist.TCPStore("127.0.0.1", store_port, size, is_master=False, timeout=STARTUP_TIMEOUT)
+    tp = join_group(store, rank, size, device, settings.distributed_timeout_s, settings.expert_parallel)
+    runner = build_runner(settings, str(device), tp)
     log.info("rank %d of %d ready on %s (%s)", rank, size, device, runner.kernels.describe())
     with torch.no_grad():
-        while (plan := receive_plan(stdin, runner.dtype, runner.device)) is not None:
+        while (plan := receive_plan(stdin, tp, runner.dtype, runner.device)) is not None:
             runner.execute(plan)
     dist.destroy_process_group()
 

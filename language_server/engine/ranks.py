@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 _MONITOR_POLL_S = 0.1
 _STOP_WAIT_S = 5.0
+_EXIT_GRACE_S = 0.5
+STARTUP_TIMEOUT = timedelta(minutes=30)  # the slowest rank's load; a rank that dies is seen at once
 _FRAME = struct.Struct("<Q")  # a frame on a worker's stdin: its length, then its bytes
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -64,31 +66,33 @@ def read_frame(pipe: BinaryIO) -> bytes | None:
     return data if len(data) == length else None
 
 
-def join_group(store: dist.Store, rank: int, size: int, device: torch.device, timeout_s: float) -> None:
-    """Join the ranks' process group; CPU threads are shared out when the ranks share the host's cores."""
+def join_group(
+    store: dist.Store, rank: int, size: int, device: torch.device, step_timeout_s: float, expert_parallel: bool
+) -> TensorParallel:
+    """Join the ranks' process group; returns this rank's TensorParallel over the steps' group.
+
+    Two groups, for two timeouts: the default group carries start-up (ranks load their shards at
+    their own pace: minutes apart on a large model is no fault), the steps' group carries every
+    step's collectives, where a rank `step_timeout_s` late is a hung one. CPU threads are shared
+    out when the ranks share the host's cores."""
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=STARTUP_TIMEOUT)
+    steps = dist.new_group(list(range(size)), timeout=timedelta(seconds=step_timeout_s))
+    return TensorParallel(rank, size, expert_parallel, steps)
 
 
-def receive_rows(shape: list[int] | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-    """A step's encoder rows from rank 0 (every worker calls this after decoding the plan)."""
-    if shape is None:
-        return None
-    rows = torch.empty(shape, dtype=dtype, device=device)
-    dist.broadcast(rows, src=0)
-    return rows
-
-
-def receive_plan(pipe: BinaryIO, dtype: torch.dtype, device: torch.device) -> StepPlan | None:
+def receive_plan(pipe: BinaryIO, tp: TensorParallel, dtype: torch.dtype, device: torch.device) -> StepPlan | None:
     """The next step's plan on a worker, its encoder rows received; None when rank 0 has stopped."""
     data = read_frame(pipe)
     if data is None:
         return None
     plan, rows_shape = decode_plan(data)
-    if isinstance(plan.step, EagerStep):
-        plan.step.image_rows = receive_rows(rows_shape, dtype, device)
+    if isinstance(plan.step, EagerStep) and rows_shape is not None:
+        rows = torch.empty(rows_shape, dtype=dtype, device=device)
+        dist.broadcast(rows, src=0, group=tp.group)
+        plan.step.image_rows = rows
     return plan
 
 
@@ -104,8 +108,9 @@ class RankGroup:
 
     def __init__(self, settings: LanguageSettings, devices: list[str], device: torch.device) -> None:
         size = settings.tensor_parallel_size
-        timeout = timedelta(seconds=settings.distributed_timeout_s)
-        self.store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, timeout=timeout, wait_for_workers=False)
+        self.store = dist.TCPStore(
+            "127.0.0.1", 0, size, is_master=True, timeout=STARTUP_TIMEOUT, wait_for_workers=False
+        )
         self._closing = False
         self.workers: list[_Worker] = []
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_REPO_ROOT, os.environ.get("PYTHONPATH")])))
@@ -120,11 +125,10 @@ class RankGroup:
                 start = {"settings": settings.model_dump_json(), "device": devices[rank]}
                 write_frame(process.stdin, json.dumps(start).encode())
             threading.Thread(target=self._monitor, name="rank-monitor", daemon=True).start()
-            join_group(self.store, 0, size, device, settings.distributed_timeout_s)
+            self.tp = join_group(self.store, 0, size, device, settings.distributed_timeout_s, settings.expert_parallel)
         except BaseException:
             self.close()
             raise
-        self.tp = TensorParallel(0, size, settings.expert_parallel)
         log.info(
             "tensor parallel: %d ranks (%s), expert_parallel=%s; workers %s",
             size,
@@ -140,24 +144,28 @@ class RankGroup:
             write_frame(worker.process.stdin, data)
         step = plan.step
         if isinstance(step, EagerStep) and step.image_rows is not None:
-            dist.broadcast(step.image_rows.contiguous(), src=0)
+            dist.broadcast(step.image_rows.contiguous(), src=0, group=self.tp.group)
 
     def _monitor(self) -> None:
         while not self._closing:
-            for worker in self.workers:
-                code = worker.process.poll()
-                if code is not None and not self._closing:
-                    log.error(
-                        "tensor-parallel rank %d (pid %d, device %s) exited with code %d; stopping the engine",
-                        worker.rank,
-                        worker.process.pid,
-                        worker.device,
-                        code,
-                    )
-                    self._kill_workers()
-                    logging.shutdown()
-                    os._exit(1)  # the launcher sees the engine gone and ends the service non-zero
+            if self._report_exited() and not self._closing:
+                self._kill_workers()
+                logging.shutdown()
+                os._exit(1)  # the launcher sees the engine gone and ends the service non-zero
             time.sleep(_MONITOR_POLL_S)
+
+    def _report_exited(self) -> bool:
+        """Log each worker that has exited; were there any?"""
+        exited = [(w, w.process.poll()) for w in self.workers if w.process.poll() is not None]
+        for worker, code in exited:
+            log.error(
+                "tensor-parallel rank %d (pid %d, device %s) exited with code %d; stopping the engine",
+                worker.rank,
+                worker.process.pid,
+                worker.device,
+                code,
+            )
+        return bool(exited)
 
     def _kill_workers(self) -> None:
         for worker in self.workers:
@@ -165,6 +173,18 @@ class RankGroup:
                 worker.process.kill()
         for worker in self.workers:
             worker.process.wait()
+
+    def abort(self) -> None:
+        """After a failed step: say which rank went, if one did, and kill the workers now (they
+        may be stuck in the step's collectives)."""
+        self._closing = True
+        # A killed rank's sockets close as it exits: its exit status can trail the step's error.
+        deadline = time.monotonic() + _EXIT_GRACE_S
+        while not (reported := self._report_exited()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not reported:
+            log.error("a step failed on rank 0 of %d tensor-parallel ranks; stopping the engine", len(self.workers) + 1)
+        self._kill_workers()
 
     def close(self) -> None:
         """Stop the workers (EOF on their stdin ends their loop), killing any that lingers."""
