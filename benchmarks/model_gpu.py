@@ -4,11 +4,16 @@
     python benchmarks/model_gpu.py --quick       # fewer generated tokens (~2-3 min)
     python benchmarks/model_gpu.py --layers 8    # fewer layers (an H100 with room to spare)
     python benchmarks/model_gpu.py --cpu-smoke   # tiny shapes on the CPU, torch paths: checks this script
+    python benchmarks/model_gpu.py --tensor-parallel-size 2 [--expert-parallel]   # ranks on GPUs 0-1
 
 Nothing is downloaded or written but a config and a tokenizer: the Qwen3-VL-30B-A3B language
 model is built on the GPU with random bf16 weights of the right scale (ModelRunner's
 load_format "dummy"), and transformers' Qwen3VLMoeForConditionalGeneration is built on the same
-parameter tensors (shared, not copied).
+parameter tensors (shared, not copied). With --tensor-parallel-size N the engine runs N ranks,
+one GPU each (language_server/engine/ranks.py); transformers, which holds the whole model on one
+GPU, is then left out (its baseline is a TP=1 run's), and the floor is per rank: each reads 1/N
+of the weights and its share of the KV cache, at one GPU's copy bandwidth (the all-reduces are
+what the figure adds over it).
 
 Sections, each of which prints its error and lets the others run:
   1. ceilings: device-to-device copy bandwidth (read + write) and the bf16 matmul rate
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import inspect
 import itertools
 import json
@@ -76,12 +82,15 @@ class Plan:
     hf_new_tokens: int
     copy_mib: int
     matmul_n: int
+    tensor_parallel_size: int = 1
+    expert_parallel: bool = False
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
+    ranks = {"tensor_parallel_size": args.tensor_parallel_size, "expert_parallel": args.expert_parallel}
     if args.cpu_smoke:
         # Batch 3 pads to the graph bucket 4 (the graph path runs uncaptured on the CPU).
-        return Plan("cpu", "float32", "tiny", args.layers, (1, 3, 4), 12, 8, (32, 64), (1, 2), 8, 16, 256)
+        return Plan("cpu", "float32", "tiny", args.layers, (1, 3, 4), 12, 8, (32, 64), (1, 2), 8, 16, 256, **ranks)
     return Plan(
         "cuda",
         "bfloat16",
@@ -95,6 +104,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         16 if args.quick else 64,
         1024,
         8192,
+        **ranks,
     )
 
 
@@ -148,9 +158,10 @@ class ModelSizes:
     kv_heads: int
     head_dim: int
     itemsize: int
+    ranks: int = 1  # tensor-parallel ranks: the byte counts below are one rank's
 
     @classmethod
-    def of(cls, config: ModelConfig, dtype: torch.dtype) -> ModelSizes:
+    def of(cls, config: ModelConfig, dtype: torch.dtype, ranks: int = 1) -> ModelSizes:
         from models.qwen3_moe import Qwen3MoeForCausalLMWithDeepStack
 
         text = config.text
@@ -171,17 +182,21 @@ class ModelSizes:
             text.num_key_value_heads,
             text.head_dim,
             dtype.itemsize,
+            ranks,
         )
 
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim * self.itemsize
+        """One rank's: its share of the KV heads, or the one head it replicates."""
+        local_heads = self.kv_heads // self.ranks if self.kv_heads % self.ranks == 0 else 1
+        return 2 * self.layers * local_heads * self.head_dim * self.itemsize
 
     def active_experts(self, tokens: int) -> float:
         """Expected distinct experts per layer for `tokens` independent random top-k picks."""
         return self.experts * (1 - (1 - self.top_k / self.experts) ** tokens)
 
     def decode_step_bytes(self, batch: int, mean_context: float) -> float:
-        weights = self.dense_params + self.layers * self.active_experts(batch) * self.expert_params
+        """Bytes one rank reads in a decode step (norms and the router, replicated, are negligible)."""
+        weights = (self.dense_params + self.layers * self.active_experts(batch) * self.expert_params) / self.ranks
         return weights * self.itemsize + batch * (
             mean_context * self.kv_bytes_per_token() + self.hidden * self.itemsize
         )
@@ -189,9 +204,12 @@ class ModelSizes:
     def prefill_floor_s(self, tokens: int, ceilings: dict) -> float:
         active = self.dense_params + self.layers * self.top_k * self.expert_params  # per token (lm_head: 1 row)
         flops = 2 * tokens * active + 2 * self.layers * tokens**2 * self.q_heads * self.head_dim  # causal QK, PV
+        flops /= self.ranks
         weight_bytes = (
-            self.dense_params + self.layers * self.active_experts(tokens) * self.expert_params
-        ) * self.itemsize
+            (self.dense_params + self.layers * self.active_experts(tokens) * self.expert_params)
+            * self.itemsize
+            / self.ranks
+        )
         return max(flops / ceilings["matmul_flops_per_s"], weight_bytes / ceilings["copy_bytes_per_s"])
 
 
@@ -209,7 +227,7 @@ def kv_blocks(plan: Plan, sizes: ModelSizes) -> int:
     free, _ = torch.cuda.mem_get_info()
     headroom = 4 << 30  # graph pools, prefill activations, the sampler's fp32 logits
     per_block = BLOCK * sizes.kv_bytes_per_token()
-    fits = int((free - sizes.total_params * sizes.itemsize - headroom) // per_block)
+    fits = int((free - sizes.total_params * sizes.itemsize / sizes.ranks - headroom) // per_block)
     if fits < need:
         print(f"  KV cache capped at {fits} blocks (wanted {need}): the largest batch may be preempted")
     return max(1, min(need, fits))
@@ -233,6 +251,8 @@ def build_engine(ckpt: Path, plan: Plan, num_kv_blocks: int, graphs: bool = True
         enable_prefix_caching=False,
         load_format="dummy",
         cuda_graphs=("on" if plan.device == "cuda" else "nocapture") if graphs else "off",
+        tensor_parallel_size=plan.tensor_parallel_size,
+        expert_parallel=plan.expert_parallel,
     )
     return EngineCore(settings)
 
@@ -337,6 +357,8 @@ def decode_run(engine: EngineCore, batch: int, plan: Plan) -> dict:
         "tok_s": batch * len(steady) / sum(steady),
         "preemptions": engine.scheduler.preemptions - preempted,
         "distinct_last_tokens": len(set(last)),
+        # Runs of the same plan are compared by this (a TP=2 run with a TP=1 one, say).
+        "generated_sha1": hashlib.sha1(json.dumps([tokens[r.request_id] for r in reqs]).encode()).hexdigest(),
         "generated": [tokens[r.request_id] for r in reqs],
         "prompt0": reqs[0].prompt_token_ids,
     }
@@ -585,7 +607,7 @@ def run(args: argparse.Namespace) -> int:
     ckpt = Path(tempfile.mkdtemp(prefix="splitvl-bench-"))
     write_tiny_checkpoint(ckpt, shapes=plan.shapes, num_layers=plan.layers, metadata_only=True)
     config = load_config(ckpt)
-    sizes = ModelSizes.of(config, dtype)
+    sizes = ModelSizes.of(config, dtype, plan.tensor_parallel_size)
     data["model"] = {
         "layers": sizes.layers,
         "params": sizes.total_params,
@@ -598,7 +620,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"model: {sizes.layers} layers, {sizes.total_params / 1e9:.2f} B params, {plan.dtype}, random weights "
         f"(what ran: batches {plan.batches}, input {plan.input_len}, output {plan.output_len}, "
-        f"prefill {plan.prefill_lens})"
+        f"prefill {plan.prefill_lens}, tensor_parallel_size {plan.tensor_parallel_size}"
+        f"{', expert_parallel' if plan.expert_parallel else ''})"
     )
 
     ceilings = None
@@ -649,6 +672,10 @@ def run(args: argparse.Namespace) -> int:
             ours = engine.runner.model
             engine = close_engine(engine, plan)
 
+    if plan.tensor_parallel_size > 1:
+        ours = None  # rank 0 holds a shard; transformers needs the whole model on one GPU
+        data["transformers"] = "left out at tensor_parallel_size > 1: compare with a TP=1 run's"
+        print(f"transformers: {data['transformers']}")
     with report.section("transformers on the same weights") as go:
         if go and ours is not None:
             hf = transformers_model(ours, ckpt, plan.device, dtype)

@@ -11,20 +11,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_cpu_smoke_runs_every_section(tmp_path):
-    out = tmp_path / "model.json"
+def bench_model(out: Path, *flags: str) -> tuple[dict, str]:
     done = subprocess.run(
-        [sys.executable, "-m", "splitvl", "bench", "model", "--cpu-smoke", "--out", str(out)],
+        [sys.executable, "-m", "splitvl", "bench", "model", "--cpu-smoke", "--out", str(out), *flags],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=240,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    data = json.loads(out.read_text())
+    return json.loads(out.read_text()), done.stdout
+
+
+@pytest.fixture(scope="module")
+def one_rank_run(tmp_path_factory):
+    return bench_model(tmp_path_factory.mktemp("bench") / "model.json")
+
+
+def test_cpu_smoke_runs_every_section(one_rank_run):
+    data, stdout = one_rank_run
     assert data["errors"] == {} and data["skipped"] == []
     assert [(r["batch"], r["graphs"]) for r in data["decode"]] == [(b, g) for g in (True, False) for b in (1, 3, 4)]
     assert all(r["tok_s"] > 0 and r["decode_steps"] > 0 for r in data["decode"])
@@ -36,7 +46,18 @@ def test_cpu_smoke_runs_every_section(tmp_path):
     assert forced["top1_agree"] == 1.0 and forced["hf_top1_self"] == 1.0 and forced["logits_rel_err"] < 1e-4
     assert [r["tokens"] for r in data["prefill_summary"]] == [32, 64]
     assert all(r["floor_ms"] > 0 for r in data["prefill_summary"])
-    assert "decode tok/s" in done.stdout and "prefill" in done.stdout
+    assert "decode tok/s" in stdout and "prefill" in stdout
+
+
+def test_tensor_parallel_smoke_decodes_the_one_rank_tokens(one_rank_run, tmp_path):
+    """`--tensor-parallel-size 2`: two CPU ranks over gloo, the same seeded random weights split;
+    every decode run's greedy tokens equal the one-rank run's, and transformers is left out by name."""
+    data, stdout = bench_model(tmp_path / "tp2.json", "--tensor-parallel-size", "2")
+    assert data["errors"] == {} and data["plan"]["tensor_parallel_size"] == 2
+    one = {(r["batch"], r["graphs"]): r["generated_sha1"] for r in one_rank_run[0]["decode"]}
+    two = {(r["batch"], r["graphs"]): r["generated_sha1"] for r in data["decode"]}
+    assert two == one
+    assert "hf" not in data and "left out at tensor_parallel_size > 1" in stdout
 
 
 def test_all_in_one_benchmark_runs_every_part_on_cpu(tmp_path):

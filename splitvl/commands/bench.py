@@ -51,6 +51,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="tiny shapes on the CPU through the torch paths: checks the script end to end",
     )
+    parser.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="ranks the language model is split over, one GPU each (the CPU smoke: CPU ranks over gloo); "
+        "transformers, one GPU's model, then runs only at 1",
+    )
+    parser.add_argument(
+        "--expert-parallel", action="store_true", help="with --tensor-parallel-size: whole experts per rank"
+    )
     parser.add_argument("--out", default=None, help="JSON results path (default: $OUT/model_gpu.json)")
     parser.add_argument(
         "--time-budget-s",
