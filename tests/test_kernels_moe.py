@@ -135,6 +135,32 @@ def test_fused_moe_matches_reference(poisoned_empty, tokens, hidden, experts, in
         assert rel_err(out, ref) < tol, config
 
 
+def expert_parallel_problem(tokens, hidden, experts, inter, top_k, dtype, ranks, rank, device="cpu", seed=0):
+    """One rank's share of a problem under expert parallelism: its E/ranks experts' weights, ids
+    renumbered locally with other ranks' experts as id E/ranks; and the float64 reference, the
+    full problem with every other rank's terms weighted 0."""
+    x, gate_up, down, weights, ids = make_problem(tokens, hidden, experts, inter, top_k, dtype, device, seed=seed)
+    count = experts // ranks
+    first = rank * count
+    mine = (ids >= first) & (ids < first + count)
+    local_ids = torch.where(mine, ids - first, count)
+    ref = reference(x, gate_up, down, weights * mine, ids)
+    local = (x, gate_up[first : first + count].contiguous(), down[first : first + count].contiguous(), weights)
+    return (*local, local_ids), ref
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 3e-3)])
+@pytest.mark.parametrize("tokens", [1, 3, 37])  # one block per pair (decode) and aligned blocks
+@pytest.mark.parametrize("rank", [0, 2])
+def test_fused_moe_skips_other_ranks_experts(poisoned_empty, tokens, rank, dtype, tol):
+    """Expert parallelism: the kernels compute only this rank's experts; foreign pairs add nothing."""
+    problem, ref = expert_parallel_problem(tokens, 32, 12, 16, 4, dtype, ranks=3, rank=rank, seed=tokens)
+    assert (problem[-1] == 4).any() and (problem[-1] < 4).any()  # both kinds of pair are there
+    for config in (moe_config(tokens), MoeConfig(16, 16, 16, 32, 4, 1)):
+        out = triton_fused_experts(*problem, skip_foreign=True, config=config)
+        assert rel_err(out, ref) < tol, config
+
+
 @interpreted
 def test_every_tuned_config_runs(poisoned_empty):
     problem = make_problem(21, 64, 8, 32, 4, torch.float32, seed=1)
@@ -182,3 +208,15 @@ def test_fused_moe_bf16_real_shapes(tokens):
     ref = torch_fused_experts(x.float(), gate_up.float(), down.float(), weights.float(), ids).double()
     out = triton_fused_experts(*problem)
     assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 16, 300])
+def test_fused_moe_expert_parallel_bf16_real_shapes(tokens):
+    """Qwen3-VL-30B-A3B's 128 experts over 4 ranks, rank 1's 32: its terms only, in bf16."""
+    problem, _ = expert_parallel_problem(tokens, 2048, 128, 768, 8, torch.bfloat16, 4, 1, device="cuda", seed=tokens)
+    x, gate_up, down, weights, ids = problem
+    mine = (ids < 32).float()
+    ref = torch_fused_experts(x.float(), gate_up.float(), down.float(), weights.float() * mine, ids.clamp(max=31))
+    out = triton_fused_experts(*problem, skip_foreign=True)
+    assert rel_err(out, ref.double()) < 1e-2
