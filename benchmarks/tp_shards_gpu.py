@@ -129,6 +129,7 @@ def _rank_main(rank: int, size: int, ep: bool, port: int, ckpt: str, device: str
                 ids.append(int(logits_of(ids)[-1].argmax()))
             greedy.append(ids[len(p) :])
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    broadcast_ms = image_rows_broadcast_ms(size, dev) if size > 1 else {}
     row = {
         "rank": rank,
         "load_s": load_s,
@@ -138,12 +139,36 @@ def _rank_main(rank: int, size: int, ep: bool, port: int, ckpt: str, device: str
         "peak_file_mapped_during_load": sampler.peak["RssFile"],
         "vmhwm_after_load": memory_status()["VmHWM"],
         "weight_bytes_on_device": weight_bytes,
+        "image_rows_broadcast_ms": broadcast_ms,
     }
     rows = [None] * size
     dist.all_gather_object(rows, row)
     if rank == 0:
         torch.save({"ranks": rows, "logits": logits, "greedy": greedy}, out)
     dist.destroy_process_group()
+
+
+# Rows one image sends to the language model: [N, H·(1 + 3 DeepStack levels)] in bf16 at the real
+# hidden size, N = 256 for a 448x448 image, 1024 for 896x896.
+IMAGE_ROWS = {"448x448": 256, "896x896": 1024}
+
+
+def image_rows_broadcast_ms(size: int, device: torch.device) -> dict[str, float]:
+    """Median ms for rank 0 to broadcast one image's encoder rows to the other ranks, the way the
+    engine sends them (ranks.py), over this script's group."""
+    out = {}
+    for name, rows in IMAGE_ROWS.items():
+        t = torch.zeros(rows, 2048 * 4, dtype=torch.bfloat16, device=device)
+        times = []
+        for _ in range(11):
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.broadcast(t, src=0)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        out[name] = 1e3 * sorted(times[1:])[len(times[1:]) // 2]
+    return out
 
 
 def run_layout(size: int, ep: bool, ckpt: Path, device: str, dtype: str, tmp: Path) -> dict:
@@ -214,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"GiB during the load; file pages mapped {r['file_mapped_before_load'] / 2**30:.2f} -> "
                     f"{r['peak_file_mapped_during_load'] / 2**30:.2f} GiB at peak; weights on device {r['weight_bytes_on_device'] / 2**30:.2f} GiB"
                 )
+            if got["ranks"][0]["image_rows_broadcast_ms"]:
+                ms = ", ".join(f"{k} {v:.2f}" for k, v in got["ranks"][0]["image_rows_broadcast_ms"].items())
+                print(f"  {name:8} one image's encoder rows, rank 0 to the others: {ms} ms")
             print(
                 f"  {name:8} vs TP=1: max |logit diff| {entry['max_logit_diff']:.3g} (scale {entry['logit_scale']:.3g}), "
                 f"top-1 {entry['top1_agreement']:.1%}, greedy prefix {entry['greedy_prefix_agreement']:.1%}"
