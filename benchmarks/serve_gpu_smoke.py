@@ -17,6 +17,9 @@ step whose margin is > 0.5 would be a bug; at a margin < 0.1 it is rounding.
 Run on a GPU machine from the repo root:  python benchmarks/serve_gpu_smoke.py [--ckpt DIR]
 TTFT at the real scale (48 layers, random weights built on the language GPU, no comparison):
     python benchmarks/serve_gpu_smoke.py --language-layers 48
+With --tensor-parallel-size N (N >= 2) one more setup runs: encode on GPU 0, the language model
+over N ranks on GPUs 1..N (GPUs 0..N-1 when there are only N), results by cuda_ipc to rank 0;
+on the CPU (--cpu-check), N CPU ranks over zmq.
 """
 
 from __future__ import annotations
@@ -166,15 +169,18 @@ def serve_and_ask(
     log_dir: Path,
     dtype: str = "bfloat16",
     lang_ckpt: Path | None = None,
+    tensor_parallel_size: int = 1,
 ) -> dict:
     """`lang_ckpt`: a config-only checkpoint the language service builds with random weights on
-    its GPU (load_format: dummy), for the full 48 layers without 61 GB of files."""
+    its GPU (load_format: dummy), for the full 48 layers without 61 GB of files.
+    `tensor_parallel_size`: the language service's ranks, on `lang_device` and the GPUs after it."""
     from openai import OpenAI
 
     # Over cuda_ipc, the lease configs/qwen3-vl-30b-a3b-2gpu.yaml ships with.
     lease = {"result_lease_mib": 512} if result_transport == "cuda_ipc" else {}
     dummy = {"load_format": "dummy"} if lang_ckpt is not None else {}
     settings = {"kv_cache_memory_fraction": 0.3, "max_model_len": 4096, **lease, **dummy}
+    settings["tensor_parallel_size"] = tensor_parallel_size
     enc, lang, base = start_services(
         ckpt,
         lang_ckpt or ckpt,
@@ -184,7 +190,7 @@ def serve_and_ask(
         log_dir,
         settings,
         result_transport,
-        f"_{result_transport}",
+        f"_{result_transport}" + (f"_tp{tensor_parallel_size}" if tensor_parallel_size > 1 else ""),
     )
     try:
         client = OpenAI(base_url=f"{base}/v1", api_key="none")
@@ -238,6 +244,12 @@ def main() -> int:
         help="TTFT at scale: the language service runs this many layers with random weights "
         "built on its GPU (no reference comparison: a different model)",
     )
+    parser.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="N >= 2: one more setup, the language model over N ranks (GPUs 1..N, or 0..N-1 with N GPUs)",
+    )
     args = parser.parse_args()
     out_dir = Path(args.out)
     ckpt = Path(args.ckpt)
@@ -281,15 +293,24 @@ def main() -> int:
         "cards": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
     }
     dtype = "float32" if args.cpu_check else "bfloat16"
-    setups = [("cpu_check", "cpu", "cpu", "zmq")] if args.cpu_check else [("one_gpu", "cuda:0", "cuda:0", "zmq")]
-    if torch.cuda.device_count() >= 2 and not args.cpu_check:
-        setups.append(("two_gpus_cuda_ipc", "cuda:0", "cuda:1", "cuda_ipc"))
+    gpus = torch.cuda.device_count()
+    setups = [("cpu_check", "cpu", "cpu", "zmq", 1)] if args.cpu_check else [("one_gpu", "cuda:0", "cuda:0", "zmq", 1)]
+    if gpus >= 2 and not args.cpu_check:
+        setups.append(("two_gpus_cuda_ipc", "cuda:0", "cuda:1", "cuda_ipc", 1))
     elif not args.cpu_check:  # one GPU: cuda_ipc between the two processes on it, the same code path
-        setups.append(("one_gpu_cuda_ipc", "cuda:0", "cuda:0", "cuda_ipc"))
-    for name, enc_dev, lang_dev, transport in setups:
+        setups.append(("one_gpu_cuda_ipc", "cuda:0", "cuda:0", "cuda_ipc", 1))
+    tp = args.tensor_parallel_size
+    if tp > 1 and args.cpu_check:
+        setups.append((f"cpu_check_tp{tp}", "cpu", "cpu", "zmq", tp))
+    elif tp > 1 and gpus >= tp:
+        lang_dev = "cuda:1" if gpus > tp else "cuda:0"  # the encoder alone on GPU 0 when there is room
+        setups.append((f"tp{tp}_cuda_ipc", "cuda:0", lang_dev, "cuda_ipc", tp))
+    elif tp > 1:
+        report[f"tp{tp}_cuda_ipc"] = {"error": f"needs {tp} GPUs, {gpus} visible"}
+    for name, enc_dev, lang_dev, transport, ranks in setups:
         t0 = time.time()
         try:
-            result = serve_and_ask(ckpt, data_urls, enc_dev, lang_dev, transport, out_dir, dtype, lang_ckpt)
+            result = serve_and_ask(ckpt, data_urls, enc_dev, lang_dev, transport, out_dir, dtype, lang_ckpt, ranks)
         except Exception as exc:  # report and go on to the next setup
             result = {"error": f"{type(exc).__name__}: {exc}"}
         result["wall_s"] = time.time() - t0
@@ -302,7 +323,7 @@ def main() -> int:
         print(name, json.dumps(result), flush=True)
     (out_dir / "serve_gpu_smoke.json").write_text(json.dumps(report, indent=1))
     print(f"\nsetup               agreeing prefix (of {MAX_TOKENS})   TTFT image request (s)")
-    for name, *_ in setups:
+    for name in [k for k in report if isinstance(report[k], dict) and ("runs" in report[k] or "error" in report[k])]:
         runs = report[name].get("runs", [])
         print(
             f"{name:20s} {[r.get('agreeing_prefix') for r in runs]!s:26s} {[round(r['ttft_s'] or -1, 3) for r in runs]}"

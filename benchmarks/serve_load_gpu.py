@@ -3,6 +3,7 @@ does an image burst stall decoding? The reason the encoder is split out.
 
     python benchmarks/serve_load_gpu.py                # one GPU: ~4 min on an H200
     python benchmarks/serve_load_gpu.py --cpu-check    # tiny model on the CPU: checks the script
+    python benchmarks/serve_load_gpu.py --tensor-parallel-size 2   # the language model on GPUs 0-1
 
 Both services run as users run them (`splitvl encode`, `splitvl language`): the encoder with the
 real Qwen3-VL-30B-A3B vision tower (random weights, from a checkpoint written here), the language
@@ -37,10 +38,13 @@ from splitvl.loadgen.client import request_body  # noqa: E402
 from splitvl.loadgen.load import Pacing, Target, run  # noqa: E402
 
 
-def start_services(ckpt: Path, lang_ckpt: Path, device: str, dtype: str, logs: Path, max_num_seqs: int):
+def start_services(
+    ckpt: Path, lang_ckpt: Path, device: str, dtype: str, logs: Path, max_num_seqs: int, tensor_parallel_size: int = 1
+):
+    """The encoder on `device`; the language service's ranks on it and the GPUs after it."""
     dummy = {"load_format": "dummy"} if device != "cpu" else {}  # random weights at the real shapes
     settings = {"kv_cache_memory_fraction": 0.5, "max_model_len": 4096, "max_num_seqs": max_num_seqs,
-                "max_queued_requests": 1024, **dummy}  # fmt: skip
+                "max_queued_requests": 1024, "tensor_parallel_size": tensor_parallel_size, **dummy}  # fmt: skip
     return serve_gpu_smoke.start_services(ckpt, lang_ckpt, device, device, dtype, logs, settings)
 
 
@@ -74,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         "without one, most of the random model's tokens are ids the tiny tokenizer has no text for",
     )
     p.add_argument("--cpu-check", action="store_true")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="the language service's ranks (GPUs 0..N-1)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--name", default="serve_load_gpu", help="the JSON file's name in --out (without .json)")
     args = p.parse_args(argv)
     import torch
 
@@ -113,9 +119,16 @@ def main(argv: list[str] | None = None) -> int:
         "output_len": args.output_len,
         "words": words,
         "image": image,
+        "tensor_parallel_size": args.tensor_parallel_size,
     }
     enc, lang, base = start_services(
-        ckpt, lang_ckpt, "cpu" if cpu else "cuda:0", "float32" if cpu else "bfloat16", work, args.concurrency
+        ckpt,
+        lang_ckpt,
+        "cpu" if cpu else "cuda:0",
+        "float32" if cpu else "bfloat16",
+        work,
+        args.concurrency,
+        args.tensor_parallel_size,
     )
     try:
         # Warm-up with other prompts and images: first-use compiles and graph replays, no cache hits later.
@@ -139,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     errors = sum(result[n]["all"]["failed"] for n in ("text_only", "half_images"))
     print(f"errors: {errors}")
-    Path(args.out, "serve_load_gpu.json").write_text(json.dumps(result, indent=2))
+    Path(args.out, f"{args.name}.json").write_text(json.dumps(result, indent=2))
     return 0 if not errors else 1
 
 

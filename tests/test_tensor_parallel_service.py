@@ -147,7 +147,10 @@ def test_text_model_on_two_ranks_equals_transformers(text_tp_ckpt, tmp_path):
 
 def test_a_shape_that_does_not_split_is_refused_at_start(vl_tp_ckpt, tmp_path):
     service = LanguageService(tmp_path, vl_tp_ckpt, "--tensor-parallel-size", "4")
-    assert service.proc.wait(120) != 0
+    try:
+        assert service.proc.wait(120) != 0
+    finally:
+        service.stop()
     log = service.log.read_text()
     assert "tensor_parallel_size=4" in log and "num_attention_heads=6 is not a multiple of 4" in log, log
     assert "num_key_value_heads=6" in log, log
@@ -157,20 +160,23 @@ def test_a_killed_rank_ends_the_service(text_tp_ckpt, tmp_path):
     """SIGKILL rank 1 mid-stream: the stream ends with an error, the service exits non-zero within
     10 s saying which rank went, and no process of it is left."""
     service = LanguageService(tmp_path, text_tp_ckpt, "--tensor-parallel-size", "2")
-    service.wait_healthy()
-    processes = descendants(service.proc.pid)
-    (worker,) = [p for p in processes if "rank_worker" in _cmdline(p)]
-    stream = service.client().completions.create(
-        model=service.model_name, prompt="tensors", max_tokens=4000, stream=True, extra_body={"ignore_eos": True}
-    )
-    next(iter(stream))  # a request is in flight
-    os.kill(worker, signal.SIGKILL)
-    killed = time.monotonic()
-    with pytest.raises(openai.APIError):
-        for _ in stream:
-            pass
-    code = service.proc.wait(10)
-    assert time.monotonic() - killed < 10
+    try:
+        service.wait_healthy()
+        processes = descendants(service.proc.pid)
+        (worker,) = [p for p in processes if "rank_worker" in _cmdline(p)]
+        stream = service.client().completions.create(
+            model=service.model_name, prompt="tensors", max_tokens=4000, stream=True, extra_body={"ignore_eos": True}
+        )
+        next(iter(stream))  # a request is in flight
+        os.kill(worker, signal.SIGKILL)
+        killed = time.monotonic()
+        with pytest.raises(openai.APIError):
+            for _ in stream:
+                pass
+        code = service.proc.wait(10)
+        assert time.monotonic() - killed < 10
+    finally:
+        service.stop()  # whatever failed above, no service outlives the test
     assert code != 0
     log = service.log.read_text()
     assert f"tensor-parallel rank 1 (pid {worker}, device cpu) exited with code -9" in log, log
@@ -188,16 +194,18 @@ def _cmdline(pid: int) -> str:
 def test_a_hung_rank_ends_the_service(text_tp_ckpt, tmp_path):
     """SIGSTOP rank 1 (alive, never answering): the next step's collective times out after
     distributed_timeout_s and the service exits non-zero, the stopped rank killed with it."""
-    service = LanguageService(
-        tmp_path, text_tp_ckpt, "--tensor-parallel-size", "2", config={"distributed_timeout_s": 2}
-    )
-    service.wait_healthy()
-    processes = descendants(service.proc.pid)
-    (worker,) = [p for p in processes if "rank_worker" in _cmdline(p)]
-    os.kill(worker, signal.SIGSTOP)
-    stopped = time.monotonic()
-    with pytest.raises(openai.APIError):
-        service.client().completions.create(model=service.model_name, prompt="tensors", max_tokens=4)
-    assert service.proc.wait(15) != 0
-    assert time.monotonic() - stopped < 15
+    config = {"distributed_timeout_s": 2}
+    service = LanguageService(tmp_path, text_tp_ckpt, "--tensor-parallel-size", "2", config=config)
+    try:
+        service.wait_healthy()
+        processes = descendants(service.proc.pid)
+        (worker,) = [p for p in processes if "rank_worker" in _cmdline(p)]
+        os.kill(worker, signal.SIGSTOP)
+        stopped = time.monotonic()
+        with pytest.raises(openai.APIError):
+            service.client().completions.create(model=service.model_name, prompt="tensors", max_tokens=4)
+        assert service.proc.wait(15) != 0
+        assert time.monotonic() - stopped < 15
+    finally:
+        service.stop()
     assert not wait_gone(processes)
