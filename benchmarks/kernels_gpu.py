@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from models.fp8 import dequantize_experts, quantize_experts
 from models.kernels.fused_moe import MoeConfig, moe_config, triton_fused_experts
 from models.kernels.moe_align import _align_chunked, _align_one_program, align_pairs_to_experts
 from models.kernels.paged_attention import _torch_paged_decode, paged_decode_attention
@@ -164,6 +165,13 @@ def bench_moe(token_counts: list[int], sweep: bool, bandwidth: float, peak: floa
     gate_up = (torch.randn(E, 2 * I, H, device=DEVICE, generator=gen) / H**0.5).to(DT)
     down = (torch.randn(E, H, I, device=DEVICE, generator=gen) / I**0.5).to(DT)
     hf = hf_grouped_mm(gate_up, down)
+    # The same experts in block-wise FP8 (Qwen's checkpoint layout), read by the weight-only path.
+    (gate_up8, gate_up_s), (down8, down_s) = quantize_experts(gate_up, gate_up=True), quantize_experts(down)
+    fp8_scales = (gate_up_s, down_s)
+    fp8_ref_weights = (
+        dequantize_experts(gate_up8, gate_up_s, torch.float32, gate_up=True),
+        dequantize_experts(down8, down_s, torch.float32),
+    )
     for tokens in token_counts:
         sets = []  # rotating inputs: each set routes to other experts
         for _ in range(8 if tokens <= 256 else 2):
@@ -208,6 +216,22 @@ def bench_moe(token_counts: list[int], sweep: bool, bandwidth: float, peak: floa
         print(
             f"  T={tokens} align (graph): one program {fmt(row['align_one_program_graph_ms'])} us, "
             f"chunked {fmt(row['align_chunked_graph_ms'])} us"
+        )
+        fp8_ref = torch_fused_experts(x.float(), *fp8_ref_weights, w.float(), ids)
+        fp8_err = rel_err(triton_fused_experts(x, gate_up8, down8, w, ids, scales=fp8_scales), fp8_ref)
+        check(f"moe fp8 T={tokens}", fp8_err)
+        del fp8_ref
+        scale_bytes = active * 4 * (gate_up_s[0].numel() + down_s[0].numel())
+        fp8_bytes = active * 3 * H * I + scale_bytes + 2 * tokens * H * DT.itemsize
+        row["fp8_floor_ms"] = max(fp8_bytes / bandwidth / 1e6, flops / peak / 1e9)
+        row["fp8_graph_ms"] = try_time(
+            calls(lambda x, w, ids: triton_fused_experts(x, gate_up8, down8, w, ids, scales=fp8_scales)), graph=True
+        )
+        row["fp8_rel_err_vs_dequantized"] = fp8_err
+        print(
+            f"  T={tokens} FP8 weights (graph): {fmt(row['fp8_graph_ms'])} us against bf16 "
+            f"{fmt(row['triton_graph_ms'])} us, FP8 floor {fmt(row['fp8_floor_ms'])} us, error vs the "
+            f"dequantized weights {fp8_err:.1e}"
         )
         row["torch_ms"] = time_ms(calls(lambda x, w, ids: torch_fused_experts(x, gate_up, down, w, ids)))
         row["hf_grouped_mm_ms"] = try_time(calls(hf)) if hf_ok else None
@@ -390,12 +414,15 @@ def print_tables(
 
     table(
         "fused MoE (% floor from the graph time; hf = transformers grouped_mm; align = its graph time alone)",
-        ["T", "experts", "floor", "bound", "eager", "again", "graph", "% floor", "align", "torch", "hf", "best"],
+        ["T", "experts", "floor", "bound", "eager", "again", "graph", "% floor", "align", "torch", "hf", "best",
+         "fp8 floor", "fp8 graph", "fp8 % floor", "bf16/fp8"],
         [
             [str(r["T"]), f"{r['active_experts']:.1f}", fmt(r["floor_ms"]), r["bound"], fmt(r["triton_ms"]),
              fmt(r["triton_again_ms"]), fmt(r["triton_graph_ms"]),
              pct(r["floor_ms"], r["triton_graph_ms"] or r["triton_ms"]), fmt(r["align_graph_ms"]), fmt(r["torch_ms"]),
-             fmt(r["hf_grouped_mm_ms"]), best(r)]
+             fmt(r["hf_grouped_mm_ms"]), best(r), fmt(r.get("fp8_floor_ms")), fmt(r.get("fp8_graph_ms")),
+             pct(r["fp8_floor_ms"], r.get("fp8_graph_ms")) if r.get("fp8_floor_ms") else "-",
+             f"{r['triton_graph_ms'] / r['fp8_graph_ms']:.2f}" if r.get("fp8_graph_ms") and r.get("triton_graph_ms") else "-"]
             for r in moe
         ],
     )  # fmt: skip

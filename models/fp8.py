@@ -145,10 +145,38 @@ def quantize(weight: torch.Tensor, block: tuple[int, int] = BLOCK) -> tuple[torc
     the usual block recipe (DeepSeek-V3's and transformers' `Fp8Quantize`)."""
     out_features, in_features = weight.shape
     rows, cols = scale_grid((out_features, in_features), block)
-    padded = torch.zeros(rows * block[0], cols * block[1], dtype=torch.float32)
+    padded = torch.zeros(rows * block[0], cols * block[1], dtype=torch.float32, device=weight.device)
     padded[:out_features, :in_features] = weight.to(torch.float32)  # zero padding leaves each amax as it is
     blocks = padded.view(rows, block[0], cols, block[1])
     amax = blocks.abs().amax(dim=(1, 3))  # [rows, cols]
     scale = (amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)  # an all-zero block stays zero
     quantized = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return quantized.view(rows * block[0], cols * block[1])[:out_features, :in_features].contiguous(), scale
+
+
+def quantize_experts(weight: torch.Tensor, gate_up: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, N, K] float -> (fp8 [E, N, K], float32 grids [E, R, C]), each expert quantized alone.
+    `gate_up`: N is a gate half then an up half, quantized apart as the checkpoints store them
+    (two [I, H] weights), so the grid is the gate's rows then the up's: 2*ceil(I/128) of them."""
+    pairs = [_quantize_halves(w) if gate_up else quantize(w) for w in weight]
+    return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
+
+
+def dequantize_experts(
+    weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype, gate_up: bool = False
+) -> torch.Tensor:
+    """The inverse of quantize_experts: fp8 [E, N, K] with grids [E, R, C] -> `dtype` [E, N, K]."""
+    out = []
+    for w, s in zip(weight, scale_inv):
+        if gate_up:
+            half, rows = w.shape[0] // 2, s.shape[0] // 2
+            out.append(torch.cat([dequantize(w[:half], s[:rows], dtype), dequantize(w[half:], s[rows:], dtype)]))
+        else:
+            out.append(dequantize(w, s, dtype))
+    return torch.stack(out)
+
+
+def _quantize_halves(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    half = weight.shape[0] // 2
+    (qg, sg), (qu, su) = quantize(weight[:half]), quantize(weight[half:])
+    return torch.cat([qg, qu]), torch.cat([sg, su])

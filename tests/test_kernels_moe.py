@@ -21,6 +21,7 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 
 import pytest
 
+from models.fp8 import dequantize_experts, quantize_experts
 from models.kernels import availability
 from models.kernels.fused_moe import (
     MOE_CONFIGS,
@@ -161,6 +162,48 @@ def test_fused_moe_skips_other_ranks_experts(poisoned_empty, tokens, rank, dtype
         assert rel_err(out, ref) < tol, config
 
 
+def fp8_problem(tokens, hidden, experts, inter, top_k, dtype, device="cpu", seed=0):
+    """A problem whose expert weights are block-wise FP8 (models/fp8.py), and the float64
+    reference on the same weights dequantized: the kernel must equal the dequantized model."""
+    x, gate_up, down, weights, ids = make_problem(tokens, hidden, experts, inter, top_k, torch.float32, seed=seed)
+    (gate_up8, gate_up_s), (down8, down_s) = quantize_experts(gate_up, gate_up=True), quantize_experts(down)
+    ref = reference(
+        x.to(dtype),
+        dequantize_experts(gate_up8, gate_up_s, torch.float64, gate_up=True),
+        dequantize_experts(down8, down_s, torch.float64),
+        weights.to(dtype),
+        ids,
+    )
+    cast = lambda t: t.to(device)
+    problem = (cast(x.to(dtype)), cast(gate_up8), cast(down8), cast(weights.to(dtype)), cast(ids))
+    return problem, (cast(gate_up_s), cast(down_s)), ref
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 3e-3)])
+@pytest.mark.parametrize(
+    "tokens,hidden,inter",
+    [
+        (1, 256, 128),  # decode, whole 128 blocks
+        (5, 200, 48),  # partial blocks at the edges of both dimensions; I < 128: one block per half
+        (37, 160, 320),  # aligned blocks, several experts per block row, I not a multiple of 128
+    ],
+)
+def test_fused_moe_fp8_weights_equal_the_dequantized_model(poisoned_empty, tokens, hidden, inter, dtype, tol):
+    problem, scales, ref = fp8_problem(tokens, hidden, 8, inter, 3, dtype, seed=tokens)
+    assert problem[1].dtype == torch.float8_e4m3fn
+    for config in (moe_config(tokens), MoeConfig(16, 16, 16, 64, 4, 1)):  # K steps of 64: two per scale block
+        out = triton_fused_experts(*problem, config=config, scales=scales)
+        assert rel_err(out, ref) < tol, config
+
+
+def test_fp8_experts_refuse_a_k_step_across_scale_blocks():
+    problem, scales, _ = fp8_problem(3, 256, 4, 128, 2, torch.float32)
+    if not availability.INTERPRET and not torch.cuda.is_available():
+        pytest.skip("the torch fallback has no K steps")
+    with pytest.raises(ValueError, match="BLOCK_K dividing"):
+        triton_fused_experts(*problem, config=MoeConfig(16, 16, 16, 96, 4, 1), scales=scales)
+
+
 @interpreted
 def test_every_tuned_config_runs(poisoned_empty):
     problem = make_problem(21, 64, 8, 32, 4, torch.float32, seed=1)
@@ -220,3 +263,11 @@ def test_fused_moe_expert_parallel_bf16_real_shapes(tokens):
     ref = torch_fused_experts(x.float(), gate_up.float(), down.float(), weights.float() * mine, ids.clamp(max=31))
     out = triton_fused_experts(*problem, skip_foreign=True)
     assert rel_err(out, ref.double()) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 16, 300, 2100])
+def test_fused_moe_fp8_bf16_real_shapes(tokens):
+    """FP8 experts at Qwen3-VL-30B-A3B's shapes, bf16 activations, every tile config in use."""
+    problem, scales, ref = fp8_problem(tokens, 2048, 128, 768, 8, torch.bfloat16, device="cuda", seed=tokens)
+    assert rel_err(triton_fused_experts(*problem, scales=scales), ref) < 1e-2

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from models.fp8 import dequantize_experts
 from models.kernels.availability import HAS_TRITON, use_triton
 from models.kernels.fused_ops import route
 from models.kernels.launch import cached_launch
@@ -93,12 +94,17 @@ if HAS_TRITON:
         stride_we,
         stride_wn,
         stride_ht,
+        s_ptr,  # FP8 weights: [E, 2*ceil(I/128), ceil(H/128)] fp32 block scales (gate's grid, then up's)
+        stride_se,
+        stride_sn,
+        up_scale_row0,  # the first grid row of the up half: ceil(I/128)
         TOP_K: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr,
         PAIR_BLOCKS: tl.constexpr,
+        W_FP8: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -122,6 +128,10 @@ if HAS_TRITON:
         # Weights loaded as [Kb, N] tiles so tl.dot gives x @ W^T; rows are contiguous in H.
         g_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None]
         u_ptrs = g_ptrs + inter * stride_wn
+        # FP8: each tile's columns fall in 128-row blocks of the weight, each K step (BLOCK_K
+        # divides 128) in one 128-column block: one scale per column per step.
+        sg_ptrs = s_ptr + expert.to(tl.int64) * stride_se + (cols // 128) * stride_sn
+        su_ptrs = sg_ptrs + up_scale_row0 * stride_sn
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, hidden, BLOCK_K):
@@ -134,8 +144,14 @@ if HAS_TRITON:
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 g = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 u = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc_g = tl.dot(a, g, acc_g)
-            acc_u = tl.dot(a, u, acc_u)
+            if W_FP8:  # weight-only: dequantized in registers, the bytes read stay one per weight
+                s_g = tl.load(sg_ptrs + k0 // 128, mask=col_ok, other=0.0)
+                s_u = tl.load(su_ptrs + k0 // 128, mask=col_ok, other=0.0)
+                acc_g += tl.dot(a, g.to(a.dtype)) * s_g[None, :]
+                acc_u += tl.dot(a, u.to(a.dtype)) * s_u[None, :]
+            else:
+                acc_g = tl.dot(a, g, acc_g)
+                acc_u = tl.dot(a, u, acc_u)
             a_ptrs += BLOCK_K
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
@@ -159,11 +175,15 @@ if HAS_TRITON:
         stride_we,
         stride_wn,
         stride_yt,
+        s_ptr,  # FP8 weights: [E, ceil(H/128), ceil(I/128)] fp32 block scales
+        stride_se,
+        stride_sn,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr,
         PAIR_BLOCKS: tl.constexpr,
+        W_FP8: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -184,6 +204,7 @@ if HAS_TRITON:
 
         a_ptrs = h_ptr + pair[:, None] * stride_ht + ks[None, :]  # [M, Kb]
         b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None]  # [Kb, N]
+        s_ptrs = s_ptr + expert.to(tl.int64) * stride_se + (cols // 128) * stride_sn  # as in gate_up
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, inter, BLOCK_K):
             if EVEN_K:
@@ -193,7 +214,11 @@ if HAS_TRITON:
                 k_ok = ks < inter - k0
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(a, b, acc)
+            if W_FP8:
+                scale = tl.load(s_ptrs + k0 // 128, mask=col_ok, other=0.0)
+                acc += tl.dot(a, b.to(a.dtype)) * scale[None, :]
+            else:
+                acc = tl.dot(a, b, acc)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
         weight = tl.load(pair_weight_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
@@ -256,19 +281,35 @@ def _check_shapes(
         raise ValueError("expert weights must be contiguous in their last dimension")
 
 
+def _scale_args(weight: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, int, int]:
+    """(scale pointer, its expert stride, its row stride); the weight itself stands in unread
+    when the weights are not FP8."""
+    if scale is None:
+        return weight, 0, 0
+    return scale, scale.stride(0), scale.stride(1)
+
+
 def _launch_gate_up(
-    x: torch.Tensor, gate_up_proj: torch.Tensor, align: ExpertAlignment, top_k: int, config: MoeConfig
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    align: ExpertAlignment,
+    top_k: int,
+    config: MoeConfig,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     num_experts, two_inter, hidden = gate_up_proj.shape
     inter = two_inter // 2
     h = torch.empty(align.num_pairs, inter, dtype=x.dtype, device=x.device)  # [P, I]
     grid = (align.num_blocks, triton.cdiv(inter, config.block_n_up))
+    s, stride_se, stride_sn = _scale_args(gate_up_proj, scale)
+    up_row0 = 0 if scale is None else scale.shape[1] // 2
     _gate_up_silu_launch(grid,
         x, gate_up_proj, h, align.sorted_pair_ids, align.block_expert_ids,
         align.num_pairs, hidden, inter, num_experts,
         x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), h.stride(0),
+        s, stride_se, stride_sn, up_row0,
         TOP_K=top_k, BLOCK_M=config.block_m, BLOCK_N=config.block_n_up, BLOCK_K=config.block_k,
-        EVEN_K=hidden % config.block_k == 0, PAIR_BLOCKS=align.one_pair_per_block,
+        EVEN_K=hidden % config.block_k == 0, PAIR_BLOCKS=align.one_pair_per_block, W_FP8=scale is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return h
@@ -281,18 +322,21 @@ def _launch_down(
     align: ExpertAlignment,
     config: MoeConfig,
     skip_foreign: bool,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     num_experts, hidden, inter = down_proj.shape
     # Skipped pairs (experts of other ranks) are never written: they must read as zeros.
     alloc = torch.zeros if skip_foreign else torch.empty
     y = alloc(align.num_pairs, hidden, dtype=h.dtype, device=h.device)  # [P, H]
     grid = (align.num_blocks, triton.cdiv(hidden, config.block_n_down))
+    s, stride_se, stride_sn = _scale_args(down_proj, scale)
     _down_weighted_launch(grid,
         h, down_proj, y, align.sorted_pair_ids, align.block_expert_ids, pair_weights,
         align.num_pairs, hidden, inter, num_experts,
         h.stride(0), down_proj.stride(0), down_proj.stride(1), y.stride(0),
+        s, stride_se, stride_sn,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n_down, BLOCK_K=config.block_k,
-        EVEN_K=inter % config.block_k == 0, PAIR_BLOCKS=align.one_pair_per_block,
+        EVEN_K=inter % config.block_k == 0, PAIR_BLOCKS=align.one_pair_per_block, W_FP8=scale is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return y
@@ -306,25 +350,36 @@ def triton_fused_experts(
     topk_ids: torch.Tensor,
     skip_foreign: bool = False,
     config: MoeConfig | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """x [T, H] -> sum_k w[t,k] * expert_{id[t,k]}(x[t]), [T, H]; same contract as torch_fused_experts.
 
     With `skip_foreign`, id E (another rank's expert) is aligned as one more expert whose blocks
     both kernels skip. `config` overrides the tile table (the benchmark's sweep uses it); leave
-    it None otherwise.
+    it None otherwise. `scales`: the weights are block-wise FP8 (models/fp8.py, 128x128 blocks)
+    and these are their fp32 scale grids, (gate_up [E, 2*ceil(I/128), ceil(H/128)], gate's grid
+    then up's; down [E, ceil(H/128), ceil(I/128)]); the kernels read the FP8 bytes and dequantize
+    in registers (weight-only: activations stay in x's dtype).
     """
     if not use_triton(x):
+        if scales is not None:
+            gate_up_proj = dequantize_experts(gate_up_proj, scales[0], x.dtype, gate_up=True)
+            down_proj = dequantize_experts(down_proj, scales[1], x.dtype)
         return torch_fused_experts(x, gate_up_proj, down_proj, topk_weights, topk_ids, skip_foreign)
     _check_shapes(x, gate_up_proj, down_proj, topk_weights, topk_ids)
     num_tokens, top_k = topk_ids.shape
     if num_tokens == 0:
         return torch.empty_like(x)
     config = config or moe_config(num_tokens)
+    if scales is not None and 128 % config.block_k:
+        raise ValueError(f"FP8 experts need BLOCK_K dividing the 128-column scale blocks, not {config.block_k}")
     x = x.contiguous()
     aligned_experts = gate_up_proj.shape[0] + skip_foreign
     align = align_pairs_to_experts(topk_ids, aligned_experts, config.block_m, pair_blocks_upto=PAIR_BLOCK_TOKENS)
-    h = _launch_gate_up(x, gate_up_proj, align, top_k, config)  # [P, I]
-    y = _launch_down(h, down_proj, topk_weights.reshape(-1).contiguous(), align, config, skip_foreign)  # [P, H]
+    gate_up_scale, down_scale = scales if scales is not None else (None, None)
+    h = _launch_gate_up(x, gate_up_proj, align, top_k, config, gate_up_scale)  # [P, I]
+    pair_weights = topk_weights.reshape(-1).contiguous()
+    y = _launch_down(h, down_proj, pair_weights, align, config, skip_foreign, down_scale)  # [P, H]
     return _combine(y, num_tokens, top_k)
 
 
