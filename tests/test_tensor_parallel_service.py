@@ -15,13 +15,14 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
 import pytest
 
 from models.tiny_checkpoint import write_tiny_checkpoint
 from tests.reference import hf_chat_greedy
-from tests.services import EncodeService, LanguageService, alive, data_url, descendants, png, wait_gone
+from tests.services import EncodeService, LanguageService, alive, children, data_url, descendants, png, wait_gone
 
 MAX_TOKENS = 10
 # Six query and six KV heads, six experts (intermediate 48): every count splits over 2 and 3 ranks.
@@ -88,9 +89,12 @@ def _ask(service: LanguageService, name: str) -> tuple[list[int] | str, list[flo
     return text, logprobs
 
 
-def serve_all(tmp, ckpt, encoder: str, *flags: str) -> dict[str, tuple[list[int] | str, list[float]]]:
-    """Start a language service, send every conversation at once, stop it; check it left nothing."""
-    service = LanguageService(tmp, ckpt, "--encoder", encoder, *flags)
+def serve_all(
+    tmp, ckpt, encoder: str, *flags: str, config: dict | None = None
+) -> dict[str, tuple[list[int] | str, list[float]]]:
+    """Start a language service, send every conversation at once, stop it; check it stopped
+    cleanly (every rank at EOF, none killed) and left nothing."""
+    service = LanguageService(tmp, ckpt, "--encoder", encoder, *flags, config=config)
     try:
         service.wait_healthy()
         service.wait_encoder()
@@ -99,7 +103,9 @@ def serve_all(tmp, ckpt, encoder: str, *flags: str) -> dict[str, tuple[list[int]
             answers = dict(zip(CONVERSATIONS, pool.map(lambda n: _ask(service, n), CONVERSATIONS)))
     finally:
         code = service.stop()
-    assert code == 0, service.log.read_text()
+    log = service.log.read_text()
+    assert code == 0, log
+    assert "did not stop within" not in log and "ERROR" not in log, log
     assert not wait_gone(processes), f"left running: {wait_gone(processes, 0)}"
     return answers
 
@@ -119,13 +125,17 @@ def test_the_one_rank_service_equals_transformers(one_rank, transformers_one_ima
 
 
 @pytest.mark.parametrize(
-    "size,expert_parallel", [(2, False), (2, True), (3, False), (3, True)], ids=["tp2", "tp2-ep", "tp3", "tp3-ep"]
+    "size,expert_parallel,graphs",
+    [(2, False, "nocapture"), (2, True, "off"), (3, False, "off"), (3, True, "nocapture")],
+    ids=["tp2", "tp2-ep", "tp3", "tp3-ep"],
 )
 def test_ranks_give_the_one_rank_tokens(
-    size, expert_parallel, vl_tp_ckpt, encoder, one_rank, transformers_one_image, tmp_path
+    size, expert_parallel, graphs, vl_tp_ckpt, encoder, one_rank, transformers_one_image, tmp_path
 ):
+    """`nocapture` runs decode steps on the graph path's buffers (uncaptured on a CPU): those
+    steps reach the other ranks as DecodeStep plans, the others as eager ones."""
     flags = ["--tensor-parallel-size", str(size), "--expert-parallel" if expert_parallel else "--no-expert-parallel"]
-    answers = serve_all(tmp_path, vl_tp_ckpt, encoder, *flags)
+    answers = serve_all(tmp_path, vl_tp_ckpt, encoder, *flags, config={"cuda_graphs": graphs})
     assert answers["one_image"][0] == transformers_one_image
     for name, (ids, logprobs) in answers.items():
         want_ids, want_logprobs = one_rank[name]
@@ -183,6 +193,17 @@ def test_a_killed_rank_ends_the_service(text_tp_ckpt, tmp_path):
     assert not wait_gone(processes) and not alive(worker)
 
 
+def _all_pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _environ(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -192,9 +213,11 @@ def _cmdline(pid: int) -> str:
 
 
 def test_a_hung_rank_ends_the_service(text_tp_ckpt, tmp_path):
-    """SIGSTOP rank 1 (alive, never answering): the next step's collective times out after
-    distributed_timeout_s and the service exits non-zero, the stopped rank killed with it."""
-    config = {"distributed_timeout_s": 2}
+    """SIGSTOP rank 1 (alive, never reading): a 3000-token prompt's plan (~70 KiB) is more than
+    its stdin pipe holds, so rank 0 blocks writing it, where no collective's timeout reaches.
+    The step's deadline (distributed_timeout_s) ends the service non-zero all the same, and the
+    stopped rank is killed with it."""
+    config = {"distributed_timeout_s": 2, "max_num_batched_tokens": 4096, "chunk_size": 4096}
     service = LanguageService(tmp_path, text_tp_ckpt, "--tensor-parallel-size", "2", config=config)
     try:
         service.wait_healthy()
@@ -203,9 +226,42 @@ def test_a_hung_rank_ends_the_service(text_tp_ckpt, tmp_path):
         os.kill(worker, signal.SIGSTOP)
         stopped = time.monotonic()
         with pytest.raises(openai.APIError):
-            service.client().completions.create(model=service.model_name, prompt="tensors", max_tokens=4)
+            prompt = [(7 * i) % 300 + 5 for i in range(3000)]
+            service.client(timeout=30).completions.create(model=service.model_name, prompt=prompt, max_tokens=4)
         assert service.proc.wait(15) != 0
         assert time.monotonic() - stopped < 15
+    finally:
+        service.stop()
+    assert "one of them is hung" in service.log.read_text()
+    assert not wait_gone(processes)
+
+
+def test_a_rank_that_fails_to_start_ends_the_service(text_tp_ckpt, tmp_path):
+    """Rank 1 given a GPU this machine does not have: the service exits non-zero at start, saying
+    which rank went and why, and leaves no process."""
+    config = {"device": "cpu", "rank_devices": ["cpu", "cuda:7"]}
+    service = LanguageService(tmp_path, text_tp_ckpt, "--tensor-parallel-size", "2", config=config)
+    try:
+        assert service.proc.wait(120) != 0
+    finally:
+        service.stop()
+    log = service.log.read_text()
+    assert "tensor-parallel rank 1" in log and "device cuda:7) exited with code 1" in log, log
+    assert "no CUDA GPU is visible" in log, log
+    assert not [p for p in _all_pids() if "rank_worker" in _cmdline(p) and str(tmp_path) in _environ(p)]
+
+
+def test_ranks_die_with_a_killed_engine(text_tp_ckpt, tmp_path):
+    """SIGKILL the engine process (rank 0): its worker goes within seconds, and the service exits."""
+    service = LanguageService(tmp_path, text_tp_ckpt, "--tensor-parallel-size", "2")
+    try:
+        service.wait_healthy()
+        processes = descendants(service.proc.pid)
+        (worker,) = [p for p in processes if "rank_worker" in _cmdline(p)]
+        (engine,) = [p for p in children(service.proc.pid) if worker in descendants(p)]
+        os.kill(engine, signal.SIGKILL)
+        assert not wait_gone([worker], 5)
+        assert service.proc.wait(15) != 0
     finally:
         service.stop()
     assert not wait_gone(processes)

@@ -70,9 +70,11 @@ class EngineCore:
                 devices = settings.model_copy(update={"device": device}).devices_of_ranks()
                 self.ranks = RankGroup(settings, devices, torch.device(device))
                 tp = self.ranks.tp
-            self.runner = build_runner(settings, device, tp, self.ranks.send if self.ranks else None)
+            self.runner = build_runner(settings, device, tp, self.ranks.step if self.ranks else None)
         except BaseException:
-            self.close_ranks()
+            if self.ranks is not None:
+                self.ranks.abort()  # a rank may be stuck in start-up's collectives
+                self.ranks = None
             self.encoders.close()  # its socket and region, for callers that live on (tests, benchmarks)
             raise
         self.config = self.runner.config
@@ -289,11 +291,11 @@ class EngineCore:
         try:
             tokens, logprobs = self.runner.run(chunks)
         except Exception as exc:
-            if device_is_broken(exc):
-                raise  # the CUDA context is unusable: the process ends and the HTTP side answers 503
-            if self.ranks is not None:
+            if self.ranks is not None and (self.ranks.broken or device_is_broken(exc)):
                 self.ranks.abort()  # they may be stuck in the step's collectives
                 raise  # and no rerun could be trusted to line up with them
+            if device_is_broken(exc):
+                raise  # the CUDA context is unusable: the process ends and the HTTP side answers 503
             return self._isolate_failure(chunks, exc)
         self.scheduler.after_step(chunks)
         self.steps += 1

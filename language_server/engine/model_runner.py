@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,13 +102,14 @@ class ModelRunner:
         kv_memory_fraction: float,
         options: RunnerOptions | None = None,
         tp: TensorParallel = SINGLE,
-        on_plan: Callable[[StepPlan], None] | None = None,
+        around_step: Callable[[StepPlan], AbstractContextManager[None]] | None = None,
     ) -> None:
         self.options = options or RunnerOptions()
         self.device = resolve_device(device)  # a GPU is made current: the engine process works on one
         self.dtype = dtype_from_name(dtype)
         self.tp = tp
-        self.on_plan = on_plan  # rank 0 of several: hands each step's plan to the other ranks
+        # Rank 0 of several: wraps each forward, handing its plan to the other ranks (ranks.py).
+        self.around_step = around_step
         if self.options.load_format == "dummy":
             loaded = random_language_model(model_dir, self.device, self.dtype, tp=tp)
         else:
@@ -170,12 +172,14 @@ class ModelRunner:
     @torch.no_grad()
     def run(self, chunks: Sequence[ScheduledChunk]) -> tuple[list[int], list[TokenLogprob | None]]:
         """Compute the chunks' tokens; sample for every chunk that reaches its sequence's end.
-        With tensor parallelism the plan goes to the other ranks first (on_plan), and they run
-        the same forward on their shards; only this rank samples."""
+        With tensor parallelism the plan goes to the other ranks first (around_step), and they
+        run the same forward on their shards; only this rank samples."""
         plan = self.plan(chunks)
-        if self.on_plan is not None:
-            self.on_plan(plan)
-        logits = self.execute(plan)
+        if self.around_step is None:
+            logits = self.execute(plan)
+        else:
+            with self.around_step(plan):
+                logits = self.execute(plan)
         if logits is None:
             return [], []
         return sample(logits, [c.request for c in chunks if c.samples])
@@ -321,7 +325,7 @@ def build_runner(
     settings: LanguageSettings,
     device: str,
     tp: TensorParallel = SINGLE,
-    on_plan: Callable[[StepPlan], None] | None = None,
+    around_step: Callable[[StepPlan], AbstractContextManager[None]] | None = None,
 ) -> ModelRunner:
     """The runner the settings describe, for the rank on `device` (every rank builds the same)."""
     return ModelRunner(
@@ -333,5 +337,5 @@ def build_runner(
         settings.kv_cache_memory_fraction,
         RunnerOptions.of(settings),
         tp,
-        on_plan,
+        around_step,
     )
