@@ -76,6 +76,7 @@ def test_cpu_without_interpreter_uses_torch_references():
 
 INTERPRETER_SUITES = [
     "tests/test_kernels_moe.py",
+    "tests/test_kernels_fp8_linear.py",
     "tests/test_kernels_attention.py",
     "tests/test_kernels_benchmark.py",
     "tests/test_kernels_fused_ops.py",
