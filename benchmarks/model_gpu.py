@@ -84,10 +84,15 @@ class Plan:
     matmul_n: int
     tensor_parallel_size: int = 1
     expert_parallel: bool = False
+    fp8: bool = False  # also an engine on the FP8 checkpoint layout, beside bf16
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
-    ranks = {"tensor_parallel_size": args.tensor_parallel_size, "expert_parallel": args.expert_parallel}
+    ranks = {
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "expert_parallel": args.expert_parallel,
+        "fp8": args.fp8,
+    }
     if args.cpu_smoke:
         # Batch 3 pads to the graph bucket 4 (the graph path runs uncaptured on the CPU).
         return Plan("cpu", "float32", "tiny", args.layers, (1, 3, 4), 12, 8, (32, 64), (1, 2), 8, 16, 256, **ranks)
@@ -159,9 +164,14 @@ class ModelSizes:
     head_dim: int
     itemsize: int
     ranks: int = 1  # tensor-parallel ranks: the byte counts below are one rank's
+    fp8_dense_params: int = 0  # of dense_params, those stored FP8 (1 byte; the attention projections)
+    fp8_experts: bool = False  # experts stored FP8
 
     @classmethod
-    def of(cls, config: ModelConfig, dtype: torch.dtype, ranks: int = 1) -> ModelSizes:
+    def of(cls, config: ModelConfig, dtype: torch.dtype, ranks: int = 1, fp8: bool = False) -> ModelSizes:
+        """`fp8`: the FP8 checkpoint's layout (models/fp8_layers.py): attention and experts at
+        one byte a weight (their fp32 block scales, 1/16384 of it, left out)."""
+        from models.fp8_layers import FP8_MODULES
         from models.qwen3_moe import Qwen3MoeForCausalLMWithDeepStack
 
         text = config.text
@@ -170,6 +180,11 @@ class ModelSizes:
         total = sum(p.numel() for p in model.parameters())
         experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
         embed = model.model.embed_tokens.weight.numel()
+        quantized_dense = sum(
+            p.numel()
+            for n, p in model.named_parameters()
+            if ".experts." not in n and FP8_MODULES.search("." + n.rsplit(".", 1)[0])
+        )
         return cls(
             total,
             total - experts - embed,
@@ -183,7 +198,22 @@ class ModelSizes:
             text.head_dim,
             dtype.itemsize,
             ranks,
+            quantized_dense if fp8 else 0,
+            fp8,
         )
+
+    def dense_bytes(self) -> float:
+        return (self.dense_params - self.fp8_dense_params) * self.itemsize + self.fp8_dense_params
+
+    def expert_bytes(self) -> float:
+        return self.expert_params * (1 if self.fp8_experts else self.itemsize)
+
+    def weight_bytes(self) -> float:
+        """The whole model's weights on one rank (the embedding table included)."""
+        embed = self.total_params - self.dense_params - self.layers * self.experts * self.expert_params
+        return (
+            embed * self.itemsize + self.dense_bytes() + self.layers * self.experts * self.expert_bytes()
+        ) / self.ranks
 
     def kv_bytes_per_token(self) -> int:
         """One rank's: its share of the KV heads, or the one head it replicates."""
@@ -196,20 +226,16 @@ class ModelSizes:
 
     def decode_step_bytes(self, batch: int, mean_context: float) -> float:
         """Bytes one rank reads in a decode step (norms and the router, replicated, are negligible)."""
-        weights = (self.dense_params + self.layers * self.active_experts(batch) * self.expert_params) / self.ranks
-        return weights * self.itemsize + batch * (
-            mean_context * self.kv_bytes_per_token() + self.hidden * self.itemsize
-        )
+        weights = (self.dense_bytes() + self.layers * self.active_experts(batch) * self.expert_bytes()) / self.ranks
+        return weights + batch * (mean_context * self.kv_bytes_per_token() + self.hidden * self.itemsize)
 
     def prefill_floor_s(self, tokens: int, ceilings: dict) -> float:
         active = self.dense_params + self.layers * self.top_k * self.expert_params  # per token (lm_head: 1 row)
         flops = 2 * tokens * active + 2 * self.layers * tokens**2 * self.q_heads * self.head_dim  # causal QK, PV
         flops /= self.ranks
         weight_bytes = (
-            (self.dense_params + self.layers * self.active_experts(tokens) * self.expert_params)
-            * self.itemsize
-            / self.ranks
-        )
+            self.dense_bytes() + self.layers * self.active_experts(tokens) * self.expert_bytes()
+        ) / self.ranks
         return max(flops / ceilings["matmul_flops_per_s"], weight_bytes / ceilings["copy_bytes_per_s"])
 
 
@@ -227,7 +253,7 @@ def kv_blocks(plan: Plan, sizes: ModelSizes) -> int:
     free, _ = torch.cuda.mem_get_info()
     headroom = 4 << 30  # graph pools, prefill activations, the sampler's fp32 logits
     per_block = BLOCK * sizes.kv_bytes_per_token()
-    fits = int((free - sizes.total_params * sizes.itemsize / sizes.ranks - headroom) // per_block)
+    fits = int((free - sizes.weight_bytes() - headroom) // per_block)
     if fits < need:
         print(f"  KV cache capped at {fits} blocks (wanted {need}): the largest batch may be preempted")
     return max(1, min(need, fits))
@@ -580,6 +606,82 @@ def decode_sections(
                 )
 
 
+FP8_BATCHES = (1, 16, 64)
+
+
+def fp8_sections(report: Report, plan: Plan, config: ModelConfig, dtype: torch.dtype) -> None:
+    """The same engine on the FP8 checkpoint layout (random weights quantized as Qwen's FP8
+    releases are: attention and experts FP8 with 128x128 block scales): decode at B = 1, 16, 64
+    and prefill 1k, its weight bytes, and how many tokens of KV cache the memory left holds."""
+    data = report.data
+    fp8_ckpt = Path(tempfile.mkdtemp(prefix="splitvl-bench-fp8-"))
+    write_tiny_checkpoint(fp8_ckpt, shapes=plan.shapes, num_layers=plan.layers, metadata_only=True, quantize_fp8=True)
+    sizes = ModelSizes.of(config, dtype, plan.tensor_parallel_size, fp8=True)
+    fp8 = data["fp8"] = {"decode": [], "prefill": []}
+    engine = None
+    with report.section("engine build, FP8 weights") as go:
+        if go:
+            engine = build_engine(fp8_ckpt, plan, kv_blocks(plan, sizes))
+            model = engine.runner.model
+            fp8["weights"] = engine.runner.weights
+            fp8["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+            print(f"  weights {engine.runner.weights}: {fp8['weight_bytes'] / 2**30:.2f} GiB")
+    for batch in [b for b in plan.batches if b in FP8_BATCHES] or plan.batches[:1]:
+        with report.section(f"FP8 engine decode B={batch}") as go:
+            if go and engine is not None:
+                row = decode_run(engine, batch, plan)
+                fp8["decode"].append(row)
+                print(
+                    f"  {row['step_ms_median']:.2f} ms/step, {row['tok_s']:.1f} tok/s over {row['decode_steps']} steps"
+                )
+    with report.section("FP8 engine prefill") as go:
+        if go and engine is not None:
+            row = prefill_run(engine, min(plan.prefill_lens), reps=3)
+            fp8["prefill"].append(row)
+            print(f"  T={row['tokens']}: {row['ms']:.1f} ms to the first token")
+    if engine is not None:
+        close_engine(engine, plan)
+    shutil.rmtree(fp8_ckpt, ignore_errors=True)
+
+
+def fp8_summary(data: dict, sizes: ModelSizes, config: ModelConfig, dtype: torch.dtype, plan: Plan) -> None:
+    """FP8 beside bf16: decode and prefill, against the FP8 floor; weights and KV capacity."""
+    fp8 = data.get("fp8")
+    ceilings = data.get("ceilings")
+    if not fp8 or not ceilings:
+        return
+    fp8_sizes = ModelSizes.of(config, dtype, plan.tensor_parallel_size, fp8=True)
+    bf16 = {r["batch"]: r for r in data["decode"] if r["graphs"]}
+    fmt = lambda v, spec=".1f": "-" if v is None else format(v, spec)
+    print(f"\nFP8 weights ({fp8.get('weights')}) beside bf16, same run, CUDA graphs")
+    print("    B | bf16 tok/s | fp8 tok/s | fp8/bf16 | fp8 floor tok/s | fp8 % floor")
+    rows = []
+    for r in fp8["decode"]:
+        b = r["batch"]
+        floor = b / (
+            fp8_sizes.decode_step_bytes(b, plan.input_len + plan.output_len / 2) / ceilings["copy_bytes_per_s"]
+        )
+        base = bf16.get(b, {}).get("tok_s")
+        row = {"batch": b, "fp8_tok_s": r["tok_s"], "bf16_tok_s": base, "fp8_floor_tok_s": floor,
+               "fp8_over_bf16": base and r["tok_s"] / base, "fp8_pct_floor": 100 * r["tok_s"] / floor}  # fmt: skip
+        rows.append(row)
+        print(
+            f"{b:5d} | {fmt(base):>10} | {r['tok_s']:9.1f} | {fmt(row['fp8_over_bf16'], '.2f'):>8} | "
+            f"{floor:15.1f} | {row['fp8_pct_floor']:11.0f}"
+        )
+    fp8["summary"] = rows
+    base_prefill = {r["tokens"]: r["ms"] for r in data["prefill"]}
+    for r in fp8["prefill"]:
+        print(f"prefill {r['tokens']}: fp8 {r['ms']:.1f} ms, bf16 {fmt(base_prefill.get(r['tokens']))} ms")
+    if fp8.get("weight_bytes") and plan.device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        kv = sizes.kv_bytes_per_token()
+        for name, weights in (("bf16", sizes.weight_bytes()), ("fp8", fp8["weight_bytes"])):
+            tokens = max(0, int((0.9 * total - weights) // kv))
+            fp8[f"{name}_kv_tokens_at_0.9"] = tokens
+            print(f"{name}: weights {weights / 2**30:.1f} GiB; at 90% of this card, KV for {tokens:,} tokens")
+
+
 def prefix_agreement(a: list[int], b: list[int]) -> int:
     """How many leading tokens two greedy generations share."""
     return sum(1 for _ in itertools.takewhile(lambda pair: pair[0] == pair[1], zip(a, b)))
@@ -659,6 +761,10 @@ def run(args: argparse.Namespace) -> int:
     if engine is not None:
         ours = engine.runner.model  # for transformers, unless the eager engine replaces it
         engine = close_engine(engine, plan)
+        if plan.fp8:
+            ours = None  # room for the FP8 engine; the eager engine's weights serve transformers
+            gc.collect()
+            fp8_sections(report, plan, config, dtype)
         # The eager runs matter least: they leave time for transformers. A second engine with
         # cuda_graphs off, as a user would set it; same seed, so the same random weights.
         reserve = 60.0 if args.quick else 120.0
@@ -687,6 +793,7 @@ def run(args: argparse.Namespace) -> int:
     shutil.rmtree(ckpt, ignore_errors=True)
     try:
         summarize(data, sizes, plan)
+        fp8_summary(data, sizes, config, dtype, plan)
     except Exception as exc:  # the sections' numbers are in the JSON already; say why the table is not
         traceback.print_exc()
         data["errors"]["summary"] = f"{type(exc).__name__}: {exc}"

@@ -89,7 +89,7 @@ class _Service:
             if ready is None:
                 return 0
             max_model_len = ready.max_model_len  # the engine caps the setting by its KV cache
-            state = AppState(self.settings, model, token_bytes, client, Metrics(), max_model_len)
+            state = AppState(self.settings, model, token_bytes, client, Metrics(), max_model_len, ready.weights)
             # Our own access log (api/access_log.py) records how each request really ended.
             config = uvicorn.Config(
                 create_app(state), lifespan="off", log_level="info", access_log=False, timeout_graceful_shutdown=5
@@ -128,9 +128,10 @@ class _Service:
             except EngineUnavailable as exc:
                 raise ServiceError(f"the engine failed to start: {exc}") from None
             logger.info(
-                "engine ready: %d KV blocks of %d tokens; encode results arrive at %s",
+                "engine ready: %d KV blocks of %d tokens; weights %s; encode results arrive at %s",
                 info.num_kv_blocks,
                 info.block_size,
+                info.weights,
                 info.result_address,
             )
             return info

@@ -137,6 +137,7 @@ class EngineReady:
     block_size: int
     result_address: str  # where encode services push results for this engine
     max_model_len: int  # the longest sequence served: settings' limit, capped by the KV cache
+    weights: str = ""  # what the weights are on the device: "bfloat16", "fp8 (... tensors, block 128x128) + bfloat16"
 
 
 @dataclass

@@ -104,3 +104,11 @@ def quantize_modules(model: nn.Module, names: set[str]) -> None:
 def fp8_module_names(model: nn.Module) -> set[str]:
     """The modules of `model` that Qwen's FP8 releases quantize."""
     return {name for name, _ in model.named_modules() if FP8_MODULES.search("." + name)}
+
+
+def weights_description(model: nn.Module, dtype: torch.dtype) -> str:
+    """What the weights are, for logs and /v1/models: "bfloat16", or "fp8 (N tensors, block
+    128x128) + bfloat16" when some stay FP8."""
+    kept = sum(1 for p in model.parameters() if p.dtype == fp8.FP8_DTYPE)
+    plain = str(dtype).removeprefix("torch.")
+    return f"fp8 ({kept} tensors, block {fp8.BLOCK[0]}x{fp8.BLOCK[1]}) + {plain}" if kept else plain

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from models import fp8
 from models.config import ModelConfig, TextConfig, load_config
+from models.fp8_layers import make_fp8
 from models.parallel import SINGLE, TensorParallel, check_divisible
 from models.qwen2_moe import Qwen2MoeForCausalLM
 from models.qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeForCausalLMWithDeepStack
@@ -73,7 +74,10 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     tp: TensorParallel = SINGLE,
+    keep_fp8: bool = False,
 ) -> LoadedModel:
+    """`keep_fp8`: an FP8 checkpoint's FP8 weights stay FP8 with their block scales
+    (models/fp8_layers.py) instead of being dequantized to `dtype`; for a GPU at one rank."""
     model_dir = Path(model_dir)
     if part not in PARTS:
         raise CheckpointError(f"part must be one of {PARTS}, got {part!r}")
@@ -98,6 +102,10 @@ def load_model(
             "checkpoint does not match the config: unexpected tensors: " + _listing(sorted(strangers))
         )
     reader = _TensorReader(model_dir, device)
+    if keep_fp8 and tp.size > 1:
+        raise CheckpointError("FP8 weights are kept FP8 at one rank only; across ranks they are dequantized")
+    fp8_kept = _fp8_modules(wanted, reader, prefixes) if keep_fp8 and config.quantization is not None else set()
+    make_fp8(model, fp8_kept, device)
     filler = _ParamFiller(model, config, tp)
     dequantizer = _Fp8Reader(config, files, reader, dtype)
     total = sum(reader.nbytes(wanted))
@@ -110,18 +118,22 @@ def load_model(
             local = _strip_prefix(name, prefixes)
             source = reader.slice(filename, name)
             shape = tuple(source.get_shape())
+            scale = None
             if source.get_dtype().startswith("F8_"):
-                # Scale blocks need not align with a rank's slice: dequantize whole, then slice.
-                source = dequantizer.dequantize(name, source[tuple(slice(None) for _ in shape)])
-            bar.update(filler.fill(name, local, source, shape))
+                whole = source[tuple(slice(None) for _ in shape)]
+                if fp8_kept:
+                    source, scale = whole, dequantizer.scale_of(name, whole)
+                else:  # scale blocks need not align with a rank's slice: dequantize whole, then slice
+                    source = dequantizer.dequantize(name, whole)
+            bar.update(filler.fill(name, local, source, shape, scale))
     dequantizer.finish(wanted)
     filler.finish()
     reader.close()
-    if dequantizer.count:
+    if dequantizer.count and fp8_kept:
+        log.info("FP8 checkpoint: %d weights kept FP8 with their block scales (FP8 kernels)", dequantizer.count)
+    elif dequantizer.count:
         log.info(
-            "FP8 checkpoint: %d weights dequantized to %s at load; FP8 kernels are not used yet",
-            dequantizer.count,
-            str(dtype).removeprefix("torch."),
+            "FP8 checkpoint: %d weights dequantized to %s at load", dequantizer.count, str(dtype).removeprefix("torch.")
         )
     model.eval()
     return LoadedModel(model=model, config=config, tensors_read=reader.names_read)
@@ -151,6 +163,19 @@ def language_model_class(config: ModelConfig) -> type[nn.Module]:
     if config.is_vl:
         return Qwen3MoeForCausalLMWithDeepStack
     return Qwen2MoeForCausalLM if config.arch == "qwen2_moe" else Qwen3MoeForCausalLM
+
+
+def _fp8_modules(wanted: dict[str, str], reader: _TensorReader, prefixes: dict[str, str]) -> set[str]:
+    """The modules whose checkpoint weights are float8 (read from the headers, not the data): a
+    linear layer, or the Experts module of per-expert FP8 weights."""
+    names = set()
+    for name, filename in wanted.items():
+        if not name.endswith(".weight") or not reader.dtype_of(filename, name).startswith("F8_"):
+            continue
+        local = _strip_prefix(name, prefixes)
+        expert = _EXPERT_KEY.match(local)
+        names.add(expert.group(1) if expert else local.removesuffix(".weight"))
+    return names
 
 
 def _retie(model: nn.Module, config: ModelConfig) -> None:
@@ -222,6 +247,10 @@ class _TensorReader:
             sizes.append(n * _DTYPE_BYTES.get(sl.get_dtype(), 4))
         return sizes
 
+    def dtype_of(self, filename: str, name: str) -> str:
+        """The safetensors dtype of a tensor ("BF16", "F8_E4M3", ...), from the header."""
+        return self._open(filename).get_slice(name).get_dtype()
+
     def read(self, filename: str, name: str) -> torch.Tensor:
         self.names_read.append(name)
         return self._open(filename).get_tensor(name)
@@ -265,6 +294,11 @@ class _Fp8Reader:
     def dequantize(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.dtype not in fp8.FLOAT8_DTYPES:
             return tensor
+        scale = self.scale_of(name, tensor)
+        return fp8.dequantize(tensor, scale, self.dtype, self.quantization.weight_block_size)
+
+    def scale_of(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The float32 scale grid of the FP8 weight `name`, checked against the weight and the config."""
         if self.quantization is None:
             raise CheckpointError(
                 f"{name} is {tensor.dtype} but config.json has no quantization_config; without it the "
@@ -288,9 +322,11 @@ class _Fp8Reader:
                 f"{scale_name} is {scale.dtype} {tuple(scale.shape)}; a weight of shape {tuple(tensor.shape)} in "
                 f"{block[0]}x{block[1]} blocks needs a float32/bfloat16 scale grid of shape {want}"
             )
+        if block != fp8.BLOCK:
+            raise CheckpointError(f"weight_block_size {list(block)}: only {list(fp8.BLOCK)} blocks are read")
         self.scales_read.add(scale_name)
         self.count += 1
-        return fp8.dequantize(tensor, scale, self.dtype, block)
+        return scale.to(torch.float32)
 
     def finish(self, wanted: dict[str, str]) -> None:
         orphans = sorted(n for n in wanted if n.endswith(fp8.SCALE_SUFFIX) and n not in self.scales_read)
@@ -312,14 +348,17 @@ class _ParamFiller:
         self.misshaped: list[str] = []
         self.per_expert_seen: dict[str, set[tuple[int, str]]] = defaultdict(set)
 
-    def fill(self, ckpt_name: str, local: str, source, shape: tuple[int, ...]) -> int:
+    def fill(
+        self, ckpt_name: str, local: str, source, shape: tuple[int, ...], scale: torch.Tensor | None = None
+    ) -> int:
         """Copy the rank's part of one checkpoint tensor (`source` a tensor or a safetensors
-        slice of `shape`) into its parameter; returns the bytes read."""
+        slice of `shape`) into its parameter; returns the bytes read. `scale`: the tensor is an
+        FP8 weight kept FP8, and this its scale grid, which goes to `<param>_scale_inv`."""
         if local == "lm_head.weight" and self.config.text.tie_word_embeddings:
             return 0  # some tied checkpoints store the copy too; the embedding is the source
         expert = _EXPERT_KEY.match(local)
         if expert:
-            return self._fill_expert(ckpt_name, expert, source, shape)
+            return self._fill_expert(ckpt_name, expert, source, shape, scale)
         param = self.params.get(local)
         if param is None:
             self.unexpected.append(ckpt_name)
@@ -332,9 +371,14 @@ class _ParamFiller:
         tensor = take(source, shape, shard_of(local, text, self.tp))
         param.data.copy_(tensor)
         self.filled.add(local)
+        if scale is not None:
+            self.params[local + fp8.SCALE_SUFFIX].data.copy_(scale)
+            self.filled.add(local + fp8.SCALE_SUFFIX)
         return _nbytes(tensor)
 
-    def _fill_expert(self, ckpt_name: str, match: re.Match, source, shape: tuple[int, ...]) -> int:
+    def _fill_expert(
+        self, ckpt_name: str, match: re.Match, source, shape: tuple[int, ...], scale: torch.Tensor | None = None
+    ) -> int:
         base, index, proj, fused = match.groups()
         gate_up, down = self.params.get(f"{base}.gate_up_proj"), self.params.get(f"{base}.down_proj")
         if gate_up is None or down is None:
@@ -373,10 +417,17 @@ class _ParamFiller:
             gate_up.data[row, local_inter:].copy_(tensor)
         else:
             down.data[row].copy_(tensor)
+        if scale is not None:  # FP8 kept: the grids sit as models/fp8.quantize_experts lays them out
+            grid = self.params[f"{base}.{'down' if proj == 'down' else 'gate_up'}_proj{fp8.SCALE_SUFFIX}"]
+            half = grid.shape[1] // 2
+            rows = {"gate": slice(0, half), "up": slice(half, None), "down": slice(None)}[proj]
+            grid.data[row, rows].copy_(scale)
         seen = self.per_expert_seen[base]
         seen.add((j, proj))
         if len(seen) == 3 * local_experts:
             self.filled.update({f"{base}.gate_up_proj", f"{base}.down_proj"})
+            if f"{base}.gate_up_proj{fp8.SCALE_SUFFIX}" in self.params:
+                self.filled.update({f"{base}.gate_up_proj{fp8.SCALE_SUFFIX}", f"{base}.down_proj{fp8.SCALE_SUFFIX}"})
         return _nbytes(tensor)
 
     def finish(self) -> None:

@@ -18,9 +18,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from models.fp8 import dequantize_experts
 from models.ops import torch_route
 
-ExpertsFn = Callable[..., torch.Tensor]  # (x, gate_up_proj, down_proj, topk_weights, topk_ids, skip_foreign=False)
+# (x, gate_up_proj, down_proj, topk_weights, topk_ids, skip_foreign=False, scales=None); `scales`:
+# the experts are block-wise FP8 with these grids (models/fp8_layers.py)
+ExpertsFn = Callable[..., torch.Tensor]
 
 
 def torch_fused_experts(
@@ -30,13 +33,18 @@ def torch_fused_experts(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     skip_foreign: bool = False,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Reference experts: x [T, H] -> sum_k w[t,k] * expert_{id[t,k]}(x[t]), [T, H].
 
     `skip_foreign` (expert parallelism): an id equal to E names an expert of another rank, whose
-    term is left out. Groups tokens by expert (one sort), so each active expert runs one matmul
-    over its tokens.
+    term is left out. `scales`: FP8 experts, dequantized here (the reference's way; the Triton
+    kernels read the FP8 bytes). Groups tokens by expert (one sort), so each active expert runs
+    one matmul over its tokens.
     """
+    if scales is not None:
+        gate_up_proj = dequantize_experts(gate_up_proj, scales[0], x.dtype, gate_up=True)
+        down_proj = dequantize_experts(down_proj, scales[1], x.dtype)
     num_tokens, top_k = topk_ids.shape
     num_experts = gate_up_proj.shape[0]
     flat_ids = topk_ids.reshape(-1)

@@ -24,6 +24,7 @@ from torch import nn
 
 from models.config import TextConfig
 from models.forward_context import ForwardContext
+from models.kernels.fp8_linear import fp8_linear
 from models.ops import OpsImpl
 from models.parallel import SINGLE, TensorParallel
 
@@ -130,6 +131,13 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(local_experts, hidden_size, inter))
         self.partitioned = local_experts < num_experts  # some routed experts live on other ranks
 
+    @property
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The block scales of FP8 experts (models/fp8_layers.py), None for plain ones."""
+        if not hasattr(self, "gate_up_proj_scale_inv"):
+            return None
+        return self.gate_up_proj_scale_inv, self.down_proj_scale_inv
+
     def local_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Routed expert ids -> this rank's indices; an expert of another rank becomes E_local,
         which the expert kernels skip (its term is added on the rank that holds it)."""
@@ -168,12 +176,13 @@ class SparseMoeBlock(nn.Module):
         moe = ctx.kernels.moe
         weights, ids = moe.route(self.gate(x), self.top_k, self.norm_topk_prob)
         experts = self.experts
+        fp8 = {} if experts.scales is None else {"scales": experts.scales}
         if experts.partitioned:
             out = moe.experts(
-                x, experts.gate_up_proj, experts.down_proj, weights, experts.local_ids(ids), skip_foreign=True
+                x, experts.gate_up_proj, experts.down_proj, weights, experts.local_ids(ids), skip_foreign=True, **fp8
             )
         else:
-            out = moe.experts(x, experts.gate_up_proj, experts.down_proj, weights, ids)
+            out = moe.experts(x, experts.gate_up_proj, experts.down_proj, weights, ids, **fp8)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return self.tp.all_reduce(out)  # every rank's partial sum (its experts or its slices)
@@ -204,29 +213,44 @@ class Attention(nn.Module):
         self.eps = config.rms_norm_eps
         self.qkv_weight: torch.Tensor | None = None  # set by fuse_qkv()
         self.qkv_bias: torch.Tensor | None = None
+        self.qkv_scale: torch.Tensor | None = None  # FP8 projections: their fused scale grid
 
     @torch.no_grad()
     def fuse_qkv(self) -> None:
         """Put the q, k and v weights in one [(Hq + 2Hkv)·D, H] tensor and make the three
         projections views of it: one GEMM instead of three per layer (at one decode token each is
-        launch-bound), with no extra memory. Checkpoint names and state_dict are unchanged."""
+        launch-bound), with no extra memory. Checkpoint names and state_dict are unchanged. FP8
+        projections fuse with their scale grids when the q and k blocks end on 128-row block
+        edges (Qwen3-VL-30B-A3B: 4096 and 512 rows); otherwise they stay three GEMMs."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
+        fp8 = hasattr(self.q_proj, "weight_scale_inv")
+        if fp8 and any(p.weight.shape[0] % 128 for p in projs[:2]):
+            return
         self.qkv_weight = torch.cat([p.weight for p in projs])
         self.qkv_bias = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None
-        start = 0
+        self.qkv_scale = torch.cat([p.weight_scale_inv for p in projs]) if fp8 else None
+        start, grid_start = 0, 0
         for p in projs:
             rows = p.weight.shape[0]
             p.weight = nn.Parameter(self.qkv_weight[start : start + rows], requires_grad=False)
             if self.qkv_bias is not None:
                 p.bias = nn.Parameter(self.qkv_bias[start : start + rows], requires_grad=False)
+            if fp8:
+                grid_rows = p.weight_scale_inv.shape[0]
+                p.weight_scale_inv = nn.Parameter(
+                    self.qkv_scale[grid_start : grid_start + grid_rows], requires_grad=False
+                )
+                grid_start += grid_rows
             start += rows
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
         t, d = x.shape[0], self.head_dim
         if self.qkv_weight is not None:
-            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(
-                [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1
-            )
+            if self.qkv_scale is None:
+                qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+            else:
+                qkv = fp8_linear(x, self.qkv_weight, self.qkv_scale, self.qkv_bias)
+            q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q, k, v = q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d), v.view(t, self.num_kv_heads, d)

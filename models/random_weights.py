@@ -24,6 +24,7 @@ import math
 import torch
 
 from models.config import TextConfig, load_config
+from models.fp8_layers import fp8_module_names, quantize_modules
 from models.loader import LoadedModel, full_shape, language_model_class
 from models.parallel import SINGLE, TensorParallel, check_divisible
 from models.sharding import expert_shard, shard_of, take
@@ -56,11 +57,18 @@ def text_weight_scale(name: str, shape: tuple[int, ...], hidden: int, gain: floa
 
 @torch.no_grad()
 def random_language_model(
-    model_dir: str, device: torch.device, dtype: torch.dtype, seed: int = 0, tp: TensorParallel = SINGLE
+    model_dir: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    tp: TensorParallel = SINGLE,
+    keep_fp8: bool = False,
 ) -> LoadedModel:
     """The language model of `model_dir`'s config.json (no weight files needed) with random
     weights drawn on `device`. Every rank draws each full tensor in the same order and keeps its
-    slice, so the ranks together hold exactly the one-rank model."""
+    slice, so the ranks together hold exactly the one-rank model. `keep_fp8`, with an FP8 config:
+    the modules Qwen's FP8 releases quantize are drawn, then quantized to FP8 with block scales
+    (models/fp8_layers.py), as an FP8 checkpoint would load them."""
     config = load_config(model_dir)
     text = config.text
     check_divisible(text, tp.size, tp.expert_parallel)
@@ -79,6 +87,8 @@ def random_language_model(
         else:
             full = torch.empty(shape, dtype=dtype, device=device).normal_(mean, std, generator=gen)
             param.copy_(take(full, shape, shard))
+    if keep_fp8 and config.quantization is not None:
+        quantize_modules(model, fp8_module_names(model))
     model.eval()
     return LoadedModel(model=model, config=config)
 

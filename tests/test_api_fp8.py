@@ -78,3 +78,10 @@ def test_image_chat_on_an_fp8_checkpoint_equals_transformers_on_its_dequantized_
     assert response.usage.prompt_tokens == prompt_len
     assert len(set(want)) >= 3  # a varied answer, so equal tokens mean something
     assert "FP8 checkpoint: 112 weights dequantized" in fp8_service.log.read_text()
+
+
+def test_models_endpoint_says_what_the_weights_are(fp8_service):
+    """On a CPU an FP8 checkpoint is dequantized at load, and /v1/models says so (on a GPU it
+    reads "fp8 (N tensors, block 128x128) + bfloat16")."""
+    card = fp8_service.client().models.list().data[0]
+    assert card.model_extra["weights"] == "float32"

@@ -154,12 +154,60 @@ def test_fp8_text_checkpoints_match_transformers(tmp_path, arch):
 def test_load_logs_that_weights_were_dequantized(fp8_vl_ckpt, caplog):
     with caplog.at_level(logging.INFO, logger="models.loader"):
         load_model(fp8_vl_ckpt, part="language", dtype=torch.bfloat16)
-    assert "FP8 checkpoint: 112 weights dequantized to bfloat16 at load; FP8 kernels are not used yet" in caplog.text
+    assert "FP8 checkpoint: 112 weights dequantized to bfloat16 at load" in caplog.text
     with caplog.at_level(logging.INFO, logger="models.loader"):
         caplog.clear()
         vision = load_model(fp8_vl_ckpt, part="vision", dtype=torch.bfloat16)
     assert "FP8" not in caplog.text  # the vision tower is not quantized
     assert {p.dtype for p in vision.model.parameters()} == {torch.bfloat16}
+
+
+def test_fp8_weights_kept_fp8_give_the_dequantized_logits(fp8_vl_ckpt, caplog):
+    """keep_fp8 (what an engine on a GPU loads): the attention projections and the experts stay
+    FP8 with their checkpoint scale grids, in fewer bytes, and compute what the dequantized model
+    does (here through the torch fallbacks; the Triton kernels have their own tests)."""
+    with caplog.at_level(logging.INFO, logger="models.loader"):
+        kept = load_model(fp8_vl_ckpt, part="language", dtype=torch.float32, keep_fp8=True)
+    plain = load_model(fp8_vl_ckpt, part="language", dtype=torch.float32)
+    assert "FP8 checkpoint: 112 weights kept FP8 with their block scales" in caplog.text
+    layers = kept.config.text.num_hidden_layers
+    fp8_params = [n for n, p in kept.model.named_parameters() if p.dtype == fp8.FP8_DTYPE]
+    assert len(fp8_params) == layers * (4 + 2)  # q, k, v, o and the two fused expert tensors
+    assert all(n.endswith(("_proj.weight", "gate_up_proj", "down_proj")) for n in fp8_params)
+    nbytes = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
+    assert nbytes(kept.model) < 0.5 * nbytes(plain.model)
+    ids = [5, 17, 42, 99, 3, 150, 77, 8]
+    want = our_prompt_logits(plain.model, plain.config, ids)
+    torch.testing.assert_close(our_prompt_logits(kept.model, kept.config, ids), want, rtol=0, atol=1e-5)
+
+
+def test_fp8_q_k_v_fuse_with_their_scale_grids(tmp_path):
+    """With q and k ending on 128-row block edges (4 heads x 32 and 4 KV heads x 32) the three
+    FP8 projections fuse into one FP8 GEMM with one grid, and give the same logits."""
+    ckpt = write_tiny_checkpoint(tmp_path, seed=9, quantize_fp8=True, text_overrides={"num_key_value_heads": 4})
+    model = load_model(ckpt, part="language", dtype=torch.float32, keep_fp8=True)
+    ids = [5, 17, 42, 99, 3, 150]
+    unfused = our_prompt_logits(model.model, model.config, ids)
+    model.model.fuse_qkv()
+    attn = model.model.model.layers[0].self_attn
+    assert attn.qkv_scale is not None and attn.qkv_weight.dtype == fp8.FP8_DTYPE
+    assert attn.qkv_scale.shape == (3, 1)  # q, k, v: one 128-row block each, one 64-column block
+    torch.testing.assert_close(our_prompt_logits(model.model, model.config, ids), unfused, rtol=0, atol=1e-6)
+
+
+def test_random_fp8_models_quantize_what_the_checkpoints_do(tmp_path):
+    """load_format dummy with an FP8 config and keep_fp8: the same modules as a real FP8
+    checkpoint turn FP8, so a benchmark reads the bytes a served FP8 model reads."""
+    from models.random_weights import random_language_model
+
+    ckpt = write_tiny_checkpoint(tmp_path, quantize_fp8=True, metadata_only=True)
+    real = write_tiny_checkpoint(tmp_path / "real", quantize_fp8=True)
+    dummy = random_language_model(str(ckpt), torch.device("cpu"), torch.float32, keep_fp8=True)
+    loaded = load_model(real, part="language", dtype=torch.float32, keep_fp8=True)
+    fp8_names = lambda m: {n for n, p in m.named_parameters() if p.dtype == fp8.FP8_DTYPE}
+    assert fp8_names(dummy.model) == fp8_names(loaded.model) != set()
+    logits = our_prompt_logits(dummy.model, dummy.config, [5, 6, 7])
+    assert torch.isfinite(logits).all() and logits.std() > 0
 
 
 # --------------------------------------------------------------------------- refusals

@@ -84,3 +84,25 @@ def test_fp8_linear_without_triton_dequantizes():
 def test_fp8_linear_bf16_real_shapes(rows, in_features, out_features):
     args, ref = problem(rows, in_features, out_features, torch.bfloat16, device="cuda", seed=rows)
     assert rel_err(fp8_linear(*args), ref) < 1e-2
+
+
+@interpreted
+def test_a_kept_fp8_model_on_the_triton_kernels_gives_the_dequantized_logits(tmp_path):
+    """A tiny FP8 checkpoint loaded with keep_fp8 and run on the Triton backends (FP8 linear and
+    the fused MoE's FP8 path, interpreted) against the dequantized model on the torch reference."""
+    from models.backends import select_kernels, torch_kernels
+    from models.forward_context import prefill_context
+    from models.loader import load_model
+    from models.tiny_checkpoint import write_tiny_checkpoint
+
+    ckpt = write_tiny_checkpoint(tmp_path, seed=4, quantize_fp8=True, text_overrides={"num_key_value_heads": 4})
+    kept = load_model(ckpt, part="language", dtype=torch.float32, keep_fp8=True).model
+    kept.fuse_qkv()  # 128-row q and k: one FP8 GEMM per layer for q, k, v
+    plain = load_model(ckpt, part="language", dtype=torch.float32).model
+    ids = torch.tensor([5, 17, 42, 99, 3, 150, 77])
+    positions = torch.arange(len(ids)).expand(3, -1)
+    kernels = select_kernels("triton", "triton", None, torch.device("cpu"))
+    with torch.no_grad():
+        got = kept.compute_logits(kept(ids, prefill_context(kernels, [len(ids)], positions=positions)))
+        want = plain.compute_logits(plain(ids, prefill_context(torch_kernels(), [len(ids)], positions=positions)))
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()

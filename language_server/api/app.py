@@ -86,6 +86,7 @@ def create_app(state: AppState) -> FastAPI:
             "created": _STARTED,
             "owned_by": "splitvl",
             "max_model_len": state.max_model_len,
+            "weights": state.weights,
         }
 
     @v1.get("/models")

@@ -29,6 +29,7 @@ class AppState:
     client: EngineClient
     metrics: Metrics
     max_model_len: int  # settings' value, or less where the KV cache cannot hold that many tokens
+    weights: str = ""  # the engine's report of its weights (FP8 kept, or the model dtype)
     in_flight: int = 0  # generation requests admitted and not yet finished
     draining: bool = False  # shutting down: no new requests, running ones finish
     workers: ThreadPoolExecutor = field(init=False)

@@ -37,6 +37,7 @@ from models.backends import select_kernels
 from models.config import ModelConfig, dtype_from_name
 from models.device import resolve_device
 from models.forward_context import forward_context
+from models.fp8_layers import weights_description
 from models.loader import load_model
 from models.mrope import generated_positions
 from models.parallel import SINGLE, TensorParallel
@@ -110,10 +111,14 @@ class ModelRunner:
         self.tp = tp
         # Rank 0 of several: wraps each forward, handing its plan to the other ranks (ranks.py).
         self.around_step = around_step
+        # FP8 checkpoints stay FP8 on a GPU at one rank (FP8 kernels); elsewhere they dequantize.
+        keep_fp8 = self.device.type == "cuda" and tp.size == 1
         if self.options.load_format == "dummy":
-            loaded = random_language_model(model_dir, self.device, self.dtype, tp=tp)
+            loaded = random_language_model(model_dir, self.device, self.dtype, tp=tp, keep_fp8=keep_fp8)
         else:
-            loaded = load_model(model_dir, part="language", device=self.device, dtype=self.dtype, tp=tp)
+            loaded = load_model(
+                model_dir, part="language", device=self.device, dtype=self.dtype, tp=tp, keep_fp8=keep_fp8
+            )
         self.model = loaded.model
         self.config: ModelConfig = loaded.config
         text = self.config.text
@@ -140,12 +145,14 @@ class ModelRunner:
         if self.kernels.attn.name == "triton":
             self.model.fuse_qkv()  # one GEMM for q, k and v
         self.decode_graphs = self._decode_graphs()
+        self.weights = weights_description(self.model, self.dtype)
         log.info(
-            "kernels: %s, cuda_graphs=%s (%s), load_format=%s",
+            "kernels: %s, cuda_graphs=%s (%s), load_format=%s, weights %s",
             self.kernels.describe(),
             opts.cuda_graphs,
             "captured" if self.decode_graphs is not None and self.decode_graphs.graphs else "not captured",
             opts.load_format,
+            self.weights,
         )
 
     def _kv_budget_bytes(self, fraction: float) -> int:

@@ -69,6 +69,7 @@ def run_engine_process(settings: dict, request_address: str, output_address: str
                 block_size=core.blocks.block_size,
                 result_address=core.encoders.result_address,
                 max_model_len=core.max_model_len,
+                weights=core.runner.weights,
             )
         )
     )

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 
-from models.fp8 import dequantize_experts
 from models.kernels.availability import HAS_TRITON, use_triton
 from models.kernels.fused_ops import route
 from models.kernels.launch import cached_launch
@@ -362,10 +361,7 @@ def triton_fused_experts(
     in registers (weight-only: activations stay in x's dtype).
     """
     if not use_triton(x):
-        if scales is not None:
-            gate_up_proj = dequantize_experts(gate_up_proj, scales[0], x.dtype, gate_up=True)
-            down_proj = dequantize_experts(down_proj, scales[1], x.dtype)
-        return torch_fused_experts(x, gate_up_proj, down_proj, topk_weights, topk_ids, skip_foreign)
+        return torch_fused_experts(x, gate_up_proj, down_proj, topk_weights, topk_ids, skip_foreign, scales)
     _check_shapes(x, gate_up_proj, down_proj, topk_weights, topk_ids)
     num_tokens, top_k = topk_ids.shape
     if num_tokens == 0:

@@ -61,6 +61,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--expert-parallel", action="store_true", help="with --tensor-parallel-size: whole experts per rank"
     )
+    parser.add_argument(
+        "--fp8",
+        action="store_true",
+        help="also the FP8 checkpoint layout (weights FP8 on the GPU): decode B=1/16/64 and prefill 1k beside "
+        "bf16, against the FP8 floor, with weight memory and KV capacity",
+    )
     parser.add_argument("--out", default=None, help="JSON results path (default: $OUT/model_gpu.json)")
     parser.add_argument(
         "--time-budget-s",
