@@ -32,7 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.fp8 import dequantize_experts, quantize_experts
+from models.fp8 import dequantize, dequantize_experts, quantize, quantize_experts
+from models.kernels.fp8_linear import fp8_linear
 from models.kernels.fused_moe import MoeConfig, moe_config, triton_fused_experts
 from models.kernels.moe_align import _align_chunked, _align_one_program, align_pairs_to_experts
 from models.kernels.paged_attention import _torch_paged_decode, paged_decode_attention
@@ -270,6 +271,34 @@ def bench_moe(token_counts: list[int], sweep: bool, bandwidth: float, peak: floa
         )
 
 
+def bench_fp8_linear(row_counts: list[int], bandwidth: float) -> Iterator[dict]:
+    """The FP8 linear (weight-only) against bf16 F.linear (cuBLAS) at the attention's shapes."""
+    print("\n== FP8 linear (weight-only, 128x128 block scales) vs bf16 F.linear")
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    for name, k, n in (("qkv", H, (HQ + 2 * HKV) * D), ("o_proj", HQ * D, H)):
+        weight = (torch.randn(n, k, device=DEVICE, generator=gen) / k**0.5).to(DT)
+        w8, scale = quantize(weight.float())
+        for rows in row_counts:
+            x = torch.randn(rows, k, device=DEVICE, generator=gen).to(DT)
+            ref = torch.nn.functional.linear(x.float(), dequantize(w8, scale, torch.float32))
+            err = rel_err(fp8_linear(x, w8, scale), ref)
+            check(f"fp8 linear {name} M={rows}", err)
+            row = {
+                "layer": name,
+                "M": rows,
+                "fp8_graph_ms": try_time([lambda: fp8_linear(x, w8, scale)], graph=True),
+                "bf16_graph_ms": try_time([lambda: torch.nn.functional.linear(x, weight)], graph=True),
+                "fp8_floor_ms": (n * k + 2 * rows * (k + n)) / bandwidth / 1e6,
+                "bf16_floor_ms": (2 * n * k + 2 * rows * (k + n)) / bandwidth / 1e6,
+                "rel_err": err,
+            }
+            print(
+                f"  {name} M={rows}: fp8 {fmt(row['fp8_graph_ms'])} us (floor {fmt(row['fp8_floor_ms'])}), "
+                f"bf16 {fmt(row['bf16_graph_ms'])} us (floor {fmt(row['bf16_floor_ms'])})"
+            )
+            yield row
+
+
 def decode_inputs(batch: int, ctx: int, sets: int, gen: torch.Generator):
     """One cache pool and `sets` block-table sets pointing at disjoint parts of it."""
     blocks = -(-ctx // S)
@@ -462,15 +491,18 @@ def main() -> None:
     moe: list[dict] = []
     decode: list[dict] = []
     prefill: list[dict] = []
+    linear: list[dict] = []
     if args.quick:
         plan = [
             (bench_moe([1, 64, 1024], sweep=False, bandwidth=bandwidth, peak=peak), moe),
+            (bench_fp8_linear([1, 64, 1024], bandwidth), linear),
             (bench_decode([1, 64], [4096], bandwidth), decode),
             (bench_prefill([1024], peak), prefill),
         ]
     else:
         plan = [
             (bench_moe([1, 16, 64, 256, 1024, 8192], sweep=True, bandwidth=bandwidth, peak=peak), moe),
+            (bench_fp8_linear([1, 16, 64, 256, 1024, 8192], bandwidth), linear),
             (bench_decode([1, 16, 64, 256], [512, 4096], bandwidth), decode),
             (bench_prefill([1024, 8192], peak), prefill),
         ]
@@ -492,6 +524,7 @@ def main() -> None:
                     "copy_GBps": bandwidth,
                     "bf16_TFLOPs": peak,
                     "moe": moe,
+                    "fp8_linear": linear,
                     "decode": decode,
                     "prefill": prefill,
                 },

@@ -38,7 +38,10 @@ def test_benchmark_script_runs_small(monkeypatch, capsys):
         moe = list(bench.bench_moe([1, 300], sweep=True, bandwidth=1e3, peak=1e2))
         decode = list(bench.bench_decode([1, 3], [9], bandwidth=1e3))
         prefill = list(bench.bench_prefill([5], peak=1e2))
+        linear = list(bench.bench_fp8_linear([1, 5], bandwidth=1e3))
     bench.print_tables("cpu", 1e3, 1e2, moe, decode, prefill)
     out = capsys.readouterr().out
     assert "FAIL" not in out and "fused MoE" in out and "paged decode" in out and "prefill" in out
     assert [r["T"] for r in moe] == [1, 300] and len(decode) == 2 and len(prefill) == 2
+    assert all(r["fp8_rel_err_vs_dequantized"] < 1e-5 for r in moe)
+    assert [(r["layer"], r["M"]) for r in linear] == [("qkv", 1), ("qkv", 5), ("o_proj", 1), ("o_proj", 5)]
