@@ -2,9 +2,9 @@
 
     y[M, N] = x[M, K] @ (W8[N, K] * S[N/128, K/128])^T (+ bias)
 
-Weight-only: the kernel reads each FP8 weight byte once and dequantizes it in registers, one
-fp32 scale per output column per 128-wide K step (BLOCK_K divides 128); activations stay in x's
-dtype and the products accumulate in fp32. Decode is bandwidth-bound, so FP8 halves the bytes
+Weight-only: the kernel reads each FP8 weight byte once and dequantizes its tile in registers
+(one fp32 scale per output column per 128-wide K step; BLOCK_K divides 128) to x's dtype, the
+weights the dequantized model holds, then accumulates in fp32 as a bf16 GEMM does. Decode is bandwidth-bound, so FP8 halves the bytes
 the step reads; quantizing activations too (w8a8, for FP8 tensor cores) would pay off only where
 the GEMM is compute-bound (long prefills), and is not done here.
 
@@ -97,8 +97,9 @@ if HAS_TRITON:
                 k_ok = ks < in_features - k0
                 a = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            # Dequantized in registers, then accumulated in place: the dequantized model's math.
             scale = tl.load(s_ptrs + k0 // 128, mask=n_ok, other=0.0)
-            acc += tl.dot(a, w.to(a.dtype)) * scale[None, :]
+            acc = tl.dot(a, (w.to(tl.float32) * scale[None, :]).to(a.dtype), acc)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         if HAS_BIAS:

@@ -127,8 +127,8 @@ if HAS_TRITON:
         # Weights loaded as [Kb, N] tiles so tl.dot gives x @ W^T; rows are contiguous in H.
         g_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None]
         u_ptrs = g_ptrs + inter * stride_wn
-        # FP8: each tile's columns fall in 128-row blocks of the weight, each K step (BLOCK_K
-        # divides 128) in one 128-column block: one scale per column per step.
+        # FP8: each K step (BLOCK_K divides 128) lies in one 128-column block of the weight, so
+        # each column of the tile has one scale per step.
         sg_ptrs = s_ptr + expert.to(tl.int64) * stride_se + (cols // 128) * stride_sn
         su_ptrs = sg_ptrs + up_scale_row0 * stride_sn
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -143,14 +143,15 @@ if HAS_TRITON:
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 g = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 u = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            if W_FP8:  # weight-only: dequantized in registers, the bytes read stay one per weight
+            if W_FP8:
+                # Weight-only: the FP8 tile is dequantized in registers (the bf16 weights the
+                # dequantized model holds, rounded alike), then accumulated in place as bf16 is.
                 s_g = tl.load(sg_ptrs + k0 // 128, mask=col_ok, other=0.0)
                 s_u = tl.load(su_ptrs + k0 // 128, mask=col_ok, other=0.0)
-                acc_g += tl.dot(a, g.to(a.dtype)) * s_g[None, :]
-                acc_u += tl.dot(a, u.to(a.dtype)) * s_u[None, :]
-            else:
-                acc_g = tl.dot(a, g, acc_g)
-                acc_u = tl.dot(a, u, acc_u)
+                g = (g.to(tl.float32) * s_g[None, :]).to(a.dtype)
+                u = (u.to(tl.float32) * s_u[None, :]).to(a.dtype)
+            acc_g = tl.dot(a, g, acc_g)
+            acc_u = tl.dot(a, u, acc_u)
             a_ptrs += BLOCK_K
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
@@ -213,11 +214,10 @@ if HAS_TRITON:
                 k_ok = ks < inter - k0
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            if W_FP8:
+            if W_FP8:  # as in gate_up
                 scale = tl.load(s_ptrs + k0 // 128, mask=col_ok, other=0.0)
-                acc += tl.dot(a, b.to(a.dtype)) * scale[None, :]
-            else:
-                acc = tl.dot(a, b, acc)
+                b = (b.to(tl.float32) * scale[None, :]).to(a.dtype)
+            acc = tl.dot(a, b, acc)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
         weight = tl.load(pair_weight_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
