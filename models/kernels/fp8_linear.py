@@ -40,10 +40,12 @@ class Fp8LinearConfig:
     num_stages: int
 
 
-# Keyed by the largest M each serves; starting points, benchmarks/kernels_gpu.py times them.
+# Keyed by the largest M each serves; benchmarks/kernels_gpu.py times them.
+# From a tile sweep on an H200 (docs/benchmarks.md, 2026-12-04): at decode sizes narrow tiles,
+# so a 2048-wide o_proj still spans 128 programs, with two warps and three stages.
 FP8_LINEAR_CONFIGS: list[tuple[int, Fp8LinearConfig]] = [
-    (16, Fp8LinearConfig(16, 16, 128, 4, 4)),  # narrow: o_proj (N=2048) still spans 128 programs
-    (64, Fp8LinearConfig(32, 64, 128, 4, 4)),
+    (16, Fp8LinearConfig(16, 16, 128, 2, 3)),
+    (64, Fp8LinearConfig(64, 64, 128, 4, 4)),
     (256, Fp8LinearConfig(64, 64, 128, 4, 3)),
 ]
 FP8_LINEAR_LARGE = Fp8LinearConfig(128, 128, 64, 8, 3)

@@ -69,8 +69,16 @@ PREFILL_CONFIG = MoeConfig(128, 128, 256, 64, 8, 3)
 PAIR_BLOCK_TOKENS = 2
 
 
-def moe_config(num_tokens: int) -> MoeConfig:
-    for max_tokens, config in MOE_CONFIGS:
+# FP8 experts at decode sizes: a tile sweep on an H200 (docs/benchmarks.md, 2026-12-04) put
+# wider gate_up tiles and fewer stages ahead, e.g. 24.5 against 35.9 us with the bf16 tiles at T=1.
+FP8_MOE_CONFIGS: list[tuple[int, MoeConfig]] = [
+    (8, MoeConfig(16, 32, 64, 128, 4, 3)),
+    (64, MoeConfig(16, 32, 64, 128, 2, 3)),
+]
+
+
+def moe_config(num_tokens: int, fp8: bool = False) -> MoeConfig:
+    for max_tokens, config in (FP8_MOE_CONFIGS if fp8 else []) + MOE_CONFIGS:
         if num_tokens <= max_tokens:
             return config
     return PREFILL_CONFIG
@@ -366,7 +374,7 @@ def triton_fused_experts(
     num_tokens, top_k = topk_ids.shape
     if num_tokens == 0:
         return torch.empty_like(x)
-    config = config or moe_config(num_tokens)
+    config = config or moe_config(num_tokens, fp8=scales is not None)
     if scales is not None and 128 % config.block_k:
         raise ValueError(f"FP8 experts need BLOCK_K dividing the 128-column scale blocks, not {config.block_k}")
     x = x.contiguous()
