@@ -191,7 +191,8 @@ def fp8_problem(tokens, hidden, experts, inter, top_k, dtype, device="cpu", seed
 def test_fused_moe_fp8_weights_equal_the_dequantized_model(poisoned_empty, tokens, hidden, inter, dtype, tol):
     problem, scales, ref = fp8_problem(tokens, hidden, 8, inter, 3, dtype, seed=tokens)
     assert problem[1].dtype == torch.float8_e4m3fn
-    for config in (moe_config(tokens), MoeConfig(16, 16, 16, 64, 4, 1)):  # K steps of 64: two per scale block
+    # The FP8 tile table's choice (None), the bf16 one, and K steps of 64 (two per scale block).
+    for config in (None, moe_config(tokens), MoeConfig(16, 16, 16, 64, 4, 1)):
         out = triton_fused_experts(*problem, config=config, scales=scales)
         assert rel_err(out, ref) < tol, config
 
