@@ -85,3 +85,19 @@ def test_transfer_benchmark_still_registered():
         [sys.executable, "-m", "splitvl", "bench", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0 and "transfer" in done.stdout and "model" in done.stdout
+
+
+def test_multi_gpu_script_runs_every_part_on_cpu_ranks(tmp_path):
+    """benchmarks/multi_gpu.py (issue 17's one command) with tiny shapes on CPU ranks over gloo:
+    collectives, the model at TP=1 and TP=2 with and without EP, TTFT with the language service
+    over two ranks, load at TP=1 and TP=2; each lands in the summary (the numbers mean nothing)."""
+    argv = ["--cpu-smoke", "--tensor-parallel-sizes", "1,2", "--concurrencies", "4", "--out", str(tmp_path)]
+    done = subprocess.run(
+        [sys.executable, "benchmarks/multi_gpu.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = done.stdout[done.stdout.index("#### multi-GPU summary") :]
+    for line in ("tp2 collectives of one decode step, B=1", "tp2_ep decode B=1", "TTFT cpu_check_tp2",
+                 "load tp2 c=4 text only", "target: B=1 TP=2"):  # fmt: skip
+        assert line in summary, line
+    assert "failed 0" in summary and "parts that failed" not in done.stdout
