@@ -368,6 +368,9 @@ class _ParamFiller:
         if shape != full:
             self.misshaped.append(f"{ckpt_name}: file {shape}, model {full}")
             return 0
+        if param.dtype == fp8.FP8_DTYPE and scale is None:
+            self.misshaped.append(f"{ckpt_name}: not FP8, but its module's other weights are")
+            return 0
         tensor = take(source, shape, shard_of(local, text, self.tp))
         param.data.copy_(tensor)
         self.filled.add(local)
@@ -409,6 +412,10 @@ class _ParamFiller:
             return 0
         if not first <= j < first + local_experts:
             return 0  # another expert-parallel rank's expert: not read
+        if gate_up.dtype == fp8.FP8_DTYPE and scale is None:
+            # Kept FP8 as a whole module: an expert stored otherwise would be cast unscaled.
+            self.misshaped.append(f"{ckpt_name}: not FP8, but the other experts of its layer are")
+            return 0
         tensor = take(source, shape, per_expert_shard(proj, text, tp))
         row = j - first
         if proj == "gate":

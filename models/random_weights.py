@@ -89,6 +89,8 @@ def random_language_model(
             param.copy_(take(full, shape, shard))
     if keep_fp8 and config.quantization is not None:
         quantize_modules(model, fp8_module_names(model))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the bf16 originals: free for the KV cache sized next
     model.eval()
     return LoadedModel(model=model, config=config)
 

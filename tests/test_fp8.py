@@ -210,6 +210,20 @@ def test_random_fp8_models_quantize_what_the_checkpoints_do(tmp_path):
     assert torch.isfinite(logits).all() and logits.std() > 0
 
 
+def test_an_expert_not_stored_fp8_among_fp8_experts_is_refused_when_kept(fp8_vl_ckpt, tmp_path):
+    """Experts are kept FP8 a whole layer at a time: one stored unquantized would be cast into the
+    FP8 tensor with no scale, so a kept load refuses it by name (a dequantizing load reads it)."""
+
+    def unquantize_one(tensors):
+        name = next(n for n in tensors if n.endswith("mlp.experts.3.up_proj.weight"))
+        tensors[name] = fp8.dequantize(tensors[name], tensors.pop(name + fp8.SCALE_SUFFIX), torch.float32)
+
+    ckpt = copy_with(fp8_vl_ckpt, tmp_path / "mixed", quantization={}, edit=unquantize_one)
+    with pytest.raises(CheckpointError, match=r"experts\.3\.up_proj\.weight: not FP8, but the other experts"):
+        load_model(ckpt, part="language", dtype=torch.float32, keep_fp8=True)
+    load_model(ckpt, part="language", dtype=torch.float32)
+
+
 # --------------------------------------------------------------------------- refusals
 
 

@@ -38,6 +38,7 @@ from models.config import ModelConfig, dtype_from_name
 from models.device import resolve_device
 from models.forward_context import forward_context
 from models.fp8_layers import weights_description
+from models.kernels.fp8_linear import fp8_kernels_run_on
 from models.loader import load_model
 from models.mrope import generated_positions
 from models.parallel import SINGLE, TensorParallel
@@ -111,8 +112,9 @@ class ModelRunner:
         self.tp = tp
         # Rank 0 of several: wraps each forward, handing its plan to the other ranks (ranks.py).
         self.around_step = around_step
-        # FP8 checkpoints stay FP8 on a GPU at one rank (FP8 kernels); elsewhere they dequantize.
-        keep_fp8 = self.device.type == "cuda" and tp.size == 1
+        # FP8 checkpoints stay FP8 on a GPU that runs the FP8 kernels, at one rank; elsewhere
+        # they are dequantized at load.
+        keep_fp8 = tp.size == 1 and fp8_kernels_run_on(self.device)
         if self.options.load_format == "dummy":
             loaded = random_language_model(model_dir, self.device, self.dtype, tp=tp, keep_fp8=keep_fp8)
         else:

@@ -51,6 +51,12 @@ FP8_LINEAR_CONFIGS: list[tuple[int, Fp8LinearConfig]] = [
 FP8_LINEAR_LARGE = Fp8LinearConfig(128, 128, 64, 8, 3)
 
 
+def fp8_kernels_run_on(device: torch.device) -> bool:
+    """Can the FP8 kernels run here? Triton's float8 e4m3 needs compute capability 8.9 or newer
+    (Ada, Hopper and later); on older GPUs FP8 checkpoints are dequantized at load instead."""
+    return HAS_TRITON and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def fp8_linear_config(rows: int) -> Fp8LinearConfig:
     for max_rows, config in FP8_LINEAR_CONFIGS:
         if rows <= max_rows:
