@@ -24,12 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from serve_gpu_smoke import free_port  # this folder: the script's own
 
 HERE = Path(__file__).resolve().parent
 PARTS = ("collectives", "model", "ttft", "load")
@@ -38,12 +39,6 @@ COLLECTIVE_BATCHES = (1, 16, 64)
 
 
 # ----- collectives ----------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _collectives_rank(rank: int, size: int, port: int, cuda: bool, out: str) -> None:
@@ -89,7 +84,7 @@ def collectives(sizes: list[int], cuda: bool, out: Path) -> dict:
     for size in [s for s in sizes if s > 1]:
         path = out / f"collectives_tp{size}.json"
         mp.start_processes(
-            _collectives_rank, args=(size, _free_port(), cuda, str(path)), nprocs=size, start_method="spawn"
+            _collectives_rank, args=(size, free_port(), cuda, str(path)), nprocs=size, start_method="spawn"
         )
         result[size] = json.loads(path.read_text())
         for row in result[size]:

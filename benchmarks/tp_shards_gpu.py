@@ -25,7 +25,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -37,6 +36,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from serve_gpu_smoke import free_port
 
 from models.backends import select_kernels
 from models.forward_context import prefill_context
@@ -84,12 +85,6 @@ class PeakSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, size: int, ep: bool, port: int, ckpt: str, device: str, dtype: str, out: str) -> None:
@@ -174,7 +169,7 @@ def image_rows_broadcast_ms(size: int, device: torch.device) -> dict[str, float]
 def run_layout(size: int, ep: bool, ckpt: Path, device: str, dtype: str, tmp: Path) -> dict:
     out = tmp / f"tp{size}{'-ep' if ep else ''}.pt"
     mp.start_processes(
-        _rank_main, args=(size, ep, _free_port(), str(ckpt), device, dtype, str(out)), nprocs=size, start_method="spawn"
+        _rank_main, args=(size, ep, free_port(), str(ckpt), device, dtype, str(out)), nprocs=size, start_method="spawn"
     )
     return torch.load(out)
 

@@ -155,13 +155,17 @@ def test_text_model_on_two_ranks_equals_transformers(text_tp_ckpt, tmp_path):
     assert ids == hf_chat_greedy(text_tp_ckpt, MAX_TOKENS)(CONVERSATIONS["text"])[0]
 
 
-def test_a_shape_that_does_not_split_is_refused_at_start(vl_tp_ckpt, tmp_path):
-    service = LanguageService(tmp_path, vl_tp_ckpt, "--tensor-parallel-size", "4")
+def failed_start(service: LanguageService) -> str:
+    """The log of a service that must exit non-zero before serving (stopped whatever happens)."""
     try:
         assert service.proc.wait(120) != 0
     finally:
         service.stop()
-    log = service.log.read_text()
+    return service.log.read_text()
+
+
+def test_a_shape_that_does_not_split_is_refused_at_start(vl_tp_ckpt, tmp_path):
+    log = failed_start(LanguageService(tmp_path, vl_tp_ckpt, "--tensor-parallel-size", "4"))
     assert "tensor_parallel_size=4" in log and "num_attention_heads=6 is not a multiple of 4" in log, log
     assert "num_key_value_heads=6" in log, log
 
@@ -240,12 +244,7 @@ def test_a_rank_that_fails_to_start_ends_the_service(text_tp_ckpt, tmp_path):
     """Rank 1 given a GPU this machine does not have: the service exits non-zero at start, saying
     which rank went and why, and leaves no process."""
     config = {"device": "cpu", "rank_devices": ["cpu", "cuda:7"]}
-    service = LanguageService(tmp_path, text_tp_ckpt, "--tensor-parallel-size", "2", config=config)
-    try:
-        assert service.proc.wait(120) != 0
-    finally:
-        service.stop()
-    log = service.log.read_text()
+    log = failed_start(LanguageService(tmp_path, text_tp_ckpt, "--tensor-parallel-size", "2", config=config))
     assert "tensor-parallel rank 1" in log and "device cuda:7) exited with code 1" in log, log
     assert "no CUDA GPU is visible" in log, log
     assert not [p for p in _all_pids() if "rank_worker" in _cmdline(p) and str(tmp_path) in _environ(p)]
