@@ -201,11 +201,8 @@ def _all_pids() -> list[int]:
     return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
 
 
-def _environ(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
-    except OSError:
-        return ""
+def _rank_workers() -> set[int]:
+    return {p for p in _all_pids() if "rank_worker" in _cmdline(p)}
 
 
 def _cmdline(pid: int) -> str:
@@ -244,10 +241,11 @@ def test_a_rank_that_fails_to_start_ends_the_service(text_tp_ckpt, tmp_path):
     """Rank 1 given a GPU this machine does not have: the service exits non-zero at start, saying
     which rank went and why, and leaves no process."""
     config = {"device": "cpu", "rank_devices": ["cpu", "cuda:7"]}
+    ranks_before = _rank_workers()
     log = failed_start(LanguageService(tmp_path, text_tp_ckpt, "--tensor-parallel-size", "2", config=config))
     assert "tensor-parallel rank 1" in log and "device cuda:7) exited with code 1" in log, log
     assert "no CUDA GPU is visible" in log, log
-    assert not [p for p in _all_pids() if "rank_worker" in _cmdline(p) and str(tmp_path) in _environ(p)]
+    assert not wait_gone(_rank_workers() - ranks_before, 5)
 
 
 def test_ranks_die_with_a_killed_engine(text_tp_ckpt, tmp_path):
